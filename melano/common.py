@@ -1,0 +1,125 @@
+"""Small shared helpers: logging, progress, seeds, atomic files, configs.
+
+Everything here is used by more than one stage; stage logic lives in its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger("melano")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One format for every CLI. Safe to call twice."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
+
+
+def progress(iterable: Iterable, total: int | None = None, desc: str = "", every_s: float = 10.0) -> Iterator:
+    """tqdm when it is installed; otherwise a log line every `every_s` seconds."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0)
+        return
+    last = start = time.monotonic()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            of = f"/{total}" if total else ""
+            log.info("%s: %d%s (%.1f/s)", desc or "progress", i, of, i / (now - start))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: a kill leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically. Load with `load_checkpoint` (weights_only=True)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True: a checkpoint from elsewhere can never run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError, RuntimeError on truncated zip, ...
+        raise ValueError(f"{path}: not a loadable checkpoint (it is corrupt, truncated, or holds "
+                         f"objects other than tensors and plain containers): {e}") from e
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return obj
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n", path)
+
+
+def log_config(cfg: Any, path: str | os.PathLike | None = None) -> None:
+    """Print a config dataclass and, if a path is given, save it as JSON beside the outputs."""
+    d = to_jsonable(cfg)
+    width = max((len(k) for k in d), default=0)
+    log.info("config:\n%s", "\n".join(f"  {k:<{width}} = {v}" for k, v in d.items()))
+    if path is not None:
+        save_json(d, path)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
