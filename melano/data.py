@@ -1,0 +1,829 @@
+"""ISIC 2020 data: read a folder, split it by patient, cache it as uint8, serve it to models.
+
+The flow, top to bottom in this file::
+
+    index = read_index("data/isic")                        # which images, which labels
+    cache = build_cache(index, 128, "runs/cache")           # decode once -> (N,S,S,3) uint8 memmap
+    split = make_split(cache, "runs/x/splits.csv")          # {"train": [...], "val": [...], "test": [...]}
+    ds = ClassifierDataset(cache, split["train"], mean, std)
+    loader = make_loader(ds, batch_size=64, shuffle=True, seed=0)
+
+Folders it reads (`read_index` detects which):
+  kaggle    ``train.csv`` + ``jpeg/train/<image_name>.jpg`` (the SIIM-ISIC 2020 download, and what
+            ``python -m melano.data synth`` writes);
+  reupload  ``train.csv`` + ``train/<image_name>.{jpg,jpeg,png}`` (the common resized re-uploads);
+  folders   ``benign/`` + ``malignant/`` with one image per file (no patient ids: every image is
+            its own patient, so the split cannot keep a patient's images together).
+
+The held-out test split comes from the *labelled* training data: ISIC's own test set has no
+public labels, so it cannot score a model. `make_split` therefore cuts train/val/test from
+``train.csv`` by patient, stratified by label, and writes ``splits.csv`` so that every arm of an
+experiment trains and tests on the same images.
+
+Bad input never becomes a silently wrong result: missing required columns, duplicate names,
+labels other than 0/1 and ``benign_malignant`` values that contradict ``target`` are errors
+that name the file and line. Unreadable, truncated or missing image files are skipped with a
+warning (count and first names); ``strict=True`` / ``--strict`` makes them fatal.
+
+CLI: ``python -m melano.data {check,synth,cache,split} --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from melano.common import atomic_write_text, progress, save_json, setup_logging
+
+log = logging.getLogger("melano.data")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+REQUIRED_COLUMNS = ("image_name", "target")
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1  # bump when load_image changes what it produces
+
+
+# ==============================================================================================
+# Index: which images exist and what their labels are
+
+class Skipped(NamedTuple):
+    """An image left out, and why (``reason`` is meant for people)."""
+    name: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Record:
+    """One labelled image. ``extra`` holds the optional CSV columns (sex, age_approx, ...)
+    as strings, "" where the CSV cell was empty."""
+    image_name: str
+    patient_id: str
+    target: int          # 1 = malignant (melanoma), 0 = benign
+    path: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Index:
+    """The labelled images of one folder, in CSV (or sorted file) order."""
+    root: str
+    layout: str                      # "kaggle" | "reupload" | "folders"
+    records: list[Record]
+    skipped: list[Skipped]           # listed but absent files
+    csv_path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.image_name for r in self.records]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.array([r.target for r in self.records], dtype=np.int64)
+
+    @property
+    def patients(self) -> list[str]:
+        return [r.patient_id for r in self.records]
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    """Map image stem -> path for the image files of one folder (one listdir, no stats).
+
+    Two files with the same stem (``a.jpg`` and ``a.png``) would make a label ambiguous: error.
+    """
+    found: dict[str, Path] = {}
+    for entry in os.scandir(folder):
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() not in IMAGE_EXTS or entry.name.startswith("."):
+            continue
+        if stem in found:
+            raise ValueError(f"duplicate image name {stem!r}: both {found[stem]} and {entry.path} exist; "
+                             f"remove one of them")
+        found[stem] = Path(entry.path)
+    return found
+
+
+def _parse_target(value: str, where: str) -> int:
+    v = value.strip()
+    try:
+        f = float(v)
+    except ValueError:
+        f = None
+    if f not in (0.0, 1.0):
+        raise ValueError(f"{where}: target {value!r} is not 0 or 1 (1 = malignant, 0 = benign); fix this row")
+    return int(f)
+
+
+def _warn_skipped(skipped: Sequence[Skipped], what: str, strict: bool) -> None:
+    if not skipped:
+        return
+    first = ", ".join(f"{s.name} ({s.reason})" for s in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    msg = f"{len(skipped)} image(s) {what}: {first}{more}"
+    if strict:
+        raise ValueError(msg + " [strict mode: fix or remove them, or run without --strict to skip them]")
+    log.warning("%s; they are skipped", msg)
+
+
+def _read_csv(csv_path: Path, img_dir: Path, layout: str, root: Path) -> tuple[list[Record], list[Skipped]]:
+    files = _list_images(img_dir)
+    records, skipped, seen = [], [], {}
+    no_patient = 0
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        for col in REQUIRED_COLUMNS:
+            if col not in columns:
+                raise ValueError(f"{csv_path}: required column {col!r} is missing (found columns: "
+                                 f"{', '.join(columns) or 'none'}). ISIC 2020's train.csv has "
+                                 f"image_name, patient_id, ..., target.")
+        extra_cols = [c for c in columns if c not in ("image_name", "target", "patient_id")]
+        for line, row in enumerate(reader, start=2):  # line 1 is the header
+            if None in row:  # more cells than header columns
+                raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
+            name = (row["image_name"] or "").strip()
+            where = f"{csv_path}, line {line} (image {name!r})"
+            if not name:
+                raise ValueError(f"{csv_path}, line {line}: empty image_name")
+            if name in seen:
+                raise ValueError(f"{csv_path}: image_name {name!r} appears twice, on lines {seen[name]} "
+                                 f"and {line}; remove the duplicate")
+            seen[name] = line
+            target = _parse_target(row["target"] or "", where)
+            bm = (row.get("benign_malignant") or "").strip().lower()
+            if bm and bm != ("malignant" if target else "benign"):
+                raise ValueError(f"{where}: benign_malignant is {bm!r} but target is {target}; "
+                                 f"the labels contradict each other, fix one of them")
+            patient = (row.get("patient_id") or "").strip()
+            if not patient:
+                no_patient += 1
+                patient = name
+            stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
+            path = files.get(stem)
+            if path is None:
+                skipped.append(Skipped(name, f"listed in {csv_path.name} but not found in {img_dir}"))
+                continue
+            extra = {c: (row.get(c) or "").strip() for c in extra_cols}
+            records.append(Record(name, patient, target, str(path), extra))
+    if no_patient:
+        log.warning("%s: %d row(s) have no patient_id; each such image counts as its own patient, "
+                    "so the split cannot keep their patient's images together", csv_path, no_patient)
+    return records, skipped
+
+
+def _read_folders(root: Path) -> tuple[list[Record], list[Skipped]]:
+    records, where = [], {}
+    for target, sub in ((0, "benign"), (1, "malignant")):
+        for stem, path in sorted(_list_images(root / sub).items()):
+            if stem in where:
+                raise ValueError(f"duplicate image name {stem!r}: {where[stem]} and {path}; an image "
+                                 f"cannot be both benign and malignant, remove one")
+            where[stem] = path
+            records.append(Record(stem, stem, target, str(path), {}))
+    log.warning("%s: benign/ + malignant/ folders carry no patient ids; each image counts as its own "
+                "patient, so the split cannot keep a patient's images together", root)
+    return records, []
+
+
+def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
+    """Read the labelled images of an ISIC-style folder (layouts in the module docstring).
+
+    Only checks that files exist; decoding is `build_cache`'s job (`verify_images` for a check).
+    Files listed in ``train.csv`` but absent are skipped with a warning, or raise with
+    ``strict=True``. Raises ValueError for a missing ``image_name``/``target`` column, a
+    duplicate image name, a target other than 0/1, ``benign_malignant`` contradicting
+    ``target``, an unrecognised layout, or a folder without images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder (expected an ISIC folder with train.csv, "
+                                f"or benign/ and malignant/ folders)")
+    csv_path = root / "train.csv"
+    if csv_path.is_file():
+        for layout, img_dir in (("kaggle", root / "jpeg" / "train"), ("reupload", root / "train")):
+            if img_dir.is_dir():
+                break
+        else:
+            raise ValueError(f"{csv_path} exists but neither {root / 'jpeg' / 'train'}/ (Kaggle layout) nor "
+                             f"{root / 'train'}/ (re-upload layout) holds its images")
+        records, skipped = _read_csv(csv_path, img_dir, layout, root)
+    elif (root / "benign").is_dir() or (root / "malignant").is_dir():
+        for sub in ("benign", "malignant"):
+            if not (root / sub).is_dir():
+                raise ValueError(f"{root}: found the other class folder but no {sub}/ folder; "
+                                 f"the folder layout needs both benign/ and malignant/")
+        layout, csv_path = "folders", None
+        records, skipped = _read_folders(root)
+    else:
+        raise ValueError(f"{root}: unrecognised layout. Expected train.csv + jpeg/train/ (Kaggle), "
+                         f"train.csv + train/ (re-upload), or benign/ + malignant/ folders")
+    _warn_skipped(skipped, "are missing", strict)
+    if not records:
+        raise ValueError(f"{root}: no usable images found ({len(skipped)} listed but missing)")
+    index = Index(str(root), layout, records, skipped, str(csv_path) if csv_path else None)
+    log.info("%s: %d images (%d malignant) of %d patients, layout %s", root, len(index),
+             int(index.targets.sum()), len(set(index.patients)), layout)
+    return index
+
+
+# ==============================================================================================
+# Decoding one image
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Decode an image to RGB, resize its shorter side to `size`, centre-crop: (size, size, 3) uint8.
+
+    Conversions: grayscale, palette, CMYK, YCbCr -> RGB; alpha is dropped (dermoscopy has no
+    meaningful transparency); 16-bit grayscale is scaled by 1/257 (16-bit RGB PNGs are already
+    read as 8-bit by Pillow); EXIF orientation is applied. Large JPEGs are decoded at a reduced
+    DCT scale (never below twice `size`) before the antialiased bilinear resize, which makes the
+    full-resolution ISIC images about 10x faster to cache. Raises on unreadable files.
+    """
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft(None, (2 * size, 2 * size))  # no-op unless the image is at least 4x larger
+        im.load()  # raises on truncated or corrupt data
+        if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag
+            im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
+        w, h = im.size
+        side = min(w, h)
+        if (w, h) != (size, size):
+            left, top = (w - side) // 2, (h - side) // 2
+            im = im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        arr = np.asarray(im)
+    if arr.shape != (size, size, 3) or arr.dtype != np.uint8:  # guard: never store a wrong shape
+        raise ValueError(f"{path}: decoded to {arr.shape} {arr.dtype}, expected ({size}, {size}, 3) uint8")
+    return arr
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if im.mode == "I" and a.max(initial=0) <= 255:  # 32-bit container holding 8-bit values
+            a8 = np.clip(a, 0, 255).astype(np.uint8)
+        else:  # 16-bit range
+            a8 = ((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError("32-bit float images are not supported; save it as 8- or 16-bit")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+# Worker-process state for the pool: the cache file, opened once per process.
+_WORKER: dict = {}
+
+
+def _worker_init(path: str | None, shape: tuple | None) -> None:
+    _WORKER["out"] = np.memmap(path, np.uint8, "r+", shape=shape) if path else None
+
+
+def _decode_job(job: tuple[int, str, int]) -> tuple[int, str | None]:
+    """Decode job (row, path, size) into row of the cache file; return (row, error or None)."""
+    row, path, size = job
+    try:
+        img = load_image(path, size)
+    except Exception as e:  # corrupt, truncated, unreadable: reported, and skipped or fatal
+        return row, f"{type(e).__name__}: {e}"
+    if _WORKER.get("out") is not None:
+        _WORKER["out"][row] = img
+    return row, None
+
+
+def default_workers() -> int:
+    """Worker processes for decoding: every core this process may use, at most 32."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 32))
+
+
+def _run_decode(paths: Sequence[str], size: int, out: str | None, shape: tuple | None,
+                workers: int | None, desc: str) -> dict[int, str]:
+    """Decode every path (into `out` rows when given). Returns {row: error} for failures."""
+    workers = default_workers() if workers is None else max(1, workers)
+    jobs = [(i, p, size) for i, p in enumerate(paths)]
+    errors: dict[int, str] = {}
+    if workers == 1 or len(jobs) < 64:  # a pool costs more than it saves on a handful of images
+        _worker_init(out, shape)
+        try:
+            results = map(_decode_job, jobs)
+            for row, err in progress(results, total=len(jobs), desc=desc):
+                if err:
+                    errors[row] = err
+        finally:
+            _WORKER.clear()
+        return errors
+    chunk = max(1, min(64, len(jobs) // (workers * 8)))
+    with mp.get_context().Pool(workers, initializer=_worker_init, initargs=(out, shape)) as pool:
+        for row, err in progress(pool.imap_unordered(_decode_job, jobs, chunksize=chunk),
+                                 total=len(jobs), desc=desc):
+            if err:
+                errors[row] = err
+    return errors
+
+
+def verify_images(index: Index, workers: int | None = None, strict: bool = False) -> list[Skipped]:
+    """Decode every image of `index` (without caching it); return the ones that fail."""
+    errors = _run_decode([r.path for r in index.records], 64, None, None, workers, "verify")
+    bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
+    _warn_skipped(bad, "could not be decoded", strict)
+    return bad
+
+
+# ==============================================================================================
+# Cache: every image decoded once into a (N, S, S, 3) uint8 memmap
+
+class Cache:
+    """A finished image cache: ``images`` is a read-only (N, S, S, 3) uint8 memmap.
+
+    Row i holds image ``names[i]`` with label ``targets[i]`` and patient ``patients[i]``.
+    Images that failed to decode are not in it (see ``skipped``). Pickles as its path, so
+    DataLoader workers reopen the memmap instead of copying it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.path}: not a finished cache (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") != CACHE_VERSION:
+            raise ValueError(f"{self.path}: cache version {meta.get('version')} != {CACHE_VERSION}; delete it")
+        self.meta = meta
+        self.size: int = meta["size"]
+        self.names: list[str] = meta["names"]
+        self.targets: np.ndarray = np.array(meta["targets"], dtype=np.int64)
+        self.patients: list[str] = meta["patients"]
+        self.skipped: list[Skipped] = [Skipped(*s) for s in meta["skipped"]]
+        self._row = {n: i for i, n in enumerate(self.names)}
+        expected = len(self.names) * self.size * self.size * 3
+        actual = (self.path / "images.u8").stat().st_size
+        if actual != expected:
+            raise ValueError(f"{self.path}/images.u8 has {actual} bytes, expected {expected}; the cache is "
+                             f"damaged, delete {self.path} and build it again")
+        self._images: np.memmap | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.memmap(self.path / "images.u8", np.uint8, "r",
+                                     shape=(len(self.names), self.size, self.size, 3))
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_images"] = None
+        return state
+
+    def row(self, name: str) -> int:
+        """Row of image `name`; KeyError naming the cache if it is absent (e.g. skipped)."""
+        try:
+            return self._row[name]
+        except KeyError:
+            raise KeyError(f"image {name!r} is not in the cache {self.path} "
+                           f"(absent from the folder, or skipped as unreadable)") from None
+
+    def rows(self, names_or_rows: Iterable) -> np.ndarray:
+        """Rows (int64 array) for image names, or validated row numbers passed through."""
+        items = list(names_or_rows)
+        if all(isinstance(x, str) for x in items):
+            return np.array([self.row(x) for x in items], dtype=np.int64)
+        rows = np.asarray(items, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row numbers must be in [0, {len(self)}), got {rows.min()}..{rows.max()}")
+        return rows
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.path)!r}, n={len(self)}, size={self.size}, malignant={int(self.targets.sum())})"
+
+
+def cache_key(index: Index, size: int) -> str:
+    """Hash of what the cache depends on: version, size, and each file's name, label, patient,
+    path, byte size and modification time. Any change gives a new cache folder."""
+    h = hashlib.sha256(f"melano-cache v{CACHE_VERSION} size={size}\n".encode())
+    for r in index.records:
+        st = os.stat(r.path)
+        h.update(f"{r.image_name}\t{r.target}\t{r.patient_id}\t{os.path.abspath(r.path)}\t"
+                 f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None = None,
+                strict: bool = False) -> Cache:
+    """Decode every image of `index` once (see `load_image`) into a uint8 memmap cache; reuse it.
+
+    The cache lives in ``cache_dir/<folder>-<size>-<key>/`` where key = `cache_key`: a changed,
+    added or removed file gives a new cache. It is built in a temporary folder and renamed into
+    place only when complete (``meta.json`` written last), so a killed build is never used; a
+    later build deletes temporary folders of dead processes. Images that fail to decode are
+    skipped with a warning (count and first names), or raise with ``strict=True``.
+    `workers` processes decode (default: all usable cores, `default_workers`).
+    """
+    if size < 8:
+        raise ValueError(f"cache size must be at least 8 pixels, got {size}")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(index, size)
+    name = f"{Path(index.root).resolve().name or 'data'}-{size}-{key[:16]}"
+    final = cache_dir / name
+    if (final / "meta.json").is_file():
+        cache = Cache(final)
+        log.info("reusing cache %s (%d images)", final, len(cache))
+        _warn_skipped(cache.skipped, "were skipped when this cache was built", strict)
+        return cache
+
+    for stale in cache_dir.glob(f".{name}.tmp-*"):  # leftovers of killed builds
+        pid = int(stale.name.rsplit("-", 2)[-2]) if stale.name.rsplit("-", 2)[-2].isdigit() else -1
+        if not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        n = len(index.records)
+        shape = (n, size, size, 3)
+        data_path = tmp / "images.u8"
+        with open(data_path, "wb") as f:
+            f.truncate(n * size * size * 3)
+        log.info("building cache %s: %d images at %dx%d", final, n, size, size)
+        errors = _run_decode([r.path for r in index.records], size, str(data_path), shape, workers, "cache")
+        bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
+        _warn_skipped(bad, "could not be decoded", strict)
+        keep = [i for i in range(n) if i not in errors]
+        if bad:  # compact the good rows to the front (in place: rows only move down), then truncate
+            arr = np.memmap(data_path, np.uint8, "r+", shape=shape)
+            for new, old in enumerate(keep):
+                if new != old:
+                    arr[new] = arr[old]
+            arr.flush()
+            del arr
+            os.truncate(data_path, len(keep) * size * size * 3)
+        if not keep:
+            raise ValueError(f"{index.root}: none of the {n} images could be decoded")
+        with open(data_path, "rb+") as f:
+            os.fsync(f.fileno())
+        recs = [index.records[i] for i in keep]
+        save_json({"version": CACHE_VERSION, "size": size, "key": key, "root": index.root,
+                   "layout": index.layout, "names": [r.image_name for r in recs],
+                   "targets": [r.target for r in recs], "patients": [r.patient_id for r in recs],
+                   "skipped": [list(s) for s in index.skipped + bad]}, tmp / "meta.json")
+        try:
+            os.rename(tmp, final)  # atomic: the cache appears complete or not at all
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cache = Cache(final)
+    log.info("cache ready: %s (%d images, %.1f MB)", final, len(cache), len(cache) * size * size * 3 / 1e6)
+    return cache
+
+
+# ==============================================================================================
+# Split: patient-grouped, stratified, written once to splits.csv
+
+def _split_groups(names: Sequence[str], targets: np.ndarray, patients: Sequence[str],
+                  fracs: dict[str, float], seed: int) -> dict[str, str]:
+    """Assign each patient to a split; return {image_name: split}.
+
+    Patients with at least one malignant image are placed first, largest first, each into the
+    split furthest below its share of malignant images; then benign-only patients the same way by
+    image count. Each split with a non-zero fraction first gets one malignant patient, so
+    val and test always contain positives (or this raises naming the split).
+    """
+    by_patient: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        by_patient.setdefault(p, []).append(i)
+    pids = sorted(by_patient)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(pids)  # random order among patients of equal size
+    pos = [p for p in pids if targets[by_patient[p]].any()]
+    neg = [p for p in pids if not targets[by_patient[p]].any()]
+    n_pos = lambda p: int(targets[by_patient[p]].sum())
+    n_all = lambda p: len(by_patient[p])
+    active = [s for s in SPLITS if fracs[s] > 0]
+    assign: dict[str, str] = {}
+
+    for group, weight in ((pos, n_pos), (neg, n_all)):
+        order = sorted(group, key=weight, reverse=True)  # stable: ties keep the shuffled order
+        total = sum(weight(p) for p in order)
+        placed = dict.fromkeys(SPLITS, 0)
+        if group is pos and total:
+            for s in reversed(active):  # test, val, train each get one of the smallest patients
+                if not order:
+                    raise ValueError(f"only {len(pos)} patient(s) have malignant images, so the {s!r} "
+                                     f"split would get none; set its fraction to 0 or add malignant images")
+                p = order.pop()
+                assign[p] = s
+                placed[s] += weight(p)
+        for p in order:
+            s = max(active, key=lambda s: fracs[s] * total - placed[s])  # largest deficit; ties -> train
+            assign[p] = s
+            placed[s] += weight(p)
+    return {names[i]: assign[p] for p, idx in by_patient.items() for i in idx}
+
+
+def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_frac: float = 0.15,
+               seed: int = 0) -> dict[str, list[str]]:
+    """Patient-grouped, label-stratified train/val/test split, written to (or reused from) `out_csv`.
+
+    `data` is anything with ``names``, ``targets`` and ``patients``: pass the `Cache` so that
+    images skipped as unreadable are left out. Returns ``{"train": [...], "val": [...],
+    "test": [...]}`` (image names in `data` order). No patient is in two splits; each split with a
+    non-zero fraction holds malignant images (else ValueError naming the split).
+
+    Reuse: if `out_csv` exists it is used as is, provided it lists exactly the images of `data`
+    with the same labels and patients; otherwise ValueError (delete the file to draw a new split).
+    The sidecar ``<out_csv>.json`` records seed and fractions; asking for different ones while the
+    file exists is also a ValueError, so an experiment never mixes two splits silently.
+    """
+    out_csv = Path(out_csv)
+    names, targets, patients = list(data.names), np.asarray(data.targets), list(data.patients)
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"need 0 <= val_frac, test_frac and val_frac + test_frac < 1, "
+                         f"got val_frac={val_frac}, test_frac={test_frac}")
+    params = {"seed": seed, "val_frac": val_frac, "test_frac": test_frac}
+    side = out_csv.with_name(out_csv.name + ".json")
+    if out_csv.exists():
+        if side.exists():
+            old = json.loads(side.read_text())
+            if old != params:
+                raise ValueError(f"{out_csv} was drawn with {old}, but {params} was asked for; pass the "
+                                 f"same values to reuse it, or delete {out_csv} (and {side.name}) to draw anew")
+        split = load_split(out_csv, data)
+        log.info("reusing split %s", out_csv)
+    else:
+        fracs = {"train": 1 - val_frac - test_frac, "val": val_frac, "test": test_frac}
+        where = _split_groups(names, targets, patients, fracs, seed)
+        split = {s: [n for n in names if where[n] == s] for s in SPLITS}
+        lines = ["image_name,patient_id,target,split"]
+        lines += [f"{n},{p},{t},{where[n]}" for n, p, t in zip(names, patients, targets)]
+        save_json(params, side)
+        atomic_write_text("\n".join(lines) + "\n", out_csv)
+    t = dict(zip(names, targets))
+    p = dict(zip(names, patients))
+    for s in SPLITS:
+        log.info("split %-5s: %5d images, %4d malignant, %4d patients", s, len(split[s]),
+                 sum(t[n] for n in split[s]), len({p[n] for n in split[s]}))
+    return split
+
+
+def load_split(csv_path: str | os.PathLike, data=None) -> dict[str, list[str]]:
+    """Read a ``splits.csv`` (image_name, patient_id, target, split). With `data` (an Index or
+    Cache), check that it lists exactly those images with the same labels and patients, and
+    return names in `data` order. Raises ValueError on any mismatch or patient leakage."""
+    csv_path = Path(csv_path)
+    rows = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"image_name", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
+        for line, r in enumerate(reader, start=2):
+            if r["split"] not in SPLITS:
+                raise ValueError(f"{csv_path}, line {line}: split {r['split']!r} is not one of {SPLITS}")
+            if r["image_name"] in rows:
+                raise ValueError(f"{csv_path}, line {line}: image {r['image_name']!r} listed twice")
+            rows[r["image_name"]] = r
+    owner: dict[str, str] = {}
+    for n, r in rows.items():
+        pid = r.get("patient_id") or n
+        if owner.setdefault(pid, r["split"]) != r["split"]:
+            raise ValueError(f"{csv_path}: patient {pid!r} is in both {owner[pid]!r} and {r['split']!r}")
+    if data is None:
+        order = list(rows)
+    else:
+        order = list(data.names)
+        missing, extra = set(order) - set(rows), set(rows) - set(order)
+        if missing or extra:
+            raise ValueError(f"{csv_path} does not match the data: {len(missing)} image(s) missing from it "
+                             f"(e.g. {sorted(missing)[:3]}), {len(extra)} it lists that the data lacks "
+                             f"(e.g. {sorted(extra)[:3]}). Delete it to draw a new split for this data.")
+        for n, t, p in zip(order, data.targets, data.patients):
+            r = rows[n]
+            if "target" in r and r["target"] != "" and int(float(r["target"])) != int(t):
+                raise ValueError(f"{csv_path}: image {n!r} has target {r['target']} but the data says {int(t)}; "
+                                 f"delete it to draw a new split")
+            if r.get("patient_id") and r["patient_id"] != p:
+                raise ValueError(f"{csv_path}: image {n!r} belongs to patient {r['patient_id']!r} but the data "
+                                 f"says {p!r}; delete it to draw a new split")
+    return {s: [n for n in order if rows[n]["split"] == s] for s in SPLITS}
+
+
+# ==============================================================================================
+# Datasets and loaders
+
+class ClassifierDataset(torch.utils.data.Dataset):
+    """(image, label) from a Cache: image float32 (3, S, S) = (pixel/255 - mean) / std per
+    channel, label float32 scalar (1.0 = malignant).
+
+    `items` are image names or cache rows. `mean`/`std` are the model's (e.g. ImageNet's
+    (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)); mean = std = (0.5, 0.5, 0.5) gives [-1, 1].
+    Augmentation is not done here: apply `melano.augment.traditional` to whole batches.
+    """
+
+    def __init__(self, cache: Cache, items: Iterable, mean: Sequence[float], std: Sequence[float]):
+        self.cache = cache
+        self.rows = cache.rows(items)
+        mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        if mean_t.shape != (3,) or std_t.shape != (3,) or (std_t <= 0).any():
+            raise ValueError(f"mean and std need 3 values each with std > 0, got mean={mean}, std={std}")
+        self.scale = (1 / (255 * std_t)).view(3, 1, 1)
+        self.shift = (-mean_t / std_t).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.rows[i]
+        x = torch.from_numpy(np.array(self.cache.images[row])).permute(2, 0, 1)
+        x = x.float().mul_(self.scale).add_(self.shift)
+        return x, torch.tensor(float(self.cache.targets[row]))
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.cache.targets[self.rows]
+
+
+class UnpairedDataset(torch.utils.data.Dataset):
+    """Unpaired images for CycleGAN: item i is ``{"A": a, "B": b, "a_row": int, "b_row": int}``
+    with a and b float32 (3, S, S) in [-1, 1].
+
+    A (e.g. benign) is indexed by ``i % len(A)``; B (e.g. malignant) is drawn independently of A,
+    through a permutation of B seeded by (seed, epoch), so each B image appears equally often.
+    An epoch has max(len(A), len(B)) items. Call ``set_epoch(e)`` before each epoch (as with
+    DistributedSampler) to pair the images differently; loaders from `make_loader` restart their
+    workers each epoch, so they see the new epoch.
+    """
+
+    def __init__(self, cache: Cache, rows_a: Iterable, rows_b: Iterable, seed: int = 0):
+        self.cache = cache
+        self.rows_a, self.rows_b = cache.rows(rows_a), cache.rows(rows_b)
+        if len(self.rows_a) == 0 or len(self.rows_b) == 0:
+            raise ValueError(f"both domains need images, got |A|={len(self.rows_a)}, |B|={len(self.rows_b)}")
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._perm_b = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows_b))
+
+    def __len__(self) -> int:
+        return max(len(self.rows_a), len(self.rows_b))
+
+    def _image(self, row: int) -> torch.Tensor:
+        x = torch.from_numpy(np.array(self.cache.images[row])).permute(2, 0, 1)
+        return x.float().mul_(2 / 255).sub_(1)
+
+    def __getitem__(self, i: int) -> dict:
+        a = int(self.rows_a[i % len(self.rows_a)])
+        b = int(self.rows_b[self._perm_b[i % len(self.rows_b)]])
+        return {"A": self._image(a), "B": self._image(b), "a_row": a, "b_row": b}
+
+
+def default_loader_workers() -> int:
+    """DataLoader workers: 0 on machines with 4 cores or fewer, where the main process reading the
+    memmap is faster than feeding worker processes (see bench/bench_data.py); otherwise
+    min(8, cores - 1), leaving a core for the training loop."""
+    n = default_workers()
+    return 0 if n <= 4 else min(8, n - 1)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                workers: int | None = None, drop_last: bool = False,
+                sampler: torch.utils.data.Sampler | None = None,
+                pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader with a seeded shuffle and a worker count that suits the machine.
+
+    `shuffle` applies only without a `sampler` (pass a DistributedSampler for DDP and call its
+    set_epoch). `workers` defaults to `default_loader_workers()`; `pin_memory` to whether CUDA is
+    available. Workers are not persistent, so `UnpairedDataset.set_epoch` reaches them.
+    """
+    workers = default_loader_workers() if workers is None else workers
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=workers, drop_last=drop_last, generator=generator,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=False)
+
+
+# ==============================================================================================
+# CLI
+
+def _check(args) -> int:
+    try:
+        index = read_index(args.dir, strict=False)
+        bad = verify_images(index, workers=args.workers, strict=False)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    bad_names = {s.name for s in bad}
+    ok = [r for r in index.records if r.image_name not in bad_names]
+    skipped = index.skipped + bad
+    m = sum(r.target for r in ok)
+    summary = {"images": len(ok), "malignant": m, "benign": len(ok) - m,
+               "patients": len({r.patient_id for r in ok}), "skipped": [s.name for s in skipped]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        log.info("%s (%s layout): %d usable images, %d malignant, %d benign, %d patients, %d skipped",
+                 args.dir, index.layout, summary["images"], m, summary["benign"], summary["patients"],
+                 len(skipped))
+        for s in skipped:
+            log.info("  skipped %s: %s", s.name, s.reason)
+    if not ok:
+        log.error("%s: no usable images", args.dir)
+        return 2
+    return 1 if (args.strict and skipped) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from melano import synth
+
+    p = argparse.ArgumentParser(prog="python -m melano.data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check", help="validate an ISIC-style folder (decodes every image)")
+    c.add_argument("dir", help="folder: train.csv + jpeg/train/ or train/, or benign/ + malignant/")
+    c.add_argument("--json", action="store_true",
+                   help='print {"images", "malignant", "benign", "patients", "skipped": [names]} as JSON')
+    c.add_argument("--strict", action="store_true", help="exit 1 if any image was skipped")
+    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+
+    s = sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout")
+    synth.add_arguments(s)
+
+    k = sub.add_parser("cache", help="build (or find) the uint8 image cache of a folder")
+    k.add_argument("dir", help="data folder (see check)")
+    k.add_argument("--size", type=int, default=128, help="image side in the cache (default 128)")
+    k.add_argument("--cache-dir", default="runs/cache", help="where caches live (default runs/cache)")
+    k.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    k.add_argument("--strict", action="store_true", help="fail if any image is missing or unreadable")
+
+    t = sub.add_parser("split", help="draw (or check) the patient-grouped train/val/test split")
+    t.add_argument("dir", help="data folder (see check)")
+    t.add_argument("--out", required=True, help="splits.csv to write, or to reuse if it exists")
+    t.add_argument("--val-frac", type=float, default=0.15, help="share of images for validation (0.15)")
+    t.add_argument("--test-frac", type=float, default=0.15, help="share of images for the test (0.15)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.cmd == "check":
+        return _check(args)
+    if args.cmd == "synth":
+        synth.run_from_args(args)
+        return 0
+    try:
+        index = read_index(args.dir, strict=args.strict if args.cmd == "cache" else False)
+        if args.cmd == "cache":
+            cache = build_cache(index, args.size, args.cache_dir, args.workers, args.strict)
+            print(cache.path)
+        else:
+            make_split(index, args.out, args.val_frac, args.test_frac, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

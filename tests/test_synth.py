@@ -1,0 +1,122 @@
+"""The synthetic dermoscopy generator: layout, CSV, determinism, and how the classes separate."""
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_predict
+
+from melano import data, synth
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synth.json"}
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_layout_and_csv(tmp_path):
+    rows = synth.generate(synth.SynthConfig(out=str(tmp_path), benign=50, malignant=12, size=48, seed=1))
+    table = _read_csv(tmp_path / "train.csv")
+    assert list(table[0].keys()) == synth.CSV_COLUMNS  # all 8 ISIC 2020 columns, in order
+    assert len(table) == len(rows) == 62
+    assert sum(r["target"] == "1" for r in table) == 12
+    for r in table:
+        img = Image.open(tmp_path / "jpeg" / "train" / f"{r['image_name']}.jpg")
+        assert img.format == "JPEG" and img.size == (48, 48) and img.mode == "RGB"
+        assert r["benign_malignant"] == ("malignant" if r["target"] == "1" else "benign")
+        assert (r["diagnosis"] == "melanoma") == (r["target"] == "1")
+        assert r["sex"] in ("male", "female", "")
+        assert r["age_approx"] == "" or (0 <= int(r["age_approx"]) <= 90 and int(r["age_approx"]) % 5 == 0)
+        assert r["anatom_site_general_challenge"] in synth._SITES
+    # several images per patient, and each patient keeps one sex and age
+    per_patient: dict[str, list[dict]] = {}
+    for r in table:
+        per_patient.setdefault(r["patient_id"], []).append(r)
+    sizes = [len(v) for v in per_patient.values()]
+    assert np.mean(sizes) >= 2.5 and max(sizes) >= 4
+    for v in per_patient.values():
+        assert len({r["sex"] for r in v}) == 1
+    # the reader sees exactly what was written
+    index = data.read_index(tmp_path)
+    assert index.layout == "kaggle" and index.names == [r["image_name"] for r in table]
+
+
+def test_deterministic_byte_for_byte(tmp_path):
+    kw = dict(benign=20, malignant=8, size=40)
+    synth.generate(synth.SynthConfig(out=str(tmp_path / "a"), seed=7, **kw))
+    synth.generate(synth.SynthConfig(out=str(tmp_path / "b"), seed=7, **kw))
+    synth.generate(synth.SynthConfig(out=str(tmp_path / "c"), seed=8, **kw))
+    a, b, c = (_digest(tmp_path / x) for x in "abc")
+    assert a == b
+    assert set(a) == set(c) and sum(a[k] != c[k] for k in a) >= len(a) - 1  # another seed: other images
+
+
+def test_worker_processes_give_the_same_bytes(tmp_path):
+    rows = synth.plan(40, 30, seed=3)
+    one = list(synth.render_rows(rows, 32, 3, synth.DEFAULT_DIFFICULTY, workers=1))
+    two = list(synth.render_rows(rows, 32, 3, synth.DEFAULT_DIFFICULTY, workers=2))
+    assert one == two
+
+
+def test_cli_writes_the_kaggle_layout(tmp_path):
+    assert data.main(["synth", "--out", str(tmp_path), "--benign", "6", "--malignant", "3",
+                      "--size", "32", "--seed", "2", "--difficulty", "0.2"]) == 0
+    table = _read_csv(tmp_path / "train.csv")
+    assert len(table) == 9 and (tmp_path / "jpeg" / "train" / f"{table[0]['image_name']}.jpg").is_file()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="difficulty"):
+        synth.plan(10, 10, difficulty=1.5)
+    with pytest.raises(ValueError, match="positive number"):
+        synth.plan(0, 0)
+
+
+def _colour_histograms(x: np.ndarray, bins: int = 4) -> np.ndarray:
+    """sqrt of the 4x4x4 RGB histogram of the central disk: a crude colour-and-size descriptor."""
+    s = x.shape[1]
+    yy, xx = np.mgrid[:s, :s]
+    disk = (yy - s / 2 + 0.5) ** 2 + (xx - s / 2 + 0.5) ** 2 < (0.4 * s) ** 2
+    q = (x[:, disk] // (256 // bins)).astype(np.int64)
+    code = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+    return np.sqrt(np.stack([np.bincount(c, minlength=bins ** 3) for c in code]) / disk.sum())
+
+
+def _cv_auc(features: np.ndarray, y: np.ndarray) -> float:
+    f = (features - features.mean(0)) / (features.std(0) + 1e-9)
+    p = cross_val_predict(LogisticRegression(max_iter=2000), f, y, cv=5, method="predict_proba")[:, 1]
+    return roc_auc_score(y, p)
+
+
+def _images(n: int, difficulty: float, seed: int = 3):
+    rows = synth.plan(n, n, seed=seed, difficulty=difficulty)
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b)))
+                  for b in synth.render_rows(rows, 64, seed, difficulty)])
+    return x, np.array([int(r["target"]) for r in rows]), synth.latent_severity(rows, seed, difficulty)
+
+
+def test_classes_separate_by_lesion_not_by_mean_colour():
+    """Mean colour alone must not give the class away; lesion colours (and size) must, and
+    --difficulty must blur them. Oracles: scikit-learn's logistic regression and ROC AUC."""
+    x, y, sev = _images(500, synth.DEFAULT_DIFFICULTY)
+    mean_rgb = x.reshape(len(x), -1, 3).mean(1)
+    assert _cv_auc(mean_rgb, y) < 0.65
+    hist_auc = _cv_auc(_colour_histograms(x), y)
+    assert hist_auc > 0.70
+    # the hidden severity bounds any classifier: calibrated to leave a good one at ~0.90-0.95
+    assert 0.92 < roc_auc_score(y, sev) < 0.97
+
+    x2, y2, sev2 = _images(500, 0.3)
+    assert _cv_auc(_colour_histograms(x2), y2) < hist_auc - 0.08
+    assert roc_auc_score(y2, sev2) < roc_auc_score(y, sev) - 0.15
