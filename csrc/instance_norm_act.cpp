@@ -18,8 +18,9 @@
 // CPU: one task per plane (at::parallel_for). Planes of a CycleGAN are 16 KiB to 256 KiB, so the
 // passes after the first read x from L2. Statistics: a two-pass mean/variance with the "corrected"
 // second pass (Chan, Golub & LeVeque): sum(x - mean) is added back to absorb the rounding of the mean.
-// Inner loops use kLanes independent accumulators so the compiler can keep them in SIMD registers,
-// and blocks of kBlock elements are summed into double, which bounds the float rounding error.
+// Inner loops work on 64-byte vectors (GCC vector extensions); blocks of kBlock elements are summed
+// in the accumulation type and then added in double, which bounds the float rounding error. The plane
+// loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,6 +30,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <string>
 
 namespace melano {
 
@@ -39,7 +44,7 @@ int parse_act(c10::string_view act) {
   if (act == "none") return kNone;
   if (act == "relu") return kRelu;
   if (act == "leaky_relu") return kLeaky;
-  TORCH_CHECK(false, "instance_norm_act: unknown act '", std::string(act),
+  TORCH_CHECK(false, "instance_norm_act: unknown act '", std::string(act.data(), act.size()),
               "'; use one of 'none', 'relu', 'leaky_relu'");
 }
 
@@ -85,123 +90,262 @@ at::Tensor param_as(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = 2048;  // elements summed in the accumulation type before going to double
 
-template <int ACT, typename A>
-inline A act_fwd(A v, A slope) {
+#define MELANO_INLINE inline __attribute__((always_inline))
+
+// W-byte vectors (GCC vector extensions) of the accumulation type: W = 64 for AVX-512, 32 for AVX2,
+// 16 for SSE2 / NEON. Half and BFloat16 are converted element by element on load and store.
+template <typename A, int W> struct Simd { typedef A V __attribute__((vector_size(W))); };
+template <typename A, int W> using VecOf = typename Simd<A, W>::V;
+template <typename A, int W> constexpr int64_t kLanes = int64_t(W / sizeof(A));
+
+template <typename A, int W, typename T>
+MELANO_INLINE VecOf<A, W> vload(const T* p) {
+  VecOf<A, W> v;
+  if constexpr (std::is_same_v<T, A>) std::memcpy(&v, p, sizeof(v));
+  else for (int64_t j = 0; j < kLanes<A, W>; ++j) v[j] = A(p[j]);
+  return v;
+}
+
+template <typename A, int W, typename T>
+MELANO_INLINE void vstore(T* p, VecOf<A, W> v) {
+  if constexpr (std::is_same_v<T, A>) std::memcpy(p, &v, sizeof(v));
+  else for (int64_t j = 0; j < kLanes<A, W>; ++j) p[j] = T(v[j]);
+}
+
+template <typename A, int W>
+MELANO_INLINE double hsum(VecOf<A, W> v) {
+  A s = 0;
+  for (int64_t j = 0; j < kLanes<A, W>; ++j) s += v[j];
+  return double(s);
+}
+
+template <typename V, typename A>
+MELANO_INLINE V splat(A a) {
+  if constexpr (std::is_same_v<V, A>) return a;
+  else return V{} + a;  // broadcast
+}
+
+// The activation and its gradient, for a scalar A or a vector VecOf<A>, written as selects between
+// values so that they vectorise. relu passes NaN like F.relu; its gradient follows threshold_backward
+// (0 where y_pre <= 0, including y_pre == 0) and leaky follows leaky_relu_backward (slope there).
+template <int ACT, typename V, typename A>
+MELANO_INLINE V act_fwd(V v, A slope) {
   if constexpr (ACT == kNone) return v;
-  else if constexpr (ACT == kRelu) return v <= A(0) ? A(0) : v;  // NaN passes, like F.relu
-  else return v > A(0) ? v : v * slope;
+  else if constexpr (ACT == kRelu) return v <= splat<V>(A(0)) ? splat<V>(A(0)) : v;
+  else return v * (v > splat<V>(A(0)) ? splat<V>(A(1)) : splat<V>(slope));
 }
 
-// dL/dy_pre from dL/dy. relu follows threshold_backward (grad is 0 where y_pre <= 0, including
-// y_pre == 0) and leaky follows leaky_relu_backward (slope where y_pre <= 0).
-template <int ACT, typename A>
-inline A act_grad(A v, A dy, A slope) {
+template <int ACT, typename V, typename A>
+MELANO_INLINE V act_grad(V v, V dy, A slope) {
   if constexpr (ACT == kNone) return dy;
-  else if constexpr (ACT == kRelu) return v <= A(0) ? A(0) : dy;
-  else return v > A(0) ? dy : dy * slope;
+  else if constexpr (ACT == kRelu) return v <= splat<V>(A(0)) ? splat<V>(A(0)) : dy;
+  else return dy * (v > splat<V>(A(0)) ? splat<V>(A(1)) : splat<V>(slope));
 }
 
-// Sums f(i) over [0, n) for K quantities at once: kLanes accumulators per quantity inside blocks of
-// kBlock elements, block totals added in double.
-template <int K, typename A, typename F>
-inline void plane_sums(int64_t n, double (&out)[K], const F& f) {
-  for (int k = 0; k < K; ++k) out[k] = 0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    A lane[K][kLanes] = {};
+template <typename T>
+struct Args {
+  using A = at::opmath_type<T>;
+  const T* x;
+  const T* dy;  // backward only
+  T* out;       // y or dx
+  const A* w;   // nullptr when not affine
+  const A* b;
+  A* mean;      // written by the forward, read by the backward
+  A* rstd;
+  double* sum_g;  // backward only: per-plane sums for dbias and dweight
+  double* sum_gx;
+  int64_t C, hw;
+  double eps;
+  A slope;
+};
+
+// One plane: three passes (mean; corrected variance; output). The plane is at most a few hundred KiB
+// in a CycleGAN, so the second and third passes read it from L2.
+template <typename T, int ACT, int W>
+MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p) {
+  using A = at::opmath_type<T>;
+  using V = VecOf<A, W>;
+  constexpr int64_t L = kLanes<A, W>;
+  const int64_t hw = a.hw;
+  const T* __restrict__ xp = a.x + p * hw;
+  T* __restrict__ yp = a.out + p * hw;
+
+  double sum = 0;
+  for (int64_t start = 0; start < hw; start += kBlock) {
+    const int64_t end = std::min(hw, start + kBlock);
+    V acc = V{};
+    A tail = 0;
     int64_t i = start;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int64_t j = 0; j < kLanes; ++j) {
-        A v[K];
-        f(i + j, v);
-        for (int k = 0; k < K; ++k) lane[k][j] += v[k];
-      }
+    for (; i + L <= end; i += L) acc += vload<A, W>(xp + i);
+    for (; i < end; ++i) tail += A(xp[i]);
+    sum += hsum<A, W>(acc) + double(tail);
+  }
+  const A mean0 = A(sum / double(hw));
+
+  // Sum of (x - mean0) too: it is ~0 and corrects the rounding of mean0 (Chan, Golub & LeVeque).
+  double m1 = 0, m2 = 0;
+  const V mean0v = splat<V>(mean0);
+  for (int64_t start = 0; start < hw; start += kBlock) {
+    const int64_t end = std::min(hw, start + kBlock);
+    V acc1 = V{}, acc2 = V{};
+    A tail1 = 0, tail2 = 0;
+    int64_t i = start;
+    for (; i + L <= end; i += L) {
+      const V d = vload<A, W>(xp + i) - mean0v;
+      acc1 += d;
+      acc2 += d * d;
     }
     for (; i < end; ++i) {
-      A v[K];
-      f(i, v);
-      for (int k = 0; k < K; ++k) lane[k][0] += v[k];
+      const A d = A(xp[i]) - mean0;
+      tail1 += d;
+      tail2 += d * d;
     }
-    for (int k = 0; k < K; ++k) {
-      A s = 0;
-      for (int64_t j = 0; j < kLanes; ++j) s += lane[k][j];
-      out[k] += double(s);
+    m1 += hsum<A, W>(acc1) + double(tail1);
+    m2 += hsum<A, W>(acc2) + double(tail2);
+  }
+  const double var = std::max(0.0, (m2 - m1 * m1 / double(hw)) / double(hw));
+  const A mean = A(double(mean0) + m1 / double(hw));
+  const A rstd = A(1.0 / std::sqrt(var + a.eps));
+  const int64_t c = p % a.C;
+  const A scale = a.w ? rstd * a.w[c] : rstd;
+  const A shift = a.b ? a.b[c] : A(0);
+
+  const V meanv = splat<V>(mean), scalev = splat<V>(scale), shiftv = splat<V>(shift);
+  int64_t i = 0;
+  for (; i + L <= hw; i += L) {
+    vstore<A, W>(yp + i, act_fwd<ACT>((vload<A, W>(xp + i) - meanv) * scalev + shiftv, a.slope));
+  }
+  for (; i < hw; ++i) yp[i] = T(act_fwd<ACT>((A(xp[i]) - mean) * scale + shift, a.slope));
+  a.mean[p] = mean;
+  a.rstd[p] = rstd;
+}
+
+// One plane of the backward: two passes over x and dy (sums of g and g * xhat; then dx).
+template <typename T, int ACT, int W>
+MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p) {
+  using A = at::opmath_type<T>;
+  using V = VecOf<A, W>;
+  constexpr int64_t L = kLanes<A, W>;
+  const int64_t hw = a.hw;
+  const T* __restrict__ xp = a.x + p * hw;
+  const T* __restrict__ dyp = a.dy + p * hw;
+  T* __restrict__ dxp = a.out + p * hw;
+  const int64_t c = p % a.C;
+  const A mean = a.mean[p], rstd = a.rstd[p];
+  const A scale = a.w ? rstd * a.w[c] : rstd;  // the forward's scale, bit for bit
+  const A shift = a.b ? a.b[c] : A(0);
+  const V meanv = splat<V>(mean), rstdv = splat<V>(rstd), scalev = splat<V>(scale),
+          shiftv = splat<V>(shift);
+
+  double sg = 0, sgx = 0;
+  for (int64_t start = 0; start < hw; start += kBlock) {
+    const int64_t end = std::min(hw, start + kBlock);
+    V acc1 = V{}, acc2 = V{};
+    A tail1 = 0, tail2 = 0;
+    int64_t i = start;
+    for (; i + L <= end; i += L) {
+      const V d = vload<A, W>(xp + i) - meanv;
+      const V g = act_grad<ACT>(d * scalev + shiftv, vload<A, W>(dyp + i), a.slope);
+      acc1 += g;
+      acc2 += g * (d * rstdv);
     }
+    for (; i < end; ++i) {
+      const A d = A(xp[i]) - mean;
+      const A g = act_grad<ACT>(d * scale + shift, A(dyp[i]), a.slope);
+      tail1 += g;
+      tail2 += g * (d * rstd);
+    }
+    sg += hsum<A, W>(acc1) + double(tail1);
+    sgx += hsum<A, W>(acc2) + double(tail2);
+  }
+  a.sum_g[p] = sg;
+  a.sum_gx[p] = sgx;
+
+  const A mg = A(sg / double(hw)), mgx = A(sgx / double(hw));
+  const V mgv = splat<V>(mg), mgxv = splat<V>(mgx);
+  int64_t i = 0;
+  for (; i + L <= hw; i += L) {
+    const V d = vload<A, W>(xp + i) - meanv;
+    const V g = act_grad<ACT>(d * scalev + shiftv, vload<A, W>(dyp + i), a.slope);
+    vstore<A, W>(dxp + i, scalev * (g - mgv - (d * rstdv) * mgxv));
+  }
+  for (; i < hw; ++i) {
+    const A d = A(xp[i]) - mean;
+    const A g = act_grad<ACT>(d * scale + shift, A(dyp[i]), a.slope);
+    dxp[i] = T(scale * (g - mg - (d * rstd) * mgx));
   }
 }
 
-template <typename T, int ACT>
-void forward_cpu_kernel(const T* x, T* y, const at::opmath_type<T>* w, const at::opmath_type<T>* b,
-                        at::opmath_type<T>* mean_out, at::opmath_type<T>* rstd_out, int64_t planes,
-                        int64_t C, int64_t hw, double eps, double slope_d) {
-  using A = at::opmath_type<T>;
-  const A slope = A(slope_d);
-  const int64_t grain = std::max<int64_t>(1, 32768 / hw);
-  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const T* xp = x + p * hw;
-      T* yp = y + p * hw;
-      double s[1];
-      plane_sums<1, A>(hw, s, [&](int64_t i, A (&v)[1]) { v[0] = A(xp[i]); });
-      const A mean_a = A(s[0] / double(hw));
-      double m[2];
-      plane_sums<2, A>(hw, m, [&](int64_t i, A (&v)[2]) {
-        const A d = A(xp[i]) - mean_a;
-        v[0] = d;
-        v[1] = d * d;
-      });
-      const double var = std::max(0.0, (m[1] - m[0] * m[0] / double(hw)) / double(hw));
-      const A mean = A(double(mean_a) + m[0] / double(hw));
-      const A rstd = A(1.0 / std::sqrt(var + eps));
-      const int64_t c = p % C;
-      const A scale = w ? rstd * w[c] : rstd;
-      const A shift = b ? b[c] : A(0);
-      for (int64_t i = 0; i < hw; ++i) {
-        yp[i] = T(act_fwd<ACT>((A(xp[i]) - mean) * scale + shift, slope));
-      }
-      mean_out[p] = mean;
-      rstd_out[p] = rstd;
-    }
-  });
+// The plane loops, compiled for three instruction sets and picked at run time: the cached build must
+// run on any x86-64 CPU (no -march=native), yet AVX-512 and AVX2 are worth 2-4x on the passes that
+// run from cache. Each variant uses its native vector width, so the sums' rounding differs between
+// them in the last bits; the elementwise arithmetic is the same IEEE operations in all of them (no FMA:
+// -ffp-contract=off). MELANO_CPU_ISA=default|avx2 caps the choice (the tests compare the variants).
+template <typename T, int ACT, bool FWD, int W>
+MELANO_INLINE void planes_generic(const Args<T>& a, int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    if constexpr (FWD) forward_plane<T, ACT, W>(a, p);
+    else backward_plane<T, ACT, W>(a, p);
+  }
 }
 
-template <typename T, int ACT>
-void backward_cpu_kernel(const T* dy, const T* x, T* dx, const at::opmath_type<T>* w,
-                         const at::opmath_type<T>* b, const at::opmath_type<T>* mean_in,
-                         const at::opmath_type<T>* rstd_in, double* sum_g, double* sum_gx,
-                         int64_t planes, int64_t C, int64_t hw, double slope_d) {
-  using A = at::opmath_type<T>;
-  const A slope = A(slope_d);
-  const int64_t grain = std::max<int64_t>(1, 32768 / hw);
-  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const T* xp = x + p * hw;
-      const T* dyp = dy + p * hw;
-      T* dxp = dx + p * hw;
-      const int64_t c = p % C;
-      const A mean = mean_in[p], rstd = rstd_in[p];
-      const A scale = w ? rstd * w[c] : rstd;  // the forward's scale, bit for bit
-      const A shift = b ? b[c] : A(0);
-      double s[2];
-      plane_sums<2, A>(hw, s, [&](int64_t i, A (&v)[2]) {
-        const A d = A(xp[i]) - mean;
-        const A g = act_grad<ACT>(d * scale + shift, A(dyp[i]), slope);
-        v[0] = g;
-        v[1] = g * (d * rstd);
-      });
-      sum_g[p] = s[0];
-      sum_gx[p] = s[1];
-      const A mg = A(s[0] / double(hw)), mgx = A(s[1] / double(hw));
-      for (int64_t i = 0; i < hw; ++i) {
-        const A d = A(xp[i]) - mean;
-        const A g = act_grad<ACT>(d * scale + shift, A(dyp[i]), slope);
-        dxp[i] = T(scale * (g - mg - (d * rstd) * mgx));
-      }
-    }
-  });
+template <typename T, int ACT, bool FWD>
+void planes_default(const Args<T>& a, int64_t begin, int64_t end) {
+  planes_generic<T, ACT, FWD, 16>(a, begin, end);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MELANO_X86_ISA 1
+template <typename T, int ACT, bool FWD>
+__attribute__((target("avx2,fma,f16c"))) void planes_avx2(const Args<T>& a, int64_t begin, int64_t end) {
+  planes_generic<T, ACT, FWD, 32>(a, begin, end);
+}
+
+template <typename T, int ACT, bool FWD>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+void planes_avx512(const Args<T>& a, int64_t begin, int64_t end) {
+  planes_generic<T, ACT, FWD, 64>(a, begin, end);
+}
+#endif
+
+enum Isa : int { kIsaDefault = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+
+int cpu_isa() {
+  int best = kIsaDefault;
+#ifdef MELANO_X86_ISA
+  static const int detected = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return int(kIsaAvx512);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return int(kIsaAvx2);
+    return int(kIsaDefault);
+  }();
+  best = detected;
+#endif
+  const char* cap = std::getenv("MELANO_CPU_ISA");
+  if (cap != nullptr) {
+    const std::string want(cap);
+    if (want == "default") best = kIsaDefault;
+    else if (want == "avx2") best = std::min(best, int(kIsaAvx2));
+  }
+  return best;
+}
+
+template <typename T, int ACT, bool FWD>
+void run_planes(const Args<T>& a, int64_t planes) {
+  auto fn = &planes_default<T, ACT, FWD>;
+#ifdef MELANO_X86_ISA
+  const int isa = cpu_isa();
+  if (isa == kIsaAvx512) fn = &planes_avx512<T, ACT, FWD>;
+  else if (isa == kIsaAvx2) fn = &planes_avx2<T, ACT, FWD>;
+#endif
+  // Tasks of at least ~32k elements, so small planes are not scheduled one by one.
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.hw);
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
 template <typename F>
@@ -229,12 +373,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_i
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inorm_act_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    dispatch_act(act, [&](auto a) {
-      forward_cpu_kernel<scalar_t, decltype(a)::value>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<A>() : nullptr,
-          b.defined() ? b.data_ptr<A>() : nullptr, mean.data_ptr<A>(), rstd.data_ptr<A>(), N * C, C,
-          hw, eps, slope);
-    });
+    Args<scalar_t> args{x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(),
+                        w.defined() ? w.data_ptr<A>() : nullptr, b.defined() ? b.data_ptr<A>() : nullptr,
+                        mean.data_ptr<A>(), rstd.data_ptr<A>(), nullptr, nullptr, C, hw, eps, A(slope)};
+    dispatch_act(act, [&](auto a) { run_planes<scalar_t, decltype(a)::value, true>(args, N * C); });
   });
   return {y, mean, rstd};
 }
@@ -257,13 +399,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inorm_act_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    dispatch_act(act, [&](auto a) {
-      backward_cpu_kernel<scalar_t, decltype(a)::value>(
-          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-          w.defined() ? w.data_ptr<A>() : nullptr, b.defined() ? b.data_ptr<A>() : nullptr,
-          mean.data_ptr<A>(), rstd.data_ptr<A>(), sum_g.data_ptr<double>(),
-          sum_gx.data_ptr<double>(), N * C, C, hw, slope);
-    });
+    Args<scalar_t> args{x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                        w.defined() ? w.data_ptr<A>() : nullptr, b.defined() ? b.data_ptr<A>() : nullptr,
+                        mean.data_ptr<A>(), rstd.data_ptr<A>(), sum_g.data_ptr<double>(),
+                        sum_gx.data_ptr<double>(), C, hw, 0.0, A(slope)};
+    dispatch_act(act, [&](auto a) { run_planes<scalar_t, decltype(a)::value, false>(args, N * C); });
   });
   // dbias = sum of g over each channel's planes, dweight = sum of g * xhat.
   return {dx, sum_gx.sum(0).to(acc), sum_g.sum(0).to(acc)};

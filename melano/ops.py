@@ -60,7 +60,9 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("instance_norm_act.cpp",)
 CUDA_SOURCES = ("instance_norm_act_cuda.cu",)
 EXT_NAME = "melano_inorm_act"
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no FMA contraction: see the backward note
+# -ffp-contract=off: no FMA contraction, so the backward recomputes y_pre bit for bit as the forward did.
+# -fno-trapping-math: lets the compiler vectorise the activation's select (both sides evaluated).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]  # at::parallel_for is header code: it needs OpenMP in this library too
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 COMPILE_ONLY_ARCH = "9.0"  # used when no GPU is visible: the build only proves that the code compiles
@@ -391,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         "CUDA_HOME (CUDA toolkit; default: found from nvcc on PATH), TORCH_CUDA_ARCH_LIST."))
     parser.add_argument("command", choices=["build"], help="build: compile (or find cached) and load")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="exit 1 unless the CUDA kernels were built too (for GPU machines)")
     args = parser.parse_args(argv)
     setup_logging()
     info = build(verbose=args.verbose)
@@ -403,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("built %s in %.1f s (%s); CUDA kernels: %s", info.library, info.seconds,
              "cached" if info.cached else "compiled", info.cuda_reason if info.cuda else f"no ({info.cuda_reason})")
+    if args.require_cuda and not info.cuda:
+        log.error("--require-cuda: the CUDA kernels were not built: %s", info.cuda_reason)
+        return 1
     return 0
 
 
