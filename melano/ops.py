@@ -28,8 +28,8 @@ Choices worth knowing:
 - Build: torch.utils.cpp_extension.load (ninja) on first use, never at import. The CUDA source is
   added when torch has CUDA and nvcc is found (CUDA_HOME, else nvcc on PATH, following a wrapper
   script to the real toolkit). Builds are cached in $MELANO_BUILD_DIR or ~/.cache/melano, in a
-  folder keyed by a hash of the sources, torch version, flags and CUDA arch, so a rebuild happens
-  only when one of those changes. With no GPU visible the CUDA code is compiled for sm_90 only, to
+  folder keyed by a hash of the torch version, flags and CUDA arch; there ninja recompiles only the
+  sources that changed (a stamp with the sources' hash skips even ninja when nothing did). With no GPU visible the CUDA code is compiled for sm_90 only, to
   prove it builds (TORCH_CUDA_ARCH_LIST overrides); its CPU ops still load and run.
 """
 
@@ -216,16 +216,19 @@ def build(verbose: bool = False) -> BuildInfo:
             if missing:
                 raise FileNotFoundError(f"kernel sources not found: {missing} (melano.ops builds from "
                                         "the csrc/ folder of a source checkout; install with pip -e)")
+            # The folder is keyed by everything but the sources' contents; ninja recompiles only the
+            # sources that changed, and the stamp's hash tells whether the library is current.
             parts = {
-                "sources": {n: hashlib.sha256(s.read_bytes()).hexdigest() for n, s in zip(names, sources)},
                 "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": sys.implementation.cache_tag,
-                "cxx": os.environ.get("CXX", "c++"), "cflags": CXX_FLAGS, "ldflags": LD_FLAGS,
+                "cxx": os.environ.get("CXX", "c++"), "cflags": CXX_FLAGS, "ldflags": LD_FLAGS, "sources": names,
                 "cuda": with_cuda and {"home": cuda_home, "arch": cuda_reason, "flags": NVCC_FLAGS + arch_flags},
             }
+            source_hash = hashlib.sha256(b"".join(s.read_bytes() for s in sources)).hexdigest()
             build_dir = _build_dir(parts)
             library = build_dir / f"{EXT_NAME}.so"
             stamp = build_dir / "melano_build.json"
-            cached = stamp.is_file() and library.is_file()
+            cached = (library.is_file() and stamp.is_file()
+                      and json.loads(stamp.read_text()).get("source_hash") == source_hash)
             if cached:
                 torch.ops.load_library(str(library))
             else:
@@ -241,7 +244,7 @@ def build(verbose: bool = False) -> BuildInfo:
                     extra_cuda_cflags=NVCC_FLAGS + arch_flags, extra_ldflags=LD_FLAGS,
                     build_directory=str(build_dir), with_cuda=with_cuda, is_python_module=False,
                     verbose=verbose))
-                stamp.write_text(json.dumps(parts, indent=1) + "\n")
+                stamp.write_text(json.dumps(dict(parts, source_hash=source_hash), indent=1) + "\n")
             _register_python_parts()
             _build_info = BuildInfo(True, with_cuda, cuda_reason, str(library), str(build_dir),
                                     time.monotonic() - t0, cached, cuda_home)
@@ -253,6 +256,14 @@ def build(verbose: bool = False) -> BuildInfo:
 
 # ---------------------------------------------------------------------------------------------------
 # Backend selection
+
+
+def _error_summary(error: str, limit: int = 600) -> str:
+    """The lines of a (long) compiler log that say what went wrong."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+    picked = [ln for ln in lines if re.search(r"\berror\b|not found|No such file", ln, re.I)][:4] or lines[:1]
+    text = " | ".join(picked)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def ops_mode() -> str:
@@ -276,9 +287,9 @@ def backend(device: str | torch.device = "cpu") -> str:
         if mode == "ext":
             raise RuntimeError(f"MELANO_OPS=ext but the fused kernel failed to build in {info.build_dir}:\n"
                                f"{info.error}")
-        _warn_once("build", "melano.ops: the fused InstanceNorm kernel did not build, using the PyTorch "
-                   f"reference path instead ({info.error.splitlines()[0][:300]}). Run "
-                   "`python -m melano.ops build --verbose` for the full error.")
+        _warn_once("build", "melano.ops: the fused InstanceNorm kernel did not build, so the PyTorch "
+                   f"reference path is used instead. {_error_summary(info.error)} -- run "
+                   "`python -m melano.ops build --verbose` for the full error, or set MELANO_OPS=reference.")
         return "reference"
     if device.type == "cpu" or (device.type == "cuda" and info.cuda):
         return "ext"

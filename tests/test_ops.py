@@ -206,7 +206,7 @@ def test_cpu_instruction_set_variants(ext, monkeypatch, isa, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ops.ACTS)
 @pytest.mark.parametrize("shape", [
     (2, 3, 45, 45),    # 2025 elements: 4 per thread, one block per plane
