@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -41,7 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     return {"cpus": data.default_workers(), "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "device": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_1min": __import__("os").getloadavg()[0]}  # other jobs share the cores
 
 
 def rate(n: int, seconds: float) -> float:

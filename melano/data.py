@@ -142,7 +142,7 @@ def _warn_skipped(skipped: Sequence[Skipped], what: str, strict: bool) -> None:
     log.warning("%s; they are skipped", msg)
 
 
-def _read_csv(csv_path: Path, img_dir: Path, layout: str, root: Path) -> tuple[list[Record], list[Skipped]]:
+def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped]]:
     files = _list_images(img_dir)
     records, skipped, seen = [], [], {}
     no_patient = 0
@@ -224,7 +224,7 @@ def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
         else:
             raise ValueError(f"{csv_path} exists but neither {root / 'jpeg' / 'train'}/ (Kaggle layout) nor "
                              f"{root / 'train'}/ (re-upload layout) holds its images")
-        records, skipped = _read_csv(csv_path, img_dir, layout, root)
+        records, skipped = _read_csv(csv_path, img_dir)
     elif (root / "benign").is_dir() or (root / "malignant").is_dir():
         for sub in ("benign", "malignant"):
             if not (root / sub).is_dir():
@@ -268,7 +268,7 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         if (w, h) != (size, size):
             left, top = (w - side) // 2, (h - side) // 2
             im = im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-        arr = np.asarray(im)
+        arr = np.array(im)  # a writable copy: callers may hand it to torch.from_numpy
     if arr.shape != (size, size, 3) or arr.dtype != np.uint8:  # guard: never store a wrong shape
         raise ValueError(f"{path}: decoded to {arr.shape} {arr.dtype}, expected ({size}, {size}, 3) uint8")
     return arr
@@ -452,11 +452,13 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
     added or removed file gives a new cache. It is built in a temporary folder and renamed into
     place only when complete (``meta.json`` written last), so a killed build is never used; a
     later build deletes temporary folders of dead processes. Images that fail to decode are
-    skipped with a warning (count and first names), or raise with ``strict=True``.
-    `workers` processes decode (default: all usable cores, `default_workers`).
+    skipped with a warning (count and first names); ``strict=True`` makes them, and files the
+    index lists as missing, fatal. `workers` processes decode (default: all usable cores, `default_workers`).
     """
     if size < 8:
         raise ValueError(f"cache size must be at least 8 pixels, got {size}")
+    if strict:
+        _warn_skipped(index.skipped, "are missing", strict=True)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(index, size)

@@ -1,6 +1,5 @@
 """Traditional augmentation, checked against torch.flip/rot90 and torchvision (test-only oracle)."""
 
-import math
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ torchvision's resize + center_crop for the resized cache rows.
 """
 
 import csv
-import io
 import json
 import logging
 import os
