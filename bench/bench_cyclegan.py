@@ -14,11 +14,13 @@ timing, one step from the same weights on the same batch must give the same loss
 import argparse
 import copy
 import os
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the profiler's C++ log lines
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,10 +29,18 @@ from melano import cyclegan as cg  # noqa: E402
 from melano import ops  # noqa: E402
 
 
-def make_state(cfg: cg.CycleGANConfig, device: torch.device):
-    torch.manual_seed(cfg.seed)
-    models = cg.build_models(cfg).to(device)
-    return models
+NORM_ACT_OPS = re.compile(r"batch_norm|instance_norm|inorm_act|relu|threshold|clamp_min|leaky")
+
+
+def norm_act_share(state, batch, cfg) -> float:
+    """Share of one reference-path step's CPU op time spent in InstanceNorm and activations (their
+    forward and backward): by Amdahl's law, fusing them can speed a step up by 1 / (1 - share) at most."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_steps("reference", state, [batch], cfg, None, None, False)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if NORM_ACT_OPS.search(e.key)) / total
 
 
 def fresh_optim(models, cfg):
@@ -60,7 +70,8 @@ def bench_size(size, args, device, amp):
     batches = [(torch.rand(args.batch_size, 3, size, size, generator=g).to(device) * 2 - 1,
                 torch.rand(args.batch_size, 3, size, size, generator=g).to(device) * 2 - 1)
                for _ in range(args.steps)]
-    base = make_state(cfg, device)
+    torch.manual_seed(cfg.seed)
+    base = cg.build_models(cfg).to(device)
     states, scalers = {}, {}
     for mode in ("ext", "reference"):
         models = copy.deepcopy(base)
@@ -83,7 +94,10 @@ def bench_size(size, args, device, amp):
             run_steps(m, states[m], batches, cfg, amp_dtype, scalers[m], sync)
             times[m].append((time.perf_counter() - t) / len(batches))
     it_s = {m: 1 / statistics.median(v) for m, v in times.items()}
-    return {"size": size, "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
+    share = norm_act_share(states["reference"], batches[0], cfg) if device.type == "cpu" and amp == "none" else None
+    return {"norm_act_share_of_reference_step": share,
+            "amdahl_max_speedup": None if share is None else 1 / (1 - share),
+            "size": size, "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
             "n_blocks": n_blocks, "amp": amp, "steps_per_round": args.steps, "rounds": args.rounds,
             "fused_it_s": it_s["ext"], "reference_it_s": it_s["reference"],
             "speedup": it_s["ext"] / it_s["reference"], "first_step_max_rel_loss_diff": worst}
@@ -116,13 +130,16 @@ def main():
     if ops.backend(device) != "ext":
         sys.exit(f"the fused op is not available for {device}: {info.error or info.cuda_reason}")
     rows = []
-    print(f"{'size':>5}{'amp':>6}{'blocks':>7}{'fused it/s':>12}{'reference it/s':>16}{'speed-up':>10}")
+    print(f"{'size':>5}{'amp':>6}{'blocks':>7}{'fused it/s':>12}{'reference it/s':>16}{'speed-up':>10}"
+          f"{'norm+act share':>16}")
     for size in sizes:
         for amp in amps:
             r = bench_size(size, args, device, amp)
             rows.append(r)
+            share = "-" if r["norm_act_share_of_reference_step"] is None else \
+                f"{100 * r['norm_act_share_of_reference_step']:.1f}%"
             print(f"{size:>5}{amp:>6}{r['n_blocks']:>7}{r['fused_it_s']:>12.3f}{r['reference_it_s']:>16.3f}"
-                  f"{r['speedup']:>9.2f}x", flush=True)
+                  f"{r['speedup']:>9.2f}x{share:>16}", flush=True)
     os.environ.pop("MELANO_OPS", None)
     name = args.name or ("cyclegan_cuda" if cuda else "cyclegan_cpu")
     extra = {"device": torch.cuda.get_device_name() if cuda else "cpu", "ops_build": {

@@ -11,6 +11,11 @@ selects the plain PyTorch path for the same module.
 Naming follows the reference: G_A maps A -> B and D_A judges B images (real B vs G_A's fakes);
 G_B maps B -> A and D_B judges A images.
 
+Resuming is exact: a checkpoint holds the four models, both Adam states, the image pools, the RNG
+states (torch tensors only, so it loads with weights_only=True) and the position in the data order,
+which is a pure function of (seed, epoch). On CPU, `--max-steps 3` then `--max-steps 6 --resume`
+gives the same weights, bit for bit, as one `--max-steps 6` run.
+
     python -m melano.cyclegan train --data DIR --out DIR [--size 128] [--max-steps N] [--resume] ...
     python -m melano.cyclegan translate --checkpoint PATH --data DIR --out DIR [--limit N]
 """
@@ -27,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -302,7 +307,8 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
 
     Returns the losses as floats (weighted, as they enter the totals)."""
     autocast = torch.autocast(real_A.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scale = (lambda loss: scaler.scale(loss)) if scaler is not None else (lambda loss: loss)  # noqa: E731
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)  # fp16: scaled backward
+    step = scaler.step if scaler is not None else (lambda opt: opt.step())
 
     # ---- generators: fool the (frozen) discriminators, cycle back, keep identity --------------
     set_requires_grad([m["D_A"], m["D_B"]], False)
@@ -324,7 +330,7 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
             loss["idt_B"] = F.l1_loss(m["G_B"](real_A), real_A) * w
         loss_G = sum(loss.values())
     scale(loss_G).backward()
-    scaler.step(opt_G) if scaler is not None else opt_G.step()
+    step(opt_G)
 
     # ---- discriminators: real vs pooled fakes, each loss halved ------------------------------
     set_requires_grad([m["D_A"], m["D_B"]], True)
@@ -336,11 +342,9 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
         loss["D_B"] = 0.5 * (gan_loss(m["D_B"](real_A), t_real, cfg.gan_mode)
                              + gan_loss(m["D_B"](pooled_A), t_fake, cfg.gan_mode))
     scale(loss["D_A"] + loss["D_B"]).backward()
+    step(opt_D)
     if scaler is not None:
-        scaler.step(opt_D)
         scaler.update()
-    else:
-        opt_D.step()
     return {k: float(v.detach()) for k, v in loss.items()}
 
 
@@ -807,6 +811,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name) if f.name != "n_blocks" else None
         if f.name == "resume":
             p.add_argument(flag, action="store_true", help=_HELP[f.name])
+            continue
+        if f.name == "data":
+            p.add_argument(flag, required=True, help=_HELP[f.name])
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         choices = {"upsample": ["transpose", "nearest"], "gen_act": ["relu", "leaky"],
