@@ -667,7 +667,7 @@ def train(cfg: CycleGANConfig) -> Path:
     losses_csv = LossLog(out / "losses.csv", step)
     sample_A, sample_B = (x.to(device) for x in data.samples(cfg.n_samples))
     m.train()
-    t0, saved_step = time.monotonic(), step
+    t0, saved_step, recent = time.monotonic(), step, []
     with _StopOnSignal() as stop:
         bar = progress(range(step, total), total=total - step, desc="cyclegan")
         while step < total and stop.signum is None:
@@ -682,8 +682,12 @@ def train(cfg: CycleGANConfig) -> Path:
                 next(bar, None)
                 losses_csv.append({"step": step, "epoch": epoch, "lr": opt_G.param_groups[0]["lr"],
                                    "seconds": round(time.monotonic() - t0, 3), **loss})
+                recent.append(loss)
                 if step % cfg.sample_every == 0:
                     _sample_grid(m, sample_A, sample_B, out / "samples" / f"step_{step:07d}.png", amp_dtype)
+                    log.info("step %d/%d, epoch %d: %s", step, total, epoch, "  ".join(
+                        f"{k} {np.mean([r[k] for r in recent]):.3f}" for k in recent[0]))
+                    recent = []
                 if step % cfg.checkpoint_every == 0:
                     save()
                     saved_step = step
@@ -715,7 +719,8 @@ def translate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     Each output row keeps its source's patient_id, sex, age and site (so a patient-grouped reader
     can audit leakage), with diagnosis "synthetic", benign_malignant "malignant", target 1 and
     source_image naming the benign original; image_name is "syn_<source>". Images have the
-    cache size the model was trained at. `limit` takes the first N benign images in data order.
+    cache size the model was trained at. `limit` takes the first N benign images in data order
+    (all of them when there are fewer). Earlier syn_*.jpg files not in the new train.csv are removed.
     The split file and cache default to the ones the checkpoint was trained with. train.csv is
     written last, atomically, so it never lists a missing image. Returns out_dir."""
     device = pick_device(device)
@@ -763,6 +768,10 @@ def translate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(buf.getvalue(), out_dir / "train.csv")
+    written = {f"{r['image_name']}.jpg" for r in rows}
+    for stale in img_dir.glob("syn_*.jpg"):  # from an earlier, larger run into the same folder
+        if stale.name not in written:
+            stale.unlink()
     log.info("wrote %d synthetic malignant images to %s", len(rows), out_dir)
     return out_dir
 

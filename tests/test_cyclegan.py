@@ -383,6 +383,15 @@ def test_translate_writes_exactly_what_it_says(tiny, trained, tmp_path):
     # no limit: every training-split benign image
     full = cg.translate(ckpt, cfg.data, tmp_path / "all", device="cpu")
     assert sorted(r["source_image"] for r in read_csv(full / "train.csv")) == sorted(train_benign)
+    # the CLI wraps the same function
+    assert cg.main(["translate", "--checkpoint", str(ckpt), "--data", cfg.data, "--out", str(tmp_path / "cli"),
+                    "--limit", "2", "--device", "cpu"]) == 0
+    assert read_csv(tmp_path / "cli" / "train.csv") == rows[:2]
+    # and the folder holds exactly the images its train.csv lists (re-running with a smaller limit
+    # into a folder that had more leaves no strays)
+    cg.translate(ckpt, cfg.data, tmp_path / "all", limit=3, device="cpu")
+    listed = {r["image_name"] + ".jpg" for r in read_csv(tmp_path / "all" / "train.csv")}
+    assert len(listed) == 3 and {p.name for p in (tmp_path / "all" / "jpeg" / "train").iterdir()} == listed
 
 
 def test_config_rejects_bad_options():
