@@ -843,9 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--data", required=True, help="the folder the model was trained on")
     tr.add_argument("--out", required=True, help="output folder: train.csv + jpeg/train/*.jpg")
     tr.add_argument("--limit", type=int, default=None, help="translate at most this many images (default: all)")
-    tr.add_argument("--split", default="train", help="which split's benign images (default: train)")
-    tr.add_argument("--split-csv", default=None, help="split file (default: the one melano.data keeps for --data)")
-    tr.add_argument("--cache-dir", default=None, help="image cache folder (default: melano.data's default)")
+    tr.add_argument("--split", default="train", choices=list(mdata.SPLITS),
+                    help="which split's benign images (default: train; synthetic images made from val or "
+                         "test images must never be used for training)")
+    tr.add_argument("--split-csv", default=None, help="split file (default: the one the checkpoint was trained with)")
+    tr.add_argument("--cache-dir", default=None, help="image cache folder (default: the checkpoint's)")
     tr.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     tr.add_argument("--device", default=None, help="default: CUDA when available")
     args = p.parse_args(argv)
