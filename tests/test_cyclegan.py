@@ -269,6 +269,35 @@ def test_fused_and_reference_paths_give_the_same_losses(monkeypatch):
     assert losses["ext"][0] != losses["ext"][-1]  # the steps did train
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_fused_and_reference_agree_under_amp(monkeypatch, amp):
+    from melano import ops
+    monkeypatch.setenv("MELANO_OPS", "ext")
+    if ops.backend("cuda") != "ext":
+        pytest.skip("no CUDA kernel built")
+    cfg = cg.CycleGANConfig(size=64, ngf=8, ndf=8, n_blocks=2, batch_size=2, amp=amp, device="cuda")
+    dtype, _ = cg._amp_setup(cfg, torch.device("cuda"))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(2, 3, 64, 64, generator=g).cuda() * 2 - 1, torch.rand(2, 3, 64, 64, generator=g).cuda() * 2 - 1)
+               for _ in range(3)]
+    losses = {}
+    for mode in ("ext", "reference"):
+        monkeypatch.setenv("MELANO_OPS", mode)
+        torch.manual_seed(0)
+        m = cg.build_models(cfg).cuda()
+        opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
+        opt_D = torch.optim.Adam([*m["D_A"].parameters(), *m["D_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10) if amp == "fp16" else None
+        rng = torch.Generator().manual_seed(1)
+        pa, pb = cg.ImagePool(4, rng), cg.ImagePool(4, rng)
+        losses[mode] = [cg.train_step(m, opt_G, opt_D, pa, pb, a, b, cfg, rng, scaler, dtype) for a, b in batches]
+    rel = 1e-3 if amp == "none" else 5e-2
+    for e, r in zip(losses["ext"], losses["reference"]):
+        for k in e:
+            assert np.isfinite(e[k]) and e[k] == pytest.approx(r[k], rel=rel, abs=1e-3), k
+
+
 def weights_and_state(ckpt):
     s = load_checkpoint(ckpt)
     flat = {}
