@@ -18,8 +18,8 @@
 // CPU: one task per plane (at::parallel_for). Planes of a CycleGAN are 16 KiB to 256 KiB, so the
 // passes after the first read x from L2. Statistics: a two-pass mean/variance with the "corrected"
 // second pass (Chan, Golub & LeVeque): sum(x - mean) is added back to absorb the rounding of the mean.
-// Inner loops work on 64-byte vectors (GCC vector extensions); blocks of kBlock elements are summed
-// in the accumulation type and then added in double, which bounds the float rounding error. The plane
+// Inner loops work on SIMD vectors (GCC vector extensions); blocks of kBlock elements are summed in
+// the accumulation type and then added in double, which bounds the float rounding error. The plane
 // loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time.
 
 #include <ATen/ATen.h>
