@@ -5,7 +5,8 @@
 exactly `F.leaky_relu(F.instance_norm(x, weight=weight, bias=bias, eps=eps), slope)`: biased
 variance, no running statistics; "relu" is slope 0 and "none" the identity. Eager PyTorch makes a
 pass over memory for the statistics, one to normalise and one to activate (and as many backward);
-the fused op reads x once (twice where a plane is too large for one GPU block) and writes y once.
+the fused op reads x from memory once and writes y once. (On the CPU its later passes over a plane
+hit the cache; on a GPU a plane too large for one block's registers is read twice.)
 
 Public API:
     instance_norm_act(x, weight=None, bias=None, eps=1e-5, act="relu", negative_slope=0.01)
@@ -29,8 +30,9 @@ Choices worth knowing:
   added when torch has CUDA and nvcc is found (CUDA_HOME, else nvcc on PATH, following a wrapper
   script to the real toolkit). Builds are cached in $MELANO_BUILD_DIR or ~/.cache/melano, in a
   folder keyed by a hash of the torch version, flags and CUDA arch; there ninja recompiles only the
-  sources that changed (a stamp with the sources' hash skips even ninja when nothing did). With no GPU visible the CUDA code is compiled for sm_90 only, to
-  prove it builds (TORCH_CUDA_ARCH_LIST overrides); its CPU ops still load and run.
+  sources that changed (a stamp with the sources' hash skips even ninja when nothing did). With no
+  GPU visible the CUDA code is compiled for sm_90 only, to prove that it builds
+  (TORCH_CUDA_ARCH_LIST overrides); the library's CPU ops still load and run.
 """
 
 from __future__ import annotations
