@@ -17,6 +17,9 @@ PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MELANO_OPS=ext          # the compiled op or a loud failure, never a silent fallback
 export PYTHONUNBUFFERED=1
+# Kernel builds are cached inside the checkout (build/ is git-ignored), so a rerun on the same machine
+# skips the nvcc build and nothing is written outside the repository.
+export MELANO_BUILD_DIR="${MELANO_BUILD_DIR:-$ROOT/build/melano-kernels}"
 # TORCH_CUDA_ARCH_LIST is left alone: with a GPU visible, torch picks its architecture.
 
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-460}))  # under 8 minutes in all
@@ -73,7 +76,7 @@ then
     exit 1
 fi
 
-# 1. Build (about a minute with nvcc; cached in $MELANO_BUILD_DIR or ~/.cache/melano afterwards).
+# 1. Build (about a minute with nvcc; cached in $MELANO_BUILD_DIR afterwards).
 step build 240 "$PY" -m melano.ops build --require-cuda
 if [[ " ${FAILED[*]:-} " == *" build"* ]]; then
     echo "the CUDA build failed: skipping tests and benchmarks"

@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if not info.ok:
         log.error("build failed: %s", info.error)
         return 1
-    log.info("built %s in %.1f s (%s); CUDA kernels: %s", info.library, info.seconds,
+    log.info("ready: %s in %.1f s (%s); CUDA kernels: %s", info.library, info.seconds,
              "cached" if info.cached else "compiled", info.cuda_reason if info.cuda else f"no ({info.cuda_reason})")
     if args.require_cuda and not info.cuda:
         log.error("--require-cuda: the CUDA kernels were not built: %s", info.cuda_reason)
