@@ -88,5 +88,6 @@ step pytest-gpu 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 
 # 3. GPU benchmarks. Add further GPU benchmarks here, each as one `step` line with its own cap.
 step bench-ops 200 "$PY" bench/bench_ops.py --device cuda --time-budget 100
+step bench-cyclegan 120 "$PY" bench/bench_cyclegan.py --device cuda --size 256
 
 ((${#FAILED[@]} == 0)) || exit 1
