@@ -53,8 +53,8 @@ class PipelineConfig:
     seed: int = 0
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     # built-in synthetic data (ignored with --data)
-    synth_benign: int = 3000
-    synth_malignant: int = 300
+    synth_benign: int = 4000
+    synth_malignant: int = 400
     synth_size: int = 96
     synth_difficulty: float = synth.DEFAULT_DIFFICULTY
     # split
@@ -75,7 +75,7 @@ class PipelineConfig:
     arch: str = "tf_efficientnet_lite0"
     weights: str | None = None       # a checkpoint path or URL instead of the packaged Lite0 weights
     clf_size: int = 64
-    clf_epochs: int = 3
+    clf_epochs: int = 4
     clf_batch_size: int = 32
     clf_max_steps: int | None = None
     clf_lr: float = 1e-3
