@@ -322,7 +322,7 @@ def train(cfg: ClassifierConfig) -> dict:
 
     Returns {"out", "best_checkpoint", "last_checkpoint", "best_val_auc", "best_step", "steps",
     "total_steps", "train_images", "extra_images", "val_images", "test_images", "pos_weight",
-    "val_predictions", "history", "seconds", "train_images_per_s"}, plus "test" (the dict of
+    "val_predictions", "history", "seconds", "val_seconds", "train_images_per_s"}, plus "test" (the dict of
     `evaluate`) when cfg.evaluate. Raises KeyboardInterrupt after saving last.pt when stopped by
     SIGINT/SIGTERM; rerun with resume=True to continue.
     """
@@ -351,6 +351,8 @@ def train(cfg: ClassifierConfig) -> dict:
         extra_cache = data.build_cache(index, size, cfg.cache_dir, cfg.workers)
         train_sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
     train_set = torch.utils.data.ConcatDataset(train_sets)
+    if len(train_set) < 2:
+        raise ValueError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs at least 2")
     y_train = np.concatenate([ds.targets for ds in train_sets])
     n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
     pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, n_neg)
@@ -415,7 +417,7 @@ def train(cfg: ClassifierConfig) -> dict:
                      "loss_sum": float(loss_sum), "loss_count": loss_count, "rng": rng}, last_path)
 
     def validate() -> None:
-        nonlocal best_auc, best_step, loss_sum, loss_count
+        nonlocal best_auc, best_step, loss_count
         logits, y = infer(model, norm, val_loader, device, amp=cfg.amp)
         auc = metrics.roc_auc(y, logits)  # the whole split at once
         val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
@@ -440,7 +442,7 @@ def train(cfg: ClassifierConfig) -> dict:
     # (seed, e), so a run resumed mid-epoch sees exactly the batches it would have seen.
     stop = {"requested": False}
     old_handlers = _install_stop_handlers(stop)
-    start, start_step = time.perf_counter(), step
+    start, start_step, val_seconds = time.perf_counter(), step, 0.0
     model.train()
     try:
         while step < total and not stop["requested"]:
@@ -467,8 +469,10 @@ def train(cfg: ClassifierConfig) -> dict:
                 loss_count += 1
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch or step == total or (cfg.val_every and step % cfg.val_every == 0):
+                    t0 = time.perf_counter()
                     validate()
                     save_last()
+                    val_seconds += time.perf_counter() - t0
                 if step == total or stop["requested"]:
                     break
         if stop["requested"]:
@@ -487,9 +491,12 @@ def train(cfg: ClassifierConfig) -> dict:
               "train_images": len(train_sets[0]), "extra_images": n_extra, "val_images": len(split["val"]),
               "test_images": len(split["test"]), "pos_weight": pos_weight,
               "val_predictions": str(out / "val_predictions.csv"), "history": str(out / "history.csv"),
-              "seconds": seconds,
-              "train_images_per_s": (step - start_step) * batch / seconds if step > start_step else None}
-    log.info("trained %d steps in %.1f s; best val AUC %.4f at step %d", step - start_step, seconds,
+              "seconds": seconds, "val_seconds": val_seconds,  # the loop; validation (and checkpoints)
+              # training images per second of the loop without its validation passes
+              "train_images_per_s": (step - start_step) * batch / max(1e-9, seconds - val_seconds)
+              if step > start_step else None}
+    log.info("trained %d steps in %.1f s (%.1f s validating; %.1f training images/s); best val AUC %.4f at "
+             "step %d", step - start_step, seconds, val_seconds, result["train_images_per_s"] or 0.0,
              best_auc, best_step)
     if cfg.evaluate:
         result["test"] = evaluate(best_path, tta=cfg.tta, device=cfg.device, batch_size=eval_bs,
@@ -627,7 +634,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training-only folders in the same layouts (e.g. `cyclegan translate` output); never "
                         "used for validation or test, and refused if they derive from val/test images")
     p.add_argument("--out", required=True, help="run folder for checkpoints, predictions and history")
-    p.add_argument("--split", dest="split_csv", default=None, metavar="CSV",
+    p.add_argument("--split-csv", default=None, metavar="CSV",
                    help="the experiment's splits.csv, shared by every arm; drawn there (patient-grouped, "
                         "stratified) if absent (default: DATA/splits.csv)")
     p.add_argument("--cache-dir", default=d.cache_dir, help=f"uint8 image caches (default {d.cache_dir})")
@@ -675,8 +682,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m melano.classifier", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m melano.classifier", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="fine-tune on a folder's training split; keep the best validation AUC")
     _add_train_args(t)
