@@ -364,7 +364,8 @@ HELP = {
     "gan_upsample": "transpose (reference CycleGAN) or nearest (the study's)",
     "synthetic_ratio": "synthetic + real malignant = ratio x benign in training",
     "arch": "classifier architecture (melano.efficientnet names)",
-    "weights": "classifier weights (path or URL) instead of the packaged Lite0 weights",
+    "weights": "classifier weights (path or URL) instead of the packaged Lite0 weights; with the "
+               "paper preset they are taken to be EfficientNet-B4's unless --arch says otherwise",
     "clf_size": "classifier image side in pixels; 0 = the model's native resolution",
     "clf_epochs": "classifier epochs", "clf_batch_size": "classifier batch size",
     "clf_max_steps": "classifier total steps; 0 = no cap", "clf_lr": "classifier peak learning rate",
@@ -389,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     given = {k: v for k, v in vars(args).items() if v is not None}
     cfg = PipelineConfig(**{**PRESETS[args.preset], **given})
+    if cfg.preset == "paper" and cfg.weights and "arch" not in given:
+        cfg.arch = "tf_efficientnet_b4"  # the study's model, whose weights the user has given
+        log.info("paper preset with --weights: classifier arch %s (pass --arch to change)", cfg.arch)
     for name in ("gan_max_steps", "clf_max_steps"):  # 0 on the command line means "no cap"
         if getattr(cfg, name) == 0:
             setattr(cfg, name, None)
