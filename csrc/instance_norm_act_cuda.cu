@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <limits>
 #include <torch/library.h>
 
 #include <cuda.h>
@@ -368,6 +370,15 @@ int threads_for(int64_t hw, int items) {
   return int(std::min<int64_t>(1024, std::max<int64_t>(kWarp, (t + kWarp - 1) / kWarp * kWarp)));
 }
 
+// One block per plane (or per chunk of a large plane): the grid's x dimension holds at most
+// 2^31 - 1 blocks, and a larger count would wrap silently when narrowed, so refuse it here.
+void check_grid(int64_t planes, int64_t hw) {
+  const int64_t blocks = hw <= kMaxRegPlane ? planes : planes * ((hw + kChunk - 1) / kChunk);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "instance_norm_act: ", planes,
+              " planes of ", hw, " elements need ", blocks, " CUDA blocks, more than a grid holds; "
+              "split the batch");
+}
+
 template <typename A>
 const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
@@ -388,6 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x_
   at::Tensor mean = at::empty({N, C}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({N, C}, x.options().dtype(acc));
   if (planes == 0) return {y, mean, rstd};
+  check_grid(planes, hw);
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inorm_act_fwd_cuda", [&] {
@@ -435,6 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor sum_g = at::zeros({N, C}, x.options().dtype(acc));
   at::Tensor sum_gx = at::zeros({N, C}, x.options().dtype(acc));
   if (planes > 0) {
+    check_grid(planes, hw);
     const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inorm_act_bwd_cuda", [&] {

@@ -34,11 +34,13 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -470,11 +472,14 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
         _warn_skipped(cache.skipped, "were skipped when this cache was built", strict)
         return cache
 
-    for stale in cache_dir.glob(f".{name}.tmp-*"):  # leftovers of killed builds
-        pid = int(stale.name.rsplit("-", 2)[-2]) if stale.name.rsplit("-", 2)[-2].isdigit() else -1
-        if not _pid_alive(pid):
+    # Leftovers of killed builds. The host is in the name because a cache folder may be shared by
+    # several nodes: only this host's dead processes can be recognised as dead.
+    host = socket.gethostname().replace("-", "_")
+    for stale in cache_dir.glob(f".{name}.tmp-{host}-*"):
+        pid = stale.name.rsplit("-", 2)[-2]
+        if not _pid_alive(int(pid) if pid.isdigit() else -1):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = cache_dir / f".{name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         n = len(index.records)
@@ -595,10 +600,12 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
         fracs = {"train": 1 - val_frac - test_frac, "val": val_frac, "test": test_frac}
         where = _split_groups(names, targets, patients, fracs, seed)
         split = {s: [n for n in names if where[n] == s] for s in SPLITS}
-        lines = ["image_name,patient_id,target,split"]
-        lines += [f"{n},{p},{t},{where[n]}" for n, p, t in zip(names, patients, targets)]
+        buf = io.StringIO()  # csv quoting: folder-layout patient ids are file stems, commas and all
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["image_name", "patient_id", "target", "split"])
+        w.writerows([n, p, int(t), where[n]] for n, p, t in zip(names, patients, targets))
         save_json(params, side)
-        atomic_write_text("\n".join(lines) + "\n", out_csv)
+        atomic_write_text(buf.getvalue(), out_csv)
     t = dict(zip(names, targets))
     p = dict(zip(names, patients))
     for s in SPLITS:

@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import atomic_write_text
+
 log = logging.getLogger("melano.ops")
 
 ACTS = ("none", "relu", "leaky_relu")
@@ -197,6 +199,14 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("melano::inorm_act_bwd", no_double_backward)
 
 
+def _stamp_hash(stamp: Path) -> str | None:
+    """The source hash a finished build recorded; None if absent or unreadable (then rebuild)."""
+    try:
+        return json.loads(stamp.read_text()).get("source_hash")
+    except (OSError, ValueError):
+        return None
+
+
 def build(verbose: bool = False) -> BuildInfo:
     """Build (or find in the cache) and load the extension; once per process. Never raises."""
     global _build_info
@@ -229,8 +239,7 @@ def build(verbose: bool = False) -> BuildInfo:
             build_dir = _build_dir(parts)
             library = build_dir / f"{EXT_NAME}.so"
             stamp = build_dir / "melano_build.json"
-            cached = (library.is_file() and stamp.is_file()
-                      and json.loads(stamp.read_text()).get("source_hash") == source_hash)
+            cached = library.is_file() and _stamp_hash(stamp) == source_hash
             if cached:
                 torch.ops.load_library(str(library))
             else:
@@ -246,7 +255,8 @@ def build(verbose: bool = False) -> BuildInfo:
                     extra_cuda_cflags=NVCC_FLAGS + arch_flags, extra_ldflags=LD_FLAGS,
                     build_directory=str(build_dir), with_cuda=with_cuda, is_python_module=False,
                     verbose=verbose))
-                stamp.write_text(json.dumps(dict(parts, source_hash=source_hash), indent=1) + "\n")
+                # Atomic: another rank of a torchrun job may be reading it right now.
+                atomic_write_text(json.dumps(dict(parts, source_hash=source_hash), indent=1) + "\n", stamp)
             _register_python_parts()
             _build_info = BuildInfo(True, with_cuda, cuda_reason, str(library), str(build_dir),
                                     time.monotonic() - t0, cached, cuda_home)

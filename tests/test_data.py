@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -283,12 +284,17 @@ def test_a_killed_build_is_never_used(isic, tmp_path, monkeypatch):
     monkeypatch.undo()
     # a SIGKILLed build leaves its temporary folder: it is ignored, then cleaned up
     key = data.cache_key(index, 16)[:16]
-    stale = tmp_path / f".{Path(index.root).resolve().name}-16-{key}.tmp-999999999-deadbeef"
+    host = socket.gethostname().replace("-", "_")
+    prefix = f".{Path(index.root).resolve().name}-16-{key}.tmp"
+    stale = tmp_path / f"{prefix}-{host}-999999999-deadbeef"
     stale.mkdir()
     (stale / "images.u8").write_bytes(b"\0" * 100)
+    # another node sharing the folder: its process ids mean nothing here, so its build is left alone
+    other = tmp_path / f"{prefix}-othernode-999999999-deadbeef"
+    other.mkdir()
     cache = data.build_cache(index, 16, tmp_path, workers=1)
-    assert len(cache) == 80 and not stale.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [cache.path.name]
+    assert len(cache) == 80 and not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.path.name, other.name])
     with pytest.raises(FileNotFoundError, match="not a finished cache"):
         data.Cache(tmp_path / "elsewhere")
 
@@ -457,3 +463,15 @@ def test_check_cli(odd, isic, tmp_path, capsys):
     assert Path(capsys.readouterr().out.strip()).parent == tmp_path / "c"
     assert data.main(["split", str(isic), "--out", str(tmp_path / "s.csv")]) == 0
     assert len(csv_rows(tmp_path / "s.csv")) == 80
+
+
+def test_split_file_quotes_names_with_commas(tmp_path):
+    # In the folder layout a patient id is the file stem, so it may hold a comma.
+    class Data:
+        names = [f"img,{i}" for i in range(40)]
+        targets = np.array([i % 4 == 0 for i in range(40)], dtype=np.int64)
+        patients = [f"p,{i}" for i in range(40)]
+
+    split = data.make_split(Data, tmp_path / "splits.csv", seed=1)
+    assert data.load_split(tmp_path / "splits.csv", Data) == split
+    assert sorted(sum(split.values(), [])) == sorted(Data.names)
