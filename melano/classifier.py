@@ -3,6 +3,7 @@
     python -m melano.classifier train --data DIR [--extra DIR ...] --out DIR [--arch NAME] ...
     python -m melano.classifier evaluate --checkpoint OUT/best.pt [--tta]
     python -m melano.classifier predict --checkpoint PATH IMAGE_OR_DIR [--out CSV]
+    torchrun --nproc-per-node K -m melano.classifier train ...   # K processes (GPUs); see melano.dist
 
 `train` reads top to bottom: data (the folder's patient-grouped split, uint8 caches), model,
 optimiser, then the loop. The model has one logit and learns with BCE-with-logits, optionally
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data, metrics
+from . import augment, data, dist, metrics
 from .common import (atomic_save, atomic_write_text, load_checkpoint, log_config, pick_device, progress,
                      save_json, seed_everything, setup_logging, to_jsonable)
 from .efficientnet import config as model_config
@@ -300,12 +301,16 @@ def _check_resume(saved: dict, cfg: ClassifierConfig, path: Path) -> None:
 
 def _install_stop_handlers(stop: dict) -> dict:
     """SIGINT/SIGTERM ask the loop to stop after the current step (and save last.pt); a second
-    signal stops at once. Only the main thread can install handlers; elsewhere this does nothing."""
+    signal stops at once, except under torchrun, which forwards the signal it got (a scheduler may
+    signal the workers too) and kills the workers itself after its timeout: there repeats are
+    ignored. Only the main thread can install handlers; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def handler(signum, frame):
         if stop["requested"]:
+            if dist.world_size() > 1:
+                return
             raise KeyboardInterrupt
         stop["requested"] = signal.Signals(signum).name
         log.warning("%s: stopping after this step and saving last.pt (again to stop now)", stop["requested"])
@@ -325,8 +330,15 @@ def train(cfg: ClassifierConfig) -> dict:
     "val_predictions", "history", "seconds", "val_seconds", "train_images_per_s"}, plus "test" (the dict of
     `evaluate`) when cfg.evaluate. Raises KeyboardInterrupt after saving last.pt when stopped by
     SIGINT/SIGTERM; rerun with resume=True to continue.
+
+    Under torchrun (see melano.dist) the model is wrapped in DDP, cfg.batch_size is per process,
+    each rank trains on its shard of every epoch's order with its own augmentation and dropout,
+    every rank scores its share of the validation split and the predictions are gathered (each
+    image once) before the AUC. Only rank 0 writes files and evaluates on the test split.
     """
     check_config(cfg)
+    device = dist.init_from_env(cfg.device)
+    world, main = dist.world_size(), dist.is_main()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -335,21 +347,23 @@ def train(cfg: ClassifierConfig) -> dict:
                               f"(or delete the folder) to start afresh")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    log_config(cfg, out / "config.json")
+    if main:
+        log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
+                   out / "config.json")
     size = image_size(cfg)
     mcfg = model_config(cfg.arch)
     mean, std = mcfg.mean, mcfg.std
 
     # --- data: the folder's split; --extra folders join the training set only
-    cache = data.build_cache(data.read_index(cfg.data), size, cfg.cache_dir, cfg.workers)
-    split = load_split(cfg, cache)
-    train_sets = [unit_dataset(cache, split["train"])]
-    for d in cfg.extra:
-        index = data.read_index(d)
-        check_extra_leakage(index, cache, split)
-        extra_cache = data.build_cache(index, size, cfg.cache_dir, cfg.workers)
-        train_sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
+    with dist.local_main_first():  # one process per node builds the caches and draws the split
+        cache = data.build_cache(data.read_index(cfg.data), size, cfg.cache_dir, cfg.workers)
+        split = load_split(cfg, cache)
+        train_sets = [unit_dataset(cache, split["train"])]
+        for d in cfg.extra:
+            index = data.read_index(d)
+            check_extra_leakage(index, cache, split)
+            extra_cache = data.build_cache(index, size, cfg.cache_dir, cfg.workers)
+            train_sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
     train_set = torch.utils.data.ConcatDataset(train_sets)
     if len(train_set) < 2:
         raise ValueError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs at least 2")
@@ -358,7 +372,9 @@ def train(cfg: ClassifierConfig) -> dict:
     pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, n_neg)
     val_set = unit_dataset(cache, split["val"])
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    val_loader = data.make_loader(val_set, eval_bs, workers=cfg.workers)
+    # each rank scores its DistributedSampler share of the validation split (padded to equal shares)
+    val_index = list(torch.utils.data.DistributedSampler(val_set, world, dist.rank(), shuffle=False))
+    val_loader = data.make_loader(val_set, eval_bs, sampler=val_index, workers=cfg.workers)
     n_extra = len(train_set) - len(train_sets[0])
     log.info("training on %d images (%d malignant, %d of them from --extra), validating on %d; pos_weight %s",
              len(train_set), n_pos, n_extra, len(val_set), pos_weight)
@@ -374,10 +390,17 @@ def train(cfg: ClassifierConfig) -> dict:
                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
                             lr=cfg.lr, fused=device.type == "cuda")
     pw = None if pos_weight is None else torch.tensor(pos_weight, device=device)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)  # on CPU: the same transforms on any device
+    # on CPU: the same transforms on any device; each rank augments its images differently
+    aug_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
+    if dist.rank() > 0:  # and draws its own dropout masks (rank 0 keeps the single-process stream)
+        torch.manual_seed(dist.rank_seed(cfg.seed))
 
-    batch = min(cfg.batch_size, len(train_set))
-    steps_per_epoch = len(train_set) // batch  # the remainder is dropped (a batch of 1 breaks BatchNorm)
+    batch = min(cfg.batch_size, len(train_set) // world)  # per process
+    if batch < 2:
+        raise ValueError(f"{len(train_set)} training images cannot give each of {world} processes a batch of 2 "
+                         f"(BatchNorm needs 2); use fewer processes")
+    # the remainder is dropped (a batch of 1 breaks BatchNorm); a step uses world x batch images
+    steps_per_epoch = len(train_set) // (batch * world)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -386,42 +409,61 @@ def train(cfg: ClassifierConfig) -> dict:
 
     step, best_auc, best_step, history = 0, -math.inf, -1, []
     loss_sum, loss_count = torch.zeros((), device=device), 0
+    resumed = False
     if cfg.resume and last_path.exists():
         state = load_checkpoint(last_path)
         if not isinstance(state, dict) or state.get("format") != FORMAT or "optimizer" not in state:
             raise ValueError(f"{last_path}: not a melano classifier training checkpoint; use another --out")
         _check_resume(state["config"], cfg, last_path)
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{last_path} was trained by {state.get('world_size', 1)} process(es), this run has "
+                             f"{world}: the data order and the per-process random streams depend on it. Resume "
+                             f"with the same number of processes (torchrun --nnodes x --nproc-per-node)")
+        own = state["ranks"][dist.rank()] if world > 1 else state  # this rank's loss sum and random streams
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, best_auc, best_step = state["step"], state["best_auc"], state["best_step"]
         history = state["history"]
-        loss_sum.fill_(state["loss_sum"])
+        loss_sum.fill_(own["loss_sum"])
         loss_count = state["loss_count"]
-        torch.set_rng_state(state["rng"]["torch"])
-        aug_gen.set_state(state["rng"]["augment"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        torch.set_rng_state(own["rng"]["torch"])
+        aug_gen.set_state(own["rng"]["augment"])
+        if device.type == "cuda" and "cuda" in own["rng"]:
+            torch.cuda.set_rng_state(own["rng"]["cuda"], device)
+        resumed = True
         if state["total_steps"] != total:
             log.warning("resuming with %d total steps instead of %d: the LR schedule changes from here",
                         total, state["total_steps"])
         log.info("resumed %s at step %d (best val AUC %.4f at step %d)", last_path, step, best_auc, best_step)
     elif cfg.resume:
         log.warning("--resume: %s does not exist, starting a new run", last_path)
+    starts = dist.all_gather_object((resumed, step))  # also a barrier: every rank has read last.pt
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read the "
+                           f"same {last_path}; on several nodes, put --out on a filesystem they all share")
+    net = dist.wrap_ddp(model, device)  # what training runs; `model` is validated and saved
 
     def save_last() -> None:
         rng = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        atomic_save({**meta, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "total_steps": total, "best_auc": best_auc, "best_step": best_step, "history": history,
-                     "loss_sum": float(loss_sum), "loss_count": loss_count, "rng": rng}, last_path)
+        ranks = dist.all_gather_object({"rng": rng, "loss_sum": float(loss_sum)})  # every rank's streams
+        if main:
+            atomic_save({**meta, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "total_steps": total, "best_auc": best_auc, "best_step": best_step, "history": history,
+                         "loss_sum": float(loss_sum), "loss_count": loss_count, "rng": rng,
+                         "world_size": world, **({"ranks": ranks} if world > 1 else {})}, last_path)
+        dist.barrier()  # no rank goes on (or returns) before last.pt is complete
 
     def validate() -> None:
         nonlocal best_auc, best_step, loss_count
+        dist.broadcast_buffers(model)  # every rank scores with rank 0's BatchNorm statistics
         logits, y = infer(model, norm, val_loader, device, amp=cfg.amp)
+        # all ranks' predictions, each validation image once, in split order
+        logits, y = dist.gather_shards(val_index, len(val_set), logits, y)
         auc = metrics.roc_auc(y, logits)  # the whole split at once
         val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
-        train_loss = float(loss_sum) / max(1, loss_count)
+        train_loss = dist.mean({"sum": float(loss_sum)})["sum"] / max(1, loss_count)
         loss_sum.zero_()
         loss_count = 0
         history.append({"step": step, "epoch": step / steps_per_epoch, "lr": opt.param_groups[0]["lr"],
@@ -429,12 +471,14 @@ def train(cfg: ClassifierConfig) -> dict:
         improved = auc > best_auc
         if improved:
             best_auc, best_step = auc, step
+        if improved and main:
             atomic_save({**meta, "model": model.state_dict(), "step": step, "val_auc": auc}, best_path)
             write_predictions(out / "val_predictions.csv", split["val"], y, sigmoid(logits))
         lines = ["step,epoch,lr,train_loss,val_loss,val_auc"]
         lines += [f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},"
                   f"{h['val_auc']:.6f}" for h in history]
-        atomic_write_text("\n".join(lines) + "\n", out / "history.csv")
+        if main:
+            atomic_write_text("\n".join(lines) + "\n", out / "history.csv")
         log.info("step %d/%d epoch %.2f: train loss %.4f, val loss %.4f, val AUC %.4f%s", step, total,
                  step / steps_per_epoch, train_loss, val_loss, auc, " (best)" if improved else "")
 
@@ -447,11 +491,14 @@ def train(cfg: ClassifierConfig) -> dict:
     try:
         while step < total and not stop["requested"]:
             epoch, done = divmod(step, steps_per_epoch)
+            # every rank draws the same order and takes its DistributedSampler-style shard of the
+            # images the epoch uses (a resumable stand-in for DistributedSampler.set_epoch)
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set))
-            order = order[done * batch: steps_per_epoch * batch].tolist()
+            order = dist.shard(order[:steps_per_epoch * batch * world].tolist())[done * batch:]
             loader = data.make_loader(train_set, batch, sampler=order, workers=cfg.workers, drop_last=True)
             n_batches = min(steps_per_epoch - done, total - step)
-            for x, y in progress(loader, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}"):
+            bar = progress(loader, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}") if main else loader
+            for x, y in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, warmup_steps, total)
                 x = x.to(device, non_blocking=True)
@@ -459,7 +506,7 @@ def train(cfg: ClassifierConfig) -> dict:
                 if cfg.augment == "traditional":
                     x = augment.traditional(x, aug_gen)
                 with _autocast(device, cfg.amp):
-                    logits = model(norm(x)).squeeze(1).float()
+                    logits = net(norm(x)).squeeze(1).float()
                 loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -467,6 +514,8 @@ def train(cfg: ClassifierConfig) -> dict:
                 step += 1
                 loss_sum += loss.detach()  # summed on the device: no sync per step
                 loss_count += 1
+                if dist.max_int(bool(stop["requested"])):  # a signal to any rank: all stop after this step
+                    stop["requested"] = stop["requested"] or "a signal to another process"
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch or step == total or (cfg.val_every and step % cfg.val_every == 0):
                     t0 = time.perf_counter()
@@ -483,7 +532,7 @@ def train(cfg: ClassifierConfig) -> dict:
         for s, h in old_handlers.items():
             signal.signal(s, h)
     seconds = time.perf_counter() - start
-    if not best_path.exists():
+    if main and not best_path.exists():
         raise RuntimeError(f"{best_path} is missing although training finished; delete {out} and retrain")
 
     result = {"out": str(out), "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
@@ -493,13 +542,15 @@ def train(cfg: ClassifierConfig) -> dict:
               "val_predictions": str(out / "val_predictions.csv"), "history": str(out / "history.csv"),
               "seconds": seconds, "val_seconds": val_seconds,  # the loop; validation (and checkpoints)
               # training images per second of the loop without its validation passes
-              "train_images_per_s": (step - start_step) * batch / max(1e-9, seconds - val_seconds)
+              "train_images_per_s": (step - start_step) * batch * world / max(1e-9, seconds - val_seconds)
               if step > start_step else None}
     log.info("trained %d steps in %.1f s (%.1f s validating; %.1f training images/s); best val AUC %.4f at "
              "step %d", step - start_step, seconds, val_seconds, result["train_images_per_s"] or 0.0,
              best_auc, best_step)
-    if cfg.evaluate:
-        result["test"] = evaluate(best_path, tta=cfg.tta, device=cfg.device, batch_size=eval_bs,
+    if not main:
+        return result
+    if cfg.evaluate:  # on rank 0 alone: the test split is scored once, after training
+        result["test"] = evaluate(best_path, tta=cfg.tta, device=str(device), batch_size=eval_bs,
                                   workers=cfg.workers)
     save_json(result, out / "result.json")
     return result
@@ -712,7 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fields = {f.name for f in dataclasses.fields(ClassifierConfig)}
             cfg = ClassifierConfig(**{k: v for k, v in vars(args).items() if k in fields})
             result = train(cfg)
-            print(json.dumps(to_jsonable(result)))
+            if dist.is_main():
+                print(json.dumps(to_jsonable(result)))
         elif args.cmd == "evaluate":
             result = evaluate(args.checkpoint, split=args.split, out_dir=args.out, tta=args.tta, data_dir=args.data,
                               split_csv=args.split_csv, cache_dir=args.cache_dir, device=args.device,
@@ -730,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         log.error("%s", e)
         return 2
+    finally:
+        dist.destroy()  # under torchrun: leave the process group cleanly
     return 0
 
 

@@ -18,6 +18,7 @@ gives the same weights, bit for bit, as one `--max-steps 6` run.
 
     python -m melano.cyclegan train --data DIR --out DIR [--size 128] [--max-steps N] [--resume] ...
     python -m melano.cyclegan translate --checkpoint PATH --data DIR --out DIR [--limit N]
+    torchrun --nproc-per-node K -m melano.cyclegan train ...   # K processes (GPUs); see melano.dist
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import data as mdata
+from . import dist
 from .common import (atomic_save, atomic_write_text, load_checkpoint, log_config, pick_device,
                      progress, setup_logging)
 from .ops import InstanceNormAct
@@ -311,6 +313,12 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
     step = scaler.step if scaler is not None else (lambda opt: opt.step())
 
     # ---- generators: fool the (frozen) discriminators, cycle back, keep identity --------------
+    # Under DDP (see melano.dist) each generator runs several forwards here (G_A on real_A, fake_A
+    # and, for identity, real_B) and one backward covers them all: DDP all-reduces each parameter's
+    # summed gradient once (tests/test_dist.py checks it against one process on the whole batch).
+    # The frozen discriminators run unwrapped: nothing of theirs is to be all-reduced in this step,
+    # and changing requires_grad after DDP wrapped a module is outside DDP's documented use
+    # (find_unused_parameters=True would instead cost a graph traversal every step).
     set_requires_grad([m["D_A"], m["D_B"]], False)
     opt_G.zero_grad(set_to_none=True)
     with autocast:
@@ -318,7 +326,7 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
         rec_A = m["G_B"](fake_B)        # A -> B -> A
         fake_A = m["G_B"](real_B)       # B -> A
         rec_B = m["G_A"](fake_A)        # B -> A -> B
-        pred_fake_B, pred_fake_A = m["D_A"](fake_B), m["D_B"](fake_A)
+        pred_fake_B, pred_fake_A = dist.unwrap(m["D_A"])(fake_B), dist.unwrap(m["D_B"])(fake_A)
         t_real, t_fake, t_gen = make_targets(pred_fake_B.shape, cfg.label_smoothing, rng, real_A.device)
         loss = {"G_A": gan_loss(pred_fake_B, t_gen, cfg.gan_mode),
                 "G_B": gan_loss(pred_fake_A, t_gen, cfg.gan_mode),
@@ -499,7 +507,11 @@ class TrainData:
     Epoch e visits A in a permutation seeded by (seed, e); melano.data's UnpairedDataset pairs
     each with a B drawn through its own (seed, e) permutation. Nothing here depends on how many
     batches were drawn before, so `batches(e, skip=k)` after a restart yields exactly what an
-    uninterrupted run would have yielded after its first k batches of epoch e."""
+    uninterrupted run would have yielded after its first k batches of epoch e.
+
+    Under torchrun every rank draws the same permutation and takes its `dist.shard` of it (what a
+    DistributedSampler with set_epoch(e) would do, but with this resumable order), so a step uses
+    world_size x batch_size images and an epoch has ceil(len / (world_size x batch_size)) steps."""
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
@@ -512,13 +524,13 @@ class TrainData:
                              f"benign and {len(self.rows_B)} malignant images; CycleGAN needs both")
         self.n_A, self.n_B = len(self.rows_A), len(self.rows_B)
         self.dataset = mdata.UnpairedDataset(self.cache, self.rows_A, self.rows_B, seed=cfg.seed)
-        self.steps_per_epoch = math.ceil(len(self.dataset) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * dist.world_size()))
 
     def batches(self, epoch: int, skip: int = 0):
         """(real_A, real_B) batches of `epoch`, after the first `skip` batches."""
         self.dataset.set_epoch(epoch)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=g)[skip * self.cfg.batch_size:].tolist()
+        order = dist.shard(torch.randperm(len(self.dataset), generator=g).tolist())[skip * self.cfg.batch_size:]
         loader = mdata.make_loader(self.dataset, self.cfg.batch_size, sampler=order,
                                    workers=self.cfg.num_workers, seed=self.cfg.seed)
         for item in loader:
@@ -536,13 +548,17 @@ class TrainData:
 
 class _StopOnSignal:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and stops.
-    A second signal interrupts at once. Handlers are installed only in the main thread."""
+    A second signal interrupts at once, except under torchrun: there the launcher forwards the
+    signal it got (a scheduler may signal the workers too) and kills the workers itself after its
+    own timeout, so repeats are ignored. Handlers are installed only in the main thread."""
 
     def __init__(self):
         self.signum, self._old = None, {}
 
     def _handler(self, signum, frame):
         if self.signum is not None:
+            if dist.world_size() > 1:
+                return
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("received %s: saving a checkpoint after this step (send again to abort at once)",
@@ -595,24 +611,32 @@ def train(cfg: CycleGANConfig) -> Path:
     (every cfg.checkpoint_every steps, at the end, and on SIGINT/SIGTERM, which then raise
     TrainingInterrupted). With cfg.resume, continues from cfg.out/checkpoint.pt when it exists
     (a finished run returns at once); without it, an existing checkpoint is an error rather than
-    something to overwrite. Returns the checkpoint path."""
+    something to overwrite. Returns the checkpoint path.
+
+    Under torchrun (see melano.dist) each process trains on its shard of every step with its own
+    image pools and label noise; DDP averages the gradients. cfg.batch_size is per process. Only
+    rank 0 writes files; losses.csv holds the losses averaged over the ranks."""
     setup_logging()
+    device = dist.init_from_env(cfg.device)
+    world, main = dist.world_size(), dist.is_main()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not cfg.resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    device = pick_device(cfg.device)
     amp_dtype, scaler = _amp_setup(cfg, device)
     if cfg.label_smoothing == "noisy" and cfg.gan_mode == "vanilla":
         log.warning("label_smoothing='noisy' with gan_mode='vanilla': targets outside [0, 1] make BCE "
                     "unbounded below; LSGAN is the sound choice for noisy targets")
-    data = TrainData(cfg)
-    log_config(cfg, out / "config.json")
-    log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d; device %s, amp %s",
-             data.n_A, data.n_B, data.steps_per_epoch, cfg.batch_size, device, amp_dtype)
+    with dist.local_main_first():  # one process per node builds the cache and draws the split
+        data = TrainData(cfg)
+    if main:
+        log_config({**dataclasses.asdict(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
+                   out / "config.json")
+    log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d x %d processes; "
+             "device %s, amp %s", data.n_A, data.n_B, data.steps_per_epoch, cfg.batch_size, world, device, amp_dtype)
 
-    torch.manual_seed(cfg.seed)  # model init
+    torch.manual_seed(cfg.seed)  # model init: the same on every rank
     m = build_models(cfg).to(device)
     opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2))
@@ -625,9 +649,11 @@ def train(cfg: CycleGANConfig) -> Path:
             group["lr"] = lr
         return lr
 
-    rng = torch.Generator().manual_seed(cfg.seed + 1)  # label noise and the image pools
+    # label noise and the image pools: each rank has its own stream and its own pools
+    rng = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
     pool_A, pool_B = ImagePool(cfg.pool_size, rng), ImagePool(cfg.pool_size, rng)
     step = epoch = epoch_step = 0
+    resumed = False
 
     if cfg.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
@@ -637,67 +663,91 @@ def train(cfg: CycleGANConfig) -> Path:
         if changed:
             raise ValueError(f"{ckpt_path} was trained with a different config ({'; '.join(changed)}); "
                              "resume with the same options or choose another --out")
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{ckpt_path} was trained by {state.get('world_size', 1)} process(es), this run has "
+                             f"{world}: the data order and the per-process image pools depend on it. Resume with "
+                             f"the same number of processes (torchrun --nnodes x --nproc-per-node)")
         for k in ("G_A", "G_B", "D_A", "D_B"):
             m[k].load_state_dict(state[k])
         opt_G.load_state_dict(state["opt_G"])
         opt_D.load_state_dict(state["opt_D"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        pool_A.load_state_dict(state["pool_A"], device)
-        pool_B.load_state_dict(state["pool_B"], device)
-        _set_rng_states(state["rng"], rng)
+        own = state["ranks"][dist.rank()] if world > 1 else state  # this rank's pools and random streams
+        pool_A.load_state_dict(own["pool_A"], device)
+        pool_B.load_state_dict(own["pool_B"], device)
+        _set_rng_states(own["rng"], rng)
         step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        resumed = True
         log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, epoch)
+    starts = dist.all_gather_object((resumed, step))  # also a barrier: every rank has read the checkpoint
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read the "
+                           f"same {ckpt_path}; on several nodes, put --out on a filesystem they all share")
+    net = nn.ModuleDict({k: dist.wrap_ddp(m[k], device) for k in m})  # what train_step runs; m is saved
 
     def save() -> None:
-        atomic_save({"format": 1, "config": dataclasses.asdict(cfg),
-                     **{k: m[k].state_dict() for k in ("G_A", "G_B", "D_A", "D_B")},
-                     "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                     "scheduler": {"epoch": epoch, "lr": opt_G.param_groups[0]["lr"],
-                                   "epochs": cfg.epochs, "epochs_decay": cfg.epochs_decay},
-                     "scaler": scaler.state_dict() if scaler is not None else {},
-                     "pool_A": pool_A.state_dict(), "pool_B": pool_B.state_dict(),
-                     "rng": _rng_states(rng), "step": step, "epoch": epoch, "epoch_step": epoch_step},
-                    ckpt_path)
-        plot_losses(out / "losses.csv", out / "losses.png")
+        # every rank's pools and random streams (collective), so that a resumed run continues them all
+        ranks = dist.all_gather_object({"pool_A": pool_A.state_dict(), "pool_B": pool_B.state_dict(),
+                                        "rng": _rng_states(rng)})
+        if main:
+            atomic_save({"format": 1, "config": dataclasses.asdict(cfg),
+                         **{k: m[k].state_dict() for k in ("G_A", "G_B", "D_A", "D_B")},
+                         "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+                         "scheduler": {"epoch": epoch, "lr": opt_G.param_groups[0]["lr"],
+                                       "epochs": cfg.epochs, "epochs_decay": cfg.epochs_decay},
+                         "scaler": scaler.state_dict() if scaler is not None else {},
+                         "pool_A": pool_A.state_dict(), "pool_B": pool_B.state_dict(),
+                         "rng": _rng_states(rng), "step": step, "epoch": epoch, "epoch_step": epoch_step,
+                         "world_size": world, **({"ranks": ranks} if world > 1 else {})},
+                        ckpt_path)
+            plot_losses(out / "losses.csv", out / "losses.png")
+        dist.barrier()  # no rank goes on (or returns) before the checkpoint is complete
 
     total = (cfg.epochs + cfg.epochs_decay) * data.steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    losses_csv = LossLog(out / "losses.csv", step)
+    losses_csv = LossLog(out / "losses.csv", step) if main else None
     sample_A, sample_B = (x.to(device) for x in data.samples(cfg.n_samples))
     m.train()
-    t0, saved_step, recent = time.monotonic(), step, []
+    t0, saved_step, recent = time.monotonic(), step if resumed else -1, []
+    stop_signum = 0  # a signal any rank received, agreed by all ranks after each step
     with _StopOnSignal() as stop:
-        bar = progress(range(step, total), total=total - step, desc="cyclegan")
-        while step < total and stop.signum is None:
+        bar = progress(range(step, total), total=total - step, desc="cyclegan") if main else iter(())
+        while step < total and not stop_signum:
             if epoch_step >= data.steps_per_epoch:  # epoch done: next learning rate
                 epoch, epoch_step = epoch + 1, 0
             set_lr(epoch)
             for real_A, real_B in data.batches(epoch, skip=epoch_step):
                 real_A = real_A.to(device, non_blocking=True)
                 real_B = real_B.to(device, non_blocking=True)
-                loss = train_step(m, opt_G, opt_D, pool_A, pool_B, real_A, real_B, cfg, rng, scaler, amp_dtype)
+                loss = train_step(net, opt_G, opt_D, pool_A, pool_B, real_A, real_B, cfg, rng, scaler, amp_dtype)
+                loss = dist.mean(loss)  # the global batch's losses
                 step, epoch_step = step + 1, epoch_step + 1
                 next(bar, None)
-                losses_csv.append({"step": step, "epoch": epoch, "lr": opt_G.param_groups[0]["lr"],
-                                   "seconds": round(time.monotonic() - t0, 3), **loss})
+                if main:
+                    losses_csv.append({"step": step, "epoch": epoch, "lr": opt_G.param_groups[0]["lr"],
+                                       "seconds": round(time.monotonic() - t0, 3), **loss})
                 recent.append(loss)
                 if step % cfg.sample_every == 0:
-                    _sample_grid(m, sample_A, sample_B, out / "samples" / f"step_{step:07d}.png", amp_dtype)
+                    if main:
+                        _sample_grid(m, sample_A, sample_B, out / "samples" / f"step_{step:07d}.png", amp_dtype)
                     log.info("step %d/%d, epoch %d: %s", step, total, epoch, "  ".join(
                         f"{k} {np.mean([r[k] for r in recent]):.3f}" for k in recent[0]))
                     recent = []
                 if step % cfg.checkpoint_every == 0:
                     save()
                     saved_step = step
-                if step >= total or stop.signum is not None:
+                stop_signum = dist.max_int(stop.signum or 0)
+                if step >= total or stop_signum:
                     break
-        if step != saved_step or not ckpt_path.exists():
+        stop_signum = dist.max_int(stop.signum or 0)
+        if step != saved_step:
             save()
-        bar.close()
-    if stop.signum is not None:
-        raise TrainingInterrupted(stop.signum, ckpt_path)
+        if main:
+            bar.close()
+    if stop_signum:
+        raise TrainingInterrupted(stop_signum, ckpt_path)
     log.info("done: %d steps; checkpoint %s", step, ckpt_path)
     return ckpt_path
 
@@ -798,7 +848,8 @@ _HELP = {
     "lambda_identity": "identity L1 weight, as a fraction of lambda_cycle (0 disables)",
     "pool_size": "generated-image history per discriminator (0 disables)",
     "lr": "Adam learning rate", "beta1": "Adam beta1", "beta2": "Adam beta2",
-    "batch_size": "images per domain per step",
+    "batch_size": "images per domain per step and process (under torchrun the global batch is "
+                  "processes x this)",
     "epochs": "epochs at constant learning rate",
     "epochs_decay": "epochs of linear decay to zero after that",
     "max_steps": "stop after this many steps in total (counting steps before --resume)",
@@ -859,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingInterrupted as e:
             log.warning("%s", e)
             return 128 + e.signum
+        finally:
+            dist.destroy()  # under torchrun: leave the process group cleanly
         return 0
     translate(args.checkpoint, args.data, args.out, limit=args.limit, split=args.split,
               batch_size=args.batch_size, device=args.device, split_csv=args.split_csv,

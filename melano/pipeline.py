@@ -1,6 +1,7 @@
 """The experiment, end to end: does CycleGAN oversampling beat traditional augmentation?
 
     python -m melano.pipeline [--data DIR] [--out DIR] [--preset smoke|quick|paper] [--force STAGE]
+                              [--nproc-per-node K]
 
 Stages, each in its own folder under --out (default runs/<preset>):
 
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -80,6 +82,7 @@ class PipelineConfig:
     clf_max_steps: int | None = None
     clf_lr: float = 1e-3
     device: str | None = None
+    nproc_per_node: int = 1          # > 1: the gan and arm stages run under torchrun, one process per GPU
     force: list[str] = field(default_factory=list)
 
 
@@ -145,6 +148,8 @@ def run(cfg: PipelineConfig) -> dict:
     unknown = set(cfg.force) - set(STAGES)
     if unknown:
         raise ValueError(f"--force {sorted(unknown)}: not a stage; stages are {', '.join(STAGES)}")
+    if cfg.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node {cfg.nproc_per_node}: give the number of processes (GPUs), at least 1")
     bad_arms = set(cfg.arms) - set(ARMS)
     if bad_arms or "traditional" not in cfg.arms:
         raise ValueError(f"--arms {cfg.arms}: choose from {ARMS}; 'traditional' is the baseline "
@@ -191,6 +196,10 @@ def run(cfg: PipelineConfig) -> dict:
             raise ValueError(f"the {s} split of {d['data']} has no malignant images, so its AUC is "
                              f"undefined; give more malignant images or a larger --{s}-frac")
 
+    # The number of processes changes a training stage's result (the global batch), so it is one of
+    # its parameters; left out at 1, so that single-process stages keep their earlier keys.
+    processes = {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
+
     # 2. CycleGANs and their synthetic melanomas, one per CycleGAN arm.
     extra: dict[str, list[str]] = {"none": [], "traditional": []}
     gans: dict[str, dict] = {}
@@ -206,10 +215,15 @@ def run(cfg: PipelineConfig) -> dict:
             checkpoint_every=200)
 
         def gan_stage(folder: Path, resume: bool, gan_cfg=gan_cfg) -> dict:
-            ckpt = cyclegan.train(dataclasses.replace(gan_cfg, out=str(folder), resume=resume))
+            run_cfg = dataclasses.replace(gan_cfg, out=str(folder), resume=resume)
+            if cfg.nproc_per_node > 1:
+                _torchrun(cfg.nproc_per_node, "melano.cyclegan", run_cfg)
+                ckpt = folder / cyclegan.CHECKPOINT
+            else:
+                ckpt = cyclegan.train(run_cfg)
             return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv")}
 
-        gan_params = {**dataclasses.asdict(gan_cfg), "data_key": d["key"], "out": None}
+        gan_params = {**dataclasses.asdict(gan_cfg), "data_key": d["key"], "out": None, **processes}
         g = stages.run(f"gan{suffix}", gan_params, gan_stage)
         n_needed = _synthetic_needed(d["split_sizes"]["train"], cfg.synthetic_ratio)
 
@@ -236,11 +250,15 @@ def run(cfg: PipelineConfig) -> dict:
             device=cfg.device)
 
         def arm_stage(folder: Path, resume: bool, clf_cfg=clf_cfg) -> dict:
-            return classifier.train(dataclasses.replace(clf_cfg, out=str(folder), resume=resume))
+            run_cfg = dataclasses.replace(clf_cfg, out=str(folder), resume=resume)
+            if cfg.nproc_per_node > 1:
+                _torchrun(cfg.nproc_per_node, "melano.classifier", run_cfg)
+                return json.loads((folder / "result.json").read_text())  # what train() returns
+            return classifier.train(run_cfg)
 
         upstream = [d["key"]] + ([gans[arm]["key"]] if arm in gans else [])
-        r = stages.run(f"arm_{arm}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream},
-                       arm_stage)
+        r = stages.run(f"arm_{arm}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream,
+                                      **processes}, arm_stage)
         preds[arm] = r["test"]["predictions"]
         arm_results[arm] = r
 
@@ -260,6 +278,42 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _train_flags(run_cfg) -> list[str]:
+    """A CycleGANConfig or ClassifierConfig as the flags of its module's `train` command: --name
+    value; lists as several values; booleans as --name, or --no-name when the default is true;
+    None (the default) left out."""
+    flags = []
+    for f in dataclasses.fields(run_cfg):
+        value, flag = getattr(run_cfg, f.name), "--" + f.name.replace("_", "-")
+        if value is None or value == []:
+            continue
+        if isinstance(value, bool):
+            if value or f.default is True:
+                flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _torchrun(nproc: int, module: str, run_cfg) -> None:
+    """`torchrun --standalone --nproc_per_node K -m <module> train <run_cfg's flags>` on this node,
+    with this Python; raises if it fails. The trainer writes its outputs into run_cfg.out."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", module, "train", *_train_flags(run_cfg)]
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too: let it stop its workers, which checkpoint first
+        proc.wait()
+        raise
+    if rc != 0:
+        raise RuntimeError(f"{module} train under torchrun exited with code {rc} (its log is above); "
+                           f"rerun the pipeline to resume the stage from its checkpoint")
+
 
 def _split_sizes(cache: data.Cache, split: dict[str, list[str]]) -> dict:
     sizes = {}
@@ -370,6 +424,8 @@ HELP = {
     "clf_epochs": "classifier epochs", "clf_batch_size": "classifier batch size",
     "clf_max_steps": "classifier total steps; 0 = no cap", "clf_lr": "classifier peak learning rate",
     "device": "cpu or cuda (default: cuda when available)",
+    "nproc_per_node": "processes for the gan and arm training stages; K > 1 runs them under torchrun "
+                      "(DistributedDataParallel, one process per GPU; batch sizes are per process)",
     "force": f"rerun these stages even if done: {', '.join(STAGES)}",
 }
 

@@ -1,0 +1,204 @@
+"""torchrun / DistributedDataParallel helpers for the trainers.
+
+torchrun starts one process per GPU (or several CPU processes) and gives each RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT in its environment. `init_from_env` joins that process
+group: NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Without torchrun, or with one process,
+nothing is initialised and every helper here is the single-process identity, so a plain
+`python -m melano.cyclegan train` runs exactly the program it ran before distribution existed.
+
+The conventions the trainers follow:
+- every rank seeds model initialisation alike (DDP also broadcasts rank 0's weights when it wraps);
+  streams that must differ between ranks (augmentation, noisy labels, image pools, dropout) are
+  seeded with `rank_seed`, which leaves rank 0's stream as the single-process one;
+- the batch size is per process; each step consumes world_size x batch images;
+- each epoch's data order is one permutation seeded by (seed, epoch), and each rank takes its
+  `shard`, split the way torch's DistributedSampler splits; that keeps resuming exact;
+- only rank 0 logs at INFO level and writes files; `barrier` after checkpoint writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from .common import pick_device
+
+log = logging.getLogger("melano.dist")
+
+# Collectives wait this long for a late rank. Generous: the first run of a stage builds the image
+# cache on one process per node while the others wait at a barrier (minutes on the full ISIC set).
+TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def _active() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if _active() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if _active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str | None = None) -> torch.device:
+    """Join torchrun's process group when WORLD_SIZE > 1; return this process's device.
+
+    On CUDA each process takes the GPU of its LOCAL_RANK (one process per GPU) and NCCL; on CPU,
+    gloo. Ranks other than 0 then log only warnings and errors. Without torchrun (WORLD_SIZE unset
+    or 1) this is just `pick_device(device)`. Safe to call twice."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return pick_device(device)
+    local = int(os.environ["LOCAL_RANK"])
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        if dev.index is not None and dev.index != local:
+            raise ValueError(f"--device {device}: under torchrun each process uses the GPU of its LOCAL_RANK "
+                             f"(cuda:{local} here); pass --device cuda or leave --device out")
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} visible GPU(s): "
+                             f"start at most that many processes per node (--nproc-per-node)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not _active():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT,
+                                 device_id=dev if dev.type == "cuda" else None)
+    if rank() > 0:
+        logging.getLogger("melano").setLevel(logging.WARNING)
+    log.info("process group: %d processes (%s), this is rank 0 on %s", world_size(), tdist.get_backend(), dev)
+    return dev
+
+
+def destroy() -> None:
+    if _active():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        tdist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Run the block on each node's first process, then on the node's other processes: for work
+    they can then reuse, such as building the image cache (written atomically, so nodes sharing
+    one cache folder are safe too) or drawing the split file."""
+    first = local_rank() == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` with several processes, else `model` itself.
+    DDP broadcasts rank 0's parameters and buffers here and all-reduces (averages) gradients in
+    backward. Keep the unwrapped model for checkpoints, validation and samples."""
+    if world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def rank_seed(seed: int) -> int:
+    """The seed of this rank's own random stream: `seed` itself on rank 0, so that one process
+    draws exactly what a single-process run draws; a well-mixed different seed on other ranks."""
+    r = rank()
+    return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
+
+
+def shard(order: Iterable[int], drop_last: bool = False) -> list[int]:
+    """This rank's share of a global order, split as DistributedSampler splits it: padded (by
+    repeating from the start) to a multiple of the world size, or cut to one with `drop_last`;
+    then every world_size-th item from position rank. Every rank gets the same number of items."""
+    order, n = list(order), world_size()
+    if n == 1:
+        return order
+    if drop_last:
+        order = order[:len(order) // n * n]
+    else:
+        pad = math.ceil(len(order) / n) * n - len(order)
+        order += (order * math.ceil(pad / max(1, len(order))))[:pad]
+    return order[rank()::n]
+
+
+def all_gather_object(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled; small objects only)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _reduce(values: Sequence[float], op) -> list[float]:
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    tdist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (e.g. per-step losses, for one log of the global batch)."""
+    if world_size() == 1:
+        return values
+    total = _reduce(values.values(), tdist.ReduceOp.SUM)
+    return {k: v / world_size() for k, v in zip(values, total)}
+
+
+def max_int(value: int) -> int:
+    """The largest `value` over the ranks. Used to agree on stopping: a signal may reach one rank
+    a step before another, and all of them must stop after the same step."""
+    if world_size() == 1:
+        return value
+    return int(_reduce([value], tdist.ReduceOp.MAX)[0])
+
+
+def gather_shards(index: Sequence[int], n: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Reassemble per-rank results over a dataset of `n` items. Each rank scored the items `index`
+    (its DistributedSampler share, padded so that all shares have the same length) giving `arrays`
+    with one row per item. Returns those arrays for items 0..n-1 in order, on every rank: the
+    padding repeats items, and each item is kept once, from its first occurrence."""
+    if world_size() == 1:
+        if list(index) != list(range(n)):
+            raise ValueError("gather_shards in one process expects the items 0..n-1 in order")
+        return list(arrays)
+    parts = all_gather_object((np.asarray(index), *arrays))
+    index_all = np.concatenate([p[0] for p in parts])
+    items, first = np.unique(index_all, return_index=True)
+    if len(items) != n or items[0] != 0 or items[-1] != n - 1:
+        raise RuntimeError(f"the ranks scored {len(items)} distinct items of {n}: the shards do not cover the "
+                           f"data set; every rank must use the same sampler over the same data")
+    return [np.concatenate([p[i + 1] for p in parts])[first] for i in range(len(arrays))]
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP does this at the
+    start of each training forward; after the last one every rank has updated them with its own
+    batch, so do it before evaluating: then every rank scores with the model rank 0 saves."""
+    if world_size() > 1:
+        for b in model.buffers():
+            tdist.broadcast(b, src=0)
