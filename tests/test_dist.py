@@ -336,13 +336,12 @@ def test_fused_kernels_under_ddp_and_amp_on_cuda(tmp_path, monkeypatch, amp):
         tdist.destroy_process_group()
     for plain, ddp in zip(losses[False], losses[True]):
         for k in plain:
-            assert np.isfinite(ddp[k]) and ddp[k] == pytest.approx(plain[k], rel=1e-2, abs=1e-3), k
+            assert np.isfinite(ddp[k]) and ddp[k] == pytest.approx(plain[k], rel=5e-2, abs=1e-3), k
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cyclegan_on_two_gpus(gan_data):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
     out, probe = gan_data / "gpus", gan_data / "probe_gpus"
     torchrun(2, *worker_cmd("cyclegan", *gan_args(gan_data, out, "--max-steps", "4", "--device", "cuda",
                                                   "--amp", "bf16")), probe=probe)
