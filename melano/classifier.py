@@ -703,7 +703,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-rate", type=float, default=None, help="dropout before the head (default: variant's)")
     p.add_argument("--drop-path-rate", type=float, default=None, help="stochastic depth (default: variant's)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set ({d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"training batch ({d.batch_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"training batch per process; under torchrun the global batch is processes x this "
+                        f"({d.batch_size})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps in total; the LR "
                                                                "schedule then spans N steps")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate ({d.lr})")
