@@ -243,9 +243,14 @@ def write_predictions(path: Path, names: Sequence[str], targets: np.ndarray, pro
     atomic_write_text(buf.getvalue(), path)
 
 
-def load_split(cfg: ClassifierConfig, cache: data.Cache) -> dict[str, list[str]]:
-    """The experiment's split: read `split_csv`, or draw it there (patient-grouped) if absent."""
+def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> dict[str, list[str]]:
+    """The experiment's split: read `split_csv`, or draw it there (patient-grouped) if absent and
+    `draw`. Evaluation never draws: a new split could put training images into the test set."""
     split_csv = Path(cfg.split_csv) if cfg.split_csv else Path(cfg.data) / "splits.csv"
+    if not draw and not split_csv.is_file():
+        raise FileNotFoundError(f"{split_csv}: the split this model was trained with is missing; pass the "
+                                f"splits.csv of its training run (--split-csv), so that the test images are "
+                                f"the ones it never saw")
     split = data.make_split(cache, split_csv, cfg.val_frac, cfg.test_frac, cfg.split_seed)
     for s in ("val", "test"):
         y = cache.targets[cache.rows(split[s])]
@@ -461,6 +466,9 @@ def train(cfg: ClassifierConfig) -> dict:
         logits, y = infer(model, norm, val_loader, device, amp=cfg.amp)
         # all ranks' predictions, each validation image once, in split order
         logits, y = dist.gather_shards(val_index, len(val_set), logits, y)
+        if not np.isfinite(logits).all():
+            raise FloatingPointError(f"training diverged by step {step}: the model's validation logits are "
+                                     f"NaN or infinite; lower --lr (now {cfg.lr}) or check the input images")
         auc = metrics.roc_auc(y, logits)  # the whole split at once
         val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
         train_loss = dist.mean({"sum": float(loss_sum)})["sum"] / max(1, loss_count)
@@ -605,7 +613,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     cfg = ClassifierConfig(**{**saved, "data": data_dir or saved["data"],
                               "split_csv": split_csv or saved["split_csv"], "cache_dir": cache_dir or saved["cache_dir"]})
     cache = data.build_cache(data.read_index(cfg.data), state["image_size"], cfg.cache_dir, workers)
-    names = load_split(cfg, cache)[split]
+    names = load_split(cfg, cache, draw=False)[split]
     loader = data.make_loader(unit_dataset(cache, names), batch_size, workers=workers)
     logits, y = infer(model, norm, loader, dev, tta=tta, amp=saved.get("amp", True))
     probs = sigmoid(logits)
@@ -781,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         log.error("%s", e or "interrupted")
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as e:
         log.error("%s", e)
         return 2
     finally:

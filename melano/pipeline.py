@@ -32,13 +32,15 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from PIL import Image
 
-from . import classifier, cyclegan, data, report, synth
+from . import classifier, cyclegan, data, efficientnet, report, synth
 from .common import load_checkpoint, log_config, save_json, setup_logging, to_jsonable
 
 log = logging.getLogger("melano.pipeline")
@@ -108,7 +110,10 @@ class Stages:
 
     A stage folder holds params.json (written when it starts) and done.json (written last, with
     the result). Same params and done.json: skip. Same params, no done.json: the stage was killed,
-    so it resumes. Different params or --force: the folder is cleared and the stage reruns."""
+    so it resumes. Different params or --force: the folder is cleared and the stage reruns.
+
+    Each finished run of a stage gets a fresh `run_id`, and downstream stages list their inputs'
+    run ids among their parameters: whatever reruns a stage also reruns everything that reads it."""
 
     def __init__(self, root: Path, force: list[str]):
         self.root, self.force, self.timings = root, set(force), {}
@@ -133,7 +138,7 @@ class Stages:
         t0 = time.monotonic()
         result = fn(folder, resume)
         self.timings[name] = time.monotonic() - t0
-        result = {**to_jsonable(result), "key": key}
+        result = {**to_jsonable(result), "run_id": uuid.uuid4().hex}
         save_json({"result": result, "seconds": self.timings[name]}, done)
         return result
 
@@ -196,6 +201,22 @@ def run(cfg: PipelineConfig) -> dict:
             raise ValueError(f"the {s} split of {d['data']} has no malignant images, so its AUC is "
                              f"undefined; give more malignant images or a larger --{s}-frac")
 
+    def arm_config(arm: str) -> classifier.ClassifierConfig:
+        return classifier.ClassifierConfig(
+            data=d["data"], out="", split_csv=d["split_csv"], cache_dir=str(cache_dir),
+            val_frac=cfg.val_frac, test_frac=cfg.test_frac, split_seed=cfg.seed,
+            arch=cfg.arch, pretrained=True, weights=cfg.weights,  # weights, if given, win
+            size=cfg.clf_size or None, epochs=cfg.clf_epochs, batch_size=cfg.clf_batch_size,
+            max_steps=cfg.clf_max_steps, lr=cfg.clf_lr,
+            augment="traditional" if arm == "traditional" else "none", seed=cfg.seed,
+            device=cfg.device)
+
+    # Refuse a classifier config that cannot train now, not after hours of CycleGAN training.
+    for arm in cfg.arms:
+        classifier.check_config(arm_config(arm))
+    if cfg.weights is None:
+        efficientnet.offline_weights(cfg.arch)  # raises, saying how to get weights, if there are none
+
     # The number of processes changes a training stage's result (the global batch), so it is one of
     # its parameters; left out at 1, so that single-process stages keep their earlier keys.
     processes = {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
@@ -221,9 +242,10 @@ def run(cfg: PipelineConfig) -> dict:
                 ckpt = folder / cyclegan.CHECKPOINT
             else:
                 ckpt = cyclegan.train(run_cfg)
-            return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv")}
+            return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv"),
+                    "split_hash": _file_hash(run_cfg.split_csv)}
 
-        gan_params = {**dataclasses.asdict(gan_cfg), "data_key": d["key"], "out": None, **processes}
+        gan_params = {**dataclasses.asdict(gan_cfg), "data_run": d["run_id"], "out": None, **processes}
         g = stages.run(f"gan{suffix}", gan_params, gan_stage)
         n_needed = _synthetic_needed(d["split_sizes"]["train"], cfg.synthetic_ratio)
 
@@ -232,7 +254,7 @@ def run(cfg: PipelineConfig) -> dict:
                                split_csv=d["split_csv"], cache_dir=str(cache_dir), device=cfg.device)
             return {"folder": str(folder), "images": _count_rows(folder / "train.csv")}
 
-        s = stages.run(f"synth{suffix}", {"gan_key": g["key"], "n": n_needed}, synth_stage)
+        s = stages.run(f"synth{suffix}", {"gan_run": g["run_id"], "n": n_needed}, synth_stage)
         extra[arm] = [s["folder"]]
         gans[arm] = {**g, "synthetic": s["folder"], "synthetic_images": s["images"]}
 
@@ -240,14 +262,7 @@ def run(cfg: PipelineConfig) -> dict:
     preds: dict[str, str] = {}
     arm_results: dict[str, dict] = {}
     for arm in [a for a in ARMS if a in cfg.arms]:
-        clf_cfg = classifier.ClassifierConfig(
-            data=d["data"], out="", extra=extra[arm], split_csv=d["split_csv"], cache_dir=str(cache_dir),
-            val_frac=cfg.val_frac, test_frac=cfg.test_frac, split_seed=cfg.seed,
-            arch=cfg.arch, pretrained=cfg.weights is None, weights=cfg.weights,
-            size=cfg.clf_size or None, epochs=cfg.clf_epochs, batch_size=cfg.clf_batch_size,
-            max_steps=cfg.clf_max_steps, lr=cfg.clf_lr,
-            augment="traditional" if arm == "traditional" else "none", seed=cfg.seed,
-            device=cfg.device)
+        clf_cfg = dataclasses.replace(arm_config(arm), extra=extra[arm])
 
         def arm_stage(folder: Path, resume: bool, clf_cfg=clf_cfg) -> dict:
             run_cfg = dataclasses.replace(clf_cfg, out=str(folder), resume=resume)
@@ -256,7 +271,7 @@ def run(cfg: PipelineConfig) -> dict:
                 return json.loads((folder / "result.json").read_text())  # what train() returns
             return classifier.train(run_cfg)
 
-        upstream = [d["key"]] + ([gans[arm]["key"]] if arm in gans else [])
+        upstream = [d["run_id"]] + ([gans[arm]["run_id"]] if arm in gans else [])
         r = stages.run(f"arm_{arm}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream,
                                       **processes}, arm_stage)
         preds[arm] = r["test"]["predictions"]
@@ -267,7 +282,7 @@ def run(cfg: PipelineConfig) -> dict:
         return _report(cfg, out, d, gans, preds, arm_results, dict(stages.timings),
                        time.monotonic() - wall0)
 
-    report_params = {"arms": {a: r["key"] for a, r in arm_results.items()}}
+    report_params = {"arms": {a: r["run_id"] for a, r in arm_results.items()}}
     stages.run("report", report_params, report_stage)
     result = json.loads((out / "metrics.json").read_text())
     for a in result["arms"]:
@@ -336,28 +351,29 @@ def _count_rows(csv_path: Path) -> int:
 
 
 def _leakage_guards(d: dict, gans: dict) -> dict[str, bool]:
-    """Checked on the files, not assumed: the split on disk, the GANs' configs, the synthetic CSVs."""
-    split = data.load_split(d["split_csv"])
+    """Checked on the files, not assumed: the split on disk, what each GAN's own data code selects
+    from the config in its checkpoint, and the synthetic images' recorded sources."""
     with open(d["split_csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     owner: dict[str, set] = {}
     for r in rows:
         owner.setdefault(r["patient_id"], set()).add(r["split"])
-    target = {r["image_name"]: int(r["target"]) for r in rows}
-    train_benign = {n for n in split["train"] if target[n] == 0}
+    held_out = {r["image_name"] for r in rows if r["split"] != "train"}
+    train_benign = {r["image_name"] for r in rows if r["split"] == "train" and r["target"] == "0"}
     guards = {"no patient appears in two splits": all(len(s) == 1 for s in owner.values())}
     synth_ok, gan_ok = True, True
     for g in gans.values():
         with open(Path(g["synthetic"]) / "train.csv", newline="") as f:
             sources = {r["source_image"] for r in csv.DictReader(f)}
         synth_ok &= sources <= train_benign
-        gan_cfg = load_checkpoint(g["checkpoint"])["config"]
-        # The GAN trains on the training split of this exact split file, which holds no test image.
-        gan_ok &= (_file_hash(gan_cfg["split_csv"]) == d["split_hash"]
-                   and not set(split["train"]) & set(split["test"]))
+        gan_cfg = cyclegan.config_from_checkpoint(load_checkpoint(g["checkpoint"]))
+        seen = cyclegan.TrainData(gan_cfg)  # the images this GAN's trainer draws from
+        names = {seen.cache.names[i] for i in np.concatenate([seen.rows_A, seen.rows_B])}
+        same_split = g["split_hash"] == d["split_hash"] == _file_hash(gan_cfg.split_csv)
+        gan_ok &= same_split and not names & held_out
     if gans:
         guards["synthetic images derive only from training-split benign images"] = synth_ok
-        guards["the test split never touches GAN training"] = gan_ok
+        guards["no validation or test image touches GAN training"] = gan_ok
     return guards
 
 
@@ -390,8 +406,10 @@ def _report(cfg, out: Path, d: dict, gans: dict, preds: dict, arm_results: dict,
         src = {r.image_name: r.path for r in index.records}
         with open(root / "train.csv", newline="") as f:
             for r in list(csv.DictReader(f))[:16]:
-                pairs.append((Image.open(src[r["source_image"]]),
-                              Image.open(root / "jpeg" / "train" / f"{r['image_name']}.jpg")))
+                # convert() loads the pixels, after which Pillow closes the file
+                fake = root / "jpeg" / "train" / f"{r['image_name']}.jpg"
+                pairs.append((Image.open(src[r["source_image"]]).convert("RGB"),
+                              Image.open(fake).convert("RGB")))
         if pairs:
             report.sample_grid(pairs, out / "synthetic_samples.png")
     if not all(guards.values()):
@@ -454,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, name, None)
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the stage in progress saved its checkpoint first
+        log.error("interrupted; run the same command again to resume where it stopped")
+        return 130
+    except (ValueError, FileNotFoundError, ImportError) as e:
         log.error("%s", e)
         return 2
     return 0

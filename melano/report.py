@@ -135,7 +135,10 @@ def markdown_report(result: dict) -> str:
         lines.append(f"| {a['name']} | {a['test_auc']:.3f} | {a['ci_low']:.3f}–{a['ci_high']:.3f} | "
                      f"{delta} | {_fmt_p(a.get('p_value_vs_traditional'))} | "
                      f"{STUDY_AUC.get(a['name'], '—')} |")
-    lines += ["", _verdict(arms), ""]
+    lines += ["", _verdict(arms), "",
+              f"Each p-value is one paired test against `traditional`; with {len(arms) - 1} such tests, "
+              f"a Bonferroni-corrected threshold is {0.05 / max(1, len(arms) - 1):.3g} for a 5% "
+              f"family-wise error rate.", ""]
     if split:
         lines += ["## Data and split", "",
                   "| split | images | malignant | patients |", "|---|---|---|---|"]

@@ -248,3 +248,15 @@ def test_bad_inputs_fail_clearly(dataset, tmp_path, caplog):
         train(config(dataset, "bad_pw", pos_weight="lots"))
     with pytest.raises(ValueError, match="unknown EfficientNet"):
         train(config(dataset, "bad_arch", arch="resnet50"))
+
+
+def test_evaluate_never_draws_a_new_split(dataset, run, tmp_path):
+    # Moved data without its splits.csv: a freshly drawn split could hold training images.
+    with pytest.raises(FileNotFoundError, match="split this model was trained with"):
+        evaluate(run["best_checkpoint"], out_dir=tmp_path, split_csv=str(tmp_path / "gone.csv"))
+    assert not (tmp_path / "gone.csv").exists()
+
+
+def test_diverged_training_stops_with_a_clear_error(dataset):
+    with pytest.raises(FloatingPointError, match="diverged by step 2"):
+        train(config(dataset, "diverged", lr=1e30, max_steps=2, val_every=2))

@@ -41,6 +41,7 @@ def test_smoke_outputs_and_schema(smoke):
         assert a["test_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
         assert len(rows) == result["split_sizes"]["test"]["images"]
     assert all(result["leakage_guards"].values()) and len(result["leakage_guards"]) == 3
+    assert "no validation or test image touches GAN training" in result["leakage_guards"]
     assert set(result["timings_s"]) >= set(pipeline.STAGES) - {"report"}
     md = (out / "report.md").read_text()
     assert "| cyclegan_ls |" in md and "Leakage guards" in md
@@ -102,3 +103,30 @@ def test_unknown_stage_and_missing_baseline_are_refused(tmp_path):
         pipeline.run(pipeline.PipelineConfig(out=str(tmp_path), force=["gan2"]))
     with pytest.raises(ValueError, match="baseline"):
         pipeline.run(pipeline.PipelineConfig(out=str(tmp_path), arms=["none", "cyclegan"]))
+
+
+def test_force_reruns_a_stage_and_everything_downstream(smoke):
+    cfg, result, out = smoke
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
+    pipeline.run(pipeline.PipelineConfig(**{**vars(cfg), "force": ["gan"]}))
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
+    assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan", "gan", "report", "synth"]
+
+
+def test_given_weights_are_used_by_every_arm(tmp_path):
+    from melano.efficientnet import offline_weights
+
+    cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(tmp_path),
+                                     "arms": ["none", "traditional"], "weights": offline_weights(
+                                         "tf_efficientnet_lite0")})
+    result = pipeline.run(cfg)
+    assert [a["name"] for a in result["arms"]] == ["none", "traditional"]
+    assert json.loads((tmp_path / "arm_none" / "config.json").read_text())["weights"] == cfg.weights
+
+
+def test_unavailable_weights_fail_before_any_gan_training(tmp_path):
+    cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(tmp_path),
+                                     "arch": "efficientnet_b0"})
+    with pytest.raises(ValueError, match="no offline pretrained weights"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "gan").exists()
