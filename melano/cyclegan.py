@@ -769,8 +769,9 @@ def translate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     Each output row keeps its source's patient_id, sex, age and site (so a patient-grouped reader
     can audit leakage), with diagnosis "synthetic", benign_malignant "malignant", target 1 and
     source_image naming the benign original; image_name is "syn_<source>". Images have the
-    cache size the model was trained at. `limit` takes the first N benign images in data order
-    (all of them when there are fewer). Earlier syn_*.jpg files not in the new train.csv are removed.
+    cache size the model was trained at. `limit` takes N benign images drawn at random (seeded by
+    the checkpoint's seed, kept in data order; all of them when there are fewer): the first N
+    would favour the patients listed first. A smaller limit takes a subset of a larger one's. Earlier syn_*.jpg files not in the new train.csv are removed.
     The split file and cache default to the ones the checkpoint was trained with. train.csv is
     written last, atomically, so it never lists a missing image. Returns out_dir."""
     device = pick_device(device)
@@ -789,7 +790,9 @@ def translate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        names = names[:limit]
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = set(torch.randperm(len(names), generator=g)[:limit].tolist())
+        names = [n for i, n in enumerate(names) if i in keep]
     out_dir = Path(out_dir)
     img_dir = out_dir / "jpeg" / "train"
     img_dir.mkdir(parents=True, exist_ok=True)
