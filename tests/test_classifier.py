@@ -8,7 +8,6 @@ for resume. Everything runs on tiny synthetic data at 32 px so the file stays we
 import csv
 import dataclasses
 import json
-import math
 import signal
 from pathlib import Path
 
@@ -17,16 +16,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from helpers import read_csv
 from melano import classifier
 from melano.classifier import ClassifierConfig, evaluate, lr_factor, predict, train
 from melano.synth import SynthConfig, generate
 
 SIZE = 32
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def split_names(split_csv):

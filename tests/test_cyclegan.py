@@ -17,10 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers import read_csv
 from melano import cyclegan as cg
 from melano.common import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(m: nn.Module) -> int:
@@ -133,7 +136,6 @@ def test_label_smoothing_target_distributions(mode, real, fake, gen, std):
 
 def test_image_pool_follows_the_reference_rule():
     pool = cg.ImagePool(50, torch.Generator().manual_seed(0))
-    seen = {}
     for i in range(50):  # filling: every image is returned as is
         x = torch.full((1, 3, 2, 2), float(i))
         assert torch.equal(pool.query(x), x)
@@ -167,15 +169,6 @@ def test_lr_schedule_constant_then_linear():
 
 
 # ----------------------------------------------------------------------------- training on tiny data
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread is several times faster than two contending ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -373,11 +366,6 @@ def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- translate
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
 
 def test_translate_writes_exactly_what_it_says(tiny, trained, tmp_path):
     cfg, ckpt = trained

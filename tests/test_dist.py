@@ -12,7 +12,6 @@ holds for the test to compare.
 """
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -27,9 +26,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import read_csv
 from melano import dist
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- launching
@@ -67,19 +69,6 @@ def worker_cmd(mode: str, *args: str) -> list[str]:
 def built_ops():
     from melano import ops
     ops.build()  # compile (or find) the fused op once, not in two racing children
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def files_under(folder: Path) -> list[str]:

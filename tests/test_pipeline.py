@@ -1,6 +1,5 @@
 """The experiment end to end on the smoke preset: files, schema, reruns, and refusals."""
 
-import csv
 import json
 import logging
 
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from helpers import read_csv
 from melano import classifier, pipeline
 
 
@@ -17,11 +17,6 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(out)})
     return cfg, pipeline.run(cfg), out
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_smoke_outputs_and_schema(smoke):
