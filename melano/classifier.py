@@ -1,33 +1,36 @@
 """Fine-tune an EfficientNet to tell melanoma (1) from benign lesions (0); evaluate it; predict.
 
-    python -m melano.classifier train --data DIR [--extra DIR ...] --out DIR [--arch NAME] ...
+    python -m melano.classifier train --data DIR --out DIR [--extra DIR ...] [--arch NAME] ...
     python -m melano.classifier evaluate --checkpoint OUT/best.pt [--tta]
     python -m melano.classifier predict --checkpoint PATH IMAGE_OR_DIR [--out CSV]
     torchrun --nproc-per-node K -m melano.classifier train ...   # K processes (GPUs); see melano.dist
 
-`train` reads top to bottom: data (the folder's patient-grouped split, uint8 caches), model,
-optimiser, then the loop. The model has one logit and learns with BCE-with-logits, optionally
-weighting the positive class; AdamW's learning rate warms up linearly, then follows a cosine to 0.
-After every epoch (or every --val-every steps) it scores the WHOLE validation split and keeps the
-checkpoint with the highest validation ROC AUC: one AUC over all predictions, never a mean of
-per-batch AUCs, which would be a different (and noisier) number.
+`train` reads top to bottom: setup (data, model, optimiser), resume, the loop of `train_step`s
+with a `validate` pass after each epoch (or every --val-every steps), finish. The model has one
+logit and learns with BCE-with-logits, optionally weighting the positive class; AdamW's learning
+rate warms up linearly, then follows a cosine to 0. Validation scores the WHOLE validation split
+and keeps the checkpoint with the highest validation ROC AUC: one AUC over all predictions, never
+a mean of per-batch AUCs, which would be a different (and noisier) number.
 
 `--extra DIR` adds training-only images, e.g. the synthetic melanomas of `cyclegan translate`.
 They never enter validation or test, and a folder whose images (by name, patient, or the
 `source_image` column) come from the validation or test split is refused: that would leak.
+`--oversample N` adds N draws (with replacement) of the real training melanomas instead.
 
 Outputs, in --out:
     config.json            the run's config
+    splits.csv             the patient-grouped split, unless --split-csv names one elsewhere
     last.pt                what --resume needs: model, optimiser, step, best AUC, RNG states
     best.pt                the model with the best validation AUC (what evaluate and predict use)
     history.csv            step, epoch, lr, train_loss, val_loss, val_auc at each validation
     val_predictions.csv    image_name, target, probability of best.pt on the whole validation split
     test_predictions.csv   the same on the test split, written by evaluate
     test_metrics.json      the test AUC with its DeLong 95% CI, and the counts
+    result.json            the TrainResult
 
 Checkpoints hold only tensors and plain data (arch name, image size, mean/std, the config), so
-`load_checkpoint` reads them with weights_only=True and `predict` can rebuild the model alone.
-The LR schedule is a pure function of the step, so the step is all the scheduler state there is.
+they load with weights_only=True and `predict` can rebuild the model alone. The LR schedule is a
+pure function of the step, so the step is all the scheduler state there is.
 """
 
 from __future__ import annotations
@@ -39,11 +42,9 @@ import io
 import json
 import logging
 import math
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -51,72 +52,132 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data, dist, metrics
-from .common import (atomic_save, atomic_write_text, load_checkpoint, log_config, pick_device, progress,
-                     save_json, seed_everything, setup_logging, to_jsonable)
+from . import augment, data, dist, metrics, run
+from .common import atomic_write_text, log_config, pick_device, progress, save_json, setup_logging, to_jsonable
 from .efficientnet import config as model_config
 from .efficientnet import efficientnet
+from .run import option
 
 log = logging.getLogger("melano.classifier")
 
-FORMAT = "melano.classifier"  # the "format" entry of every checkpoint this module writes
-VERSION = 1
+FORMAT = "melano.classifier"  # the format marker of every checkpoint this module writes
+VERSION = 2
 LEAK_COLUMN = "source_image"  # column of an --extra folder's train.csv naming the image it came from
-# Config fields that may change between a run and its --resume; every other field must match.
-RESUMABLE_CHANGES = {"resume", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
-                     "eval_batch_size", "out"}
 
 
 @dataclass
 class ClassifierConfig:
-    data: str  # ISIC-style folder (see melano.data); its split gives train / val / test
-    out: str  # run folder: checkpoints, predictions, history
-    extra: list[str] = field(default_factory=list)  # training-only folders, e.g. cyclegan translate output
-    split_csv: str | None = None  # the experiment's splits.csv (default <data>/splits.csv); drawn if absent
-    cache_dir: str = "runs/cache"  # where the uint8 image caches live (shared by every run)
-    val_frac: float = 0.15  # split fractions and seed: used only when split_csv is drawn anew
-    test_frac: float = 0.15
-    split_seed: int = 0
-    arch: str = "tf_efficientnet_lite0"
-    pretrained: bool = True  # the offline ImageNet weights (tf_efficientnet_lite0 only)
-    weights: str | None = None  # a checkpoint path or URL instead (any layout load_pretrained knows)
-    size: int | None = None  # image side in pixels; None: the model's native resolution
-    drop_rate: float | None = None  # dropout before the head; None: the variant's default
-    drop_path_rate: float | None = None  # stochastic depth; None: the variant's default
-    epochs: int = 10
-    batch_size: int = 32
-    max_steps: int | None = None  # stop after this many steps in total (the LR schedule then ends there)
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 1e-2  # AdamW's, on weights only (not biases or BatchNorm)
-    warmup: float = 0.05  # share of the total steps spent warming the LR up linearly
-    pos_weight: str = "none"  # "none", "auto" (= benign / malignant in training), or a number
-    augment: str = "none"  # "none" or "traditional" (flips, rotations, crops on each batch)
-    seed: int = 0
-    val_every: int = 0  # validate every N steps; 0: once per epoch (and always at the last step)
-    eval_batch_size: int | None = None  # None: twice the batch size
-    tta: bool = False  # test-time augmentation: average the logits of the 4 flips
-    evaluate: bool = True  # after training, score best.pt on the test split
-    channels_last: bool = True  # NHWC: about 2-3x faster for depthwise convs on CPU, faster on GPU
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
-    device: str | None = None  # None: cuda if available, else cpu
-    workers: int | None = None  # DataLoader workers; None: melano.data.default_loader_workers()
-    threads: int | None = None  # torch CPU threads; None: torch's default
-    resume: bool = False  # continue from <out>/last.pt
+    data: str = option("", "ISIC-style folder: train.csv + jpeg/train/ (or train/), or benign/ + malignant/; "
+                           "its split gives train/val/test")
+    out: str = option("", "run folder for checkpoints, predictions and history")
+    extra: list[str] = option(help="training-only folders in the same layouts (e.g. `cyclegan translate` output); "
+                                   "never used for validation or test, and refused if they derive from val/test "
+                                   "images", factory=list)
+    oversample: int = option(0, "add this many draws (with replacement, seeded) of the real training-split "
+                                "melanomas to the training set", min=0)
+    split_csv: str | None = option(None, "the experiment's splits.csv, shared by every arm; drawn there "
+                                         "(patient-grouped, stratified) if absent. none: <out>/splits.csv")
+    cache_dir: str | None = option(None, "uint8 image caches. none: <out>/cache")
+    val_frac: float = option(0.15, "validation share when drawing the split", min=0, max=1, min_open=True)
+    test_frac: float = option(0.15, "test share when drawing the split", min=0, max=1, min_open=True)
+    split_seed: int = option(0, "seed when drawing the split")
+    arch: str = option("tf_efficientnet_lite0", "EfficientNet variant; see `python -m melano.efficientnet --list`")
+    pretrained: bool = option(True, "start from the offline ImageNet weights (tf_efficientnet_lite0 only); "
+                                    "--no-pretrained starts from random weights")
+    weights: str | None = option(None, "ImageNet checkpoint path or URL (torchvision/timm/lukemelas/melano "
+                                       "layout) instead")
+    size: int | None = option(None, "image side in pixels. none: the model's native resolution", min=32)
+    mean_std: str = option("model", "input normalisation: model (the weights' ImageNet statistics) or half "
+                                    "(mean = std = 0.5, the study's)", choices=("model", "half"))
+    drop_rate: float | None = option(None, "dropout before the head. none: the variant's", min=0, max=0.99)
+    drop_path_rate: float | None = option(None, "stochastic depth. none: the variant's", min=0, max=0.99)
+    epochs: int = option(10, "passes over the training set", min=1)
+    batch_size: int = option(32, "training batch per process (>= 2 for BatchNorm); under torchrun the global "
+                                 "batch is processes x this", min=2)
+    max_steps: int | None = option(None, "stop after this many optimiser steps in total; the LR schedule then "
+                                         "spans them. none: epochs x steps per epoch", min=1)
+    optimizer: str = option("adamw", "adamw (decoupled weight decay) or adam (the study's)",
+                            choices=("adamw", "adam"))
+    lr: float = option(1e-3, "peak learning rate", min=0, min_open=True)
+    schedule: str = option("cosine", "cosine (linear warm-up, then half cosine to 0) or constant",
+                           choices=("cosine", "constant"))
+    weight_decay: float = option(1e-2, "AdamW weight decay on conv/linear weights", min=0)
+    warmup: float = option(0.05, "share of the steps for the linear LR warm-up", min=0, max=0.99)
+    pos_weight: str = option("none", "positive-class weight in the loss: none, auto (= benign/malignant count), "
+                                     "or a number")
+    augment: str = option("none", "traditional: random flips, rotations and resized crops of each training "
+                                  "batch", choices=("none", "traditional"))
+    seed: int = option(0, "seed for weights init, batch order, augmentation")
+    val_every: int = option(0, "validate every N steps (and at the last). 0: after each epoch", min=0)
+    eval_batch_size: int | None = option(None, "batch for validation/test. none: 2x --batch-size", min=1)
+    tta: bool = option(False, "test-time augmentation: average the logits of the 4 flips")
+    evaluate: bool = option(True, "score best.pt on the test split after training")
+    channels_last: bool = option(True, "NHWC memory format (faster on CPU and GPU)")
+    amp: str = option("auto", "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none",
+                      choices=run.AMP_CHOICES)
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... none: CUDA when available")
+    workers: int | None = option(None, "DataLoader workers. none: 0 on <= 4 cores", min=0)
+    threads: int | None = option(None, "torch CPU threads. none: torch's choice", min=1)
+    resume: bool = option(False, "continue from OUT/last.pt with the same config")
 
     def __post_init__(self) -> None:
         self.extra = [str(e) for e in (self.extra or [])]
         self.pos_weight = str(self.pos_weight)
+        run.check_options(self)
+        parse_pos_weight(self.pos_weight, 1, 1)
+        if self.weights and not self.pretrained:
+            raise run.UsageError("--weights and --no-pretrained contradict each other; drop one")
+        if self.val_frac + self.test_frac >= 1:
+            raise run.UsageError(f"--val-frac {self.val_frac} + --test-frac {self.test_frac} leave no training images")
+
+    @property
+    def split_path(self) -> Path:
+        return Path(self.split_csv) if self.split_csv else Path(self.out) / "splits.csv"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
+
+
+# Config fields that may change between a run and its --resume; every other field must match.
+RESUMABLE = {"resume", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
+             "eval_batch_size", "out"}
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (and writes to result.json)."""
+    out: str
+    best_checkpoint: str
+    last_checkpoint: str
+    best_val_auc: float
+    best_step: int
+    steps: int                 # optimiser steps taken in all (with earlier runs when resumed)
+    total_steps: int           # the schedule's length
+    images_seen: int           # steps x global batch
+    train_images: int          # real training-split images
+    extra_images: int          # --extra and --oversample images added to them
+    val_images: int
+    test_images: int
+    pos_weight: float | None
+    seconds: float             # this run's loop, validation included
+    val_seconds: float
+    train_images_per_s: float | None
+    test: dict | None = None   # evaluate()'s result when cfg.evaluate
 
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the training loop
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
     """Multiplier of the peak LR for optimiser step `step` (0-based): linear warm-up from
-    1/warmup_steps to 1 over `warmup_steps` steps, then a half cosine down to 0 at `total_steps`."""
+    1/warmup_steps to 1 over `warmup_steps` steps, then a half cosine down to 0 at `total_steps`
+    ("cosine") or 1 to the end ("constant")."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
@@ -128,53 +189,27 @@ def parse_pos_weight(value: str, n_pos: int, n_neg: int) -> float | None:
         return None
     if value == "auto":
         if n_pos == 0:
-            raise ValueError("--pos-weight auto: the training set has no malignant images")
+            raise run.UsageError("--pos-weight auto: the training set has no malignant images")
         return n_neg / n_pos
     try:
         w = float(value)
     except ValueError:
-        raise ValueError(f"--pos-weight must be 'none', 'auto' or a positive number, got {value!r}") from None
+        raise run.UsageError(f"--pos-weight must be 'none', 'auto' or a positive number, got {value!r}") from None
     if not w > 0 or not math.isfinite(w):
-        raise ValueError(f"--pos-weight must be a positive number, got {value!r}")
+        raise run.UsageError(f"--pos-weight must be a positive number, got {value!r}")
     return w
-
-
-def check_config(cfg: ClassifierConfig) -> None:
-    """Refuse a config that cannot train, naming the option and the fix."""
-    if not Path(cfg.data).is_dir():
-        raise FileNotFoundError(f"--data {cfg.data}: no such folder (expected an ISIC-style folder with "
-                                f"train.csv + jpeg/train/, or benign/ + malignant/; `python -m melano.data "
-                                f"synth --out DIR` writes one)")
-    for d in cfg.extra:
-        if not Path(d).is_dir():
-            raise FileNotFoundError(f"--extra {d}: no such folder")
-    model_config(cfg.arch)  # raises with the list of known names
-    problems = []
-    if cfg.augment not in ("none", "traditional"):
-        problems.append(f"--augment must be 'none' or 'traditional', got {cfg.augment!r}")
-    if cfg.epochs < 1:
-        problems.append(f"--epochs must be at least 1, got {cfg.epochs}")
-    if cfg.batch_size < 2:
-        problems.append(f"--batch-size must be at least 2 (BatchNorm needs 2 images), got {cfg.batch_size}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        problems.append(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not 0 <= cfg.warmup < 1:
-        problems.append(f"--warmup is a share of the steps in [0, 1), got {cfg.warmup}")
-    if not cfg.lr > 0 or cfg.weight_decay < 0:
-        problems.append(f"--lr must be > 0 and --weight-decay >= 0, got {cfg.lr}, {cfg.weight_decay}")
-    if cfg.size is not None and cfg.size < 32:
-        problems.append(f"--size must be at least 32 pixels (EfficientNet downsamples 32x), got {cfg.size}")
-    if cfg.val_frac <= 0:
-        problems.append("--val-frac must be > 0: model selection needs a validation split")
-    if cfg.weights and not cfg.pretrained:
-        problems.append("--weights and --no-pretrained contradict each other; drop one")
-    if problems:
-        raise ValueError("bad classifier config:\n  " + "\n  ".join(problems))
-    parse_pos_weight(cfg.pos_weight, 1, 1)
 
 
 def image_size(cfg: ClassifierConfig) -> int:
     return cfg.size or model_config(cfg.arch).resolution
+
+
+def mean_std(cfg: ClassifierConfig) -> tuple[tuple, tuple]:
+    """Input normalisation: the pretrained weights' statistics, or the study's 0.5 / 0.5."""
+    if cfg.mean_std == "half":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    mcfg = model_config(cfg.arch)
+    return mcfg.mean, mcfg.std
 
 
 def build_model(cfg: ClassifierConfig) -> torch.nn.Module:
@@ -202,13 +237,9 @@ class Normalise(torch.nn.Module):
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 @torch.inference_mode()
 def infer(model: torch.nn.Module, norm: Normalise, loader, device: torch.device, tta: bool = False,
-          amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+          amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, targets) of every image the loader yields, in its order; float64 numpy arrays.
 
     Logits stay on the device until the end (no per-batch sync). With `tta` the logit is the mean
@@ -218,7 +249,7 @@ def infer(model: torch.nn.Module, norm: Normalise, loader, device: torch.device,
     logits, targets = [], []
     for x, y in loader:
         x = norm(x.to(device, non_blocking=True))
-        with _autocast(device, amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if tta:
                 z = torch.stack([model(x.flip(dims)).float() for dims in ((), (3,), (2,), (2, 3))]).mean(0)
             else:
@@ -243,24 +274,6 @@ def write_predictions(path: Path, names: Sequence[str], targets: np.ndarray, pro
     atomic_write_text(buf.getvalue(), path)
 
 
-def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> dict[str, list[str]]:
-    """The experiment's split: read `split_csv`, or draw it there (patient-grouped) if absent and
-    `draw`. Evaluation never draws: a new split could put training images into the test set."""
-    split_csv = Path(cfg.split_csv) if cfg.split_csv else Path(cfg.data) / "splits.csv"
-    if not draw and not split_csv.is_file():
-        raise FileNotFoundError(f"{split_csv}: the split this model was trained with is missing; pass the "
-                                f"splits.csv of its training run (--split-csv), so that the test images are "
-                                f"the ones it never saw")
-    split = data.make_split(cache, split_csv, cfg.val_frac, cfg.test_frac, cfg.split_seed)
-    for s in ("val", "test"):
-        y = cache.targets[cache.rows(split[s])]
-        if len(split[s]) == 0 or y.min() == y.max():
-            raise ValueError(f"{split_csv}: the {s} split has {len(split[s])} images and {int(y.sum())} malignant; "
-                             f"its AUC needs both classes. Add malignant images or raise --{s}-frac, and "
-                             f"delete {split_csv} to draw a new split.")
-    return split
-
-
 def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, list[str]]) -> None:
     """Refuse an --extra folder any of whose images is, comes from, or shares a patient with an
     image of the validation or test split (by image_name, by the `source_image` column, by
@@ -280,7 +293,7 @@ def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, l
                          f"{held_patients[r.patient_id]} split")
     if leaks:
         more = f" (and {len(leaks) - 5} more)" if len(leaks) > 5 else ""
-        raise ValueError(f"--extra {extra.root}: {len(leaks)} image(s) leak the held-out splits into training: "
+        raise run.UsageError(f"--extra {extra.root}: {len(leaks)} image(s) leak the held-out splits into training: "
                          f"{'; '.join(leaks[:5])}{more}. Extra images must derive from training-split images "
                          f"only: regenerate them from the training split (cyclegan translate --split train).")
     if extra.records and LEAK_COLUMN not in extra.records[0].extra:
@@ -290,297 +303,322 @@ def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, l
 
 def checkpoint_meta(cfg: ClassifierConfig, mean: Sequence[float], std: Sequence[float]) -> dict:
     """What `load_classifier` needs to rebuild the model, as plain data."""
-    return {"format": FORMAT, "version": VERSION, "arch": cfg.arch, "num_classes": 1,
-            "image_size": image_size(cfg), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-            "channels_last": cfg.channels_last, "config": to_jsonable(cfg)}
+    return {"version": VERSION, "arch": cfg.arch, "num_classes": 1, "image_size": image_size(cfg),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "channels_last": cfg.channels_last,
+            "config": to_jsonable(cfg)}
 
 
-def _check_resume(saved: dict, cfg: ClassifierConfig, path: Path) -> None:
-    now = to_jsonable(cfg)
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now
-            if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"{path} was trained with a different config; --resume needs the same one. "
-                         f"Differences: {'; '.join(diff)}. Use a new --out to start another run.")
+def check_config(cfg: ClassifierConfig) -> None:
+    """What the fields' own ranges cannot say: the folders exist, the model is known."""
+    if not Path(cfg.data).is_dir():
+        raise FileNotFoundError(f"--data {cfg.data}: no such folder (expected an ISIC-style folder with train.csv + "
+                             f"jpeg/train/, or benign/ + malignant/; `python -m melano.data synth --out DIR` "
+                             f"writes one)")
+    for d in cfg.extra:
+        if not Path(d).is_dir():
+            raise run.UsageError(f"--extra {d}: no such folder")
+    model_config(cfg.arch)  # raises with the list of known names
 
 
-def _install_stop_handlers(stop: dict) -> dict:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (and save last.pt); a second
-    signal stops at once, except under torchrun, which forwards the signal it got (a scheduler may
-    signal the workers too) and kills the workers itself after its timeout: there repeats are
-    ignored. Only the main thread can install handlers; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> dict[str, list[str]]:
+    """The experiment's split: read cfg.split_path, or draw it there (patient-grouped) if absent
+    and `draw`. Evaluation never draws: a new split could put training images into the test set."""
+    split_csv = cfg.split_path
+    if not draw and not split_csv.is_file():
+        raise FileNotFoundError(f"{split_csv}: the split this model was trained with is missing; pass the "
+                                f"splits.csv of its training run (--split-csv), so that the test images are "
+                                f"the ones it never saw")
+    split = data.make_split(cache, split_csv, cfg.val_frac, cfg.test_frac, cfg.split_seed)
+    for s in ("val", "test"):
+        y = cache.targets[cache.rows(split[s])]
+        if len(split[s]) == 0 or y.min() == y.max():
+            raise run.UsageError(f"{split_csv}: the {s} split has {len(split[s])} images and {int(y.sum())} "
+                                 f"malignant; its AUC needs both classes. Add malignant images, or raise --{s}-frac "
+                                 f"and draw a new split into another --out")
+    return split
 
-    def handler(signum, frame):
-        if stop["requested"]:
-            if dist.world_size() > 1:
-                return
-            raise KeyboardInterrupt
-        stop["requested"] = signal.Signals(signum).name
-        log.warning("%s: stopping after this step and saving last.pt (again to stop now)", stop["requested"])
 
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+@dataclass
+class Data:
+    """The training set (real split + --extra + --oversample) and the validation loader."""
+    split: dict[str, list[str]]
+    train_set: torch.utils.data.Dataset
+    targets: np.ndarray        # of train_set, in order
+    n_real: int
+    val_set: data.ClassifierDataset
+    val_index: list[int]       # this rank's share of the validation split
+    val_loader: torch.utils.data.DataLoader
+
+
+def oversampled(cache: data.Cache, train_names: list[str], n: int, seed: int) -> list[int]:
+    """n cache rows drawn with replacement from the training split's melanomas (seeded)."""
+    rows = cache.rows(train_names)
+    mal = rows[cache.targets[rows] == 1]
+    if n and len(mal) == 0:
+        raise run.UsageError("--oversample: the training split has no melanomas to resample")
+    return np.random.default_rng([seed, 7]).choice(mal, size=n, replace=True).tolist() if n else []
+
+
+def prepare_data(cfg: ClassifierConfig, size: int, eval_bs: int) -> Data:
+    """Caches, the split, and the datasets; one process per node builds caches and draws the split."""
+    with dist.local_main_first():
+        cache = data.build_cache(data.read_index(cfg.data), size, cfg.cache_path, cfg.workers)
+        split = load_split(cfg, cache)
+        sets = [unit_dataset(cache, split["train"])]
+        for d in cfg.extra:
+            index = data.read_index(d)
+            check_extra_leakage(index, cache, split)
+            extra_cache = data.build_cache(index, size, cfg.cache_path, cfg.workers)
+            sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
+        if cfg.oversample:
+            sets.append(unit_dataset(cache, oversampled(cache, split["train"], cfg.oversample, cfg.seed)))
+    train_set = torch.utils.data.ConcatDataset(sets)
+    if len(train_set) < 2:
+        raise run.UsageError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs 2")
+    val_set = unit_dataset(cache, split["val"])
+    # each rank scores its DistributedSampler share of the validation split (padded to equal shares)
+    val_index = list(torch.utils.data.DistributedSampler(val_set, dist.world_size(), dist.rank(), shuffle=False))
+    val_loader = data.make_loader(val_set, eval_bs, sampler=val_index, workers=cfg.workers)
+    return Data(split, train_set, np.concatenate([s.targets for s in sets]), len(sets[0]), val_set, val_index,
+                val_loader)
+
+
+@dataclass
+class Model:
+    """The model and what trains it: normalisation, optimiser, loss weight, streams, precision."""
+    model: torch.nn.Module
+    norm: Normalise
+    opt: torch.optim.Optimizer
+    pos_weight: torch.Tensor | None
+    aug_gen: torch.Generator
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+
+def build_training(cfg: ClassifierConfig, device: torch.device, pos_weight: float | None) -> Model:
+    """Model, normalisation and optimiser (no weight decay on biases and BatchNorm, as usual)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = mean_std(cfg)
+    norm = Normalise(mean, std, cfg.channels_last).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    make = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = make(groups, lr=cfg.lr, fused=device.type == "cuda")
+    pw = None if pos_weight is None else torch.tensor(pos_weight, device=device)
+    # augmentation on CPU: the same transforms on any device; each rank augments differently
+    aug_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
+    if dist.rank() > 0:  # and draws its own dropout masks (rank 0 keeps the single-process stream)
+        torch.manual_seed(dist.rank_seed(cfg.seed))
+    amp_dtype, scaler = run.amp_setup(cfg.amp, device)
+    return Model(model, norm, opt, pw, aug_gen, amp_dtype, scaler)
+
+
+def train_step(net: torch.nn.Module, m: Model, x: torch.Tensor, y: torch.Tensor, cfg: ClassifierConfig,
+               lr: float) -> torch.Tensor:
+    """One optimiser step on one batch; returns the loss (on the device: no sync)."""
+    for g in m.opt.param_groups:
+        g["lr"] = lr
+    if cfg.augment == "traditional":
+        x = augment.traditional(x, m.aug_gen)
+    with torch.autocast(x.device.type, dtype=m.amp_dtype, enabled=m.amp_dtype is not None):
+        logits = net(m.norm(x)).squeeze(1).float()
+    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=m.pos_weight)
+    m.opt.zero_grad(set_to_none=True)
+    if m.scaler is not None:
+        m.scaler.scale(loss).backward()
+        m.scaler.step(m.opt)
+        m.scaler.update()
+    else:
+        loss.backward()
+        m.opt.step()
+    return loss.detach()
+
+
+@dataclass
+class Progress:
+    """The loop's position and record, all of it saved in last.pt."""
+    step: int = 0
+    best_auc: float = -math.inf
+    best_step: int = -1
+    history: list = dataclasses.field(default_factory=list)
+    loss_sum: float = 0.0      # training loss summed since the last validation (this rank; a
+                               # device tensor inside the loop, so that steps need no sync)
+    loss_count: int = 0
+
+
+def validate(m: Model, d: Data, p: Progress, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Score the whole validation split, append to p.history, track the best AUC.
+    Returns (logits, targets, improved)."""
+    dist.broadcast_buffers(m.model)  # every rank scores with rank 0's BatchNorm statistics
+    logits, y = infer(m.model, m.norm, d.val_loader, next(m.model.parameters()).device, amp_dtype=m.amp_dtype)
+    logits, y = dist.gather_shards(d.val_index, len(d.val_set), logits, y)  # each image once, in split order
+    if not np.isfinite(logits).all():
+        raise FloatingPointError(f"training diverged by step {p.step}: the model's validation logits are NaN or "
+                                 f"infinite; lower --lr or check the input images")
+    auc = metrics.roc_auc(y, logits)  # the whole split at once
+    val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
+    train_loss = dist.mean({"sum": float(p.loss_sum)})["sum"] / max(1, p.loss_count)
+    p.loss_sum, p.loss_count = 0.0, 0
+    p.history.append({"step": p.step, "epoch": p.step / steps_per_epoch, "lr": m.opt.param_groups[0]["lr"],
+                      "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc})
+    improved = auc > p.best_auc
+    if improved:
+        p.best_auc, p.best_step = auc, p.step
+    log.info("step %d epoch %.2f: train loss %.4f, val loss %.4f, val AUC %.4f%s", p.step, p.step / steps_per_epoch,
+             train_loss, val_loss, auc, " (best)" if improved else "")
+    return logits, y, improved
+
+
+def save_best(out: Path, meta: dict, m: Model, p: Progress, val_names: list[str], logits, y) -> None:
+    """best.pt and the validation predictions behind it (rank 0)."""
+    run.save_state({**meta, "model": m.model.state_dict(), "step": p.step, "val_auc": p.best_auc},
+                   out / "best.pt", FORMAT)
+    write_predictions(out / "val_predictions.csv", val_names, y, sigmoid(logits))
+
+
+def save_history(out: Path, history: list[dict]) -> None:
+    lines = ["step,epoch,lr,train_loss,val_loss,val_auc"]
+    lines += [f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},"
+              f"{h['val_auc']:.6f}" for h in history]
+    atomic_write_text("\n".join(lines) + "\n", out / "history.csv")
+
+
+def save_last(path: Path, meta: dict, m: Model, p: Progress, total: int) -> None:
+    """last.pt: what --resume needs. Collective: every rank's streams and loss sums are kept."""
+    own = {"rng": run.rng_state(m.aug_gen), "loss_sum": float(p.loss_sum)}
+    ranks = dist.all_gather_object(own)
+    if dist.is_main():
+        run.save_state({**meta, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+                        "scaler": m.scaler.state_dict() if m.scaler is not None else {},
+                        **dataclasses.asdict(p), **own, "total_steps": total, "world_size": dist.world_size(),
+                        **({"ranks": ranks} if dist.world_size() > 1 else {})}, path, FORMAT)
+    dist.barrier()  # no rank goes on (or returns) before last.pt is complete
+
+
+def load_last(path: Path, cfg: ClassifierConfig, m: Model, total: int) -> Progress:
+    state = run.load_state(path, FORMAT, "melano classifier training checkpoint")
+    if "optimizer" not in state:
+        raise run.UsageError(f"{path}: a best.pt, not the last.pt that --resume needs")
+    run.check_resume(state["config"], cfg, RESUMABLE, path)
+    run.check_world(state, path)
+    own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
+    m.model.load_state_dict(state["model"])
+    m.opt.load_state_dict(state["optimizer"])
+    if m.scaler is not None and state.get("scaler"):
+        m.scaler.load_state_dict(state["scaler"])
+    run.set_rng_state(own["rng"], m.aug_gen)
+    if state["total_steps"] != total:
+        log.warning("resuming with %d total steps instead of %d: the LR schedule changes from here",
+                    total, state["total_steps"])
+    p = Progress(state["step"], state["best_auc"], state["best_step"], state["history"], own["loss_sum"],
+                 state["loss_count"])
+    log.info("resumed %s at step %d (best val AUC %.4f at step %d)", path, p.step, p.best_auc, p.best_step)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
-def train(cfg: ClassifierConfig) -> dict:
-    """Fine-tune, keep the best validation AUC, optionally evaluate on the test split.
+def train(cfg: ClassifierConfig) -> TrainResult:
+    """Fine-tune, keep the best validation AUC, optionally evaluate best.pt on the test split.
 
-    Returns {"out", "best_checkpoint", "last_checkpoint", "best_val_auc", "best_step", "steps",
-    "total_steps", "train_images", "extra_images", "val_images", "test_images", "pos_weight",
-    "val_predictions", "history", "seconds", "val_seconds", "train_images_per_s"}, plus "test" (the dict of
-    `evaluate`) when cfg.evaluate. Raises KeyboardInterrupt after saving last.pt when stopped by
-    SIGINT/SIGTERM; rerun with resume=True to continue.
-
+    Raises run.Stopped after saving last.pt when stopped by SIGINT/SIGTERM; rerun with resume=True.
     Under torchrun (see melano.dist) the model is wrapped in DDP, cfg.batch_size is per process,
     each rank trains on its shard of every epoch's order with its own augmentation and dropout,
-    every rank scores its share of the validation split and the predictions are gathered (each
-    image once) before the AUC. Only rank 0 writes files and evaluates on the test split.
-    """
+    and the validation predictions are gathered (each image once) before the AUC. Only rank 0
+    writes files and evaluates on the test split."""
+    # ---- setup: run folder, data, model
     check_config(cfg)
     device = dist.init_from_env(cfg.device)
-    world, main = dist.world_size(), dist.is_main()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if last_path.exists() and not cfg.resume:
-        raise FileExistsError(f"{last_path} exists: pass --resume to continue that run, or use another --out "
-                              f"(or delete the folder) to start afresh")
+    cfg = dataclasses.replace(cfg, split_csv=str(cfg.split_path.resolve()), cache_dir=str(cfg.cache_path.resolve()))
+    out, world = Path(cfg.out), dist.world_size()
+    last = out / "last.pt"
+    if last.exists() and not cfg.resume:
+        raise run.UsageError(f"{last} exists: pass --resume to continue that run, or use another --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if main:
-        log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
-                   out / "config.json")
-    size = image_size(cfg)
-    mcfg = model_config(cfg.arch)
-    mean, std = mcfg.mean, mcfg.std
-
-    # --- data: the folder's split; --extra folders join the training set only
-    with dist.local_main_first():  # one process per node builds the caches and draws the split
-        cache = data.build_cache(data.read_index(cfg.data), size, cfg.cache_dir, cfg.workers)
-        split = load_split(cfg, cache)
-        train_sets = [unit_dataset(cache, split["train"])]
-        for d in cfg.extra:
-            index = data.read_index(d)
-            check_extra_leakage(index, cache, split)
-            extra_cache = data.build_cache(index, size, cfg.cache_dir, cfg.workers)
-            train_sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
-    train_set = torch.utils.data.ConcatDataset(train_sets)
-    if len(train_set) < 2:
-        raise ValueError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs at least 2")
-    y_train = np.concatenate([ds.targets for ds in train_sets])
-    n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
-    pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, n_neg)
-    val_set = unit_dataset(cache, split["val"])
-    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-    # each rank scores its DistributedSampler share of the validation split (padded to equal shares)
-    val_index = list(torch.utils.data.DistributedSampler(val_set, world, dist.rank(), shuffle=False))
-    val_loader = data.make_loader(val_set, eval_bs, sampler=val_index, workers=cfg.workers)
-    n_extra = len(train_set) - len(train_sets[0])
-    log.info("training on %d images (%d malignant, %d of them from --extra), validating on %d; pos_weight %s",
-             len(train_set), n_pos, n_extra, len(val_set), pos_weight)
-
-    # --- model and optimiser (no weight decay on biases and BatchNorm, as usual)
-    seed_everything(cfg.seed)
-    model = build_model(cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    norm = Normalise(mean, std, cfg.channels_last).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                            lr=cfg.lr, fused=device.type == "cuda")
-    pw = None if pos_weight is None else torch.tensor(pos_weight, device=device)
-    # on CPU: the same transforms on any device; each rank augments its images differently
-    aug_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
-    if dist.rank() > 0:  # and draws its own dropout masks (rank 0 keeps the single-process stream)
-        torch.manual_seed(dist.rank_seed(cfg.seed))
-
-    batch = min(cfg.batch_size, len(train_set) // world)  # per process
+    size, eval_bs = image_size(cfg), cfg.eval_batch_size or 2 * cfg.batch_size
+    out.mkdir(parents=True, exist_ok=True)
+    d = prepare_data(cfg, size, eval_bs)
+    n_pos = int(d.targets.sum())
+    pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, len(d.targets) - n_pos)
+    batch = min(cfg.batch_size, len(d.train_set) // world)  # per process
     if batch < 2:
-        raise ValueError(f"{len(train_set)} training images cannot give each of {world} processes a batch of 2 "
-                         f"(BatchNorm needs 2); use fewer processes")
-    # the remainder is dropped (a batch of 1 breaks BatchNorm); a step uses world x batch images
-    steps_per_epoch = len(train_set) // (batch * world)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    warmup_steps = round(cfg.warmup * total)
-    meta = checkpoint_meta(cfg, mean, std)
-
-    step, best_auc, best_step, history = 0, -math.inf, -1, []
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    resumed = False
-    if cfg.resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        if not isinstance(state, dict) or state.get("format") != FORMAT or "optimizer" not in state:
-            raise ValueError(f"{last_path}: not a melano classifier training checkpoint; use another --out")
-        _check_resume(state["config"], cfg, last_path)
-        if state.get("world_size", 1) != world:
-            raise ValueError(f"{last_path} was trained by {state.get('world_size', 1)} process(es), this run has "
-                             f"{world}: the data order and the per-process random streams depend on it. Resume "
-                             f"with the same number of processes (torchrun --nnodes x --nproc-per-node)")
-        own = state["ranks"][dist.rank()] if world > 1 else state  # this rank's loss sum and random streams
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, best_auc, best_step = state["step"], state["best_auc"], state["best_step"]
-        history = state["history"]
-        loss_sum.fill_(own["loss_sum"])
-        loss_count = state["loss_count"]
-        torch.set_rng_state(own["rng"]["torch"])
-        aug_gen.set_state(own["rng"]["augment"])
-        if device.type == "cuda" and "cuda" in own["rng"]:
-            torch.cuda.set_rng_state(own["rng"]["cuda"], device)
-        resumed = True
-        if state["total_steps"] != total:
-            log.warning("resuming with %d total steps instead of %d: the LR schedule changes from here",
-                        total, state["total_steps"])
-        log.info("resumed %s at step %d (best val AUC %.4f at step %d)", last_path, step, best_auc, best_step)
-    elif cfg.resume:
-        log.warning("--resume: %s does not exist, starting a new run", last_path)
-    starts = dist.all_gather_object((resumed, step))  # also a barrier: every rank has read last.pt
-    if len(set(starts)) > 1:
-        raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read the "
-                           f"same {last_path}; on several nodes, put --out on a filesystem they all share")
-    net = dist.wrap_ddp(model, device)  # what training runs; `model` is validated and saved
-
-    def save_last() -> None:
-        rng = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        ranks = dist.all_gather_object({"rng": rng, "loss_sum": float(loss_sum)})  # every rank's streams
-        if main:
-            atomic_save({**meta, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "total_steps": total, "best_auc": best_auc, "best_step": best_step, "history": history,
-                         "loss_sum": float(loss_sum), "loss_count": loss_count, "rng": rng,
-                         "world_size": world, **({"ranks": ranks} if world > 1 else {})}, last_path)
-        dist.barrier()  # no rank goes on (or returns) before last.pt is complete
-
-    def validate() -> None:
-        nonlocal best_auc, best_step, loss_count
-        dist.broadcast_buffers(model)  # every rank scores with rank 0's BatchNorm statistics
-        logits, y = infer(model, norm, val_loader, device, amp=cfg.amp)
-        # all ranks' predictions, each validation image once, in split order
-        logits, y = dist.gather_shards(val_index, len(val_set), logits, y)
-        if not np.isfinite(logits).all():
-            raise FloatingPointError(f"training diverged by step {step}: the model's validation logits are "
-                                     f"NaN or infinite; lower --lr (now {cfg.lr}) or check the input images")
-        auc = metrics.roc_auc(y, logits)  # the whole split at once
-        val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
-        train_loss = dist.mean({"sum": float(loss_sum)})["sum"] / max(1, loss_count)
-        loss_sum.zero_()
-        loss_count = 0
-        history.append({"step": step, "epoch": step / steps_per_epoch, "lr": opt.param_groups[0]["lr"],
-                        "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc})
-        improved = auc > best_auc
-        if improved:
-            best_auc, best_step = auc, step
-        if improved and main:
-            atomic_save({**meta, "model": model.state_dict(), "step": step, "val_auc": auc}, best_path)
-            write_predictions(out / "val_predictions.csv", split["val"], y, sigmoid(logits))
-        lines = ["step,epoch,lr,train_loss,val_loss,val_auc"]
-        lines += [f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},"
-                  f"{h['val_auc']:.6f}" for h in history]
-        if main:
-            atomic_write_text("\n".join(lines) + "\n", out / "history.csv")
-        log.info("step %d/%d epoch %.2f: train loss %.4f, val loss %.4f, val AUC %.4f%s", step, total,
-                 step / steps_per_epoch, train_loss, val_loss, auc, " (best)" if improved else "")
-
-    # --- the loop: one optimiser step per batch; epoch e's order is a permutation seeded by
-    # (seed, e), so a run resumed mid-epoch sees exactly the batches it would have seen.
-    stop = {"requested": False}
-    old_handlers = _install_stop_handlers(stop)
-    start, start_step, val_seconds = time.perf_counter(), step, 0.0
-    model.train()
-    try:
-        while step < total and not stop["requested"]:
-            epoch, done = divmod(step, steps_per_epoch)
-            # every rank draws the same order and takes its DistributedSampler-style shard of the
-            # images the epoch uses (a resumable stand-in for DistributedSampler.set_epoch)
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set))
-            order = dist.shard(order[:steps_per_epoch * batch * world].tolist())[done * batch:]
-            loader = data.make_loader(train_set, batch, sampler=order, workers=cfg.workers, drop_last=True)
-            n_batches = min(steps_per_epoch - done, total - step)
-            bar = progress(loader, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}") if main else loader
-            for x, y in bar:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(step, warmup_steps, total)
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if cfg.augment == "traditional":
-                    x = augment.traditional(x, aug_gen)
-                with _autocast(device, cfg.amp):
-                    logits = net(norm(x)).squeeze(1).float()
-                loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_sum += loss.detach()  # summed on the device: no sync per step
-                loss_count += 1
-                if dist.max_int(bool(stop["requested"])):  # a signal to any rank: all stop after this step
-                    stop["requested"] = stop["requested"] or "a signal to another process"
-                end_of_epoch = step % steps_per_epoch == 0
-                if end_of_epoch or step == total or (cfg.val_every and step % cfg.val_every == 0):
-                    t0 = time.perf_counter()
-                    validate()
-                    save_last()
-                    val_seconds += time.perf_counter() - t0
-                if step == total or stop["requested"]:
+        raise run.UsageError(f"{len(d.train_set)} training images cannot give each of {world} processes a batch "
+                             f"of 2 (BatchNorm needs 2); use fewer processes")
+    steps_per_epoch = len(d.train_set) // (batch * world)  # the remainder is dropped: BatchNorm needs 2
+    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+    warmup = round(cfg.warmup * total)
+    m = build_training(cfg, device, pos_weight)
+    meta = checkpoint_meta(cfg, *mean_std(cfg))
+    # ---- resume: checked before config.json is written, so that a refused resume changes nothing
+    p = load_last(last, cfg, m, total) if cfg.resume and last.exists() else Progress()
+    run.agree_start(p.step > 0, p.step, last)
+    if dist.is_main():
+        log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch}, out / "config.json")
+    log.info("training on %d images (%d malignant, %d added to the real split), validating on %d; %d steps; "
+             "pos_weight %s", len(d.train_set), n_pos, len(d.train_set) - d.n_real, len(d.val_set), total, pos_weight)
+    net = dist.wrap_ddp(m.model, device)  # what training runs; m.model is validated and saved
+    # ---- loop: epoch e's order is a permutation seeded by (seed, e), so a run resumed mid-epoch
+    # sees exactly the batches it would have seen
+    t0, start_step, val_seconds, stopped = time.perf_counter(), p.step, 0.0, 0
+    m.model.train()
+    with run.StopOnSignal() as stop:
+        while p.step < total and not stopped:
+            epoch, done = divmod(p.step, steps_per_epoch)
+            order = run.epoch_order(len(d.train_set), cfg.seed, epoch, take=steps_per_epoch * batch * world)
+            loader = data.make_loader(d.train_set, batch, sampler=order[done * batch:], workers=cfg.workers,
+                                      drop_last=True)
+            bar = progress(loader, total=min(steps_per_epoch - done, total - p.step), desc=f"epoch {epoch + 1}")
+            for x, y in bar if dist.is_main() else loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                lr = cfg.lr * lr_factor(p.step, warmup, total, cfg.schedule)
+                p.loss_sum = p.loss_sum + train_step(net, m, x, y, cfg, lr)  # on the device: no sync
+                p.step, p.loss_count = p.step + 1, p.loss_count + 1
+                stopped = stop.agreed()
+                if p.step == total or p.step % (cfg.val_every or steps_per_epoch) == 0:
+                    t1 = time.perf_counter()
+                    logits, yv, improved = validate(m, d, p, steps_per_epoch)
+                    if improved and dist.is_main():
+                        save_best(out, meta, m, p, d.split["val"], logits, yv)
+                    if dist.is_main():
+                        save_history(out, p.history)
+                    save_last(last, meta, m, p, total)
+                    val_seconds += time.perf_counter() - t1
+                if p.step == total or stopped:
                     break
-        if stop["requested"]:
-            save_last()
-            raise KeyboardInterrupt(f"stopped by {stop['requested']} at step {step}; {last_path} is saved, "
-                                    f"rerun with --resume to continue")
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    seconds = time.perf_counter() - start
-    if main and not best_path.exists():
-        raise RuntimeError(f"{best_path} is missing although training finished; delete {out} and retrain")
-
-    result = {"out": str(out), "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
-              "best_val_auc": best_auc, "best_step": best_step, "steps": step, "total_steps": total,
-              "train_images": len(train_sets[0]), "extra_images": n_extra, "val_images": len(split["val"]),
-              "test_images": len(split["test"]), "pos_weight": pos_weight,
-              "val_predictions": str(out / "val_predictions.csv"), "history": str(out / "history.csv"),
-              "seconds": seconds, "val_seconds": val_seconds,  # the loop; validation (and checkpoints)
-              # training images per second of the loop without its validation passes
-              "train_images_per_s": (step - start_step) * batch * world / max(1e-9, seconds - val_seconds)
-              if step > start_step else None}
-    log.info("trained %d steps in %.1f s (%.1f s validating; %.1f training images/s); best val AUC %.4f at "
-             "step %d", step - start_step, seconds, val_seconds, result["train_images_per_s"] or 0.0,
-             best_auc, best_step)
-    if not main:
-        return result
-    if cfg.evaluate:  # on rank 0 alone: the test split is scored once, after training
-        result["test"] = evaluate(best_path, tta=cfg.tta, device=str(device), batch_size=eval_bs,
-                                  workers=cfg.workers)
-    save_json(result, out / "result.json")
+        if stopped:
+            save_last(last, meta, m, p, total)
+            raise run.Stopped(stopped, f"{last} (at step {p.step})")
+    # ---- finish: the result, and the test split scored once, by rank 0
+    seconds = time.perf_counter() - t0
+    trained = (p.step - start_step) * batch * world
+    result = TrainResult(str(out), str(out / "best.pt"), str(last), p.best_auc, p.best_step, p.step, total,
+                         p.step * batch * world, d.n_real, len(d.train_set) - d.n_real, len(d.split["val"]),
+                         len(d.split["test"]), pos_weight, seconds, val_seconds,
+                         trained / max(1e-9, seconds - val_seconds) if trained else None)
+    log.info("trained %d steps in %.1f s (%.1f s validating); best val AUC %.4f at step %d", p.step - start_step,
+             seconds, val_seconds, p.best_auc, p.best_step)
+    if dist.is_main():
+        if cfg.evaluate:
+            result.test = evaluate(out / "best.pt", tta=cfg.tta, device=str(device), batch_size=eval_bs,
+                                   workers=cfg.workers)
+        save_json(result, out / "result.json")
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation and prediction
 
 
 def load_classifier(checkpoint: str | Path, device: str | torch.device | None = None
                     ) -> tuple[torch.nn.Module, Normalise, dict]:
     """(model in eval mode, its Normalise, the checkpoint dict) from a best.pt or last.pt."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (train one with `python -m melano.classifier train`)")
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path}: not a melano classifier checkpoint (no format={FORMAT!r} entry; found {keys}). "
-                         f"Pass the best.pt or last.pt written by `python -m melano.classifier train`.")
+    state = run.load_state(path, FORMAT, "melano classifier checkpoint (best.pt or last.pt of `melano.classifier train`)")
     if state.get("version") != VERSION:
-        raise ValueError(f"{path}: classifier checkpoint version {state.get('version')}, this code reads "
+        raise run.UsageError(f"{path}: classifier checkpoint version {state.get('version')}, this code reads "
                          f"{VERSION}; retrain with this version of melano")
     device = pick_device(device if device is None else str(device))
     model = efficientnet(state["arch"], num_classes=state["num_classes"])
@@ -591,6 +629,11 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
         model = model.to(memory_format=torch.channels_last)
     norm = Normalise(state["mean"], state["std"], channels_last).to(device)
     return model, norm, state
+
+
+def inference_dtype(saved_config: dict, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a checkpoint's config asks for, on CUDA; full precision on CPU."""
+    return run.amp_setup(saved_config.get("amp", "auto"), device)[0] if device.type == "cuda" else None
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | None = None,
@@ -606,16 +649,19 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     "tta", "predictions", "metrics"}.
     """
     if split not in data.SPLITS:
-        raise ValueError(f"split must be one of {data.SPLITS}, got {split!r}")
+        raise run.UsageError(f"split must be one of {data.SPLITS}, got {split!r}")
     model, norm, state = load_classifier(checkpoint, device)
     dev = next(model.parameters()).device
     saved = state["config"]
     cfg = ClassifierConfig(**{**saved, "data": data_dir or saved["data"],
                               "split_csv": split_csv or saved["split_csv"], "cache_dir": cache_dir or saved["cache_dir"]})
-    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], cfg.cache_dir, workers)
+    if not Path(cfg.data).is_dir():
+        raise run.UsageError(f"{cfg.data}: the data folder {checkpoint} was trained on is not there; pass --data "
+                             f"(and --split-csv) where it is now")
+    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], cfg.cache_path, workers)
     names = load_split(cfg, cache, draw=False)[split]
     loader = data.make_loader(unit_dataset(cache, names), batch_size, workers=workers)
-    logits, y = infer(model, norm, loader, dev, tta=tta, amp=saved.get("amp", True))
+    logits, y = infer(model, norm, loader, dev, tta=tta, amp_dtype=inference_dtype(saved, dev))
     probs = sigmoid(logits)
     auc, low, high = metrics.delong_ci(y, probs, level=level)
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent
@@ -637,7 +683,7 @@ def list_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix.lower() in data.IMAGE_EXTS and f.is_file())
             if not files:
-                raise ValueError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
+                raise run.UsageError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
                                  f"recursively; for a Kaggle layout pass DIR/jpeg/train)")
             return files
         images = [p]
@@ -666,10 +712,10 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
                 try:
                     arrays.append(data.load_image(f, state["image_size"]))
                 except Exception as e:
-                    raise ValueError(f"{f}: cannot read this image ({type(e).__name__}: {e})") from e
+                    raise run.UsageError(f"{f}: cannot read this image ({type(e).__name__}: {e})") from e
             x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().mul_(scale)
             logits, _ = infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
-                              amp=state["config"].get("amp", True))
+                              amp_dtype=inference_dtype(state["config"], dev))
             results += [(str(f), float(p)) for f, p in zip(chunk, sigmoid(logits))]
     if out_csv is not None:
         buf = io.StringIO()
@@ -685,116 +731,73 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
 # CLI
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = ClassifierConfig(data="", out="")
-    p.add_argument("--data", required=True, help="ISIC-style folder: train.csv + jpeg/train/ (or train/), or "
-                                                 "benign/ + malignant/; its split gives train/val/test")
-    p.add_argument("--extra", nargs="+", default=[], metavar="DIR",
-                   help="training-only folders in the same layouts (e.g. `cyclegan translate` output); never "
-                        "used for validation or test, and refused if they derive from val/test images")
-    p.add_argument("--out", required=True, help="run folder for checkpoints, predictions and history")
-    p.add_argument("--split-csv", default=None, metavar="CSV",
-                   help="the experiment's splits.csv, shared by every arm; drawn there (patient-grouped, "
-                        "stratified) if absent (default: DATA/splits.csv)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help=f"uint8 image caches (default {d.cache_dir})")
-    p.add_argument("--val-frac", type=float, default=d.val_frac, help="validation share when drawing the split")
-    p.add_argument("--test-frac", type=float, default=d.test_frac, help="test share when drawing the split")
-    p.add_argument("--split-seed", type=int, default=d.split_seed, help="seed when drawing the split")
-    p.add_argument("--arch", default=d.arch, help=f"EfficientNet variant (default {d.arch}); see "
-                                                  f"`python -m melano.efficientnet --list`")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=d.pretrained,
-                   help="start from the offline ImageNet weights (tf_efficientnet_lite0 only); "
-                        "--no-pretrained starts from random weights")
-    p.add_argument("--weights", default=None, metavar="P",
-                   help="ImageNet checkpoint path or URL (torchvision/timm/lukemelas/melano layout) instead")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native)")
-    p.add_argument("--drop-rate", type=float, default=None, help="dropout before the head (default: variant's)")
-    p.add_argument("--drop-path-rate", type=float, default=None, help="stochastic depth (default: variant's)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set ({d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"training batch per process; under torchrun the global batch is processes x this "
-                        f"({d.batch_size})")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps in total; the LR "
-                                                               "schedule then spans N steps")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate ({d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay on conv/linear weights ({d.weight_decay})")
-    p.add_argument("--warmup", type=float, default=d.warmup,
-                   help=f"share of the steps for the linear LR warm-up before the cosine ({d.warmup})")
-    p.add_argument("--pos-weight", default=d.pos_weight,
-                   help="positive-class weight in the loss: none, auto (= benign/malignant count), or a number")
-    p.add_argument("--augment", choices=("none", "traditional"), default=d.augment,
-                   help="traditional: random flips, rotations and resized crops of each training batch")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights init, batch order, augmentation")
-    p.add_argument("--val-every", type=int, default=d.val_every,
-                   help="validate every N steps (default 0: after each epoch, and at the last step)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="batch for validation/test (2x --batch-size)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 4 flips' logits")
-    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=d.evaluate,
-                   help="score best.pt on the test split after training (default yes)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
-                   help="NHWC memory format (default yes: faster on CPU and GPU)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp,
-                   help="bfloat16 autocast on CUDA (default yes; no effect on CPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on <=4 cores)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with the same config")
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = option(help="best.pt (or last.pt) from `train`")
+    split: str = option("test", "which split to score", choices=data.SPLITS)
+    out: str | None = option(None, "folder for <split>_predictions.csv / _metrics.json. none: the checkpoint's")
+    data: str | None = option(None, "data folder, if moved since training")
+    split_csv: str | None = option(None, "splits.csv, if moved since training")
+    cache_dir: str | None = option(None, "cache folder. none: the one used in training")
+    tta: bool = option(False, "average the logits of the 4 flips")
+    device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
+    batch_size: int = option(64, "images per forward pass", min=1)
+    workers: int | None = option(None, "DataLoader workers", min=0)
+
+    def __post_init__(self):
+        run.check_options(self)
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = option(help="best.pt (or last.pt) from `train`")
+    images: str = option(help="an image file (.jpg/.jpeg/.png) or a folder of them")
+    out: str | None = option(None, "CSV to write (image, probability). none: JSON lines on stdout")
+    tta: bool = option(False, "average the logits of the 4 flips")
+    device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
+    batch_size: int = option(64, "images per forward pass", min=1)
+
+    def __post_init__(self):
+        run.check_options(self)
+
+
+def _train_command(args) -> None:
+    result = train(run.from_args(ClassifierConfig, args))
+    if dist.is_main():
+        print(json.dumps(to_jsonable(result)))
+
+
+def _evaluate_command(args) -> None:
+    c = run.from_args(EvaluateConfig, args)
+    result = evaluate(c.checkpoint, split=c.split, out_dir=c.out, tta=c.tta, data_dir=c.data, split_csv=c.split_csv,
+                      cache_dir=c.cache_dir, device=c.device, batch_size=c.batch_size, workers=c.workers)
+    print(json.dumps(to_jsonable(result)))
+
+
+def _predict_command(args) -> None:
+    c = run.from_args(PredictConfig, args)
+    rows = predict(c.checkpoint, c.images, out_csv=c.out, tta=c.tta, device=c.device, batch_size=c.batch_size)
+    if c.out is None:
+        for name, prob in rows:
+            print(json.dumps({"image": name, "probability": prob}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m melano.classifier", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="fine-tune on a folder's training split; keep the best validation AUC")
-    _add_train_args(t)
-    e = sub.add_parser("evaluate", help="score a checkpoint on its data's test (or val) split, with DeLong CI")
-    e.add_argument("--checkpoint", required=True, help="best.pt (or last.pt) from `train`")
-    e.add_argument("--split", default="test", choices=data.SPLITS, help="which split to score")
-    e.add_argument("--out", default=None, help="folder for <split>_predictions.csv / _metrics.json "
-                                               "(default: the checkpoint's folder)")
-    e.add_argument("--data", default=None, help="data folder, if moved since training")
-    e.add_argument("--split-csv", default=None, help="splits.csv, if moved since training")
-    e.add_argument("--cache-dir", default=None, help="cache folder (default: the one used in training)")
-    e.add_argument("--tta", action="store_true", help="average the logits of the 4 flips")
-    e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    e.add_argument("--workers", type=int, default=None, help="DataLoader workers")
-    r = sub.add_parser("predict", help="malignancy probability of image files; prints JSON lines or writes CSV")
-    r.add_argument("--checkpoint", required=True, help="best.pt (or last.pt) from `train`")
-    r.add_argument("images", help="an image file (.jpg/.jpeg/.png) or a folder of them")
-    r.add_argument("--out", default=None, help="CSV to write (image, probability); default: JSON lines on stdout")
-    r.add_argument("--tta", action="store_true", help="average the logits of the 4 flips")
-    r.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    commands = {"train": (ClassifierConfig, _train_command,
+                          "fine-tune on a folder's training split; keep the best validation AUC"),
+                "evaluate": (EvaluateConfig, _evaluate_command,
+                             "score a checkpoint on its data's test (or val) split, with DeLong CI"),
+                "predict": (PredictConfig, _predict_command,
+                            "malignancy probability of image files; prints JSON lines or writes CSV")}
+    for name, (cls, _, help_text) in commands.items():
+        s = sub.add_parser(name, help=help_text)
+        run.add_options(s, cls, required=("data", "out") if name == "train" else ())
+        run.add_debug(s)
     args = p.parse_args(argv)
     setup_logging()
-    try:
-        if args.cmd == "train":
-            fields = {f.name for f in dataclasses.fields(ClassifierConfig)}
-            cfg = ClassifierConfig(**{k: v for k, v in vars(args).items() if k in fields})
-            result = train(cfg)
-            if dist.is_main():
-                print(json.dumps(to_jsonable(result)))
-        elif args.cmd == "evaluate":
-            result = evaluate(args.checkpoint, split=args.split, out_dir=args.out, tta=args.tta, data_dir=args.data,
-                              split_csv=args.split_csv, cache_dir=args.cache_dir, device=args.device,
-                              batch_size=args.batch_size, workers=args.workers)
-            print(json.dumps(to_jsonable(result)))
-        else:
-            rows = predict(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, device=args.device,
-                           batch_size=args.batch_size)
-            if args.out is None:
-                for name, prob in rows:
-                    print(json.dumps({"image": name, "probability": prob}))
-    except KeyboardInterrupt as e:
-        log.error("%s", e or "interrupted")
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        dist.destroy()  # under torchrun: leave the process group cleanly
-    return 0
+    return run.cli(lambda: commands[args.cmd][1](args), args.debug)
 
 
 if __name__ == "__main__":

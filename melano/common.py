@@ -53,12 +53,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600
+
+
 def _atomic_write(path: str | os.PathLike, write) -> None:
     """Write to a temp file in the same folder, fsync, then os.replace: a kill leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -79,6 +89,10 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True: a checkpoint from elsewhere can never run code."""
     try:
@@ -86,8 +100,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # UnpicklingError, RuntimeError on truncated zip, ...
-        raise ValueError(f"{path}: not a loadable checkpoint (it is corrupt, truncated, or holds "
-                         f"objects other than tensors and plain containers): {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e):  # torch's advice to retry unsafely is dropped on purpose
+            first = "it holds Python objects other than tensors and plain containers"
+        raise ValueError(f"{path}: refused: not a weights-only checkpoint ({first}). melano never unpickles "
+                         f"arbitrary objects; do not load this file with weights_only=False unless you "
+                         f"trust whoever made it") from None
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -120,6 +138,19 @@ def log_config(cfg: Any, path: str | os.PathLike | None = None) -> None:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device named by --device (checked: CUDA must be there), or CUDA when available."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: melano runs on cpu or cuda")
+    return dev

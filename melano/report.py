@@ -1,5 +1,5 @@
-"""The experiment's report: the metrics table with DeLong CIs and paired p-values, report.md,
-the ROC plot, and a grid of synthetic malignant images beside their benign sources.
+"""The experiment's report and every picture: the metrics table with DeLong CIs and paired
+p-values, report.md, the ROC plot, image grids, and the CycleGAN's loss log and loss plot.
 
 Inputs are the per-arm prediction CSVs that `melano.classifier` writes
 (image_name, target, probability), all on the same test split.
@@ -8,6 +8,7 @@ Inputs are the per-arm prediction CSVs that `melano.classifier` writes
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from . import metrics
-from .common import atomic_write_text
+from .common import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +38,67 @@ def read_predictions(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarra
             np.array([float(r["probability"]) for r in rows]))
 
 
-def compare_arms(predictions: dict[str, str | Path], baseline: str = "traditional",
-                 level: float = 0.95) -> list[dict]:
-    """One row per arm: test AUC, DeLong CI, and the paired DeLong p-value against `baseline`.
+# The comparisons, declared before any result is seen: (a, b, role). Holm-adjusted as one family.
+COMPARISONS = (("cyclegan", "oversample", "primary"), ("cyclegan", "traditional", "secondary"),
+               ("cyclegan_ls", "cyclegan", "secondary"))
 
-    Every arm must have scored exactly the same test images with the same labels; anything else
-    would make the paired test meaningless, so it is an error."""
-    loaded = {arm: read_predictions(p) for arm, p in predictions.items()}
-    if baseline not in loaded:
-        raise ValueError(f"baseline arm {baseline!r} is missing; have {sorted(loaded)}")
-    base_names, base_y, base_p = loaded[baseline]
-    order = np.argsort(base_names)
-    rows = []
-    for arm, (names, y, p) in loaded.items():
-        idx = np.argsort(names)
-        if sorted(names) != sorted(base_names) or not np.array_equal(y[idx], base_y[order]):
-            raise ValueError(f"arm {arm!r} scored a different test set from {baseline!r}: "
-                             f"the paired comparison needs identical images and labels")
-        auc, low, high = metrics.delong_ci(y, p, level=level)
-        p_value = None
-        if arm != baseline:
-            p_value = metrics.delong_test(y[idx], p[idx], base_p[order])[2]
-        rows.append({"name": arm, "test_auc": auc, "ci_low": low, "ci_high": high,
-                     f"p_value_vs_{baseline}": p_value,
+
+def load_arm_predictions(predictions: dict[str, list[str | Path]]) -> tuple[list[str], np.ndarray, dict]:
+    """(test image names, labels, {arm: (K, n) probabilities}) with every seed of every arm on the
+    same images in the same order; anything else would make paired comparisons meaningless."""
+    names, y, out = None, None, {}
+    for arm, paths in predictions.items():
+        seeds = []
+        for path in paths:
+            n, t, p = read_predictions(path)
+            order = np.argsort(n)
+            n, t, p = [n[i] for i in order], t[order], p[order]
+            if names is None:
+                names, y = n, t
+            elif n != names or not np.array_equal(t, y):
+                raise ValueError(f"{path}: arm {arm!r} scored a different test set: the paired comparison needs "
+                                 f"identical images and labels")
+            seeds.append(p)
+        out[arm] = np.stack(seeds)
+    return names, y, out
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error), monotone and capped at 1."""
+    order = np.argsort(p_values)
+    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str | Path, seed: int = 0,
+                       level: float = 0.95) -> dict:
+    """Per arm: each seed's test AUC with its DeLong CI, and the mean and sd over seeds; the
+    declared comparisons with their Holm-adjusted p-values."""
+    names, y, probs = load_arm_predictions(predictions)
+    arms = []
+    for arm, p in probs.items():
+        seeds = [dict(zip(("auc", "ci_low", "ci_high"), metrics.delong_ci(y, s, level=level))) for s in p]
+        aucs = np.array([r["auc"] for r in seeds])
+        arms.append({"name": arm, "seeds": seeds, "auc_mean": float(aucs.mean()),
+                     "auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
                      "n_test": int(y.size), "n_test_positive": int(y.sum())})
-    return rows
+    comparisons = []
+    for a, b, role in COMPARISONS:
+        if a in probs and b in probs:
+            auc_a, auc_b, p = metrics.delong_test(y, probs[a].mean(0), probs[b].mean(0))
+            comparisons.append({"a": a, "b": b, "role": role, "delta": auc_a - auc_b, "p": p})
+    for c, adj in zip(comparisons, holm([c["p"] for c in comparisons])):
+        c["p_holm"] = adj
+    return {"arms": arms, "comparisons": comparisons}
 
 
 def roc_plot(predictions: dict[str, str | Path], path: str | Path, title: str = "") -> Path | None:
     """Every arm's ROC curve on one plot; None (and a log line) when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: skipping %s (pip install -e '.[plot]')", path)
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     for arm, p in predictions.items():
@@ -105,82 +131,177 @@ def sample_grid(pairs: list[tuple[Image.Image, Image.Image]], path: str | Path, 
     return Path(path)
 
 
+def image_grid(rows: list[list[np.ndarray]], path: str | Path, pad: int = 2) -> Path:
+    """A PNG grid of (H, W, 3) uint8 tiles, one list per row, on white."""
+    h, w = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            grid.paste(Image.fromarray(tile), (pad + j * (w + pad), pad + i * (h + pad)))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(buf.getvalue(), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- CycleGAN losses
+
+LOSS_KEYS = ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B", "D_A", "D_B")
+
+
+class LossLog:
+    """losses.csv: one row per CycleGAN step. On resume, rows after the checkpoint's step (written
+    by a run killed before its next checkpoint) are dropped, so the file matches the weights."""
+
+    columns = ("step", "epoch", "lr", *LOSS_KEYS, "seconds")
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if resume_step > 0 and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, self.columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(buf.getvalue(), path)  # header plus the rows still valid
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, lineterminator="\n").writerow({k: row.get(k, "") for k in self.columns})
+
+
+def read_losses(path: str | Path) -> dict[str, np.ndarray]:
+    """losses.csv -> {column: array}; missing values (e.g. identity off) are NaN."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {k: np.array([float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows])
+            for k in rows[0]}
+
+
+def _moving_average(y: np.ndarray, smooth: int) -> tuple[np.ndarray, int]:
+    k = max(1, min(smooth, len(y) // 5 or 1))
+    return np.convolve(np.nan_to_num(y), np.ones(k) / k, mode="valid"), k
+
+
+def plot_losses(csv_path: str | Path, png_path: str | Path, smooth: int = 50) -> Path | None:
+    """Loss curves (generator terms left, discriminators right), with a moving average of `smooth`
+    steps. Returns None when matplotlib is not installed or there is nothing to plot."""
+    plt = _pyplot()
+    d = read_losses(csv_path)
+    if plt is None or not d or len(d["step"]) == 0:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, keys, title in ((axes[0], LOSS_KEYS[:6], "generators"), (axes[1], LOSS_KEYS[6:], "discriminators")):
+        for k in keys:
+            if k in d and not np.all(np.isnan(d[k])):
+                y, n = _moving_average(d[k], smooth)
+                ax.plot(d["step"][n - 1:], y, label=k, lw=1)
+        ax.set(title=f"{title} (moving average)", xlabel="step", ylabel="loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def _pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (logged) when not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no plots (pip install -e '.[plot]')")
+        return None
+    return plt
+
+
 def _fmt_p(p: float | None) -> str:
     if p is None:
         return "—"
     return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
 
 
+def _fmt_ci(lo, hi) -> str:
+    return "—" if lo is None else f"{lo:.3f} to {hi:.3f}"
+
+
+def _arm_lines(result: dict) -> list[str]:
+    lines = ["| arm | steps | images seen | test AUC, mean ± sd over seeds | each seed (DeLong 95% CI) | "
+             "study reported |", "|---|---|---|---|---|---|"]
+    for a in result["arms"]:
+        seeds = "; ".join(f"{s['auc']:.3f} ({s['ci_low']:.3f}–{s['ci_high']:.3f})" for s in a["seeds"])
+        lines.append(f"| {a['name']} | {a.get('steps', '?')} | {a.get('images_seen', '?')} | "
+                     f"{a['auc_mean']:.3f} ± {a['auc_sd']:.3f} | {seeds} | {STUDY_AUC.get(a['name'], '—')} |")
+    return lines
+
+
+def _comparison_lines(result: dict) -> list[str]:
+    lines = ["| comparison | role | ΔAUC | 95% CI | p | Holm-adjusted p |", "|---|---|---|---|---|---|"]
+    for c in result.get("comparisons", []):
+        lines.append(f"| {c['a']} − {c['b']} | {c['role']} | {c['delta']:+.3f} | "
+                     f"{_fmt_ci(c.get('ci_low'), c.get('ci_high'))} | {_fmt_p(c['p'])} | {_fmt_p(c['p_holm'])} |")
+    return lines
+
+
+def verdict(comparisons: list[dict], alpha: float = 0.05) -> str:
+    """One sentence per declared comparison, decided by its Holm-adjusted p-value."""
+    out = []
+    for c in comparisons:
+        name = f"`{c['a']}` vs `{c['b']}` ({c['role']})"
+        if c["p_holm"] < alpha:
+            word = "higher" if c["delta"] > 0 else "lower"
+            out.append(f"{name}: `{c['a']}` scored a {word} test AUC ({c['delta']:+.3f}, Holm-adjusted "
+                       f"p = {_fmt_p(c['p_holm'])}).")
+        else:
+            out.append(f"{name}: no detectable difference ({c['delta']:+.3f}, Holm-adjusted p = "
+                       f"{_fmt_p(c['p_holm'])}); this experiment cannot tell them apart.")
+    return " ".join(out)
+
+
 def markdown_report(result: dict) -> str:
-    """report.md: reads like the study's results section, with this run's numbers."""
-    arms = result["arms"]
+    """report.md: reads like a results section, with this run's numbers."""
     split = result.get("split_sizes", {})
-    lines = [
-        "# melano experiment report",
-        "",
-        f"Data: `{result.get('data', '?')}`. Preset: `{result.get('preset', '?')}`. "
-        f"Classifier: `{result.get('arch', '?')}` at {result.get('size', '?')} px.",
-        "",
-        "## Results",
-        "",
-        "Test ROC AUC of each arm on the same held-out, patient-grouped test split, with DeLong 95% "
-        "confidence intervals and the two-sided paired DeLong test against traditional augmentation.",
-        "",
-        "| arm | test AUC | 95% CI | Δ vs traditional | p vs traditional | study reported |",
-        "|---|---|---|---|---|---|",
-    ]
-    base = next((a for a in arms if a["name"] == "traditional"), None)
-    for a in arms:
-        delta = "—" if base is None or a is base else f"{a['test_auc'] - base['test_auc']:+.3f}"
-        lines.append(f"| {a['name']} | {a['test_auc']:.3f} | {a['ci_low']:.3f}–{a['ci_high']:.3f} | "
-                     f"{delta} | {_fmt_p(a.get('p_value_vs_traditional'))} | "
-                     f"{STUDY_AUC.get(a['name'], '—')} |")
-    lines += ["", _verdict(arms), "",
-              f"Each p-value is one paired test against `traditional`; with {len(arms) - 1} such tests, "
-              f"a Bonferroni-corrected threshold is {0.05 / max(1, len(arms) - 1):.3g} for a 5% "
-              f"family-wise error rate.", ""]
+    lines = ["# melano experiment report", "",
+             f"Data: `{result.get('data', '?')}`. Preset: `{result.get('preset', '?')}`. "
+             f"Classifier: `{result.get('arch', '?')}` at {result.get('size', '?')} px.", "",
+             "## Results", "",
+             "Every arm trained the same number of optimiser steps with the same batch size and schedule, "
+             "once per seed, and was scored on the same held-out, patient-grouped test split.", ""]
+    lines += _arm_lines(result) + [""]
+    lines += ["## Declared comparisons", "",
+              "Declared before any result was seen: the primary comparison `cyclegan` vs `oversample` "
+              "(balance with synthetic melanomas, or with resampled real ones), and the secondary "
+              "`cyclegan` vs `traditional` (the study's claim) and `cyclegan_ls` vs `cyclegan` (its second "
+              "claim). The p-values are Holm-adjusted across this family, and the verdict uses the adjusted "
+              "values.", ""]
+    lines += _comparison_lines(result) + ["", verdict(result.get("comparisons", [])), ""]
+    lines += ["What each interval covers: " + result.get("variance_note", "each seed's DeLong CI covers test "
+              "sampling only, treating images as independent."), ""]
     if split:
-        lines += ["## Data and split", "",
-                  "| split | images | malignant | patients |", "|---|---|---|---|"]
-        for name, s in split.items():
-            lines.append(f"| {name} | {s['images']} | {s['malignant']} | {s['patients']} |")
+        lines += ["## Data and split", "", "| split | images | malignant | patients |", "|---|---|---|---|"]
+        lines += [f"| {n} | {s['images']} | {s['malignant']} | {s['patients']} |" for n, s in split.items()]
         lines.append("")
     guards = result.get("leakage_guards", {})
     if guards:
-        lines += ["## Leakage guards", ""]
-        lines += [f"- {text}: **{'yes' if ok else 'NO'}**" for text, ok in guards.items()]
+        lines += ["## Leakage guards", ""] + [f"- {t}: **{'yes' if ok else 'NO'}**" for t, ok in guards.items()]
         lines.append("")
     timings = result.get("timings_s", {})
     if timings:
         lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-        lines.append("")
-    lines += ["## Figures", "", "- `roc.png`: every arm's test ROC curve.",
+        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
+    lines += ["## Figures", "", "- `roc.png`: every arm's test ROC curve (seed 0).",
               "- `gan_losses.png`: the CycleGAN losses per step.",
               "- `synthetic_samples.png`: training-split benign sources (left) and their synthetic "
               "malignant translations (right).", ""]
     return "\n".join(lines)
-
-
-def _verdict(arms: list[dict]) -> str:
-    """One honest sentence per CycleGAN arm: better, worse, or no detectable difference."""
-    base = next((a for a in arms if a["name"] == "traditional"), None)
-    if base is None:
-        return ""
-    out = []
-    for a in arms:
-        p = a.get("p_value_vs_traditional")
-        if a is base or p is None:
-            continue
-        d = a["test_auc"] - base["test_auc"]
-        if p < 0.05:
-            word = "higher" if d > 0 else "lower"
-            out.append(f"`{a['name']}` scored a {word} test AUC than `traditional` "
-                       f"({d:+.3f}, p = {_fmt_p(p)}).")
-        else:
-            out.append(f"`{a['name']}` did not differ detectably from `traditional` "
-                       f"({d:+.3f}, p = {_fmt_p(p)}); this test split cannot tell them apart.")
-    return " ".join(out)
 
 
 def write_report(result: dict, path: str | Path) -> Path:

@@ -54,11 +54,11 @@ def run(dataset):
 
 
 def test_run_writes_checkpoints_predictions_and_consistent_aucs(dataset, run):
-    out = Path(run["out"])
+    out = Path(run.out)
     for name in ("best.pt", "last.pt", "config.json", "history.csv", "val_predictions.csv",
                  "test_predictions.csv", "test_metrics.json", "result.json"):
         assert (out / name).is_file(), name
-    assert run["steps"] == run["total_steps"] == 4
+    assert run.steps == run.total_steps == 4
     split = split_names(dataset / "splits.csv")
 
     # Validation: the CSV holds the WHOLE val split (eval batches of 4 images), and the best AUC is
@@ -67,10 +67,10 @@ def test_run_writes_checkpoints_predictions_and_consistent_aucs(dataset, run):
     assert [r["image_name"] for r in val] == split["val"]
     y, p = [int(r["target"]) for r in val], [float(r["probability"]) for r in val]
     assert len(val) > 4 and 0 < sum(y) < len(y)
-    assert run["best_val_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert run.best_val_auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     history = read_csv(out / "history.csv")
     assert [int(h["step"]) for h in history] == [2, 4]
-    assert max(float(h["val_auc"]) for h in history) == pytest.approx(run["best_val_auc"], abs=1e-6)
+    assert max(float(h["val_auc"]) for h in history) == pytest.approx(run.best_val_auc, abs=1e-6)
 
     # Test: every test image once, labels from the data, AUC = sklearn's on the CSV.
     test = read_csv(out / "test_predictions.csv")
@@ -79,14 +79,14 @@ def test_run_writes_checkpoints_predictions_and_consistent_aucs(dataset, run):
     assert all(r["target"] == labels[r["image_name"]] for r in test)
     auc = roc_auc_score([int(r["target"]) for r in test], [float(r["probability"]) for r in test])
     m = json.loads((out / "test_metrics.json").read_text())
-    assert m["auc"] == pytest.approx(auc, abs=1e-12) and run["test"]["auc"] == pytest.approx(auc, abs=1e-12)
+    assert m["auc"] == pytest.approx(auc, abs=1e-12) and run.test["auc"] == pytest.approx(auc, abs=1e-12)
     assert m["ci_low"] < m["auc"] < m["ci_high"] and m["images"] == len(split["test"])
 
     # Checkpoints are plain data: weights_only loading works and holds what predict needs.
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["format"] == "melano.classifier" and best["arch"] == "tf_efficientnet_lite0"
     assert best["image_size"] == SIZE and best["num_classes"] == 1 and len(best["mean"]) == 3
-    assert best["step"] == run["best_step"] and best["val_auc"] == run["best_val_auc"]
+    assert best["step"] == run.best_step and best["val_auc"] == run.best_val_auc
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["size"] == SIZE and cfg["max_steps"] == 4
 
@@ -124,19 +124,19 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(dataset, monkeypatch
         train(cfg)
     monkeypatch.setattr(classifier, "progress", real_progress)
     assert torch.load(Path(cfg.out) / "last.pt", weights_only=True)["step"] == 3
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ValueError, match="--resume"):
         train(cfg)  # a second run into the same folder must not silently restart
     resumed = train(dataclasses.replace(cfg, resume=True))
-    assert resumed["steps"] == steps == full["steps"]
+    assert resumed.steps == steps == full.steps
 
-    a = torch.load(Path(full["out"]) / "last.pt", weights_only=True)
-    b = torch.load(Path(resumed["out"]) / "last.pt", weights_only=True)
+    a = torch.load(Path(full.out) / "last.pt", weights_only=True)
+    b = torch.load(Path(resumed.out) / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == steps
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["history"] == b["history"]
-    assert (Path(full["out"]) / "val_predictions.csv").read_text() == \
-        (Path(resumed["out"]) / "val_predictions.csv").read_text()
+    assert (Path(full.out) / "val_predictions.csv").read_text() == \
+        (Path(resumed.out) / "val_predictions.csv").read_text()
 
 
 def write_extra(folder: Path, rows: list[dict], src_dir: Path) -> None:
@@ -160,15 +160,15 @@ def test_extra_images_join_training_only(dataset):
     write_extra(extra, rows, src_dir)
     cfg = config(dataset, "extra", extra=[str(extra)], max_steps=2, pos_weight="auto", augment="traditional")
     result = train(cfg)
-    assert result["train_images"] == len(split["train"])
-    assert result["extra_images"] == 6
-    assert (result["val_images"], result["test_images"]) == (len(split["val"]), len(split["test"]))
+    assert result.train_images == len(split["train"])
+    assert result.extra_images == 6
+    assert (result.val_images, result.test_images) == (len(split["val"]), len(split["test"]))
     targets = {r["image_name"]: int(r["target"]) for r in read_csv(dataset / "data" / "train.csv")}
     n_pos = sum(targets[n] for n in split["train"]) + 6
     n_neg = len(split["train"]) - (n_pos - 6)
-    assert result["pos_weight"] == pytest.approx(n_neg / n_pos)
-    scored = {r["image_name"] for r in read_csv(Path(result["out"]) / "val_predictions.csv")}
-    scored |= {r["image_name"] for r in read_csv(Path(result["out"]) / "test_predictions.csv")}
+    assert result.pos_weight == pytest.approx(n_neg / n_pos)
+    scored = {r["image_name"] for r in read_csv(Path(result.out) / "val_predictions.csv")}
+    scored |= {r["image_name"] for r in read_csv(Path(result.out) / "test_predictions.csv")}
     assert scored == set(split["val"]) | set(split["test"])  # no synthetic image was scored
 
 
@@ -191,13 +191,13 @@ def test_extra_derived_from_held_out_images_is_refused(dataset, leak):
 
 
 def test_predict_matches_evaluation(dataset, run, tmp_path):
-    test = read_csv(Path(run["out"]) / "test_predictions.csv")[:5]
+    test = read_csv(Path(run.out) / "test_predictions.csv")[:5]
     files = [dataset / "data" / "jpeg" / "train" / f"{r['image_name']}.jpg" for r in test]
     out_csv = tmp_path / "pred.csv"
-    assert classifier.main(["predict", "--checkpoint", run["best_checkpoint"], str(files[0]), "--out",
+    assert classifier.main(["predict", "--checkpoint", run.best_checkpoint, "--images", str(files[0]), "--out",
                             str(out_csv), "--device", "cpu"]) == 0
     assert read_csv(out_csv)[0]["image"] == str(files[0])
-    got = predict(run["best_checkpoint"], files, batch_size=2)
+    got = predict(run.best_checkpoint, files, batch_size=2)
     assert [Path(n) for n, _ in got] == files
     expected = [float(r["probability"]) for r in test]
     np.testing.assert_allclose([p for _, p in got], expected, atol=1e-5)
@@ -208,13 +208,13 @@ def test_predict_matches_evaluation(dataset, run, tmp_path):
     folder.mkdir()
     for f in files[:3]:
         (folder / f.name).write_bytes(f.read_bytes())
-    tta = predict(run["best_checkpoint"], folder, tta=True)
+    tta = predict(run.best_checkpoint, folder, tta=True)
     assert [Path(n).name for n, _ in tta] == sorted(f.name for f in files[:3])
     assert all(0 < p < 1 for _, p in tta)
 
 
 def test_evaluate_with_tta_scores_the_same_test_split(dataset, run, tmp_path):
-    r = evaluate(run["best_checkpoint"], out_dir=tmp_path, tta=True)
+    r = evaluate(run.best_checkpoint, out_dir=tmp_path, tta=True)
     rows = read_csv(r["predictions"])
     assert sorted(x["image_name"] for x in rows) == sorted(split_names(dataset / "splits.csv")["test"])
     auc = roc_auc_score([int(x["target"]) for x in rows], [float(x["probability"]) for x in rows])
@@ -248,7 +248,7 @@ def test_bad_inputs_fail_clearly(dataset, tmp_path, caplog):
 def test_evaluate_never_draws_a_new_split(dataset, run, tmp_path):
     # Moved data without its splits.csv: a freshly drawn split could hold training images.
     with pytest.raises(FileNotFoundError, match="split this model was trained with"):
-        evaluate(run["best_checkpoint"], out_dir=tmp_path, split_csv=str(tmp_path / "gone.csv"))
+        evaluate(run.best_checkpoint, out_dir=tmp_path, split_csv=str(tmp_path / "gone.csv"))
     assert not (tmp_path / "gone.csv").exists()
 
 

@@ -12,6 +12,7 @@ holds for the test to compare.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -176,7 +177,7 @@ def gan_args(root: Path, out: Path, *extra: str) -> list[str]:
             "--cache-dir", str(root / "cache"), "--size", "32", "--ngf", "8", "--ndf", "8", "--n-blocks", "1",
             "--batch-size", "4", "--epochs", "1", "--epochs-decay", "2", "--pool-size", "4",
             "--label-smoothing", "noisy", "--sample-every", "3", "--checkpoint-every", "1000",
-            "--n-samples", "2", "--num-workers", "0", "--seed", "5", *extra]
+            "--n-samples", "2", "--workers", "0", "--seed", "5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_cyclegan_two_processes(gan_data, gan_run):
     assert state["world_size"] == 2 and len(state["ranks"]) == 2 and state["step"] == 6
     pools = [s["pool_A"]["images"] for s in state["ranks"]]
     assert pools[0].shape == pools[1].shape == (4, 3, 32, 32) and not torch.equal(pools[0], pools[1])
-    assert not torch.equal(state["ranks"][0]["rng"]["train"], state["ranks"][1]["rng"]["train"])
+    assert not torch.equal(state["ranks"][0]["rng"]["generators"][0], state["ranks"][1]["rng"]["generators"][0])
     assert torch.equal(state["ranks"][0]["pool_A"]["images"], state["pool_A"]["images"])
     assert log.count("step 3/6") == 1  # only rank 0 logs at INFO level
 
@@ -231,7 +232,7 @@ def test_cyclegan_two_processes_resume_exactly(gan_data, gan_run):
             assert torch.equal(a[net][k], b[net][k]), (net, k)
     for r in range(2):
         assert torch.equal(a["ranks"][r]["pool_B"]["images"], b["ranks"][r]["pool_B"]["images"])
-        assert torch.equal(a["ranks"][r]["rng"]["train"], b["ranks"][r]["rng"]["train"])
+        assert torch.equal(a["ranks"][r]["rng"]["generators"][0], b["ranks"][r]["rng"]["generators"][0])
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(read_csv(gan_run[0] / "losses.csv")) == drop(read_csv(out / "losses.csv"))
     # resuming with another number of processes is refused, naming the fix
@@ -244,9 +245,10 @@ def test_torchrun_with_one_process_equals_the_plain_run(gan_data, tmp_path):
     from melano import cyclegan as cg
     from melano.common import load_checkpoint
     torchrun(1, "-m", "melano.cyclegan", "train", *gan_args(gan_data, tmp_path / "torchrun", "--max-steps", "3"))
+    from melano import run
     args = argparse.ArgumentParser()
-    cg._add_config_args(args)
-    cfg = cg.CycleGANConfig(**vars(args.parse_args(gan_args(gan_data, tmp_path / "plain", "--max-steps", "3"))))
+    run.add_options(args, cg.CycleGANConfig)
+    cfg = run.from_args(cg.CycleGANConfig, args.parse_args(gan_args(gan_data, tmp_path / "plain", "--max-steps", "3")))
     a, b = load_checkpoint(tmp_path / "torchrun" / cg.CHECKPOINT), load_checkpoint(cg.train(cfg))
     for net in ("G_A", "G_B", "D_A", "D_B"):
         for k in a[net]:
@@ -369,7 +371,7 @@ def test_classifier_two_processes(cls_data):
     labels = {r["image_name"]: int(r["target"]) for r in read_csv(cls_data / "data" / "train.csv")}
     assert len(val_names) == 15
     history = read_csv(out / "history.csv")
-    assert [int(h["step"]) for h in history] == [2, 3, 4]  # every 2 steps and at each epoch's end (57 // 16 = 3)
+    assert [int(h["step"]) for h in history] == [2, 4]  # every --val-every 2 steps (and at the last)
     for i, h in enumerate(history):
         idx, logits, targets = (np.concatenate([ranks[r]["val"][i][j].numpy() for r in range(2)]) for j in range(3))
         assert sorted(idx.tolist()) == sorted(list(range(15)) + [0])  # the union, padding included
@@ -403,18 +405,18 @@ def test_pipeline_runs_its_training_stages_under_torchrun(tmp_path, monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if Path("/sys/class/net/lo").exists():
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(tmp_path),
-                                     "arms": ["traditional", "cyclegan"], "nproc_per_node": 2})
-    result = pipeline.run(cfg)
+    cfg = pipeline.make_config("smoke", out=str(tmp_path), arms=["traditional", "cyclegan"], nproc_per_node=2,
+                               seeds=1)
+    result = pipeline.run_experiment(cfg)
     gan = load_checkpoint(tmp_path / "gan" / "checkpoint.pt")
     assert gan["world_size"] == 2 and gan["step"] == cfg.gan_max_steps
     assert json.loads((tmp_path / "gan" / "params.json").read_text())["params"]["nproc_per_node"] == 2
     # the report read each arm's outputs, written by rank 0 of its torchrun
     for arm in result["arms"]:
-        assert load_checkpoint(tmp_path / f"arm_{arm['name']}" / "last.pt")["world_size"] == 2
-        test = read_csv(tmp_path / f"arm_{arm['name']}" / "test_predictions.csv")
+        assert load_checkpoint(tmp_path / f"arm_{arm['name']}_0" / "last.pt")["world_size"] == 2
+        test = read_csv(tmp_path / f"arm_{arm['name']}_0" / "test_predictions.csv")
         auc = roc_auc_score([int(r["target"]) for r in test], [float(r["probability"]) for r in test])
-        assert arm["test_auc"] == pytest.approx(auc, abs=1e-9)
+        assert arm["seeds"][0]["auc"] == pytest.approx(auc, abs=1e-9)
     assert sorted(a["name"] for a in result["arms"]) == ["cyclegan", "traditional"]
 
 
@@ -422,20 +424,16 @@ def test_pipeline_passes_configs_to_torchrun_unchanged():
     # --nproc-per-node K runs each training stage as `torchrun ... -m MODULE train FLAGS`: the flags
     # must parse back, through each module's own parser, into exactly the config of the in-process call
     import argparse
-    from melano import classifier, cyclegan, pipeline
+    from melano import classifier, cyclegan, pipeline, run
     gan = cyclegan.CycleGANConfig(data="d", out="o", split_csv="s.csv", size=64, n_blocks=3, max_steps=None,
                                   label_smoothing="noisy", lr=3e-4, resume=True, device="cuda")
-    p = argparse.ArgumentParser()
-    cyclegan._add_config_args(p)
-    assert cyclegan.CycleGANConfig(**vars(p.parse_args(pipeline._train_flags(gan)))) == gan
     clf = classifier.ClassifierConfig(data="d", out="o", extra=["x", "y"], split_csv="s.csv", pretrained=False,
                                       size=None, max_steps=7, lr=1e-3, augment="traditional", evaluate=False,
-                                      channels_last=False, amp=False, tta=True, resume=True, pos_weight="auto")
-    p = argparse.ArgumentParser()
-    classifier._add_train_args(p)
-    fields = {f.name for f in classifier.dataclasses.fields(classifier.ClassifierConfig)}
-    parsed = {k: v for k, v in vars(p.parse_args(pipeline._train_flags(clf))).items() if k in fields}
-    assert classifier.ClassifierConfig(**parsed) == clf
+                                      channels_last=False, amp="none", tta=True, resume=True, pos_weight="auto")
+    for cfg in (gan, clf, dataclasses.replace(clf, extra=[], size=48, resume=False)):
+        p = argparse.ArgumentParser()
+        run.add_options(p, type(cfg))
+        assert run.from_args(type(cfg), p.parse_args(run.to_flags(cfg))) == cfg
     assert pipeline.PipelineConfig().nproc_per_node == 1
 
 

@@ -15,8 +15,8 @@ from melano import classifier, pipeline
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(out)})
-    return cfg, pipeline.run(cfg), out
+    cfg = pipeline.make_config("smoke", out=str(out))
+    return cfg, pipeline.run_experiment(cfg), out
 
 
 def test_smoke_outputs_and_schema(smoke):
@@ -26,21 +26,68 @@ def test_smoke_outputs_and_schema(smoke):
     assert json.loads((out / "metrics.json").read_text()) == result
     assert [a["name"] for a in result["arms"]] == list(pipeline.ARMS)
     for a in result["arms"]:
-        assert set(a) >= {"name", "test_auc", "ci_low", "ci_high", "p_value_vs_traditional"}
-        assert 0 <= a["ci_low"] <= a["test_auc"] <= a["ci_high"] <= 1
-        assert (a["p_value_vs_traditional"] is None) == (a["name"] == "traditional")
-        # The reported AUC is the AUC of the arm's own saved test predictions.
-        rows = read_csv(out / f"arm_{a['name']}" / "test_predictions.csv")
-        y = [int(r["target"]) for r in rows]
-        p = [float(r["probability"]) for r in rows]
-        assert a["test_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-        assert len(rows) == result["split_sizes"]["test"]["images"]
+        assert set(a) >= {"name", "steps", "images_seen", "seeds", "auc_mean", "auc_sd"}
+        assert len(a["seeds"]) == cfg.seeds == 2
+        aucs = []
+        for k, s in enumerate(a["seeds"]):
+            assert 0 <= s["ci_low"] <= s["auc"] <= s["ci_high"] <= 1
+            # The reported AUC is the AUC of that seed's own saved test predictions.
+            rows = read_csv(out / f"arm_{a['name']}_{k}" / "test_predictions.csv")
+            aucs.append(roc_auc_score([int(r["target"]) for r in rows], [float(r["probability"]) for r in rows]))
+            assert s["auc"] == pytest.approx(aucs[-1], abs=1e-12)
+            assert len(rows) == result["split_sizes"]["test"]["images"]
+        assert a["auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
     assert all(result["leakage_guards"].values()) and len(result["leakage_guards"]) == 3
     assert "no validation or test image touches GAN training" in result["leakage_guards"]
-    assert set(result["timings_s"]) >= set(pipeline.STAGES) - {"report"}
+    assert set(result["timings_s"]) >= set(pipeline.stage_names(cfg)) - {"report"}
     md = (out / "report.md").read_text()
-    assert "| cyclegan_ls |" in md and "Leakage guards" in md
+    assert "| cyclegan_ls |" in md and "Leakage guards" in md and "Holm" in md
     assert Image.open(out / "roc.png").size[0] > 100
+
+
+def test_every_arm_trains_the_same_steps(smoke):
+    # From the arms' own training histories: the same number of optimiser steps, validated at the
+    # same steps, with the same batch size; so the same images seen.
+    cfg, result, out = smoke
+    steps, batches, validated = set(), set(), set()
+    for a in result["arms"]:
+        for k in range(cfg.seeds):
+            arm = out / f"arm_{a['name']}_{k}"
+            history = read_csv(arm / "history.csv")
+            steps.add(int(history[-1]["step"]))
+            validated.add(tuple(int(h["step"]) for h in history))
+            batches.add(json.loads((arm / "config.json").read_text())["global_batch_size"])
+    train = result["split_sizes"]["train"]["images"]
+    assert steps == {cfg.clf_epochs * (train // cfg.clf_batch_size)} and len(validated) == len(batches) == 1
+    assert {a["steps"] for a in result["arms"]} == steps
+    assert {a["images_seen"] for a in result["arms"]} == {steps.pop() * batches.pop()}
+
+
+def test_declared_comparisons_are_holm_adjusted(smoke):
+    cfg, result, out = smoke
+    comps = result["comparisons"]
+    assert [(c["a"], c["b"], c["role"]) for c in comps] == [
+        ("cyclegan", "oversample", "primary"), ("cyclegan", "traditional", "secondary"),
+        ("cyclegan_ls", "cyclegan", "secondary")]
+    # Holm by hand: sort the p-values, multiply the i-th smallest by (m - i), keep it monotone, cap at 1
+    p = [c["p"] for c in comps]
+    order = sorted(range(3), key=lambda i: p[i])
+    want, running = [0.0] * 3, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * p[i]))
+        want[i] = running
+    assert [c["p_holm"] for c in comps] == pytest.approx(want, abs=1e-12)
+
+
+def test_oversample_arm_resamples_real_training_melanomas(smoke):
+    cfg, result, out = smoke
+    train = result["split_sizes"]["train"]
+    n = train["images"] - 2 * train["malignant"]
+    for k in range(cfg.seeds):
+        c = json.loads((out / f"arm_oversample_{k}" / "config.json").read_text())
+        assert c["oversample"] == n and c["augment"] == "traditional" and c["extra"] == []
+        r = json.loads((out / f"arm_oversample_{k}" / "result.json").read_text())
+        assert r["extra_images"] == n and r["train_images"] == train["images"]
 
 
 def test_synthetic_images_balance_training_and_come_from_train_benign(smoke):
@@ -59,25 +106,25 @@ def test_rerun_skips_every_stage(smoke, caplog):
     cfg, result, out = smoke
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
     with caplog.at_level(logging.INFO, logger="melano.pipeline"):
-        again = pipeline.run(cfg)
+        again = pipeline.run_experiment(cfg)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/done.json")} == mtimes
-    assert caplog.text.count("skipped") == len(pipeline.STAGES)
+    assert caplog.text.count("skipped") == len(pipeline.stage_names(cfg))
     assert again["arms"] == result["arms"]
 
 
 def test_force_reruns_one_stage(smoke):
     cfg, result, out = smoke
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    pipeline.run(pipeline.PipelineConfig(**{**vars(cfg), "force": ["report"]}))
+    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "force": ["report"]}))
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
     assert [s for s in after if after[s] != before[s]] == ["report"]
 
 
 def test_predict_matches_test_predictions(smoke):
     cfg, result, out = smoke
-    rows = read_csv(out / "arm_traditional" / "test_predictions.csv")[:3]
+    rows = read_csv(out / "arm_traditional_0" / "test_predictions.csv")[:3]
     img_dir = out / "data" / "synthetic" / "jpeg" / "train"
-    got = classifier.predict(out / "arm_traditional" / "best.pt",
+    got = classifier.predict(out / "arm_traditional_0" / "best.pt",
                              [img_dir / f"{r['image_name']}.jpg" for r in rows])
     probs = [p for _, p in got]
     np.testing.assert_allclose(probs, [float(r["probability"]) for r in rows], atol=1e-4)
@@ -93,35 +140,35 @@ def test_bad_data_folder_fails_clearly(tmp_path, caplog):
     assert str(empty) in caplog.text
 
 
-def test_unknown_stage_and_missing_baseline_are_refused(tmp_path):
+def test_unknown_stage_and_arm_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a stage"):
-        pipeline.run(pipeline.PipelineConfig(out=str(tmp_path), force=["gan2"]))
-    with pytest.raises(ValueError, match="baseline"):
-        pipeline.run(pipeline.PipelineConfig(out=str(tmp_path), arms=["none", "cyclegan"]))
+        pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), force=["gan2"]))
+    with pytest.raises(ValueError, match="--arms"):
+        pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), arms=["none", "gan"]))
+    assert not any(tmp_path.iterdir())  # a refused command changes nothing
 
 
 def test_force_reruns_a_stage_and_everything_downstream(smoke):
     cfg, result, out = smoke
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    pipeline.run(pipeline.PipelineConfig(**{**vars(cfg), "force": ["gan"]}))
+    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "force": ["gan"]}))
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan", "gan", "report", "synth"]
+    assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan_0", "arm_cyclegan_1", "gan",
+                                                                   "report", "synth"]
 
 
 def test_given_weights_are_used_by_every_arm(tmp_path):
     from melano.efficientnet import offline_weights
 
-    cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(tmp_path),
-                                     "arms": ["none", "traditional"], "weights": offline_weights(
-                                         "tf_efficientnet_lite0")})
-    result = pipeline.run(cfg)
+    cfg = pipeline.make_config("smoke", out=str(tmp_path), arms=["none", "traditional"], seeds=1,
+                               weights=offline_weights("tf_efficientnet_lite0"))
+    result = pipeline.run_experiment(cfg)
     assert [a["name"] for a in result["arms"]] == ["none", "traditional"]
-    assert json.loads((tmp_path / "arm_none" / "config.json").read_text())["weights"] == cfg.weights
+    assert json.loads((tmp_path / "arm_none_0" / "config.json").read_text())["weights"] == cfg.weights
 
 
 def test_unavailable_weights_fail_before_any_gan_training(tmp_path):
-    cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS["smoke"], "preset": "smoke", "out": str(tmp_path),
-                                     "arch": "efficientnet_b0"})
+    cfg = pipeline.make_config("smoke", out=str(tmp_path), arch="efficientnet_b0")
     with pytest.raises(ValueError, match="no offline pretrained weights"):
-        pipeline.run(cfg)
+        pipeline.run_experiment(cfg)
     assert not (tmp_path / "gan").exists()

@@ -20,46 +20,65 @@ def write_preds(path, names, y, p):
 
 @pytest.fixture
 def arms(tmp_path):
+    """Two seeds per arm; each arm may list the images in its own order."""
     rng = np.random.default_rng(0)
     n = 300
     names = [f"ISIC_{i:07d}" for i in range(n)]
     y = (rng.random(n) < 0.2).astype(int)
     out = {}
-    for arm, signal in [("none", 0.5), ("traditional", 1.0), ("cyclegan", 2.0)]:
-        p = 1 / (1 + np.exp(-(signal * y + rng.normal(size=n))))
-        perm = rng.permutation(n)  # each arm may list the images in its own order
-        out[arm] = write_preds(tmp_path / f"{arm}.csv", [names[i] for i in perm], y[perm], p[perm])
+    for arm, signal in [("traditional", 1.0), ("oversample", 1.0), ("cyclegan", 2.0)]:
+        out[arm] = []
+        for k in range(2):
+            p = 1 / (1 + np.exp(-(signal * y + rng.normal(size=n))))
+            perm = rng.permutation(n)
+            out[arm].append(write_preds(tmp_path / f"{arm}{k}.csv", [names[i] for i in perm], y[perm], p[perm]))
     return out
 
 
-def test_compare_arms_matches_metrics(arms):
-    rows = {r["name"]: r for r in report.compare_arms(arms)}
-    assert rows["traditional"]["p_value_vs_traditional"] is None
-    _, yt, pt = report.read_predictions(arms["traditional"])
-    _, yc, pc = report.read_predictions(arms["cyclegan"])
-    assert rows["cyclegan"]["test_auc"] == pytest.approx(roc_auc_score(yc, pc), abs=1e-12)
-    # Align by name before the paired test, as compare_arms must.
-    nt, _, _ = report.read_predictions(arms["traditional"])
-    nc, _, _ = report.read_predictions(arms["cyclegan"])
-    pos = {n: i for i, n in enumerate(nc)}
-    pc_aligned = pc[[pos[n] for n in nt]]
-    want_p = metrics.delong_test(yt, pc_aligned, pt)[2]
-    assert rows["cyclegan"]["p_value_vs_traditional"] == pytest.approx(want_p, rel=1e-12)
-    assert rows["cyclegan"]["p_value_vs_traditional"] < 0.05  # signal 2.0 vs 1.0 on 300 cases
-    for r in rows.values():
-        assert r["ci_low"] <= r["test_auc"] <= r["ci_high"]
+def aligned(path):
+    names, y, p = report.read_predictions(path)
+    order = np.argsort(names)
+    return y[order], p[order]
 
 
-def test_compare_arms_refuses_different_test_sets(arms, tmp_path):
-    names, y, p = report.read_predictions(arms["cyclegan"])
-    write_preds(arms["cyclegan"], names[:-1], y[:-1], p[:-1])
+def test_experiment_metrics_match_sklearn_and_delong(arms, tmp_path):
+    m = report.experiment_metrics(arms, split_csv=None)
+    rows = {r["name"]: r for r in m["arms"]}
+    for arm, paths in arms.items():
+        aucs = [roc_auc_score(*aligned(p)) for p in paths]
+        assert [s["auc"] for s in rows[arm]["seeds"]] == pytest.approx(aucs, abs=1e-12)
+        assert rows[arm]["auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
+        assert rows[arm]["auc_sd"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
+        for s in rows[arm]["seeds"]:
+            assert s["ci_low"] <= s["auc"] <= s["ci_high"]
+    comps = {(c["a"], c["b"]): c for c in m["comparisons"]}
+    assert set(comps) == {("cyclegan", "oversample"), ("cyclegan", "traditional")}  # no cyclegan_ls arm
+    assert comps[("cyclegan", "oversample")]["role"] == "primary"
+    y, _ = aligned(arms["cyclegan"][0])
+    mean = lambda arm: np.mean([aligned(p)[1] for p in arms[arm]], axis=0)  # noqa: E731
+    want = metrics.delong_test(y, mean("cyclegan"), mean("traditional"))
+    c = comps[("cyclegan", "traditional")]
+    assert c["p"] == pytest.approx(want[2], rel=1e-12) and c["delta"] == pytest.approx(want[0] - want[1])
+    assert c["p"] < 0.05  # signal 2.0 vs 1.0 on 300 cases
+
+
+def test_holm_by_hand():
+    # p sorted: 0.01 (x3 = 0.03), 0.02 (x2 = 0.04), 0.04 (x1 = 0.04, kept monotone)
+    assert report.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert report.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1, and monotone
+    assert report.holm([0.03]) == [0.03]
+
+
+def test_experiment_metrics_refuse_different_test_sets(arms):
+    names, y, p = report.read_predictions(arms["cyclegan"][1])
+    write_preds(arms["cyclegan"][1], names[:-1], y[:-1], p[:-1])
     with pytest.raises(ValueError, match="different test set"):
-        report.compare_arms(arms)
+        report.experiment_metrics(arms, split_csv=None)
     y2 = y.copy()
     y2[0] = 1 - y2[0]
-    write_preds(arms["cyclegan"], names, y2, p)
+    write_preds(arms["cyclegan"][1], names, y2, p)
     with pytest.raises(ValueError, match="different test set"):
-        report.compare_arms(arms)
+        report.experiment_metrics(arms, split_csv=None)
 
 
 def test_read_predictions_names_bad_columns(tmp_path):
@@ -70,14 +89,13 @@ def test_read_predictions_names_bad_columns(tmp_path):
 
 
 def test_report_files(arms, tmp_path):
-    rows = report.compare_arms(arms)
-    md = report.markdown_report({"arms": rows, "data": "synthetic", "preset": "smoke",
-                                 "split_sizes": {"test": {"images": 300, "malignant": 60,
-                                                          "patients": 90}}})
-    for r in rows:
-        assert f"| {r['name']} | {r['test_auc']:.3f} |" in md
-    assert "cyclegan` scored a higher test AUC" in md
-    png = report.roc_plot(arms, tmp_path / "roc.png")
+    m = report.experiment_metrics(arms, split_csv=None)
+    md = report.markdown_report({**m, "data": "synthetic", "preset": "smoke",
+                                 "split_sizes": {"test": {"images": 300, "malignant": 60, "patients": 90}}})
+    for r in m["arms"]:
+        assert f"| {r['name']} |" in md and f"{r['auc_mean']:.3f} ± {r['auc_sd']:.3f}" in md
+    assert "`cyclegan` vs `traditional` (secondary): `cyclegan` scored a higher test AUC" in md
+    png = report.roc_plot({a: p[0] for a, p in arms.items()}, tmp_path / "roc.png")
     assert Image.open(png).size[0] > 100
     pairs = [(Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 40), "blue"))] * 5
     grid = Image.open(report.sample_grid(pairs, tmp_path / "grid.png", cols=2, cell=16))

@@ -1,0 +1,117 @@
+"""Translate training-split benign images into synthetic melanomas with a trained CycleGAN's G_A.
+
+    python -m melano.cyclegan translate --checkpoint RUN/checkpoint.pt --data DIR --out DIR [--limit N]
+
+The output is a data folder in the ISIC layout (train.csv + jpeg/train/*.jpg) that
+`melano.classifier train --extra` reads. Each row keeps its source's patient_id, sex, age and
+site (so a patient-grouped reader can audit leakage), with diagnosis "synthetic",
+benign_malignant "malignant", target 1 and `source_image` naming the benign original.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import cyclegan, run
+from . import data as mdata
+from .common import atomic_write_text, pick_device, progress
+from .run import option
+
+log = logging.getLogger("melano.translate")
+
+COLUMNS = ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
+           "diagnosis", "benign_malignant", "target", "source_image")
+
+
+@dataclass
+class TranslateConfig:
+    checkpoint: str = option(help="checkpoint.pt written by `python -m melano.cyclegan train`")
+    data: str = option(help="the data folder the model was trained on")
+    out: str = option(help="output folder: train.csv + jpeg/train/*.jpg")
+    limit: int | None = option(None, "translate at most this many benign images, a seeded random sample. "
+                                     "none: all", min=0)
+    split: str = option("train", "which split's benign images (synthetic images made from val or test images "
+                                 "must never be used for training)", choices=mdata.SPLITS)
+    split_csv: str | None = option(None, "split file. none: the one the checkpoint was trained with")
+    cache_dir: str | None = option(None, "image cache folder. none: the checkpoint's")
+    batch_size: int = option(16, "images per forward pass", min=1)
+    device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
+
+    def __post_init__(self):
+        run.check_options(self)
+
+
+def sample_benign(names: list[str], targets: np.ndarray, limit: int | None, seed: int) -> list[str]:
+    """The benign names, or `limit` of them drawn at random (seeded; kept in data order). The first
+    N would favour the patients listed first. A smaller limit takes a subset of a larger one's."""
+    names = [n for n, t in zip(names, targets) if t == 0]
+    if limit is None:
+        return names
+    g = torch.Generator().manual_seed(seed)
+    keep = set(torch.randperm(len(names), generator=g)[:limit].tolist())
+    return [n for i, n in enumerate(names) if i in keep]
+
+
+def synthetic_row(name: str, src: mdata.Record) -> dict:
+    """The CSV row of the synthetic image made from `src`: its patient and metadata, target 1."""
+    return {"image_name": f"syn_{name}", "patient_id": src.patient_id,
+            "sex": src.extra.get("sex", ""), "age_approx": src.extra.get("age_approx", ""),
+            "anatom_site_general_challenge": src.extra.get("anatom_site_general_challenge", ""),
+            "diagnosis": "synthetic", "benign_malignant": "malignant", "target": 1, "source_image": name}
+
+
+@torch.no_grad()
+def translate(cfg: TranslateConfig) -> Path:
+    """Run G_A over the benign images of cfg.split and write the synthetic data folder at cfg.out.
+
+    The split file and cache default to the ones the checkpoint was trained with (absolute paths
+    saved in it). train.csv is written last, atomically, so it never lists a missing image.
+    Returns the output folder."""
+    device = pick_device(cfg.device)
+    G, gcfg = cyclegan.load_generator(cfg.checkpoint, "G_A", device)
+    if Path(cfg.data).resolve() != Path(gcfg.data).resolve():
+        log.warning("translating %s, but %s was trained on %s", cfg.data, cfg.checkpoint, gcfg.data)
+    split_csv = Path(cfg.split_csv) if cfg.split_csv else gcfg.split_path
+    if not split_csv.is_file():
+        raise FileNotFoundError(f"split file {split_csv} (from {cfg.checkpoint}) does not exist; pass the "
+                                f"splits.csv the model was trained with (--split-csv)")
+    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or gcfg.cache_path, split_csv)
+    records = {r.image_name: r for r in index.records}
+    split_names = splits[cfg.split]
+    names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
+    out_dir = Path(cfg.out)
+    img_dir = out_dir / "jpeg" / "train"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    amp_dtype, _ = run.amp_setup("auto", device)
+    log.info("translating %d %s-split benign images of %s with %s on %s", len(names), cfg.split, cfg.data,
+             cfg.checkpoint, device)
+    rows = []
+    batches = [names[i:i + cfg.batch_size] for i in range(0, len(names), cfg.batch_size)]
+    for batch in progress(batches, total=len(batches), desc="translate"):
+        x = torch.from_numpy(np.stack([cache.images[cache.row(n)] for n in batch])).to(device)
+        x = x.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1)  # uint8 -> [-1, 1], as UnpairedDataset
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            y = G(x)
+        for name, img in zip(batch, cyclegan.to_uint8(y)):
+            row = synthetic_row(name, records[name])
+            Image.fromarray(img).save(img_dir / f"{row['image_name']}.jpg", quality=95, subsampling=0)
+            rows.append(row)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), out_dir / "train.csv")
+    written = {f"{r['image_name']}.jpg" for r in rows}
+    for stale in img_dir.glob("syn_*.jpg"):  # from an earlier, larger run into the same folder
+        if stale.name not in written:
+            stale.unlink()
+    log.info("wrote %d synthetic malignant images to %s", len(rows), out_dir)
+    return out_dir
