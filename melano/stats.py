@@ -80,7 +80,10 @@ def _score_matrix(scores, n: int, name: str) -> np.ndarray:
     """(K, n) float64 scores of K training seeds; a 1-D array is one seed."""
     if hasattr(scores, "detach"):
         scores = scores.detach().cpu().double().numpy()
-    a = np.asarray(scores)
+    try:
+        a = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: cannot be read as a (seeds, {n}) array of numbers ({e})") from e
     if a.ndim == 1:
         a = a[None]
     if a.ndim != 2 or a.shape[0] == 0:

@@ -54,9 +54,11 @@ def cluster_bootstrap_aucs(y, s, groups, n_boot, seed, auc=ref.auc):
 
 def seed_mean(aucs_of_seeds, drawn):
     """Mean AUC of the drawn seeds after spreading the K AUCs by sqrt(K/(K-1)) about their mean
-    (so that resampling K seeds adds the unbiased s^2/K)."""
+    (so that resampling K seeds adds the unbiased s^2/K); NaN for one seed."""
     a = np.asarray(aucs_of_seeds, dtype=np.float64)
     k, mean = a.size, a.mean()
+    if k < 2:
+        return math.nan
     spread = mean + math.sqrt(k / (k - 1)) * (a - mean)
     return float(np.mean([spread[d] for d in drawn]))
 
