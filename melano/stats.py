@@ -137,12 +137,14 @@ def _auc_plan(y: np.ndarray, s: np.ndarray, codes: np.ndarray):
 def _auc_rows(plan, counts: np.ndarray) -> np.ndarray:
     """Weighted AUC of each row of counts (patient weights); NaN where a class has no weight."""
     neg_codes, pos_codes, lo, hi = plan
-    c = np.zeros((counts.shape[0], neg_codes.size + 1))
-    np.cumsum(counts[:, neg_codes], axis=1, out=c[:, 1:])
-    wp = counts[:, pos_codes].astype(np.float64)
-    num = 0.5 * np.einsum("bi,bi->b", wp, c[:, lo] + c[:, hi])
+    # np.take keeps rows contiguous (fancy indexing would not), and integer cumulative sums are
+    # both exact and several times faster than float ones.
+    c = np.zeros((counts.shape[0], neg_codes.size + 1), dtype=counts.dtype)
+    np.cumsum(np.take(counts, neg_codes, axis=1), axis=1, out=c[:, 1:])
+    wp = np.take(counts, pos_codes, axis=1)
+    twice_num = (wp * (np.take(c, lo, axis=1) + np.take(c, hi, axis=1))).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return num / (wp.sum(axis=1) * c[:, -1])
+        return 0.5 * twice_num / (wp.sum(axis=1) * c[:, -1].astype(np.float64))
 
 
 def _summary(estimate: float, reps: np.ndarray, level: float) -> dict:
@@ -311,10 +313,10 @@ def _roc_plan(y: np.ndarray, s: np.ndarray, codes: np.ndarray):
 
 def _rates(class_codes: np.ndarray, upto: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(B, G + 1) weighted TPR (or FPR) at each threshold, starting at 0."""
-    c = np.zeros((counts.shape[0], class_codes.size + 1))
-    np.cumsum(counts[:, class_codes], axis=1, out=c[:, 1:])
+    c = np.zeros((counts.shape[0], class_codes.size + 1), dtype=counts.dtype)
+    np.cumsum(np.take(counts, class_codes, axis=1), axis=1, out=c[:, 1:])
     with np.errstate(invalid="ignore", divide="ignore"):
-        rates = c[:, upto] / c[:, -1:]
+        rates = np.take(c, upto, axis=1) / c[:, -1:].astype(np.float64)
     return np.concatenate([np.zeros((counts.shape[0], 1)), rates], axis=1)
 
 
@@ -361,7 +363,7 @@ def operating_points(y_true, prob, groups, n_boot: int = 2000, seed: int = 0,
     plan = _roc_plan(y, p, codes)
     sq_err = np.bincount(codes, weights=(p - y) ** 2, minlength=n_pat)
     n_img = np.bincount(codes, minlength=n_pat).astype(np.float64)
-    point = _op_rows(plan, sq_err, n_img, np.ones((1, n_pat)))
+    point = _op_rows(plan, sq_err, n_img, np.ones((1, n_pat), dtype=np.int64))
     rng = np.random.default_rng(seed)
     reps = [_op_rows(plan, sq_err, n_img, _draw_counts(strata, n_pat, size, rng))
             for size in _chunk_sizes(n_boot, y.size)]
