@@ -66,10 +66,15 @@ class CycleGANConfig:
     ndf: int = option(64, "discriminator base width", min=1)
     n_blocks: int | None = option(None, "generator residual blocks. none: 9 at >= 256 px, else 6", min=0)
     n_layers: int = option(3, "PatchGAN conv layers (3 = 70x70 patches)", min=1)
-    upsample: str = option("transpose", "generator upsampling: transpose (reference) or nearest "
-                                        "(nearest + conv, the study's)", choices=("transpose", "nearest"))
+    upsample: str = option("transpose", "generator upsampling: transpose (reference), nearest (nearest + "
+                                        "reflection-padded conv) or nearest_zero (nearest + zero-padded conv, the "
+                                        "study's)", choices=("transpose", "nearest", "nearest_zero"))
     gen_act: str = option("relu", "generator activation: relu (reference) or leaky (LeakyReLU 0.01, the "
-                                  "study's)", choices=("relu", "leaky"))
+                                  "study's label-smoothing arm)", choices=("relu", "leaky"))
+    disc: str = option("patchgan", "discriminator: patchgan (the reference's, 70x70 patches with --n-layers 3) "
+                                   "or study (4 stride-2 blocks, a 14x14 map at 224 px)", choices=("patchgan", "study"))
+    init: str = option("normal", "weight init: normal (N(0, 0.02), the reference's) or default (PyTorch's, the "
+                                 "study's)", choices=("normal", "default"))
     # losses
     gan_mode: str = option("lsgan", "adversarial loss: lsgan (MSE) or vanilla (BCE with logits)",
                            choices=("lsgan", "vanilla"))
@@ -79,6 +84,12 @@ class CycleGANConfig:
     lambda_cycle: float = option(10.0, "weight of the cycle L1 loss", min=0)
     lambda_identity: float = option(0.5, "identity L1 weight, as a fraction of lambda_cycle (0 disables)", min=0)
     pool_size: int = option(50, "generated-image history per discriminator (0 disables)", min=0)
+    pairing: str = option("longest", "an epoch: longest (every image of the larger domain once, the reference's) "
+                                     "or malignant (every malignant image once, each with a random benign one, "
+                                     "the study's)", choices=("longest", "malignant"))
+    augment_b: str = option("none", "augmentation of the malignant images: none, or study (random horizontal "
+                                    "and vertical flips, then a 90-degree rotation of every image)",
+                            choices=("none", "study"))
     # optimisation
     lr: float = option(2e-4, "Adam learning rate", min=0, min_open=True)
     beta1: float = option(0.5, "Adam beta1", min=0, max=0.999999)
@@ -163,8 +174,10 @@ class Generator(nn.Module):
             elif upsample == "nearest":  # no checkerboard artefacts; same parameter count
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
                            nn.Conv2d(cin, cout, 3, bias=True)]
+            elif upsample == "nearest_zero":  # the study's: zero padding darkens the borders a little
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1, bias=True)]
             else:
-                raise ValueError(f"upsample={upsample!r}: choose 'transpose' or 'nearest'")
+                raise ValueError(f"upsample={upsample!r}: choose 'transpose', 'nearest' or 'nearest_zero'")
             layers += [InstanceNormAct(cout, act=a, negative_slope=slope)]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7, bias=True), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -193,6 +206,24 @@ class Discriminator(nn.Module):
         return self.model(x)
 
 
+class StudyDiscriminator(nn.Module):
+    """The study's PatchGAN: four 4x4 stride-2 blocks (64, 128, 256, 512 channels; no norm in the
+    first; LeakyReLU 0.2), a one-pixel zero pad on the top and left, and a 4x4 conv to one logit
+    map: size / 16 per side, 14x14 at 224 px (a 94x94 receptive field)."""
+
+    def __init__(self, ndf: int = 64, in_ch: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for mult in (1, 2, 4):
+            layers += [nn.Conv2d(ndf * mult, ndf * mult * 2, 4, stride=2, padding=1),
+                       InstanceNormAct(ndf * mult * 2, act="leaky_relu", negative_slope=0.2)]
+        layers += [nn.ZeroPad2d((1, 0, 1, 0)), nn.Conv2d(ndf * 8, 1, 4, padding=1)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x)
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """N(0, 0.02) conv weights and zero biases, as the reference's 'normal' init."""
     for m in module.modules():
@@ -205,9 +236,10 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 def build_models(cfg: CycleGANConfig) -> nn.ModuleDict:
     """G_A, G_B, D_A, D_B, initialised from the global torch RNG (seed it first)."""
     g = lambda: Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act)  # noqa: E731
-    d = lambda: Discriminator(cfg.ndf, cfg.n_layers)  # noqa: E731
+    d = lambda: Discriminator(cfg.ndf, cfg.n_layers) if cfg.disc == "patchgan" else StudyDiscriminator(cfg.ndf)  # noqa: E731
     models = nn.ModuleDict({"G_A": g(), "G_B": g(), "D_A": d(), "D_B": d()})
-    init_weights(models)
+    if cfg.init == "normal":
+        init_weights(models)
     return models
 
 
@@ -395,6 +427,31 @@ def load_split_data(data_dir: str | Path, size: int, cache_dir: str | Path, spli
     return index, cache, split
 
 
+class MalignantPairs(mdata.UnpairedDataset):
+    """The study's epoch: every malignant (B) image once, each with a benign (A) image drawn at
+    random (with replacement, seeded by (seed, epoch))."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._pick_a = np.random.default_rng([self.seed, epoch, 1]).integers(len(self.rows_a), size=len(self.rows_b))
+
+    def __len__(self) -> int:
+        return len(self.rows_b)
+
+    def __getitem__(self, i: int) -> dict:
+        a, b = int(self.rows_a[self._pick_a[i]]), int(self.rows_b[i])
+        return {"A": self._image(a), "B": self._image(b), "a_row": a, "b_row": b}
+
+
+def augment_study(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """The study's malignant-image augmentation: a random horizontal and a random vertical flip,
+    then a 90-degree rotation of every image (torchvision's RandomRotation((90, 90)))."""
+    h, v = (torch.rand(len(x), generator=rng).lt(0.5).view(-1, 1, 1, 1).to(x.device) for _ in range(2))
+    x = torch.where(h, x.flip(3), x)
+    x = torch.where(v, x.flip(2), x)
+    return x.rot90(1, dims=(2, 3))
+
+
 class TrainData:
     """Training-split benign (A) and malignant (B) images, in an order that can be resumed.
 
@@ -414,7 +471,8 @@ class TrainData:
             raise run.UsageError(f"{cfg.data}: the training split of {cfg.split_path} has {len(self.rows_A)} "
                                  f"benign and {len(self.rows_B)} malignant images; CycleGAN needs both")
         self.n_A, self.n_B = len(self.rows_A), len(self.rows_B)
-        self.dataset = mdata.UnpairedDataset(self.cache, self.rows_A, self.rows_B, seed=cfg.seed)
+        pairs = MalignantPairs if cfg.pairing == "malignant" else mdata.UnpairedDataset
+        self.dataset = pairs(self.cache, self.rows_A, self.rows_B, seed=cfg.seed)
         self.steps_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * dist.world_size()))
 
     def batches(self, epoch: int, skip: int = 0):
@@ -581,7 +639,10 @@ def train(cfg: CycleGANConfig) -> Path:
             set_lr(gan, cfg, pos.epoch)
             for real_A, real_B in data.batches(pos.epoch, skip=pos.epoch_step):
                 real_A = real_A.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                real_B = real_B.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                real_B = real_B.to(device, non_blocking=True)
+                if cfg.augment_b == "study":
+                    real_B = augment_study(real_B, gan.rng)
+                real_B = real_B.contiguous(memory_format=fmt)
                 loss = dist.mean(train_step(net, gan.opt_G, gan.opt_D, gan.pool_A, gan.pool_B, real_A, real_B,
                                             cfg, gan.rng, gan.scaler, amp_dtype))  # the global batch's losses
                 pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1

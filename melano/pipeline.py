@@ -87,8 +87,19 @@ class PipelineConfig:
     gan_epochs: int = option(100, "CycleGAN epochs at constant LR", min=0)
     gan_epochs_decay: int = option(100, "CycleGAN epochs of linear LR decay", min=0)
     gan_max_steps: int | None = option(600, "CycleGAN total steps (cuts the schedule short). none: no cap", min=1)
-    gan_upsample: str = option("transpose", "transpose (reference CycleGAN) or nearest (the study's)",
-                               choices=("transpose", "nearest"))
+    gan_upsample: str = option("transpose", "transpose (reference CycleGAN), nearest (+ reflection-padded conv) "
+                                            "or nearest_zero (+ zero-padded conv, the study's)",
+                               choices=("transpose", "nearest", "nearest_zero"))
+    gan_disc: str = option("patchgan", "discriminator: patchgan (reference) or study", choices=("patchgan", "study"))
+    gan_init: str = option("normal", "weight init: normal (N(0, 0.02)) or default (PyTorch's)",
+                           choices=("normal", "default"))
+    gan_pairing: str = option("longest", "a CycleGAN epoch: longest (reference) or malignant (the study's)",
+                              choices=("longest", "malignant"))
+    gan_augment_b: str = option("none", "malignant-image augmentation in GAN training: none or study",
+                                choices=("none", "study"))
+    gan_ls_gen_act: str = option("relu", "generator activation of the label-smoothing GAN: relu, or leaky "
+                                         "(LeakyReLU 0.01, as the study's)", choices=("relu", "leaky"))
+    gan_lr: float = option(2e-4, "CycleGAN Adam learning rate", min=0, min_open=True)
     gan_lambda_identity: float = option(0.5, "identity loss weight, as a fraction of the cycle weight", min=0)
     gan_pool_size: int = option(50, "image pool per discriminator (0 disables)", min=0)
     gan_channels_last: bool = option(False, "CycleGAN in NHWC memory format")
@@ -103,6 +114,13 @@ class PipelineConfig:
                                 "the same number of steps)", min=1)
     clf_batch_size: int = option(32, "classifier batch size", min=2)
     clf_lr: float = option(1e-3, "classifier peak learning rate", min=0, min_open=True)
+    clf_optimizer: str = option("adamw", "classifier optimiser: adamw or adam", choices=("adamw", "adam"))
+    clf_schedule: str = option("cosine", "classifier LR schedule: cosine (after warm-up) or constant",
+                               choices=("cosine", "constant"))
+    clf_weight_decay: float = option(1e-2, "classifier weight decay", min=0)
+    clf_warmup: float = option(0.05, "classifier warm-up share of the steps", min=0, max=0.99)
+    clf_mean_std: str = option("model", "classifier input normalisation: model (ImageNet) or half (0.5/0.5)",
+                               choices=("model", "half"))
     test_batch_size: int = option(128, "classifier batch for validation and test", min=1)
     device: str | None = option(None, "cpu or cuda. none: cuda when available")
     nproc_per_node: int = option(1, "processes for the gan and arm training stages; K > 1 runs them under "
@@ -133,7 +151,40 @@ PRESETS: dict[str, dict] = {
                  gan_max_steps=None, gan_upsample="nearest", clf_size=None, clf_epochs=15, clf_batch_size=32,
                  seeds=5),
 }
-PRESETS["study"] = dict(PRESETS["full"])  # refined by issue 12's study recipe
+# sm823zw/Melanoma-Image-Augmentation-and-classification, point by point (its odd choices included,
+# not its bugs; STUDY_DEVIATIONS lists every difference). Its classifier is EfficientNet-B4 from
+# ImageNet weights, which are not packaged offline: pass them with --weights.
+PRESETS["study"] = dict(
+    PRESETS["full"], seeds=3, gan_size=224, gan_ngf=64, gan_ndf=64, gan_blocks=9, gan_batch_size=10,
+    gan_epochs=11, gan_epochs_decay=349, gan_max_steps=None, gan_lr=2e-4, gan_upsample="nearest_zero",
+    gan_lambda_identity=0.0, gan_pool_size=0, gan_disc="study", gan_init="default", gan_pairing="malignant",
+    gan_augment_b="study", gan_ls_gen_act="leaky", synthetic_ratio=1.0, arch="tf_efficientnet_b4",
+    clf_size=224, clf_epochs=10, clf_batch_size=32, clf_lr=1e-4, clf_optimizer="adam", clf_schedule="constant",
+    clf_weight_decay=0.0, clf_warmup=0.0, clf_mean_std="half")
+
+STUDY_DEVIATIONS = (
+    "Model selection keeps the checkpoint with the HIGHEST validation AUC; the study's code kept the lowest "
+    "(`roc_auc_t < roc_auc_min`), which in practice kept the first epoch.",
+    "Validation AUC is one AUC over all validation predictions; the study averaged per-batch AUCs.",
+    "The split is patient-grouped and stratified, with a labelled held-out test split; the study split images "
+    "at random (a patient's images, and a synthetic image and its source, could fall on both sides) and "
+    "reported Kaggle leaderboard scores on the unlabelled ISIC test set.",
+    "Every arm trains the same number of optimiser steps (clf_epochs epochs of the real training split); the "
+    "study trained 10 epochs over data sets of different sizes.",
+    "The oversample arm (real melanomas resampled with traditional augmentation) and replicated classifier "
+    "seeds are melano's additions; the study ran one seed per arm.",
+    "One 360-epoch GAN schedule (constant for 11 epochs, then linear decay: the study's LambdaLR factors "
+    "exactly); the study's label-smoothing and LeakyReLU GANs resumed for a second 360 epochs with the "
+    "learning rate restarted.",
+    "The study's baseline GAN drew its benign partners only from the first 584 benign files (an indexing "
+    "bug); melano draws from every training-split benign image.",
+    "The generator's loss sums the two adversarial terms and the two cycle terms (weight 10 each); the study "
+    "averaged each pair, which halves the loss: Adam is invariant to that constant scale.",
+    "Synthetic images are written like their sources (format, resolution, JPEG tables), so that the file "
+    "format cannot reveal them; the study wrote generated PNGs next to real ones.",
+    "The classifier's head is one logit with BCE-with-logits; the study applied a sigmoid, then BCELoss "
+    "(the same loss, computed less stably).",
+)
 
 
 def make_config(preset: str, **given) -> PipelineConfig:
@@ -246,6 +297,8 @@ def gan_config(cfg: PipelineConfig, d: dict, cache_dir: Path, smoothing: str) ->
     return cyclegan.CycleGANConfig(
         data=d["data"], split_csv=d["split_csv"], cache_dir=str(cache_dir), size=cfg.gan_size, ngf=cfg.gan_ngf,
         ndf=cfg.gan_ndf, n_blocks=cfg.gan_blocks, upsample=cfg.gan_upsample, label_smoothing=smoothing,
+        gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", disc=cfg.gan_disc, init=cfg.gan_init,
+        pairing=cfg.gan_pairing, augment_b=cfg.gan_augment_b, lr=cfg.gan_lr,
         lambda_identity=cfg.gan_lambda_identity, pool_size=cfg.gan_pool_size, batch_size=cfg.gan_batch_size,
         epochs=cfg.gan_epochs, epochs_decay=cfg.gan_epochs_decay, max_steps=cfg.gan_max_steps, seed=cfg.seed,
         channels_last=cfg.gan_channels_last, device=cfg.device,
@@ -261,7 +314,9 @@ def arm_config(cfg: PipelineConfig, d: dict, cache_dir: Path, arm: str, k: int,
         cache_dir=str(cache_dir), val_frac=cfg.val_frac, test_frac=cfg.test_frac, split_seed=cfg.seed,
         arch=cfg.arch, pretrained=True, weights=cfg.weights, size=cfg.clf_size, epochs=cfg.clf_epochs,
         batch_size=cfg.clf_batch_size, max_steps=cfg.clf_epochs * steps_per_epoch, val_every=steps_per_epoch,
-        lr=cfg.clf_lr, augment="traditional" if arm in ("traditional", "oversample") else "none",
+        lr=cfg.clf_lr, optimizer=cfg.clf_optimizer, schedule=cfg.clf_schedule, weight_decay=cfg.clf_weight_decay,
+        warmup=cfg.clf_warmup, mean_std=cfg.clf_mean_std,
+        augment="traditional" if arm in ("traditional", "oversample") else "none",
         seed=cfg.seed + k, eval_batch_size=cfg.test_batch_size, device=cfg.device)
 
 
@@ -342,6 +397,7 @@ def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict
         "synthetic_images": {a: g["synthetic_images"] for a, g in gans.items()},
         "best_val_auc": {a: [r["best_val_auc"] for r in rs] for a, rs in arms.items()},
         "leakage_guards": guards,
+        "deviations_from_study": list(STUDY_DEVIATIONS) if cfg.preset == "study" else [],
         "timings_s": dict(timings), "wall_s": time.monotonic() - wall0,
         "config": to_jsonable(cfg),
     }
@@ -463,6 +519,8 @@ def command(argv: list[str]) -> None:
     cfg, args = parse_config(argv)
     if args.dry_run:
         print(json.dumps(to_jsonable(cfg), indent=2))
+        if cfg.preset == "study":
+            print("Deviations from the study's recipe:\n" + "\n".join(f"- {d}" for d in STUDY_DEVIATIONS))
         return
     run_experiment(cfg)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import metrics
+from . import metrics, stats
 from .common import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -63,36 +63,67 @@ def load_arm_predictions(predictions: dict[str, list[str | Path]]) -> tuple[list
     return names, y, out
 
 
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment (family-wise error), monotone and capped at 1."""
-    order = np.argsort(p_values)
-    m, adjusted, running = len(p_values), [0.0] * len(p_values), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
+VARIANCE_NOTE = (
+    "each seed's DeLong CI covers test sampling only, treating the test images as independent; each "
+    "seed's clustered CI is a patient-level bootstrap, which also covers test sampling only but respects "
+    "that a patient's images are correlated; the mean ± sd over seeds shows the training variance (same "
+    "split, same synthetic images, different classifier seeds); each comparison's CI and p come from a "
+    "hierarchical bootstrap that resamples test patients and each arm's seeds, so they cover test "
+    "sampling and training variance together (the test-only interval is in metrics.json too). None of "
+    "these covers the variance of the CycleGAN's own training or of the split itself.")
 
 
-def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str | Path, seed: int = 0,
-                       level: float = 0.95) -> dict:
-    """Per arm: each seed's test AUC with its DeLong CI, and the mean and sd over seeds; the
-    declared comparisons with their Holm-adjusted p-values."""
+def test_patients(split_csv: str | Path | None, names: list[str]) -> np.ndarray:
+    """Patient id of each test image, from the experiment's splits.csv (each image its own patient
+    when no split file is given)."""
+    if split_csv is None:
+        return np.array(names)
+    with open(split_csv, newline="") as f:
+        patient = {r["image_name"]: r["patient_id"] for r in csv.DictReader(f)}
+    missing = [n for n in names if n not in patient]
+    if missing:
+        raise ValueError(f"{split_csv}: {len(missing)} test image(s) are not in the split file, e.g. {missing[0]}")
+    return np.array([patient[n] for n in names])
+
+
+def arm_metrics(arm: str, y: np.ndarray, groups: np.ndarray, probs: np.ndarray, n_boot: int, seed: int,
+                level: float) -> dict:
+    """One arm's row: per seed the AUC with DeLong and clustered CIs and the operating points;
+    the mean and sd of the AUC over seeds."""
+    seeds = []
+    for k, p in enumerate(probs):
+        auc, lo, hi = metrics.delong_ci(y, p, level=level)
+        boot = stats.cluster_bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed + k, level=level)
+        ops = stats.operating_points(y, p, groups, n_boot=n_boot, seed=seed + k, level=level)
+        points = {m: {"estimate": v["estimate"], "ci": v["ci"]} for m, v in ops.items() if isinstance(v, dict)}
+        seeds.append({"seed": k, "auc": auc, "ci_low": lo, "ci_high": hi, "clustered_ci": boot["ci"],
+                      "clustered_se": boot["se"], "operating_points": points})
+    aucs = np.array([s["auc"] for s in seeds])
+    mean_points = {m: float(np.mean([s["operating_points"][m]["estimate"] for s in seeds]))
+                   for m in seeds[0]["operating_points"]}
+    return {"name": arm, "seeds": seeds, "auc_mean": float(aucs.mean()),
+            "auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0, "operating_points_mean": mean_points,
+            "n_test": int(y.size), "n_test_positive": int(y.sum()), "n_test_patients": int(len(set(groups)))}
+
+
+def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str | Path | None, seed: int = 0,
+                       level: float = 0.95, n_boot: int = 2000) -> dict:
+    """Per arm: each seed's test AUC (DeLong and patient-clustered CIs) and operating points, the
+    mean and sd over seeds; the declared comparisons, each with a ΔAUC CI and p covering test
+    sampling and training variance, Holm-adjusted as one family."""
     names, y, probs = load_arm_predictions(predictions)
-    arms = []
-    for arm, p in probs.items():
-        seeds = [dict(zip(("auc", "ci_low", "ci_high"), metrics.delong_ci(y, s, level=level))) for s in p]
-        aucs = np.array([r["auc"] for r in seeds])
-        arms.append({"name": arm, "seeds": seeds, "auc_mean": float(aucs.mean()),
-                     "auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
-                     "n_test": int(y.size), "n_test_positive": int(y.sum())})
+    groups = test_patients(split_csv, names)
+    arms = [arm_metrics(a, y, groups, p, n_boot, seed, level) for a, p in probs.items()]
     comparisons = []
-    for a, b, role in COMPARISONS:
+    for i, (a, b, role) in enumerate(COMPARISONS):
         if a in probs and b in probs:
-            auc_a, auc_b, p = metrics.delong_test(y, probs[a].mean(0), probs[b].mean(0))
-            comparisons.append({"a": a, "b": b, "role": role, "delta": auc_a - auc_b, "p": p})
-    for c, adj in zip(comparisons, holm([c["p"] for c in comparisons])):
-        c["p_holm"] = adj
-    return {"arms": arms, "comparisons": comparisons}
+            c = stats.compare_arms(y, groups, probs[a], probs[b], n_boot=n_boot, seed=seed + 100 + i, level=level)
+            comparisons.append({"a": a, "b": b, "role": role, "delta": c["delta"], "ci_low": c["ci"][0],
+                                "ci_high": c["ci"][1], "p": c["p"], "covers": c["covers"],
+                                "test_only": c["test_only"], "p_delong_seed_mean": c["p_delong"]})
+    for c, adj in zip(comparisons, stats.holm([c["p"] for c in comparisons]) if comparisons else []):
+        c["p_holm"] = float(adj)
+    return {"arms": arms, "comparisons": comparisons, "variance_note": VARIANCE_NOTE, "n_boot": n_boot}
 
 
 def roc_plot(predictions: dict[str, str | Path], path: str | Path, title: str = "") -> Path | None:
@@ -234,12 +265,35 @@ def _fmt_ci(lo, hi) -> str:
 
 
 def _arm_lines(result: dict) -> list[str]:
-    lines = ["| arm | steps | images seen | test AUC, mean ± sd over seeds | each seed (DeLong 95% CI) | "
+    lines = ["| arm | steps | images seen | test AUC, mean ± sd over seeds | each seed: AUC (DeLong CI; clustered CI) | "
              "study reported |", "|---|---|---|---|---|---|"]
     for a in result["arms"]:
-        seeds = "; ".join(f"{s['auc']:.3f} ({s['ci_low']:.3f}–{s['ci_high']:.3f})" for s in a["seeds"])
+        seeds = "; ".join(f"{s['auc']:.3f} ({s['ci_low']:.3f}–{s['ci_high']:.3f}; "
+                          f"{s['clustered_ci'][0]:.3f}–{s['clustered_ci'][1]:.3f})" for s in a["seeds"])
         lines.append(f"| {a['name']} | {a.get('steps', '?')} | {a.get('images_seen', '?')} | "
                      f"{a['auc_mean']:.3f} ± {a['auc_sd']:.3f} | {seeds} | {STUDY_AUC.get(a['name'], '—')} |")
+    return lines
+
+
+OPERATING_POINTS = (("sens_at_spec90", "sensitivity at 90% specificity"),
+                    ("sens_at_spec95", "sensitivity at 95% specificity"),
+                    ("spec_at_sens90", "specificity at 90% sensitivity"),
+                    ("spec_at_sens95", "specificity at 95% sensitivity"),
+                    ("pauc_sens80", "partial AUC above 80% sensitivity (ISIC 2024, max 0.2)"),
+                    ("brier", "Brier score (lower is better)"))
+
+
+def _operating_lines(result: dict) -> list[str]:
+    """Mean over seeds, and seed 0's estimate with its patient-clustered 95% CI."""
+    arms = result["arms"]
+    lines = ["| operating point | " + " | ".join(a["name"] for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for key, label in OPERATING_POINTS:
+        cells = []
+        for a in arms:
+            first = a["seeds"][0]["operating_points"][key]
+            cells.append(f"{a['operating_points_mean'][key]:.3f} (seed 0: {first['estimate']:.3f}, "
+                         f"{first['ci'][0]:.3f}–{first['ci'][1]:.3f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -276,6 +330,10 @@ def markdown_report(result: dict) -> str:
              "Every arm trained the same number of optimiser steps with the same batch size and schedule, "
              "once per seed, and was scored on the same held-out, patient-grouped test split.", ""]
     lines += _arm_lines(result) + [""]
+    if result["arms"] and "operating_points" in result["arms"][0]["seeds"][0]:
+        lines += ["### Operating points", "", "Mean over seeds; in brackets seed 0's estimate and its "
+                  "patient-clustered bootstrap 95% CI (test sampling only).", ""]
+        lines += _operating_lines(result) + [""]
     lines += ["## Declared comparisons", "",
               "Declared before any result was seen: the primary comparison `cyclegan` vs `oversample` "
               "(balance with synthetic melanomas, or with resampled real ones), and the secondary "
@@ -288,6 +346,9 @@ def markdown_report(result: dict) -> str:
     if split:
         lines += ["## Data and split", "", "| split | images | malignant | patients |", "|---|---|---|---|"]
         lines += [f"| {n} | {s['images']} | {s['malignant']} | {s['patients']} |" for n, s in split.items()]
+        lines.append("")
+    if result.get("deviations_from_study"):
+        lines += ["## Deviations from the study's recipe", ""] + [f"- {d}" for d in result["deviations_from_study"]]
         lines.append("")
     guards = result.get("leakage_guards", {})
     if guards:

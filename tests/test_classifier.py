@@ -255,3 +255,12 @@ def test_evaluate_never_draws_a_new_split(dataset, run, tmp_path):
 def test_diverged_training_stops_with_a_clear_error(dataset):
     with pytest.raises(FloatingPointError, match="diverged by step 2"):
         train(config(dataset, "diverged", lr=1e30, max_steps=2, val_every=2))
+
+
+def test_study_options_constant_lr_and_half_normalisation(dataset):
+    assert [lr_factor(s, 0, 10, "constant") for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 2, 10, "constant") == 0.5  # a warm-up still warms up
+    cfg = config(dataset, "study", mean_std="half", optimizer="adam", weight_decay=0.0)
+    assert classifier.mean_std(cfg) == ((0.5,) * 3, (0.5,) * 3)
+    m = classifier.build_training(cfg, torch.device("cpu"), None)
+    assert type(m.opt) is torch.optim.Adam and m.norm.mean.flatten().tolist() == [0.5] * 3

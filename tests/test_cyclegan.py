@@ -431,3 +431,43 @@ def test_config_rejects_bad_options():
     with pytest.raises(ValueError, match="size"):
         cg.CycleGANConfig(size=30)
     assert cg.CycleGANConfig(size=256).n_blocks == 9 and cg.CycleGANConfig(size=128).n_blocks == 6
+
+
+# ----------------------------------------------------------------------------- the study's variants
+
+def test_study_discriminator_gives_a_14x14_map_at_224_px():
+    d = cg.StudyDiscriminator(ndf=8)
+    assert d(torch.randn(1, 3, 224, 224)).shape == (1, 1, 14, 14)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 2, 1] and all(c.kernel_size == (4, 4) for c in convs)
+    assert [c.out_channels for c in convs] == [8, 16, 32, 64, 1]
+    # the study's init is PyTorch's default (kaiming uniform), not N(0, 0.02)
+    cfg = cg.CycleGANConfig(size=32, ngf=8, ndf=8, n_blocks=1, disc="study", init="default")
+    torch.manual_seed(0)
+    w = cg.build_models(cfg)["D_A"].model[0].weight
+    bound = 1 / (3 * 16) ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 48
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+
+
+def test_nearest_zero_upsampling_pads_with_zeros():
+    g = cg.Generator(ngf=8, n_blocks=1, upsample="nearest_zero")
+    ups = [m for m in g.modules() if isinstance(m, nn.Upsample)]
+    assert len(ups) == 2 and n_params(g) == n_params(cg.Generator(ngf=8, n_blocks=1, upsample="nearest"))
+    assert sum(isinstance(m, nn.ReflectionPad2d) for m in g.modules()) == 2 + 2  # stem, head, 1 block x 2
+    assert g(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_malignant_pairing_and_study_augmentation(tiny):
+    cfg = tiny_cfg(tiny, tiny / "unused", pairing="malignant")
+    d = cg.TrainData(cfg)
+    assert len(d.dataset) == d.n_B  # an epoch is every malignant image once
+    d.dataset.set_epoch(3)
+    items = [d.dataset[i] for i in range(len(d.dataset))]
+    assert sorted(it["b_row"] for it in items) == sorted(d.rows_B.tolist())
+    assert {it["a_row"] for it in items} <= set(d.rows_A.tolist())
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    y = cg.augment_study(x, torch.Generator().manual_seed(0))
+    for i in range(2):  # each image is its rotation by 90 degrees after some of the two flips
+        candidates = [x[i].flip(dims).rot90(1, dims=(1, 2)) for dims in ((), (2,), (1,), (1, 2))]
+        assert any(torch.equal(y[i], c) for c in candidates)
+    assert not any(torch.equal(y[i], x[i]) for i in range(2))

@@ -172,3 +172,18 @@ def test_unavailable_weights_fail_before_any_gan_training(tmp_path):
     with pytest.raises(ValueError, match="no offline pretrained weights"):
         pipeline.run_experiment(cfg)
     assert not (tmp_path / "gan").exists()
+
+
+def test_study_preset_prints_its_configuration_and_deviations(capsys):
+    assert pipeline.main(["--preset", "study", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    cfg = json.loads(out[:out.index("Deviations")])
+    assert (cfg["gan_size"], cfg["gan_batch_size"], cfg["gan_epochs"] + cfg["gan_epochs_decay"]) == (224, 10, 360)
+    assert (cfg["gan_lambda_identity"], cfg["gan_pool_size"], cfg["gan_init"]) == (0.0, 0, "default")
+    assert (cfg["arch"], cfg["clf_lr"], cfg["clf_optimizer"], cfg["clf_schedule"]) == (
+        "tf_efficientnet_b4", 1e-4, "adam", "constant")
+    assert cfg["clf_mean_std"] == "half" and cfg["clf_epochs"] == 10
+    assert "lowest" in out and "per-batch" in out and "patient-grouped" in out
+    # flags still win over the preset
+    assert pipeline.main(["--preset", "study", "--gan-batch-size", "4", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan_batch_size"] == 4

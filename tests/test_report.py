@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from melano import metrics, report
+from melano import metrics, report, stats
 
 
 def write_preds(path, names, y, p):
@@ -42,7 +42,7 @@ def aligned(path):
 
 
 def test_experiment_metrics_match_sklearn_and_delong(arms, tmp_path):
-    m = report.experiment_metrics(arms, split_csv=None)
+    m = report.experiment_metrics(arms, split_csv=None, n_boot=400)
     rows = {r["name"]: r for r in m["arms"]}
     for arm, paths in arms.items():
         aucs = [roc_auc_score(*aligned(p)) for p in paths]
@@ -58,27 +58,28 @@ def test_experiment_metrics_match_sklearn_and_delong(arms, tmp_path):
     mean = lambda arm: np.mean([aligned(p)[1] for p in arms[arm]], axis=0)  # noqa: E731
     want = metrics.delong_test(y, mean("cyclegan"), mean("traditional"))
     c = comps[("cyclegan", "traditional")]
-    assert c["p"] == pytest.approx(want[2], rel=1e-12) and c["delta"] == pytest.approx(want[0] - want[1])
-    assert c["p"] < 0.05  # signal 2.0 vs 1.0 on 300 cases
-
-
-def test_holm_by_hand():
-    # p sorted: 0.01 (x3 = 0.03), 0.02 (x2 = 0.04), 0.04 (x1 = 0.04, kept monotone)
-    assert report.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
-    assert report.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1, and monotone
-    assert report.holm([0.03]) == [0.03]
+    assert c["p_delong_seed_mean"] == pytest.approx(want[2], rel=1e-12)
+    seed_aucs = lambda arm: [roc_auc_score(*aligned(p)) for p in arms[arm]]  # noqa: E731
+    assert c["delta"] == pytest.approx(np.mean(seed_aucs("cyclegan")) - np.mean(seed_aucs("traditional")))
+    assert c["p"] < 0.05 and c["ci_low"] > 0 and c["covers"] == "test+training"  # signal 2.0 vs 1.0, 300 cases
+    # the family's Holm adjustment, and the operating points against sklearn
+    assert [c["p_holm"] for c in m["comparisons"]] == pytest.approx(list(stats.holm([c["p"] for c in m["comparisons"]])))
+    from sklearn.metrics import brier_score_loss
+    yt, pt = aligned(arms["traditional"][0])
+    assert rows["traditional"]["seeds"][0]["operating_points"]["brier"]["estimate"] == pytest.approx(
+        brier_score_loss(yt, pt), abs=1e-12)
 
 
 def test_experiment_metrics_refuse_different_test_sets(arms):
     names, y, p = report.read_predictions(arms["cyclegan"][1])
     write_preds(arms["cyclegan"][1], names[:-1], y[:-1], p[:-1])
     with pytest.raises(ValueError, match="different test set"):
-        report.experiment_metrics(arms, split_csv=None)
+        report.experiment_metrics(arms, split_csv=None, n_boot=100)
     y2 = y.copy()
     y2[0] = 1 - y2[0]
     write_preds(arms["cyclegan"][1], names, y2, p)
     with pytest.raises(ValueError, match="different test set"):
-        report.experiment_metrics(arms, split_csv=None)
+        report.experiment_metrics(arms, split_csv=None, n_boot=100)
 
 
 def test_read_predictions_names_bad_columns(tmp_path):
@@ -89,7 +90,7 @@ def test_read_predictions_names_bad_columns(tmp_path):
 
 
 def test_report_files(arms, tmp_path):
-    m = report.experiment_metrics(arms, split_csv=None)
+    m = report.experiment_metrics(arms, split_csv=None, n_boot=200)
     md = report.markdown_report({**m, "data": "synthetic", "preset": "smoke",
                                  "split_sizes": {"test": {"images": 300, "malignant": 60, "patients": 90}}})
     for r in m["arms"]:
