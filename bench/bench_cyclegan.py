@@ -1,5 +1,5 @@
 """CycleGAN training iterations per second: fused InstanceNorm+activation (melano.ops, MELANO_OPS=ext)
-against the composed PyTorch ops (MELANO_OPS=reference), in the same process and run.
+against the composed PyTorch ops (MELANO_OPS=eager), in the same process and run.
 
 Each iteration is one full `melano.cyclegan.train_step` (both generators and both discriminators,
 forward and backward, Adam steps, image pools) on random images, so data loading is not timed.
@@ -37,7 +37,7 @@ def norm_act_share(state, batch, cfg) -> float:
     forward and backward): by Amdahl's law, fusing them can speed a step up by 1 / (1 - share) at most."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run_steps("reference", state, [batch], cfg, None, None, False)
+        run_steps("eager", state, [batch], cfg, None, None, False)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     return sum(e.self_cpu_time_total for e in events if NORM_ACT_OPS.search(e.key)) / total
@@ -73,7 +73,7 @@ def bench_size(size, args, device, amp):
     torch.manual_seed(cfg.seed)
     base = cg.build_models(cfg).to(device)
     states, scalers = {}, {}
-    for mode in ("ext", "reference"):
+    for mode in ("ext", "eager"):
         models = copy.deepcopy(base)
         states[mode] = (models, *fresh_optim(models, cfg),
                         (cg.ImagePool(cfg.pool_size, torch.Generator().manual_seed(1)),
@@ -83,7 +83,7 @@ def bench_size(size, args, device, amp):
     sync = device.type == "cuda"
     # numbers first: one step from identical weights on the same batch
     first = {m: run_steps(m, states[m], batches[:1], cfg, amp_dtype, scalers[m], sync) for m in states}
-    worst = max(abs(first["ext"][k] - first["reference"][k]) / max(1e-6, abs(first["reference"][k]))
+    worst = max(abs(first["ext"][k] - first["eager"][k]) / max(1e-6, abs(first["eager"][k]))
                 for k in first["ext"])
     tol = 1e-3 if amp == "none" else 5e-2
     assert worst < tol, f"fused and reference losses differ (relative {worst:.2e}): {first}"
@@ -94,13 +94,13 @@ def bench_size(size, args, device, amp):
             run_steps(m, states[m], batches, cfg, amp_dtype, scalers[m], sync)
             times[m].append((time.perf_counter() - t) / len(batches))
     it_s = {m: 1 / statistics.median(v) for m, v in times.items()}
-    share = norm_act_share(states["reference"], batches[0], cfg) if device.type == "cpu" and amp == "none" else None
+    share = norm_act_share(states["eager"], batches[0], cfg) if device.type == "cpu" and amp == "none" else None
     return {"norm_act_share_of_reference_step": share,
             "amdahl_max_speedup": None if share is None else 1 / (1 - share),
             "size": size, "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
             "n_blocks": n_blocks, "amp": amp, "steps_per_round": args.steps, "rounds": args.rounds,
-            "fused_it_s": it_s["ext"], "reference_it_s": it_s["reference"],
-            "speedup": it_s["ext"] / it_s["reference"], "first_step_max_rel_loss_diff": worst}
+            "fused_it_s": it_s["ext"], "reference_it_s": it_s["eager"],
+            "speedup": it_s["ext"] / it_s["eager"], "first_step_max_rel_loss_diff": worst}
 
 
 def main():

@@ -5,7 +5,7 @@ schedule, the training step, the trainer (checkpoints, resume, samples, loss plo
 
 The models follow the reference CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet
 generator and a 70x70 PatchGAN discriminator with InstanceNorm(affine=False) and biased convs.
-Every InstanceNorm (+ activation) is melano.ops.InstanceNormAct, the fused op; MELANO_OPS=reference
+Every InstanceNorm (+ activation) is melano.ops.InstanceNormAct, the fused op; MELANO_OPS=eager
 selects the plain PyTorch path for the same module.
 
 Naming follows the reference: G_A maps A -> B and D_A judges B images (real B vs G_A's fakes);
