@@ -33,7 +33,7 @@ from bench.common import write_results  # noqa: E402
 from melano import cyclegan as cg  # noqa: E402
 from melano import ops  # noqa: E402
 
-EAGER = "eager" if "eager" in ops.MODES else "reference"
+EAGER = "eager"
 # name: (MELANO_OPS, channels_last, plain nn.InstanceNorm2d modules)
 CONFIGS = {"cl_fused": ("ext", True, False), "nchw_fused": ("ext", False, False),
            "nchw_eager": (EAGER, False, False), "plain_nchw": (EAGER, False, True), "plain_cl": (EAGER, True, True)}

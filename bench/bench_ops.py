@@ -163,7 +163,7 @@ def graph_seconds(fn, inner: int = 10, reps: int = 20) -> float | None:
 def check_shape(x, act, slope, tol) -> float:
     """Max |fused - eager| over y and dx (relative to the largest value); raises when off."""
     xe, xf = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-    ye = ops.reference_instance_norm_act(xe, act=act, negative_slope=slope)
+    ye = ops.eager_instance_norm_act(xe, act=act, negative_slope=slope)
     yf = ops.instance_norm_act(xf, act=act, negative_slope=slope)
     g = torch.randn_like(ye)
     ye.backward(g)
@@ -195,12 +195,12 @@ def bench_shape(n, c, h, act, device, timer, reps, compile_ok, slope=0.2) -> dic
         return run
 
     row = {"shape": [n, c, h, h], "act": act, "max_rel_err_vs_eager": err}
-    fns = {"eager_fwd": fwd(ops.reference_instance_norm_act), "fused_fwd": fwd(ops.instance_norm_act)}
-    fb = {"eager_fwd_bwd": fwd_bwd(ops.reference_instance_norm_act),
+    fns = {"eager_fwd": fwd(ops.eager_instance_norm_act), "fused_fwd": fwd(ops.instance_norm_act)}
+    fb = {"eager_fwd_bwd": fwd_bwd(ops.eager_instance_norm_act),
           "fused_fwd_bwd": fwd_bwd(ops.instance_norm_act)}
     if compile_ok:
         torch._dynamo.reset()
-        compiled = torch.compile(ops.reference_instance_norm_act, dynamic=False)
+        compiled = torch.compile(ops.eager_instance_norm_act, dynamic=False)
         fns["compile_fwd"] = fwd(compiled)
         fb["compile_fwd_bwd"] = fwd_bwd(compiled)
         t0 = time.monotonic()
@@ -232,7 +232,7 @@ def bench_shape(n, c, h, act, device, timer, reps, compile_ok, slope=0.2) -> dic
 
         def eager_fwd():
             with torch.no_grad():
-                ops.reference_instance_norm_act(x, act=act, negative_slope=slope)
+                ops.eager_instance_norm_act(x, act=act, negative_slope=slope)
 
         graph = {"fused_fwd": graph_seconds(kernel_fwd), "fused_fwd_bwd": graph_seconds(kernel_fwd_bwd),
                  "eager_fwd": graph_seconds(eager_fwd)}

@@ -1,5 +1,6 @@
 // Fused InstanceNorm + activation: CUDA kernels for the ops defined in instance_norm_act.cpp.
-// fp32, fp16 and bf16 (fp32 accumulation) and fp64; forward and backward; affine or not.
+// fp32, fp16 and bf16 (fp32 accumulation) and fp64; forward and backward; affine or not. The formulas
+// are those of reference/instance_norm_act.py; the activation, dx and checks are in instance_norm_act.h.
 //
 // Two paths, picked by the plane size hw = H * W:
 //  * hw <= kMaxRegPlane: one block per (n, c) plane. Each thread keeps its ITEMS elements in registers,
@@ -14,9 +15,9 @@
 // Only c10/cuda headers are included: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that
 // a bare toolkit may lack.
 
-#include <ATen/ATen.h>
+#include "instance_norm_act.h"
+
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,15 +30,6 @@
 
 namespace melano {
 
-// Defined in instance_norm_act.cpp.
-enum Act : int { kNone = 0, kRelu = 1, kLeaky = 2 };
-int parse_act(c10::string_view act);
-void check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                  const c10::optional<at::Tensor>& bias, double eps);
-void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
-                           const at::Tensor& rstd);
-at::Tensor param_as(const c10::optional<at::Tensor>& p, at::ScalarType acc);
-
 namespace {
 
 constexpr int kWarp = 32;
@@ -45,26 +37,6 @@ constexpr int64_t kMaxRegPlane = 16 * 1024;  // 16 items x 1024 threads
 constexpr int kChunkItems = 8;
 constexpr int kChunkThreads = 512;
 constexpr int64_t kChunk = int64_t(kChunkItems) * kChunkThreads;
-
-template <int ACT, typename A>
-__device__ __forceinline__ A act_fwd(A v, A slope) {
-  if constexpr (ACT == kNone) return v;
-  else if constexpr (ACT == kRelu) return v <= A(0) ? A(0) : v;  // NaN passes, like F.relu
-  else return v > A(0) ? v : v * slope;
-}
-
-// Same conventions as the CPU file: threshold_backward for relu, leaky_relu_backward for leaky.
-template <int ACT, typename A>
-__device__ __forceinline__ A act_grad(A v, A dy, A slope) {
-  if constexpr (ACT == kNone) return dy;
-  else if constexpr (ACT == kRelu) return v <= A(0) ? A(0) : dy;
-  else return v > A(0) ? dy : dy * slope;
-}
-
-// Explicit rounding, so the forward and the backward compute y_pre = d * scale + shift bit for bit
-// alike (the sign of y_pre decides the activation's gradient).
-__device__ __forceinline__ float mad(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double mad(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 // Sums K values across the block; every thread gets the totals. blockDim.x must be a multiple of 32.
 // smem holds K * 32 values.
@@ -142,12 +114,11 @@ __global__ void __launch_bounds__(1024) fwd_plane_kernel(const T* __restrict__ x
   A count, mean, m2;
   load_and_moments<ITEMS>(xp, 0, hw, v, smem, count, mean, m2);
   const A rstd = inv_std(m2, count, eps);
-  const A scale = w ? rstd * w[c] : rstd;
-  const A shift = b ? b[c] : A(0);
+  const auto [scale, shift] = affine_of(rstd, w, b, c);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    if (i < hw) yp[i] = static_cast<T>(act_fwd<ACT>(mad(v[k] - mean, scale, shift), slope));
+    if (i < hw) yp[i] = static_cast<T>(act_fwd<ACT>(pre_act(v[k] - mean, scale, shift), slope));
   }
   if (threadIdx.x == 0) {
     mean_out[p] = mean;
@@ -164,8 +135,7 @@ __global__ void __launch_bounds__(1024) bwd_plane_kernel(const T* __restrict__ d
   __shared__ A smem[2 * kWarp];
   const int64_t p = blockIdx.x, c = p % C;
   const A mean = mean_in[p], rstd = rstd_in[p];
-  const A scale = w ? rstd * w[c] : rstd;
-  const A shift = b ? b[c] : A(0);
+  const auto [scale, shift] = affine_of(rstd, w, b, c);
   A d[ITEMS], g[ITEMS];
   A s[2] = {A(0), A(0)};
 #pragma unroll
@@ -173,7 +143,7 @@ __global__ void __launch_bounds__(1024) bwd_plane_kernel(const T* __restrict__ d
     const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
     if (i < hw) {
       d[k] = static_cast<A>(x[p * hw + i]) - mean;
-      g[k] = act_grad<ACT>(mad(d[k], scale, shift), static_cast<A>(dy[p * hw + i]), slope);
+      g[k] = act_grad<ACT>(pre_act(d[k], scale, shift), static_cast<A>(dy[p * hw + i]), slope);
     } else {
       d[k] = A(0);
       g[k] = A(0);
@@ -186,7 +156,7 @@ __global__ void __launch_bounds__(1024) bwd_plane_kernel(const T* __restrict__ d
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    if (i < hw) dx[p * hw + i] = static_cast<T>(scale * (g[k] - mg - (d[k] * rstd) * mgx));
+    if (i < hw) dx[p * hw + i] = static_cast<T>(grad_input(g[k], d[k] * rstd, scale, mg, mgx));
   }
   if (threadIdx.x == 0) {
     sum_g[p] = s[0];
@@ -196,6 +166,17 @@ __global__ void __launch_bounds__(1024) bwd_plane_kernel(const T* __restrict__ d
 
 // ---- large planes: chunks, then a merge -----------------------------------------------------------
 // Block index = plane * chunks + chunk (a flat x index: N * C may exceed gridDim.y's 65535).
+
+// Calls f(i) for this thread's elements i (offsets in the plane) of a chunk: kChunkItems of them, coalesced.
+template <typename F>
+__device__ __forceinline__ void for_chunk_items(int64_t chunk, int64_t hw, const F& f) {
+  const int64_t base = chunk * kChunk, n_valid = min(kChunk, hw - base);
+#pragma unroll
+  for (int k = 0; k < kChunkItems; ++k) {
+    const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
+    if (i < n_valid) f(base + i);
+  }
+}
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kChunkThreads) fwd_chunk_stats_kernel(const T* __restrict__ x, A* __restrict__ part, int64_t hw,
@@ -261,18 +242,12 @@ __global__ void __launch_bounds__(kChunkThreads) fwd_chunk_apply_kernel(const T*
   A mean, m2;
   merge_chunk_stats(part, p, hw, chunks, smem, mean, m2);
   const A rstd = inv_std(m2, A(hw), eps);
-  const A scale = w ? rstd * w[c] : rstd;
-  const A shift = b ? b[c] : A(0);
-  const int64_t base = p * hw + chunk * kChunk;
-  const int64_t n_valid = min(kChunk, hw - chunk * kChunk);
-#pragma unroll
-  for (int k = 0; k < kChunkItems; ++k) {
-    const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    if (i < n_valid) {
-      y[base + i] = static_cast<T>(act_fwd<ACT>(mad(static_cast<A>(x[base + i]) - mean, scale, shift),
-                                                slope));
-    }
-  }
+  const auto [scale, shift] = affine_of(rstd, w, b, c);
+  const T* xp = x + p * hw;
+  T* yp = y + p * hw;
+  for_chunk_items(chunk, hw, [&](int64_t i) {
+    yp[i] = static_cast<T>(act_fwd<ACT>(pre_act(static_cast<A>(xp[i]) - mean, scale, shift), slope));
+  });
   if (chunk == 0 && threadIdx.x == 0) {
     mean_out[p] = mean;
     rstd_out[p] = rstd;
@@ -288,21 +263,15 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_sums_kernel(const T* 
   __shared__ A smem[2 * kWarp];
   const int64_t p = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = p % C;
   const A mean = mean_in[p], rstd = rstd_in[p];
-  const A scale = w ? rstd * w[c] : rstd;
-  const A shift = b ? b[c] : A(0);
-  const int64_t base = p * hw + chunk * kChunk;
-  const int64_t n_valid = min(kChunk, hw - chunk * kChunk);
+  const auto [scale, shift] = affine_of(rstd, w, b, c);
+  const T *xp = x + p * hw, *dyp = dy + p * hw;
   A s[2] = {A(0), A(0)};
-#pragma unroll
-  for (int k = 0; k < kChunkItems; ++k) {
-    const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    if (i < n_valid) {
-      const A d = static_cast<A>(x[base + i]) - mean;
-      const A g = act_grad<ACT>(mad(d, scale, shift), static_cast<A>(dy[base + i]), slope);
-      s[0] += g;
-      s[1] += g * (d * rstd);
-    }
-  }
+  for_chunk_items(chunk, hw, [&](int64_t i) {
+    const A d = static_cast<A>(xp[i]) - mean;
+    const A g = act_grad<ACT>(pre_act(d, scale, shift), static_cast<A>(dyp[i]), slope);
+    s[0] += g;
+    s[1] += g * (d * rstd);
+  });
   block_sum<2>(s, smem);
   if (threadIdx.x == 0) {
     part[2 * blockIdx.x] = s[0];
@@ -326,20 +295,15 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_apply_kernel(const T*
   }
   block_sum<2>(s, smem);
   const A mean = mean_in[p], rstd = rstd_in[p];
-  const A scale = w ? rstd * w[c] : rstd;
-  const A shift = b ? b[c] : A(0);
+  const auto [scale, shift] = affine_of(rstd, w, b, c);
   const A mg = s[0] / A(hw), mgx = s[1] / A(hw);
-  const int64_t base = p * hw + chunk * kChunk;
-  const int64_t n_valid = min(kChunk, hw - chunk * kChunk);
-#pragma unroll
-  for (int k = 0; k < kChunkItems; ++k) {
-    const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    if (i < n_valid) {
-      const A d = static_cast<A>(x[base + i]) - mean;
-      const A g = act_grad<ACT>(mad(d, scale, shift), static_cast<A>(dy[base + i]), slope);
-      dx[base + i] = static_cast<T>(scale * (g - mg - (d * rstd) * mgx));
-    }
-  }
+  const T *xp = x + p * hw, *dyp = dy + p * hw;
+  T* dxp = dx + p * hw;
+  for_chunk_items(chunk, hw, [&](int64_t i) {
+    const A d = static_cast<A>(xp[i]) - mean;
+    const A g = act_grad<ACT>(pre_act(d, scale, shift), static_cast<A>(dyp[i]), slope);
+    dxp[i] = static_cast<T>(grad_input(g, d * rstd, scale, mg, mgx));
+  });
   if (chunk == 0 && threadIdx.x == 0) {
     sum_g[p] = s[0];
     sum_gx[p] = s[1];
@@ -347,15 +311,6 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_apply_kernel(const T*
 }
 
 // ---- launch helpers ---------------------------------------------------------------------------
-
-template <typename F>
-void dispatch_act(int act, const F& f) {
-  switch (act) {
-    case kNone: f(std::integral_constant<int, kNone>{}); break;
-    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
-    default: f(std::integral_constant<int, kLeaky>{}); break;
-  }
-}
 
 // Items per thread for the one-block-per-plane path: up to 512 threads with 4 or 8 items, else 16.
 template <typename F>
@@ -379,109 +334,102 @@ void check_grid(int64_t planes, int64_t hw) {
               "split the batch");
 }
 
-template <typename A>
-const A* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
+// NCHW forward: one block per plane, or chunk statistics and then the output for large planes.
+template <typename T, int ACT>
+void launch_forward(const Inputs& in, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, double eps,
+                    double slope, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const int64_t planes = in.N * in.C, hw = in.hw;
+  const T* x = in.x.data_ptr<T>();
+  const A *w = ptr_or_null<A>(in.w), *b = ptr_or_null<A>(in.b);
+  if (hw <= kMaxRegPlane) {
+    dispatch_items(hw, [&](auto it) {
+      constexpr int ITEMS = decltype(it)::value;
+      fwd_plane_kernel<T, A, ITEMS, ACT><<<planes, threads_for(hw, ITEMS), 0, stream>>>(
+          x, y.data_ptr<T>(), w, b, mean.data_ptr<A>(), rstd.data_ptr<A>(), in.C, hw, eps, A(slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  at::Tensor part = at::empty({planes * chunks * 2}, in.x.options().dtype(in.acc));
+  fwd_chunk_stats_kernel<T, A><<<planes * chunks, kChunkThreads, 0, stream>>>(x, part.data_ptr<A>(), hw,
+                                                                              chunks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  fwd_chunk_apply_kernel<T, A, ACT><<<planes * chunks, kChunkThreads, 0, stream>>>(
+      x, y.data_ptr<T>(), part.data_ptr<A>(), w, b, mean.data_ptr<A>(), rstd.data_ptr<A>(), in.C, hw,
+      chunks, eps, A(slope));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x_in,
+// NCHW backward: the same two paths; sum_g and sum_gx receive the per-plane sums of g and g * xhat.
+template <typename T, int ACT>
+void launch_backward(const Inputs& in, at::Tensor& dx, at::Tensor& sum_g, at::Tensor& sum_gx, double slope,
+                     cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const int64_t planes = in.N * in.C, hw = in.hw;
+  const T *x = in.x.data_ptr<T>(), *dy = in.dy.data_ptr<T>();
+  const A *w = ptr_or_null<A>(in.w), *b = ptr_or_null<A>(in.b);
+  const A *mean = in.mean.data_ptr<A>(), *rstd = in.rstd.data_ptr<A>();
+  if (hw <= kMaxRegPlane) {
+    dispatch_items(hw, [&](auto it) {
+      constexpr int ITEMS = decltype(it)::value;
+      bwd_plane_kernel<T, A, ITEMS, ACT><<<planes, threads_for(hw, ITEMS), 0, stream>>>(
+          dy, x, dx.data_ptr<T>(), w, b, mean, rstd, sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), in.C, hw,
+          A(slope));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const int64_t chunks = (hw + kChunk - 1) / kChunk;
+  at::Tensor part = at::empty({planes * chunks * 2}, in.x.options().dtype(in.acc));
+  bwd_chunk_sums_kernel<T, A, ACT><<<planes * chunks, kChunkThreads, 0, stream>>>(
+      dy, x, w, b, mean, rstd, part.data_ptr<A>(), in.C, hw, chunks, A(slope));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bwd_chunk_apply_kernel<T, A, ACT><<<planes * chunks, kChunkThreads, 0, stream>>>(
+      dy, x, dx.data_ptr<T>(), w, b, mean, rstd, part.data_ptr<A>(), sum_g.data_ptr<A>(),
+      sum_gx.data_ptr<A>(), in.C, hw, chunks, A(slope));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x,
                                                             const c10::optional<at::Tensor>& weight,
                                                             const c10::optional<at::Tensor>& bias,
-                                                            double eps, c10::string_view act_name,
-                                                            double slope) {
-  check_inputs(x_in, weight, bias, eps);
-  const int act = parse_act(act_name);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3), planes = N * C;
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor mean = at::empty({N, C}, x.options().dtype(acc));
-  at::Tensor rstd = at::empty({N, C}, x.options().dtype(acc));
-  if (planes == 0) return {y, mean, rstd};
-  check_grid(planes, hw);
-  const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
+                                                            double eps, c10::string_view act, double slope) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Inputs in = forward_inputs(x, weight, bias, eps, act);
+  at::Tensor y, mean, rstd;
+  std::tie(y, mean, rstd) = forward_outputs(in);
+  if (in.N * in.C == 0) return {y, mean, rstd};
+  check_grid(in.N * in.C, in.hw);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inorm_act_fwd_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    dispatch_act(act, [&](auto a) {
-      constexpr int ACT = decltype(a)::value;
-      if (hw <= kMaxRegPlane) {
-        dispatch_items(hw, [&](auto it) {
-          constexpr int ITEMS = decltype(it)::value;
-          fwd_plane_kernel<scalar_t, A, ITEMS, ACT><<<planes, threads_for(hw, ITEMS), 0, stream>>>(
-              x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(b),
-              mean.data_ptr<A>(), rstd.data_ptr<A>(), C, hw, eps, A(slope));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      } else {
-        const int64_t chunks = (hw + kChunk - 1) / kChunk;
-        at::Tensor part = at::empty({planes * chunks * 2}, x.options().dtype(acc));
-        fwd_chunk_stats_kernel<scalar_t, A><<<planes * chunks, kChunkThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), part.data_ptr<A>(), hw, chunks);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        fwd_chunk_apply_kernel<scalar_t, A, ACT><<<planes * chunks, kChunkThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), part.data_ptr<A>(), ptr_or_null<A>(w),
-            ptr_or_null<A>(b), mean.data_ptr<A>(), rstd.data_ptr<A>(), C, hw, chunks, eps, A(slope));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_fwd_cuda", [&] {
+    dispatch_act(in.act, [&](auto a) {
+      launch_forward<scalar_t, decltype(a)::value>(in, y, mean, rstd, eps, slope, stream);
     });
   });
   return {y, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& rstd_in,
-    c10::string_view act_name, double slope) {
-  check_inputs(x_in, weight, bias, 0.0);
-  check_backward_inputs(grad_y_in, x_in, mean_in, rstd_in);
-  const int act = parse_act(act_name);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor dy = grad_y_in.to(x.scalar_type()).contiguous();
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const at::Tensor mean = mean_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
-  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3), planes = N * C;
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor sum_g = at::zeros({N, C}, x.options().dtype(acc));
-  at::Tensor sum_gx = at::zeros({N, C}, x.options().dtype(acc));
-  if (planes > 0) {
-    check_grid(planes, hw);
-    const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
+    c10::string_view act, double slope) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Inputs in = backward_inputs(grad_y, x, weight, bias, mean, rstd, act);
+  at::Tensor dx = at::empty_like(in.x, at::MemoryFormat::Contiguous);
+  at::Tensor sum_g = at::zeros({in.N, in.C}, in.x.options().dtype(in.acc));
+  at::Tensor sum_gx = at::zeros({in.N, in.C}, in.x.options().dtype(in.acc));
+  if (in.N * in.C > 0) {
+    check_grid(in.N * in.C, in.hw);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inorm_act_bwd_cuda", [&] {
-      using A = at::opmath_type<scalar_t>;
-      dispatch_act(act, [&](auto a) {
-        constexpr int ACT = decltype(a)::value;
-        if (hw <= kMaxRegPlane) {
-          dispatch_items(hw, [&](auto it) {
-            constexpr int ITEMS = decltype(it)::value;
-            bwd_plane_kernel<scalar_t, A, ITEMS, ACT><<<planes, threads_for(hw, ITEMS), 0, stream>>>(
-                dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-                ptr_or_null<A>(w), ptr_or_null<A>(b), mean.data_ptr<A>(), rstd.data_ptr<A>(),
-                sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), C, hw, A(slope));
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-        } else {
-          const int64_t chunks = (hw + kChunk - 1) / kChunk;
-          at::Tensor part = at::empty({planes * chunks * 2}, x.options().dtype(acc));
-          bwd_chunk_sums_kernel<scalar_t, A, ACT><<<planes * chunks, kChunkThreads, 0, stream>>>(
-              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(b),
-              mean.data_ptr<A>(), rstd.data_ptr<A>(), part.data_ptr<A>(), C, hw, chunks, A(slope));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          bwd_chunk_apply_kernel<scalar_t, A, ACT><<<planes * chunks, kChunkThreads, 0, stream>>>(
-              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-              ptr_or_null<A>(w), ptr_or_null<A>(b), mean.data_ptr<A>(), rstd.data_ptr<A>(),
-              part.data_ptr<A>(), sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), C, hw, chunks,
-              A(slope));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_bwd_cuda", [&] {
+      dispatch_act(in.act, [&](auto a) {
+        launch_backward<scalar_t, decltype(a)::value>(in, dx, sum_g, sum_gx, slope, stream);
       });
     });
   }
-  // dbias = sum of g over each channel's planes, dweight = sum of g * xhat (fp32/fp64 accumulation).
-  return {dx, sum_gx.sum(0), sum_g.sum(0)};
+  return backward_result(dx, sum_g, sum_gx, in.acc);
 }
 
 }  // namespace

@@ -11,28 +11,29 @@ hit the cache; on a GPU a plane too large for one block's registers is read twic
 Public API:
     instance_norm_act(x, weight=None, bias=None, eps=1e-5, act="relu", negative_slope=0.01)
     InstanceNormAct(num_features, affine=False, eps=1e-5, act="relu", negative_slope=0.2)
-    backend(device="cpu") -> "ext" | "reference"
+    backend(device="cpu") -> "ext" | "eager"
+    eager_instance_norm_act(x, ...)            the composed PyTorch ops (MELANO_OPS=eager, benchmarks)
     build(verbose=False) -> BuildInfo          (`python -m melano.ops build`, or `make kernels`)
 
 Choices worth knowing:
 - Output layout: always NCHW-contiguous. Non-contiguous and channels_last inputs are accepted (the
   kernel takes a contiguous copy); a channels_last input gives an NCHW-contiguous output.
-- Backward: the op saves x, mean and rstd (not y) and recomputes xhat = (x - mean) * rstd and the
-  pre-activation y_pre = xhat * w + b with the forward's exact arithmetic. Recomputing from y would
-  need a division by w (undefined at w = 0) and loses the sign of y_pre where relu gave 0. The
+- Backward: the op saves x, mean and rstd (not y) and recomputes the pre-activation from x; the
+  formulas, their derivation and why x rather than y are in reference/instance_norm_act.py. The
   activation's gradient follows F.relu / F.leaky_relu: 0 (or the slope) where y_pre <= 0.
   No double backward.
 - Selection by the environment variable MELANO_OPS, read at every call:
-    auto (default)  the compiled op if it builds, else the reference path with one logged warning;
+    auto (default)  the compiled op if it builds, else the eager path with one logged warning;
     ext             the compiled op, or an error carrying the build error;
-    reference       the composed PyTorch ops (`reference_instance_norm_act`).
+    eager           the composed PyTorch ops (`eager_instance_norm_act`).
+  ("reference" names only the float64 test oracles in reference/, never a path of this module.)
 - Build: torch.utils.cpp_extension.load (ninja) on first use, never at import. The CUDA source is
   added when torch has CUDA and nvcc is found (CUDA_HOME, else nvcc on PATH, following a wrapper
   script to the real toolkit). Builds are cached in $MELANO_BUILD_DIR or ~/.cache/melano, in a
-  folder keyed by a hash of the torch version, flags and CUDA arch; there ninja recompiles only the
-  sources that changed (a stamp with the sources' hash skips even ninja when nothing did). With no
-  GPU visible the CUDA code is compiled for sm_90 only, to prove that it builds
-  (TORCH_CUDA_ARCH_LIST overrides); the library's CPU ops still load and run.
+  folder keyed by a hash of the torch version, flags and CUDA arch; there ninja recompiles what a
+  changed source or header affects (a stamp with the hash of csrc/'s sources and headers skips even
+  ninja when nothing changed). With no GPU visible the CUDA code is compiled for sm_90 only, to prove
+  that it builds (TORCH_CUDA_ARCH_LIST overrides); the library's CPU ops still load and run.
 """
 
 from __future__ import annotations
@@ -59,14 +60,16 @@ from .common import atomic_write_text
 log = logging.getLogger("melano.ops")
 
 ACTS = ("none", "relu", "leaky_relu")
-MODES = ("auto", "ext", "reference")
+MODES = ("auto", "ext", "eager")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("instance_norm_act.cpp",)
 CUDA_SOURCES = ("instance_norm_act_cuda.cu",)
+HEADERS = ("instance_norm_act.h",)  # included by both sources: part of the source hash
 EXT_NAME = "melano_inorm_act"
 # -ffp-contract=off: no FMA contraction, so the backward recomputes y_pre bit for bit as the forward did.
 # -fno-trapping-math: lets the compiler vectorise the activation's select (both sides evaluated).
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
+# -Wno-psabi: the vector helpers are always inlined, so the ABI notes on passing vectors do not apply.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-Wno-psabi"]
 LD_FLAGS = ["-fopenmp"]  # at::parallel_for is header code: it needs OpenMP in this library too
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 COMPILE_ONLY_ARCH = "9.0"  # used when no GPU is visible: the build only proves that the code compiles
@@ -194,9 +197,17 @@ def _register_python_parts() -> None:
 
     def no_double_backward(ctx, *grads):
         raise NotImplementedError("melano.ops.instance_norm_act has no double backward (create_graph=True "
-                                  "through it); use MELANO_OPS=reference for that")
+                                  "through it); use MELANO_OPS=eager for that")
 
     torch.library.register_autograd("melano::inorm_act_bwd", no_double_backward)
+
+
+def _source_hash(files: list[Path]) -> str:
+    """Hash of the files' names and contents: the sources and every header they include."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _stamp_hash(stamp: Path) -> str | None:
@@ -224,7 +235,7 @@ def build(verbose: bool = False) -> BuildInfo:
         sources = [CSRC / n for n in names]
         build_dir = Path(".")
         try:
-            missing = [str(s) for s in sources if not s.is_file()]
+            missing = [str(s) for s in sources + [CSRC / h for h in HEADERS] if not s.is_file()]
             if missing:
                 raise FileNotFoundError(f"kernel sources not found: {missing} (melano.ops builds from "
                                         "the csrc/ folder of a source checkout; install with pip -e)")
@@ -235,7 +246,7 @@ def build(verbose: bool = False) -> BuildInfo:
                 "cxx": os.environ.get("CXX", "c++"), "cflags": CXX_FLAGS, "ldflags": LD_FLAGS, "sources": names,
                 "cuda": with_cuda and {"home": cuda_home, "arch": cuda_reason, "flags": NVCC_FLAGS + arch_flags},
             }
-            source_hash = hashlib.sha256(b"".join(s.read_bytes() for s in sources)).hexdigest()
+            source_hash = _source_hash(sources + [CSRC / h for h in HEADERS])
             build_dir = _build_dir(parts)
             library = build_dir / f"{EXT_NAME}.so"
             stamp = build_dir / "melano_build.json"
@@ -286,31 +297,31 @@ def ops_mode() -> str:
 
 
 def backend(device: str | torch.device = "cpu") -> str:
-    """"ext" or "reference": the path instance_norm_act takes for tensors on `device`.
+    """"ext" or "eager": the path instance_norm_act takes for tensors on `device`.
 
-    Builds the extension on the first call (unless MELANO_OPS=reference).
+    Builds the extension on the first call (unless MELANO_OPS=eager).
     """
     device = torch.device(device)
     mode = ops_mode()
-    if mode == "reference":
-        return "reference"
+    if mode == "eager":
+        return "eager"
     info = build()
     if not info.ok:
         if mode == "ext":
             raise RuntimeError(f"MELANO_OPS=ext but the fused kernel failed to build in {info.build_dir}:\n"
                                f"{info.error}")
-        _warn_once("build", "melano.ops: the fused InstanceNorm kernel did not build, so the PyTorch "
-                   f"reference path is used instead. {_error_summary(info.error)} -- run "
-                   "`python -m melano.ops build --verbose` for the full error, or set MELANO_OPS=reference.")
-        return "reference"
+        _warn_once("build", "melano.ops: the fused InstanceNorm kernel did not build, so the eager PyTorch "
+                   f"path is used instead. {_error_summary(info.error)} -- run "
+                   "`python -m melano.ops build --verbose` for the full error, or set MELANO_OPS=eager.")
+        return "eager"
     if device.type == "cpu" or (device.type == "cuda" and info.cuda):
         return "ext"
     why = info.cuda_reason if device.type == "cuda" else f"no {device.type} kernel exists"
     if mode == "ext":
         raise RuntimeError(f"MELANO_OPS=ext but the fused kernel has no {device.type} implementation: {why}")
     _warn_once(device.type, f"melano.ops: no fused kernel for {device.type} tensors ({why}); "
-               "using the PyTorch reference path for them")
-    return "reference"
+               "using the eager PyTorch path for them")
+    return "eager"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,8 +359,8 @@ def _check_args(x, weight, bias, eps, act) -> None:
             raise TypeError(f"instance_norm_act: {name} has dtype {p.dtype}; it needs a floating dtype")
 
 
-def reference_instance_norm_act(x, weight=None, bias=None, eps=1e-5, act="relu", negative_slope=0.01):
-    """The composed PyTorch ops: the MELANO_OPS=reference path and the benchmarks' baseline."""
+def eager_instance_norm_act(x, weight=None, bias=None, eps=1e-5, act="relu", negative_slope=0.01):
+    """The composed PyTorch ops: the MELANO_OPS=eager path and the benchmarks' baseline."""
     y = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
     if act == "relu":
         return F.relu(y)
@@ -364,7 +375,7 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     _check_args(x, weight, bias, eps, act)
     if backend(x.device) == "ext":
         return torch.ops.melano.inorm_act_fwd(x, weight, bias, float(eps), act, float(negative_slope))[0]
-    return reference_instance_norm_act(x, weight, bias, eps, act, negative_slope)
+    return eager_instance_norm_act(x, weight, bias, eps, act, negative_slope)
 
 
 class InstanceNormAct(nn.Module):
@@ -422,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     info = build(verbose=args.verbose)
     out = dataclasses.asdict(info)
-    out["backend"] = {"cpu": "ext" if info.ok else "reference",
-                      "cuda": "ext" if info.ok and info.cuda else "reference"}
+    out["backend"] = {"cpu": "ext" if info.ok else "eager",
+                      "cuda": "ext" if info.ok and info.cuda else "eager"}
     print(json.dumps(out))
     if not info.ok:
         log.error("build failed: %s", info.error)

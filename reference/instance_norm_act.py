@@ -1,14 +1,31 @@
 """Test oracle for melano.ops.instance_norm_act: the formulas written out in float64.
 
+This is the one place where the op's mathematics is written down; the C++ and CUDA kernels
+(csrc/) cite it instead of repeating it.
+
 Forward, per (n, c) plane of x (N, C, H, W) with M = H * W elements:
     mean = sum(x) / M,   var = sum((x - mean)^2) / M   (biased),   rstd = 1 / sqrt(var + eps)
     xhat = (x - mean) * rstd,   y_pre = xhat * w + b,   y = act(y_pre)
     act: none -> y_pre;  relu -> 0 where y_pre <= 0;  leaky_relu -> slope * y_pre where y_pre <= 0
+
 Backward, with g = dy * act'(y_pre) (act' = 1 where y_pre > 0, else 0 for relu / slope for leaky):
     dbias = sum over n and the plane of g
     dweight = sum over n and the plane of g * xhat
     dx = rstd * w * (g - mean(g) - xhat * mean(g * xhat))      (means over the plane)
-The last line is d/dx of the normalisation: xhat depends on x directly and through mean and rstd.
+
+Derivation of dx. The loss reaches x_j through every xhat_i of its plane, with dL/dxhat_i = w g_i.
+xhat_i depends on x_j directly and through mean and rstd:
+    d mean / d x_j = 1 / M
+    d var / d x_j  = 2 (x_j - mean) / M          (the term from d mean / d x_j is -2 sum_i (x_i - mean) / M^2 = 0)
+    d rstd / d x_j = -rstd^3 / 2 * d var / d x_j = -rstd^3 (x_j - mean) / M = -rstd^2 xhat_j / M
+    d xhat_i / d x_j = rstd (delta_ij - 1 / M) + (x_i - mean) d rstd / d x_j
+                     = rstd (delta_ij - 1 / M - xhat_i xhat_j / M)
+so dx_j = sum_i w g_i d xhat_i / d x_j = rstd * w * (g_j - mean(g) - xhat_j * mean(g * xhat)).
+
+Why the backward recomputes y_pre from x, not from y. The kernels save x, mean and rstd and
+recompute xhat and y_pre = xhat * w + b with exactly the forward's arithmetic, so act'(y_pre)
+sees the sign the forward saw. Recovering y_pre from y instead would need a division by w
+(undefined at w = 0) and loses the sign where relu output 0.
 
 Nothing here calls F.instance_norm: the oracle is independent of the composed PyTorch path.
 """

@@ -4,6 +4,7 @@ The first run builds the extension (about a minute with nvcc); later runs use th
 CUDA cases carry the `gpu` marker and are skipped without a GPU.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def test_nan_propagates_like_torch(ext, device, act):
     # The composed PyTorch ops agree, values and NaN pattern, gradients included.
     xr = x.detach().requires_grad_()
     wr, br = w.detach().requires_grad_(), b.detach().requires_grad_()
-    yr = ops.reference_instance_norm_act(xr, wr, br, act=act, negative_slope=0.2)
+    yr = ops.eager_instance_norm_act(xr, wr, br, act=act, negative_slope=0.2)
     yr.backward(torch.ones_like(yr))
     xf, wf, bf = x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()
     ops.instance_norm_act(xf, wf, bf, act=act, negative_slope=0.2).backward(torch.ones_like(yr))
@@ -330,7 +331,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["ext", "reference"])
+@pytest.mark.parametrize("mode", ["ext", "eager"])
 @pytest.mark.parametrize("name,args,kwargs,exc,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_refused(monkeypatch, mode, name, args, kwargs, exc, match):
     monkeypatch.setenv("MELANO_OPS", mode)
@@ -364,8 +365,8 @@ def test_op_checks_direct_calls(ext):
 
 def test_melano_ops_selects_the_path(monkeypatch):
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
-    monkeypatch.setenv("MELANO_OPS", "reference")
-    assert ops.backend("cpu") == "reference"
+    monkeypatch.setenv("MELANO_OPS", "eager")
+    assert ops.backend("cpu") == "eager"
     y_ref = ops.instance_norm_act(x)
     assert type(y_ref.grad_fn).__name__ == "ReluBackward0"  # the composed PyTorch ops
     for mode in ("ext", "auto"):
@@ -386,7 +387,7 @@ def test_failed_build_falls_back_once_or_fails_loudly(tmp_path):
         logging.basicConfig(level=logging.WARNING)
         from melano import ops
         x = torch.randn(2, 3, 5, 5)
-        assert ops.backend("cpu") == "reference"
+        assert ops.backend("cpu") == "eager"
         for _ in range(3):
             torch.testing.assert_close(ops.instance_norm_act(x), torch.relu(torch.nn.functional.instance_norm(x)))
         os.environ["MELANO_OPS"] = "ext"
@@ -409,10 +410,22 @@ def test_build_cli_reports_the_cached_build(ext):
     r = subprocess.run([sys.executable, "-m", "melano.ops", "build"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr
-    import json
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["ok"] and out["cached"] and out["library"] == info.library
     assert out["backend"]["cpu"] == "ext"
+
+
+def test_the_header_is_in_the_build_hash(ext, tmp_path):
+    """The stamp that lets a cached build skip ninja hashes csrc/'s header too: editing only it rebuilds."""
+    info = ops.build()
+    assert info.ok, info.error
+    stamp = json.loads((Path(info.build_dir) / "melano_build.json").read_text())
+    sources = [ops.CSRC / n for n in stamp["sources"]]
+    headers = [ops.CSRC / h for h in ops.HEADERS]
+    assert stamp["source_hash"] == ops._source_hash(sources + headers)
+    edited = tmp_path / headers[0].name
+    edited.write_bytes(headers[0].read_bytes() + b"// edited\n")
+    assert ops._source_hash(sources + [edited]) != stamp["source_hash"]
 
 
 def test_cuda_home_follows_a_wrapper_script(monkeypatch, tmp_path):
