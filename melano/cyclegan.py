@@ -5,12 +5,12 @@ schedule, the training step (`train_step`), data order, checkpoints, the trainer
 Translation into a synthetic data set is `melano.translate`; the loss log and plots are in
 `melano.report`; run plumbing (options, resume, signals, RNG) is `melano.run`.
 
-The models follow the reference CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet
+The models follow the original CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet
 generator and a 70x70 PatchGAN discriminator with InstanceNorm(affine=False) and biased convs.
 Every InstanceNorm (+ activation) is melano.ops.InstanceNormAct, the fused op; MELANO_OPS=eager
 selects the plain PyTorch path for the same module.
 
-Naming follows the reference: G_A maps A -> B and D_A judges B images (real B vs G_A's fakes);
+Naming follows the original CycleGAN: G_A maps A -> B and D_A judges B images (real B vs G_A's fakes);
 G_B maps B -> A and D_B judges A images.
 
 Resuming is exact: a checkpoint holds the four models, both Adam states, the image pools, the RNG
@@ -66,14 +66,14 @@ class CycleGANConfig:
     ndf: int = option(64, "discriminator base width", min=1)
     n_blocks: int | None = option(None, "generator residual blocks. none: 9 at >= 256 px, else 6", min=0)
     n_layers: int = option(3, "PatchGAN conv layers (3 = 70x70 patches)", min=1)
-    upsample: str = option("transpose", "generator upsampling: transpose (reference), nearest (nearest + "
+    upsample: str = option("transpose", "generator upsampling: transpose (original CycleGAN), nearest (nearest + "
                                         "reflection-padded conv) or nearest_zero (nearest + zero-padded conv, the "
                                         "study's)", choices=("transpose", "nearest", "nearest_zero"))
-    gen_act: str = option("relu", "generator activation: relu (reference) or leaky (LeakyReLU 0.01, the "
+    gen_act: str = option("relu", "generator activation: relu (original CycleGAN) or leaky (LeakyReLU 0.01, the "
                                   "study's label-smoothing arm)", choices=("relu", "leaky"))
-    disc: str = option("patchgan", "discriminator: patchgan (the reference's, 70x70 patches with --n-layers 3) "
+    disc: str = option("patchgan", "discriminator: patchgan (the original CycleGAN's, 70x70 patches with --n-layers 3) "
                                    "or study (4 stride-2 blocks, a 14x14 map at 224 px)", choices=("patchgan", "study"))
-    init: str = option("normal", "weight init: normal (N(0, 0.02), the reference's) or default (PyTorch's, the "
+    init: str = option("normal", "weight init: normal (N(0, 0.02), the original CycleGAN's) or default (PyTorch's, the "
                                  "study's)", choices=("normal", "default"))
     # losses
     gan_mode: str = option("lsgan", "adversarial loss: lsgan (MSE) or vanilla (BCE with logits)",
@@ -84,7 +84,7 @@ class CycleGANConfig:
     lambda_cycle: float = option(10.0, "weight of the cycle L1 loss", min=0)
     lambda_identity: float = option(0.5, "identity L1 weight, as a fraction of lambda_cycle (0 disables)", min=0)
     pool_size: int = option(50, "generated-image history per discriminator (0 disables)", min=0)
-    pairing: str = option("longest", "an epoch: longest (every image of the larger domain once, the reference's) "
+    pairing: str = option("longest", "an epoch: longest (every image of the larger domain once, the original CycleGAN's) "
                                      "or malignant (every malignant image once, each with a random benign one, "
                                      "the study's)", choices=("longest", "malignant"))
     augment_b: str = option("none", "augmentation of the malignant images: none, or study (random horizontal "
@@ -155,7 +155,7 @@ class ResnetBlock(nn.Module):
 class Generator(nn.Module):
     """ResNet generator: 7x7 stem, two stride-2 downsamplings, n_blocks residual blocks, two
     upsamplings, 7x7 conv, tanh. Convs have bias=True because InstanceNorm(affine=False) has no
-    shift of its own (the reference's use_bias rule)."""
+    shift of its own (the original CycleGAN's use_bias rule)."""
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose", act: str = "relu",
                  in_ch: int = 3, out_ch: int = 3):
@@ -225,7 +225,7 @@ class StudyDiscriminator(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """N(0, 0.02) conv weights and zero biases, as the reference's 'normal' init."""
+    """N(0, 0.02) conv weights and zero biases, as the original CycleGAN's 'normal' init."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, std)
@@ -284,7 +284,7 @@ def make_targets(shape: torch.Size | tuple, mode: str, generator: torch.Generato
 # ----------------------------------------------------------------------------- image pool
 
 class ImagePool:
-    """History of generated images (Shrivastava et al. 2017), as in the reference: until the pool is
+    """History of generated images (Shrivastava et al. 2017), as in the original CycleGAN: until the pool is
     full, each image is stored and returned; after that, with probability 1/2 the image is swapped
     with a random stored one, which is returned instead. Randomness comes from `generator` (a CPU
     torch.Generator) so the pool's choices are part of the checkpointed RNG state."""
@@ -321,7 +321,7 @@ class ImagePool:
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
     """Constant for `epochs` epochs, then linear decay towards zero over `epochs_decay` epochs.
-    The reference's 'linear' rule: epoch e (0-based) gets 1 - max(0, e + 1 - epochs) / (epochs_decay + 1),
+    The original CycleGAN's 'linear' rule: epoch e (0-based) gets 1 - max(0, e + 1 - epochs) / (epochs_decay + 1),
     so the last epoch runs at 1/(epochs_decay + 1) of the base rate and the next would be at zero."""
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
@@ -338,7 +338,7 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
                pool_A: ImagePool, pool_B: ImagePool, real_A: torch.Tensor, real_B: torch.Tensor,
                cfg: CycleGANConfig, rng: torch.Generator, scaler: torch.amp.GradScaler | None = None,
                amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One CycleGAN iteration, in the reference's order: the generators step with both
+    """One CycleGAN iteration, in the original CycleGAN's order: the generators step with both
     discriminators frozen, then the discriminators step on real images and pooled fakes.
 
     Returns the losses as floats (weighted, as they enter the totals)."""

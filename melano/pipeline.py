@@ -87,13 +87,13 @@ class PipelineConfig:
     gan_epochs: int = option(100, "CycleGAN epochs at constant LR", min=0)
     gan_epochs_decay: int = option(100, "CycleGAN epochs of linear LR decay", min=0)
     gan_max_steps: int | None = option(600, "CycleGAN total steps (cuts the schedule short). none: no cap", min=1)
-    gan_upsample: str = option("transpose", "transpose (reference CycleGAN), nearest (+ reflection-padded conv) "
+    gan_upsample: str = option("transpose", "transpose (original CycleGAN), nearest (+ reflection-padded conv) "
                                             "or nearest_zero (+ zero-padded conv, the study's)",
                                choices=("transpose", "nearest", "nearest_zero"))
-    gan_disc: str = option("patchgan", "discriminator: patchgan (reference) or study", choices=("patchgan", "study"))
+    gan_disc: str = option("patchgan", "discriminator: patchgan (original CycleGAN) or study", choices=("patchgan", "study"))
     gan_init: str = option("normal", "weight init: normal (N(0, 0.02)) or default (PyTorch's)",
                            choices=("normal", "default"))
-    gan_pairing: str = option("longest", "a CycleGAN epoch: longest (reference) or malignant (the study's)",
+    gan_pairing: str = option("longest", "a CycleGAN epoch: longest (original CycleGAN) or malignant (the study's)",
                               choices=("longest", "malignant"))
     gan_augment_b: str = option("none", "malignant-image augmentation in GAN training: none or study",
                                 choices=("none", "study"))
