@@ -46,14 +46,15 @@ import dataclasses
 import functools
 import io
 import logging
+import math
 import multiprocessing as mp
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from melano.common import atomic_write_text, log_config, progress
+from melano import outdir
+from melano.common import log_config, progress
 
 log = logging.getLogger("melano.synth")
 
@@ -90,6 +91,23 @@ class SynthConfig:
     difficulty: float = DEFAULT_DIFFICULTY
     images_per_patient: float = 5.0      # mean; ISIC 2020 has ~16, small sets need more patients
     workers: int = 1                     # >1: render in a process pool (same bytes as 1 worker)
+    force: bool = False                  # replace what `out` holds (a data set, other outputs)
+
+
+def check_config(cfg: SynthConfig) -> None:
+    """ValueError naming the option of the first out-of-range value; called before any work."""
+    if not 16 <= cfg.size <= 4096:
+        raise ValueError(f"--size must be between 16 and 4096 pixels, got {cfg.size}")
+    if cfg.benign < 0 or cfg.malignant < 0 or cfg.benign + cfg.malignant == 0:
+        raise ValueError(f"--benign and --malignant must be >= 0 and not both 0, "
+                         f"got --benign {cfg.benign} --malignant {cfg.malignant}")
+    if not 0 <= cfg.difficulty <= 0.5:
+        raise ValueError(f"--difficulty must be in [0, 0.5] (0.5: the classes look identical), got {cfg.difficulty}")
+    if not (math.isfinite(cfg.images_per_patient) and cfg.images_per_patient >= 1):
+        raise ValueError(f"--images-per-patient is a mean number of images per patient, so at least 1, "
+                         f"got {cfg.images_per_patient}")
+    if cfg.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,10 +289,8 @@ def plan(benign: int, malignant: int, seed: int = 0, difficulty: float = DEFAULT
     Labels are shuffled and cut into patients of Geometric sizes (mean `images_per_patient`,
     at most 40), so patients hold several images and malignant images spread over many patients.
     """
-    if benign < 0 or malignant < 0 or benign + malignant == 0:
-        raise ValueError(f"need a positive number of images, got benign={benign} malignant={malignant}")
-    if not 0 <= difficulty <= 0.5:
-        raise ValueError(f"difficulty must be in [0, 0.5] (0.5: the classes look identical), got {difficulty}")
+    check_config(SynthConfig(out="", benign=benign, malignant=malignant, difficulty=difficulty,
+                             images_per_patient=images_per_patient))
     rng = np.random.default_rng([seed, 0])
     labels = np.array([0] * benign + [1] * malignant)
     rng.shuffle(labels)
@@ -326,23 +342,24 @@ def generate(cfg: SynthConfig) -> list[dict]:
     """Write a synthetic ISIC-2020-style folder at cfg.out and return its CSV rows.
 
     Layout: ``train.csv`` (the 8 ISIC columns), ``jpeg/train/<image_name>.jpg`` and
-    ``synth.json`` (the config). Existing images of the same name are overwritten; the CSV is
-    written last and atomically, so a killed run leaves no CSV that lists missing images.
+    ``synth.json`` (the config). An `out` that holds anything but an earlier synthetic set is
+    refused unless ``cfg.force`` (`melano.outdir.OutputError`), and so is an earlier set.
+    The set is written into a temp folder beside `out` and swapped into place when complete,
+    so a killed run leaves the old folder or the new one, never a mix of the two.
     """
-    if cfg.size < 16:
-        raise ValueError(f"--size must be at least 16, got {cfg.size}")
+    check_config(cfg)
     rows = plan(cfg.benign, cfg.malignant, cfg.seed, cfg.difficulty, cfg.images_per_patient)
-    log_config(cfg, Path(cfg.out) / "synth.json")
-    img_dir = Path(cfg.out) / "jpeg" / "train"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    stream = render_rows(rows, cfg.size, cfg.seed, cfg.difficulty, cfg.workers)
-    for r, data in progress(zip(rows, stream), total=len(rows), desc="synth"):
-        (img_dir / f"{r['image_name']}.jpg").write_bytes(data)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(buf.getvalue(), Path(cfg.out) / "train.csv")
+    log_config(cfg)
+    with outdir.claim(cfg.out, "synth", force=cfg.force, staged=True, can_resume=False) as out:
+        out.write_json("synth.json", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "force"})
+        stream = render_rows(rows, cfg.size, cfg.seed, cfg.difficulty, cfg.workers)
+        for r, data in progress(zip(rows, stream), total=len(rows), desc="synth"):
+            out.write_bytes(f"jpeg/train/{r['image_name']}.jpg", data)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        out.write_text("train.csv", buf.getvalue())
     n_pat = len({r["patient_id"] for r in rows})
     log.info("wrote %d images (%d malignant) of %d patients to %s", len(rows), cfg.malignant, n_pat, cfg.out)
     return rows
@@ -363,10 +380,13 @@ def add_arguments(p) -> None:
                    help="mean number of images per patient (default 5)")
     p.add_argument("--workers", type=int, default=1,
                    help="render in this many processes (default 1; output is identical)")
+    p.add_argument("--force", action="store_true",
+                   help="replace what --out holds: an earlier synthetic set, another data set or other "
+                        "outputs (files synth did not write are kept aside as <out>.replaced-<time>)")
 
 
 def run_from_args(args) -> None:
     cfg = SynthConfig(out=args.out, benign=args.benign, malignant=args.malignant, size=args.size,
                       seed=args.seed, difficulty=args.difficulty,
-                      images_per_patient=args.images_per_patient, workers=args.workers)
+                      images_per_patient=args.images_per_patient, workers=args.workers, force=args.force)
     generate(cfg)

@@ -12,12 +12,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from melano import data, synth
+from melano import data, outdir, synth
 
 
 def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every data file (not synth.json, which records the config, nor melano's
+    bookkeeping files, which record pids and times)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synth.json"}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "synth.json" and p.name not in outdir.MELANO_FILES}
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -79,7 +82,7 @@ def test_cli_writes_the_kaggle_layout(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="difficulty"):
         synth.plan(10, 10, difficulty=1.5)
-    with pytest.raises(ValueError, match="positive number"):
+    with pytest.raises(ValueError, match="not both 0"):
         synth.plan(0, 0)
 
 
