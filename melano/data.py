@@ -185,7 +185,7 @@ def _csv_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[tuple[int, dic
         except StopIteration:
             return
         except csv.Error as e:
-            raise ValueError(f"{csv_path}, line {reader.line_num}: malformed CSV ({e})") from None
+            raise ValueError(f"{csv_path}, line {reader.reader.line_num}: malformed CSV ({e})") from None
         yield reader.line_num, row  # the physical line the row ends on (quoted cells may span lines)
 
 
