@@ -20,9 +20,10 @@ public labels, so it cannot score a model. `make_split` therefore cuts train/val
 ``train.csv`` by patient, stratified by label, and writes ``splits.csv`` so that every arm of an
 experiment trains and tests on the same images.
 
-Bad input never becomes a silently wrong result: missing required columns, duplicate names,
+Bad input never becomes a silently wrong result: a ``train.csv`` that is not UTF-8 (leading
+byte-order marks are dropped, however many), missing or repeated columns, duplicate names,
 labels other than 0/1 and ``benign_malignant`` values that contradict ``target`` are errors
-that name the file and line. Unreadable, truncated or missing image files are skipped with a
+that name the file and line. Nothing is ever written into a data folder. Unreadable, truncated or missing image files are skipped with a
 warning (count and first names); ``strict=True`` / ``--strict`` makes them fatal.
 
 CLI: ``python -m melano.data {check,synth,cache,split} --help``.
@@ -41,7 +42,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -52,7 +52,7 @@ import torch
 from PIL import Image, ImageOps
 
 from melano.common import progress, setup_logging, to_jsonable
-from melano.outdir import atomic_write, pid_alive
+from melano.outdir import atomic_write, host_tag, pid_alive
 
 log = logging.getLogger("melano.data")
 
@@ -496,16 +496,12 @@ def cache_key(index: Index, size: int) -> str:
     return h.hexdigest()
 
 
-def _host() -> str:
-    return socket.gethostname().replace("-", "_")  # no "-": it separates the parts of a temp name
-
-
 def remove_killed_builds(cache_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary folders that killed cache builds left in `cache_dir`, for every cache
     key; return them. Only folders named as `build_cache` names them, and only those of dead
     processes of this host: a cache folder may be shared by several nodes, whose process ids mean
     nothing here."""
-    pattern = re.compile(rf"^\..+-\d+-[0-9a-f]{{16}}\.tmp-{re.escape(_host())}-(\d+)-[0-9a-f]{{8}}$")
+    pattern = re.compile(rf"^\..+-\d+-[0-9a-f]{{16}}\.tmp-{re.escape(host_tag())}-(\d+)-[0-9a-f]{{8}}$")
     removed = []
     if not os.path.isdir(cache_dir):
         return removed
@@ -535,8 +531,8 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
                          f"got {size!r}")
     if workers is not None:
         check_workers(workers)
-    cache_dir, root = Path(cache_dir), Path(index.root).resolve()
-    if cache_dir.resolve() == root or root in cache_dir.resolve().parents:
+    cache_dir, root, where = Path(cache_dir), Path(index.root).resolve(), Path(cache_dir).resolve()
+    if where == root or root in where.parents:
         raise ValueError(f"--cache-dir {cache_dir} is inside the data folder {index.root}; melano never "
                          f"writes into its input data: pass a --cache-dir outside it")
     if strict:
@@ -551,7 +547,7 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
         return cache
 
     remove_killed_builds(cache_dir)
-    tmp = cache_dir / f".{name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = cache_dir / f".{name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()

@@ -44,6 +44,7 @@ import re
 import shutil
 import socket
 import uuid
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -70,7 +71,7 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable, fsync
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
     try:
         with os.fdopen(fd, "wb") as f:
@@ -96,7 +97,7 @@ def _put(f, content: bytes | str | Callable) -> None:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 
-def _host() -> str:
+def host_tag() -> str:
     """This host's name without "-", so that it can sit between "-" separators in a file name."""
     return socket.gethostname().replace("-", "_") or "host"
 
@@ -199,12 +200,12 @@ def _in_use_error(folder: Path, who: str) -> OutputError:
 # Staged folders: the temp folder beside the target, the swap, and the repair of a killed swap
 
 def _side_name(out: Path, kind: str) -> Path:
-    return out.with_name(f".{out.name}.melano-{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return out.with_name(f".{out.name}.melano-{kind}-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _side_folders(out: Path, kind: str) -> list[tuple[Path, int]]:
     """This host's `kind` ("new" or "old") folders beside `out`, with their writer's PID."""
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.melano-{kind}-{re.escape(_host())}-(\d+)-[0-9a-f]{{8}}$")
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.melano-{kind}-{re.escape(host_tag())}-(\d+)-[0-9a-f]{{8}}$")
     found = []
     if out.parent.is_dir():
         for e in os.scandir(out.parent):
@@ -276,6 +277,7 @@ class Claim:
         self._lock_fds = lock_fds
         self._written = dict.fromkeys(written)  # an ordered set
         self.closed = False
+        _HELD.add(self)
 
     # --- writing
     def path(self, rel: str | os.PathLike) -> Path:
@@ -384,6 +386,25 @@ class Claim:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
+
+
+# Claims this process holds. A forked child (a Pool or DataLoader worker) inherits the lock fds,
+# and a flock lasts while any fd on it is open: a worker orphaned by a killed parent would keep
+# the folder locked. So every forked child drops its copies at once, and may not write.
+_HELD: "weakref.WeakSet[Claim]" = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    for c in list(_HELD):
+        for fd in c._lock_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        c._lock_fds, c.writable = [], False
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _refusal(out: Path, command: str, force: bool, resume: bool, can_resume: bool,

@@ -7,12 +7,14 @@ after), real second processes for the lock, and os.stat for modes.
 
 import errno
 import json
+import multiprocessing as mp
 import os
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -268,7 +270,7 @@ def test_a_swap_killed_between_its_renames_is_put_back(tmp_path):
     before = snapshot(out)
     # what a kill between the two renames leaves: the old folder moved aside, the new one beside it
     dead = 999_999_999  # above any pid_max: never a live process
-    host = outdir._host()
+    host = outdir.host_tag()
     moved = tmp_path / f".set.melano-old-{host}-{dead}-0123abcd"
     os.rename(out, moved)
     new = tmp_path / f".set.melano-new-{host}-{dead}-4567cdef"
@@ -279,3 +281,24 @@ def test_a_swap_killed_between_its_renames_is_put_back(tmp_path):
     with pytest.raises(OutputError, match="earlier synth run"):  # repaired first, then refused
         outdir.claim(out, "synth", staged=True, can_resume=False)
     assert snapshot(out) == before and not moved.exists() and not new.exists() and other_host.exists()
+
+
+def _sleep_in_child(claim_obj, conn) -> None:
+    conn.send((claim_obj._lock_fds, claim_obj.writable))
+    time.sleep(60)
+
+
+def test_forked_workers_do_not_keep_the_folder_locked(tmp_path):
+    """A Pool or DataLoader worker inherits the lock's fd on fork; orphaned by a killed parent, it
+    would keep the folder locked. Forked children drop their copies, and may not write."""
+    c = outdir.claim(tmp_path / "run", "trainer")
+    parent_end, child_end = mp.Pipe()
+    worker = mp.get_context("fork").Process(target=_sleep_in_child, args=(c, child_end))
+    worker.start()
+    try:
+        assert parent_end.recv() == ([], False)
+        c.close()  # the parent is done (or killed) while its worker lives on
+        outdir.claim(tmp_path / "run", "trainer", resume=True).close()  # not locked by the worker
+    finally:
+        worker.kill()
+        worker.join()
