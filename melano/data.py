@@ -515,6 +515,33 @@ def remove_killed_builds(cache_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _check_cache_args(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise ValueError(f"--size: the cache's image side must be a whole number of at least 8 pixels, "
+                         f"got {size!r}")
+    if workers is not None:
+        check_workers(workers)
+    root, where = Path(index.root).resolve(), Path(cache_dir).resolve()
+    if where == root or root in where.parents:
+        raise ValueError(f"--cache-dir {cache_dir} is inside the data folder {index.root}; melano never "
+                         f"writes into its input data: pass a --cache-dir outside it")
+
+
+def _make_build_folder(cache_dir: Path, name: str) -> Path:
+    """The temporary folder of one build, named so that `remove_killed_builds` can recognise it."""
+    tmp = cache_dir / f".{name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except PermissionError as e:
+        raise PermissionError(f"--cache-dir {cache_dir}: cannot write there ({e.strerror}: {e.filename}); "
+                              f"pass a writable --cache-dir") from None
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"--cache-dir {cache_dir}: {e.filename} is a file, not a folder; pass a "
+                                 f"folder as --cache-dir") from None
+    return tmp
+
+
 def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None = None,
                 strict: bool = False) -> Cache:
     """Decode every image of `index` once (see `load_image`) into a uint8 memmap cache; reuse it.
@@ -525,16 +552,11 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
     later build deletes temporary folders of dead processes. Images that fail to decode are
     skipped with a warning (count and first names); ``strict=True`` makes them, and files the
     index lists as missing, fatal. `workers` processes decode (default: all usable cores, `default_workers`).
+    Errors name the option: ValueError for a bad `size`/`workers` or a `cache_dir` inside the
+    data folder; PermissionError or NotADirectoryError for a `cache_dir` that cannot be written.
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
-        raise ValueError(f"--size: the cache's image side must be a whole number of at least 8 pixels, "
-                         f"got {size!r}")
-    if workers is not None:
-        check_workers(workers)
-    cache_dir, root, where = Path(cache_dir), Path(index.root).resolve(), Path(cache_dir).resolve()
-    if where == root or root in where.parents:
-        raise ValueError(f"--cache-dir {cache_dir} is inside the data folder {index.root}; melano never "
-                         f"writes into its input data: pass a --cache-dir outside it")
+    _check_cache_args(index, size, cache_dir, workers)
+    cache_dir = Path(cache_dir)
     if strict:
         _warn_skipped(index.skipped, "are missing", strict=True)
     key = cache_key(index, size)
@@ -547,16 +569,7 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
         return cache
 
     remove_killed_builds(cache_dir)
-    tmp = cache_dir / f".{name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except PermissionError as e:
-        raise PermissionError(f"--cache-dir {cache_dir}: cannot write there ({e.strerror}: {e.filename}); "
-                              f"pass a writable --cache-dir") from None
-    except (FileExistsError, NotADirectoryError) as e:
-        raise NotADirectoryError(f"--cache-dir {cache_dir}: {e.filename} is a file, not a folder; pass a "
-                                 f"folder as --cache-dir") from None
+    tmp = _make_build_folder(cache_dir, name)
     try:
         n = len(index.records)
         shape = (n, size, size, 3)

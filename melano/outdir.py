@@ -15,8 +15,10 @@ The rule (design.md, "Outputs"):
     that was killed half-way are put back, see ``staged``.)
   - One process per folder: ``.melano.lock`` is held with ``flock`` for the command's lifetime.
     A second process fails at once, naming the folder and the holder's PID. The kernel drops a
-    flock when its process dies, so the lock file of a killed run is simply taken over. Under
-    torchrun only rank 0 claims; other ranks get a read-only `Claim` and never contend.
+    flock when its process dies, so the lock file of a killed run is simply taken over. Forked
+    children (Pool and DataLoader workers) drop their copies of the lock at once, so an orphaned
+    worker never keeps a folder locked; they may not write. Under torchrun only rank 0 claims;
+    the other ranks get a read-only `Claim` and never contend.
   - It deletes only files its manifest says this command wrote (`Claim.remove_stale`).
   - ``staged=True`` (synth): the command writes a fresh folder beside the target, and leaving
     the ``with`` block swaps it into place with two renames. A killed run leaves the old folder
@@ -28,9 +30,11 @@ Files in a claimed folder (all hidden, none of them counts as content):
   .melano.json   the owner: {"format", "command", "pid", "host", "created", "started"}
   .melano.files  the manifest: one relative path per line, appended *before* each file is
                  written, so a kill can leave a listed file missing but never an unlisted one
-  .melano.lock   the flock target; holds "pid=<pid> host=<host> command=<command>"
+  .melano.lock   the flock target; holds "pid=<pid> host=<host> command=<command> since=<time>"
 Beside a staged folder, only while it is being written: ``.<name>.melano-new-<host>-<pid>-<hex>``
 and, for a moment during the swap, ``.<name>.melano-old-<host>-<pid>-<hex>``.
+
+Standard library only (no torch), so that it is cheap to import anywhere.
 """
 
 from __future__ import annotations
@@ -469,11 +473,14 @@ def claim(out: str | os.PathLike, command: str, *, force: bool = False, resume: 
     `staged`: write a fresh folder beside `out`, swapped into place by `Claim.close` (see the
     module docstring). Then `resume` is not allowed: the folder always starts empty.
     """
-    out = Path(out)
     if rank != 0:
-        return Claim(out, out, command, [], _read_manifest(out), staged=False, writable=False)
+        return Claim(Path(out), Path(out), command, [], _read_manifest(Path(out)), staged=False, writable=False)
     if staged and resume:
         raise ValueError("a staged output folder always starts empty: it cannot be resumed")
+    out = Path(os.path.abspath(out))
+    if staged and _within(Path(os.getcwd()), out):
+        raise OutputError(f"{option} {out} is the working directory (or holds it), and it would be replaced as "
+                          f"a whole; choose a new folder for {option}, e.g. {option} data/synthetic")
     args = (out, command, force, resume, can_resume, data, option)
     _repair(out, command)
     why = _refusal(*args)

@@ -264,6 +264,15 @@ def test_staged_claim_over_foreign_files_keeps_them_aside(tmp_path, caplog):
     assert (kept[0] / "jpeg" / "train" / "a.jpg").exists() and "was kept as" in caplog.text
 
 
+def test_a_staged_claim_never_replaces_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "set" / "sub").mkdir(parents=True)
+    for where in (tmp_path / "set", tmp_path / "set" / "sub"):
+        monkeypatch.chdir(where)
+        with pytest.raises(OutputError, match="is the working directory .*, and it would be replaced"):
+            outdir.claim(tmp_path / "set", "synth", staged=True, force=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["set", "sub"]
+
+
 def test_a_swap_killed_between_its_renames_is_put_back(tmp_path):
     out = tmp_path / "set"
     _staged(out, {"train.csv": "old"})
