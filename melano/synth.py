@@ -48,7 +48,7 @@ import io
 import logging
 import math
 import multiprocessing as mp
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -159,22 +159,54 @@ def severity(rng: np.random.Generator, malignant: bool, difficulty: float) -> fl
     return float(rng.beta(6, 2) if looks_malignant else rng.beta(2, 6))
 
 
+class _Lesion(NamedTuple):
+    """Where a lesion lies: its bounding box (rows ys, columns xs) and, inside it, the image
+    coordinates Xb, Yb, the soft mask, and rn (0 at the centre, 1 at the border)."""
+    ys: slice
+    xs: slice
+    Xb: np.ndarray
+    Yb: np.ndarray
+    cx: float
+    cy: float
+    R: float
+    mask: np.ndarray
+    rn: np.ndarray
+
+
 def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.ndarray:
-    """One dermoscopy-like image (size, size, 3) uint8 for a lesion of severity s."""
-    X, Y = _grid(size)
-    S = size
+    """One dermoscopy-like image (size, size, 3) uint8 for a lesion of severity s.
+
+    The parts below draw from `rng` in a fixed order (skin, shape, colour, opacity, hairs,
+    scope): keep it, or the images of every seed change."""
     feat = lambda sd=0.18: float(np.clip(s + rng.normal(0, sd), 0, 1))  # noisy view of s
     a_asym, a_border, a_colour, a_diam, a_struct = feat(), feat(), feat(), feat(), feat()
+    img = _skin(rng, size, patient)
+    lesion = _lesion_shape(rng, size, a_asym, a_border, a_diam)
+    les = _lesion_colour(rng, size, lesion, a_asym, a_colour, a_struct)
+    opacity = rng.uniform(0.75, 0.95)
+    ys, xs = lesion.ys, lesion.xs
+    img[ys, xs] *= 1 + (opacity * lesion.mask)[..., None] * (les / _REF_SKIN - 1)  # pigment absorbs: multiply
+    img = _hairs(rng, img, patient)
+    img = _scope(rng, img)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    # --- skin: patient tone, per-image exposure/white balance, illumination, texture
+
+def _skin(rng: np.random.Generator, S: int, patient: dict) -> np.ndarray:
+    """Skin: patient tone, per-image exposure/white balance, illumination, texture, erythema."""
+    X, Y = _grid(S)
     skin = (_LIGHT_SKIN * (1 - patient["tone"]) + _DARK_SKIN * patient["tone"]) * (1 + patient["hue"])
     skin = skin * np.float32(rng.lognormal(0, 0.14)) * (1 + rng.normal(0, 0.025, 3).astype(np.float32))
     low, tex, red = _fields(rng, S, 4, 1)[0], _fields(rng, S, max(S // 4, 8), 1)[0], _fields(rng, S, 6, 1)[0]
     shade = 1 + 0.05 * low + 0.025 * tex - 0.10 * (X * X + Y * Y)
     img = skin[None, None, :] * shade[..., None]
     img = _over(img, _RED * skin / _REF_SKIN, 0.12 * _smoothstep(red * 0.7) * rng.random())  # erythema
+    return img
 
-    # --- lesion geometry: centre, orientation, elongation, radius R(theta) with ABCD features
+
+def _lesion_shape(rng: np.random.Generator, S: int, a_asym: float, a_border: float, a_diam: float) -> _Lesion:
+    """Centre, orientation, elongation, and a radius R(theta) shaped by A (asymmetry),
+    B (border) and D (diameter)."""
+    X, Y = _grid(S)
     zoom = rng.lognormal(0, 0.2)
     R = (0.24 + 0.24 * a_diam) * zoom
     cx, cy = rng.normal(0, 0.07, 2)
@@ -209,9 +241,14 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     r_pix = radius.astype(np.float32)[idx]
     mask = _smoothstep((r_pix - rho) / (2 * edge) + 0.5)
     rn = np.clip(rho / r_pix, 0, 1)  # 0 at the centre, 1 at the border
+    return _Lesion(ys, xs, Xb, Yb, cx, cy, R, mask, rn)
 
-    # --- lesion colour: a brown base, darker or lighter towards the centre, with an
-    # asymmetric gradient (A) ...
+
+def _lesion_colour(rng: np.random.Generator, S: int, lesion: _Lesion, a_asym: float, a_colour: float,
+                   a_struct: float) -> np.ndarray:
+    """The lesion's colour in its bounding box: a brown base with an asymmetric gradient (A),
+    a pigment network, colour blotches (C) and dots."""
+    ys, xs, Xb, Yb, cx, cy, R, mask, rn = lesion
     base_dark = float(np.clip(rng.normal(0.65 - 0.45 * a_colour, 0.18), 0, 1))
     centre_dark = float(np.clip(base_dark + rng.normal(0.12, 0.12), 0, 1))
     prof = base_dark + (centre_dark - base_dark) * (1 - rn * rn)
@@ -220,8 +257,8 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     prof = np.clip(prof, 0, 1)[..., None]
     les = _LIGHT_BROWN * (1 - prof) + _DARK_BROWN * prof
 
-    # ... a pigment network: zero crossings of a fine field; regular for nevi, patchy and thick
-    # for melanomas (structure feature) ...
+    # a pigment network: zero crossings of a fine field; regular for nevi, patchy and thick for
+    # melanomas (structure feature)
     fine = _fields(rng, S, max(S // 8, 8), 2)[:, ys, xs]
     patch = _fields(rng, S, 5, 1)[0, ys, xs]
     width = np.maximum(0.3 + 0.3 * a_struct * (1 + 0.8 * patch), 0.05)
@@ -230,8 +267,8 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     net = (1 - _smoothstep(lines / width)) * strength * (1 - rn)
     les = _over(les, _DARK_BROWN * 0.7, net)
 
-    # ... and C: extra colours as blotches. Melanomas get more of them, including light ones
-    # (red, white regression) that keep their mean colour close to a nevus's.
+    # C: extra colours as blotches. Melanomas get more of them, including light ones (red, white
+    # regression) that keep their mean colour close to a nevus's.
     blobs = _fields(rng, S, 6, 5)[:, ys, xs]
     palette = (_BLACK, _BLUE_GREY, _RED, _WHITE, _DARK_BROWN)
     p_colour = (0.03 + 0.9 * a_colour ** 1.5) * np.array([0.8, 0.8, 0.7, 0.8, 0.9])
@@ -242,11 +279,12 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     # dots/globules: sparse peaks of a fine field; central for nevi, peripheral for melanomas
     dots = _smoothstep((fine[0] - 2.0) * 3) * (rn if rng.random() < a_struct else (1 - rn))
     les = _over(les, _BLACK * 1.5, 0.7 * dots)
+    return les
 
-    opacity = rng.uniform(0.75, 0.95)
-    img[ys, xs] *= 1 + (opacity * mask)[..., None] * (les / _REF_SKIN - 1)  # pigment absorbs: multiply
 
-    # --- hairs: dark curves drawn into a mask with Pillow
+def _hairs(rng: np.random.Generator, img: np.ndarray, patient: dict) -> np.ndarray:
+    """Dark curves drawn into a mask with Pillow."""
+    S = img.shape[0]
     n_hairs = rng.poisson(8 * patient["hairy"] ** 2) if rng.random() < 0.6 else 0
     if n_hairs:
         layer = Image.new("L", (S, S), 0)
@@ -259,15 +297,18 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
             draw.line([tuple(p) for p in pts], fill=int(rng.uniform(150, 255)),
                       width=max(1, int(round(S / 128 * rng.uniform(0.6, 1.8)))))
         img = _over(img, _HAIR, np.asarray(layer, np.float32) / 255)
+    return img
 
-    # --- the scope: a dark circle around a bright field, sometimes outside the frame
+
+def _scope(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """The dark circle of the dermoscope around a bright field, sometimes outside the frame."""
+    X, Y = _grid(img.shape[0])
     vr = rng.uniform(0.9, 1.6)
     vx, vy = rng.normal(0, 0.05, 2)
     d = np.sqrt((X - vx) ** 2 + (Y - vy) ** 2)
     scope = 1 - 0.95 * _smoothstep((d - vr) / 0.08 + 0.5)
     img *= scope[..., None]
-
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return img
 
 
 def _render_one(job: tuple) -> bytes:
