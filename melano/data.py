@@ -20,9 +20,10 @@ public labels, so it cannot score a model. `make_split` therefore cuts train/val
 ``train.csv`` by patient, stratified by label, and writes ``splits.csv`` so that every arm of an
 experiment trains and tests on the same images.
 
-Bad input never becomes a silently wrong result: missing required columns, duplicate names,
+Bad input never becomes a silently wrong result: a ``train.csv`` that is not UTF-8 (leading
+byte-order marks are dropped, however many), missing or repeated columns, duplicate names,
 labels other than 0/1 and ``benign_malignant`` values that contradict ``target`` are errors
-that name the file and line. Unreadable, truncated or missing image files are skipped with a
+that name the file and line. Nothing is ever written into a data folder. Unreadable, truncated or missing image files are skipped with a
 warning (count and first names); ``strict=True`` / ``--strict`` makes them fatal.
 
 CLI: ``python -m melano.data {check,synth,cache,split} --help``.
@@ -39,18 +40,19 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
-import socket
 import sys
 import uuid
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from melano.common import atomic_write_text, progress, save_json, setup_logging
+from melano.common import progress, setup_logging, to_jsonable
+from melano.outdir import atomic_write, host_tag, pid_alive
 
 log = logging.getLogger("melano.data")
 
@@ -144,47 +146,87 @@ def _warn_skipped(skipped: Sequence[Skipped], what: str, strict: bool) -> None:
     log.warning("%s; they are skipped", msg)
 
 
+def read_csv_text(path: str | os.PathLike) -> str:
+    """The text of a CSV file: UTF-8, with every leading byte-order mark removed (a file saved
+    twice by a BOM-writing editor has two). ValueError naming the file if it is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); melano reads "
+                         f"CSV files as UTF-8: save it as UTF-8, e.g. from Windows-1252/Latin-1 with "
+                         f"`iconv -f cp1252 -t utf-8 {Path(path).name} > fixed.csv`") from None
+    return text.lstrip("\ufeff")
+
+
+def _csv_reader(csv_path: Path) -> tuple[list[str], csv.DictReader]:
+    """(header columns, stripped; a DictReader for the rows). ValueError naming the file for an
+    unreadable header or a repeated column."""
+    reader = csv.DictReader(io.StringIO(read_csv_text(csv_path), newline=""))
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+    except csv.Error as e:
+        raise ValueError(f"{csv_path}, line 1: not a readable CSV header ({e})") from None
+    dup = sorted({c for c in columns if columns.count(c) > 1})
+    if dup:
+        raise ValueError(f"{csv_path}: column(s) {', '.join(map(repr, dup))} appear more than once in the "
+                         f"header; keep one of each")
+    reader.fieldnames = columns
+    return columns, reader
+
+
+def _csv_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[tuple[int, dict]]:
+    """(line, row) for each row; a malformed row (csv.Error) becomes a ValueError naming the line."""
+    it = iter(reader)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"{csv_path}, line {reader.reader.line_num}: malformed CSV ({e})") from None
+        yield reader.line_num, row  # the physical line the row ends on (quoted cells may span lines)
+
+
 def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped]]:
     files = _list_images(img_dir)
     records, skipped, seen = [], [], {}
     no_patient = 0
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = columns
-        for col in REQUIRED_COLUMNS:
-            if col not in columns:
-                raise ValueError(f"{csv_path}: required column {col!r} is missing (found columns: "
-                                 f"{', '.join(columns) or 'none'}). ISIC 2020's train.csv has "
-                                 f"image_name, patient_id, ..., target.")
-        extra_cols = [c for c in columns if c not in ("image_name", "target", "patient_id")]
-        for line, row in enumerate(reader, start=2):  # line 1 is the header
-            if None in row:  # more cells than header columns
-                raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
-            name = (row["image_name"] or "").strip()
-            where = f"{csv_path}, line {line} (image {name!r})"
-            if not name:
-                raise ValueError(f"{csv_path}, line {line}: empty image_name")
-            if name in seen:
-                raise ValueError(f"{csv_path}: image_name {name!r} appears twice, on lines {seen[name]} "
-                                 f"and {line}; remove the duplicate")
-            seen[name] = line
-            target = _parse_target(row["target"] or "", where)
-            bm = (row.get("benign_malignant") or "").strip().lower()
-            if bm and bm != ("malignant" if target else "benign"):
-                raise ValueError(f"{where}: benign_malignant is {bm!r} but target is {target}; "
-                                 f"the labels contradict each other, fix one of them")
-            patient = (row.get("patient_id") or "").strip()
-            if not patient:
-                no_patient += 1
-                patient = name
-            stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
-            path = files.get(stem)
-            if path is None:
-                skipped.append(Skipped(name, f"listed in {csv_path.name} but not found in {img_dir}"))
-                continue
-            extra = {c: (row.get(c) or "").strip() for c in extra_cols}
-            records.append(Record(name, patient, target, str(path), extra))
+    columns, reader = _csv_reader(csv_path)
+    for col in REQUIRED_COLUMNS:
+        if col not in columns:
+            raise ValueError(f"{csv_path}: required column {col!r} is missing (found columns: "
+                             f"{', '.join(columns) or 'none'}). ISIC 2020's train.csv has "
+                             f"image_name, patient_id, ..., target.")
+    extra_cols = [c for c in columns if c not in ("image_name", "target", "patient_id")]
+    for line, row in _csv_rows(reader, csv_path):
+        if None in row:  # more cells than header columns
+            raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
+        name = (row["image_name"] or "").strip()
+        where = f"{csv_path}, line {line} (image {name!r})"
+        if not name:
+            raise ValueError(f"{csv_path}, line {line}: empty image_name")
+        if name in seen:
+            raise ValueError(f"{csv_path}: image_name {name!r} appears twice, on lines {seen[name]} "
+                             f"and {line}; remove the duplicate")
+        seen[name] = line
+        target = _parse_target(row["target"] or "", where)
+        bm = (row.get("benign_malignant") or "").strip().lower()
+        if bm and bm != ("malignant" if target else "benign"):
+            raise ValueError(f"{where}: benign_malignant is {bm!r} but target is {target}; "
+                             f"the labels contradict each other, fix one of them")
+        patient = (row.get("patient_id") or "").strip()
+        if not patient:
+            no_patient += 1
+            patient = name
+        stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
+        path = files.get(stem)
+        if path is None:
+            skipped.append(Skipped(name, f"listed in {csv_path.name} but not found in {img_dir}"))
+            continue
+        extra = {c: (row.get(c) or "").strip() for c in extra_cols}
+        records.append(Record(name, patient, target, str(path), extra))
     if no_patient:
         log.warning("%s: %d row(s) have no patient_id; each such image counts as its own patient, "
                     "so the split cannot keep their patient's images together", csv_path, no_patient)
@@ -210,14 +252,20 @@ def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
 
     Only checks that files exist; decoding is `build_cache`'s job (`verify_images` for a check).
     Files listed in ``train.csv`` but absent are skipped with a warning, or raise with
-    ``strict=True``. Raises ValueError for a missing ``image_name``/``target`` column, a
-    duplicate image name, a target other than 0/1, ``benign_malignant`` contradicting
-    ``target``, an unrecognised layout, or a folder without images.
+    ``strict=True``. Raises ValueError for a ``train.csv`` that is not UTF-8 or not a CSV, a
+    missing or repeated column, a duplicate image name, a target other than 0/1,
+    ``benign_malignant`` contradicting ``target``, an unrecognised layout, or a folder without
+    images; FileNotFoundError if `root` does not exist and NotADirectoryError if it is a file.
+    Every message names the file (and line). Nothing is written.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        hint = f"; pass the folder that holds it, {root.parent}" if root.name.lower().endswith(".csv") else ""
+        raise NotADirectoryError(f"{root}: not a folder but a file{hint} (expected an ISIC folder with "
+                                 f"train.csv, or benign/ and malignant/ folders)")
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder (expected an ISIC folder with train.csv, "
-                                f"or benign/ and malignant/ folders)")
+        raise FileNotFoundError(f"{root}: not a folder: no such file or directory (expected an ISIC folder "
+                                f"with train.csv, or benign/ and malignant/ folders)")
     csv_path = root / "train.csv"
     if csv_path.is_file():
         for layout, img_dir in (("kaggle", root / "jpeg" / "train"), ("reupload", root / "train")):
@@ -322,10 +370,18 @@ def default_workers() -> int:
     return max(1, min(n, 32))
 
 
+def check_workers(workers: int) -> int:
+    """Decoding processes as given, validated: 0 and 1 both decode in this process."""
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ValueError(f"--workers must be a whole number >= 0 (0 or 1: decode in this process; "
+                         f"omit it to use every core), got {workers!r}")
+    return max(1, int(workers))
+
+
 def _run_decode(paths: Sequence[str], size: int, out: str | None, shape: tuple | None,
                 workers: int | None, desc: str) -> dict[int, str]:
     """Decode every path (into `out` rows when given). Returns {row: error} for failures."""
-    workers = default_workers() if workers is None else max(1, workers)
+    workers = default_workers() if workers is None else check_workers(workers)
     jobs = [(i, p, size) for i, p in enumerate(paths)]
     errors: dict[int, str] = {}
     if workers == 1 or len(jobs) < 64:  # a pool costs more than it saves on a handful of images
@@ -371,7 +427,11 @@ class Cache:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.path}: not a finished cache (no meta.json)")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{meta_path}: unreadable ({e}); the cache is damaged, delete {self.path} "
+                             f"and build it again") from None
         if meta.get("version") != CACHE_VERSION:
             raise ValueError(f"{self.path}: cache version {meta.get('version')} != {CACHE_VERSION}; delete it")
         self.meta = meta
@@ -436,14 +496,50 @@ def cache_key(index: Index, size: int) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
+def remove_killed_builds(cache_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary folders that killed cache builds left in `cache_dir`, for every cache
+    key; return them. Only folders named as `build_cache` names them, and only those of dead
+    processes of this host: a cache folder may be shared by several nodes, whose process ids mean
+    nothing here."""
+    pattern = re.compile(rf"^\..+-\d+-[0-9a-f]{{16}}\.tmp-{re.escape(host_tag())}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    if not os.path.isdir(cache_dir):
+        return removed
+    for entry in os.scandir(cache_dir):
+        m = pattern.match(entry.name)
+        if m and entry.is_dir(follow_symlinks=False) and not pid_alive(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d folder(s) of killed cache builds from %s", len(removed), cache_dir)
+    return removed
+
+
+def _check_cache_args(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise ValueError(f"--size: the cache's image side must be a whole number of at least 8 pixels, "
+                         f"got {size!r}")
+    if workers is not None:
+        check_workers(workers)
+    root, where = Path(index.root).resolve(), Path(cache_dir).resolve()
+    if where == root or root in where.parents:
+        raise ValueError(f"--cache-dir {cache_dir} is inside the data folder {index.root}; melano never "
+                         f"writes into its input data: pass a --cache-dir outside it")
+
+
+def _make_build_folder(cache_dir: Path, name: str) -> Path:
+    """The temporary folder of one build, named so that `remove_killed_builds` can recognise it."""
+    tmp = cache_dir / f".{name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except PermissionError as e:
+        raise PermissionError(f"--cache-dir {cache_dir}: cannot write there ({e.strerror}: {e.filename}); "
+                              f"pass a writable --cache-dir") from None
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"--cache-dir {cache_dir}: {e.filename} is a file, not a folder; pass a "
+                                 f"folder as --cache-dir") from None
+    return tmp
 
 
 def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None = None,
@@ -456,13 +552,13 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
     later build deletes temporary folders of dead processes. Images that fail to decode are
     skipped with a warning (count and first names); ``strict=True`` makes them, and files the
     index lists as missing, fatal. `workers` processes decode (default: all usable cores, `default_workers`).
+    Errors name the option: ValueError for a bad `size`/`workers` or a `cache_dir` inside the
+    data folder; PermissionError or NotADirectoryError for a `cache_dir` that cannot be written.
     """
-    if size < 8:
-        raise ValueError(f"cache size must be at least 8 pixels, got {size}")
+    _check_cache_args(index, size, cache_dir, workers)
+    cache_dir = Path(cache_dir)
     if strict:
         _warn_skipped(index.skipped, "are missing", strict=True)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(index, size)
     name = f"{Path(index.root).resolve().name or 'data'}-{size}-{key[:16]}"
     final = cache_dir / name
@@ -472,15 +568,8 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
         _warn_skipped(cache.skipped, "were skipped when this cache was built", strict)
         return cache
 
-    # Leftovers of killed builds. The host is in the name because a cache folder may be shared by
-    # several nodes: only this host's dead processes can be recognised as dead.
-    host = socket.gethostname().replace("-", "_")
-    for stale in cache_dir.glob(f".{name}.tmp-{host}-*"):
-        pid = stale.name.rsplit("-", 2)[-2]
-        if not _pid_alive(int(pid) if pid.isdigit() else -1):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = cache_dir / f".{name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_killed_builds(cache_dir)
+    tmp = _make_build_folder(cache_dir, name)
     try:
         n = len(index.records)
         shape = (n, size, size, 3)
@@ -505,10 +594,11 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
         with open(data_path, "rb+") as f:
             os.fsync(f.fileno())
         recs = [index.records[i] for i in keep]
-        save_json({"version": CACHE_VERSION, "size": size, "key": key, "root": index.root,
-                   "layout": index.layout, "names": [r.image_name for r in recs],
-                   "targets": [r.target for r in recs], "patients": [r.patient_id for r in recs],
-                   "skipped": [list(s) for s in index.skipped + bad]}, tmp / "meta.json")
+        meta = {"version": CACHE_VERSION, "size": size, "key": key, "root": index.root,
+                "layout": index.layout, "names": [r.image_name for r in recs],
+                "targets": [r.target for r in recs], "patients": [r.patient_id for r in recs],
+                "skipped": [list(s) for s in index.skipped + bad]}
+        atomic_write(tmp / "meta.json", json.dumps(to_jsonable(meta), indent=2) + "\n")
         try:
             os.rename(tmp, final)  # atomic: the cache appears complete or not at all
         except OSError:
@@ -604,8 +694,8 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["image_name", "patient_id", "target", "split"])
         w.writerows([n, p, int(t), where[n]] for n, p, t in zip(names, patients, targets))
-        save_json(params, side)
-        atomic_write_text(buf.getvalue(), out_csv)
+        atomic_write(side, json.dumps(params, indent=2) + "\n")
+        atomic_write(out_csv, buf.getvalue())
     t = dict(zip(names, targets))
     p = dict(zip(names, patients))
     for s in SPLITS:
@@ -620,17 +710,16 @@ def load_split(csv_path: str | os.PathLike, data=None) -> dict[str, list[str]]:
     return names in `data` order. Raises ValueError on any mismatch or patient leakage."""
     csv_path = Path(csv_path)
     rows = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"image_name", "split"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
-        for line, r in enumerate(reader, start=2):
-            if r["split"] not in SPLITS:
-                raise ValueError(f"{csv_path}, line {line}: split {r['split']!r} is not one of {SPLITS}")
-            if r["image_name"] in rows:
-                raise ValueError(f"{csv_path}, line {line}: image {r['image_name']!r} listed twice")
-            rows[r["image_name"]] = r
+    columns, reader = _csv_reader(csv_path)
+    missing = {"image_name", "split"} - set(columns)
+    if missing:
+        raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
+    for line, r in _csv_rows(reader, csv_path):
+        if r["split"] not in SPLITS:
+            raise ValueError(f"{csv_path}, line {line}: split {r['split']!r} is not one of {SPLITS}")
+        if r["image_name"] in rows:
+            raise ValueError(f"{csv_path}, line {line}: image {r['image_name']!r} listed twice")
+        rows[r["image_name"]] = r
     owner: dict[str, str] = {}
     for n, r in rows.items():
         pid = r.get("patient_id") or n
@@ -761,7 +850,7 @@ def _check(args) -> int:
     try:
         index = read_index(args.dir, strict=False)
         bad = verify_images(index, workers=args.workers, strict=False)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         log.error("%s", e)
         return 2
     bad_names = {s.name for s in bad}
@@ -818,17 +907,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     if args.cmd == "check":
         return _check(args)
-    if args.cmd == "synth":
-        synth.run_from_args(args)
-        return 0
+    # Expected failures (bad options, bad files, permissions, a refused --out) are one line, exit 2.
+    # OSError covers missing files, a --data file, and read-only folders; ValueError the rest,
+    # including undecodable CSV text and melano.outdir.OutputError.
     try:
+        if args.cmd == "synth":
+            synth.run_from_args(args)
+            return 0
         index = read_index(args.dir, strict=args.strict if args.cmd == "cache" else False)
         if args.cmd == "cache":
             cache = build_cache(index, args.size, args.cache_dir, args.workers, args.strict)
             print(cache.path)
         else:
+            out, root = Path(args.out).resolve(), Path(args.dir).resolve()
+            if root in out.parents:
+                raise ValueError(f"--out {args.out} is inside the data folder {args.dir}; melano never writes "
+                                 f"into its input data: write the split elsewhere")
             make_split(index, args.out, args.val_frac, args.test_frac, args.seed)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         log.error("%s", e)
         return 2
     return 0

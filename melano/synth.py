@@ -46,14 +46,15 @@ import dataclasses
 import functools
 import io
 import logging
+import math
 import multiprocessing as mp
-from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from melano.common import atomic_write_text, log_config, progress
+from melano import outdir
+from melano.common import log_config, progress
 
 log = logging.getLogger("melano.synth")
 
@@ -90,6 +91,23 @@ class SynthConfig:
     difficulty: float = DEFAULT_DIFFICULTY
     images_per_patient: float = 5.0      # mean; ISIC 2020 has ~16, small sets need more patients
     workers: int = 1                     # >1: render in a process pool (same bytes as 1 worker)
+    force: bool = False                  # replace what `out` holds (a data set, other outputs)
+
+
+def check_config(cfg: SynthConfig) -> None:
+    """ValueError naming the option of the first out-of-range value; called before any work."""
+    if not 16 <= cfg.size <= 4096:
+        raise ValueError(f"--size must be between 16 and 4096 pixels, got {cfg.size}")
+    if cfg.benign < 0 or cfg.malignant < 0 or cfg.benign + cfg.malignant == 0:
+        raise ValueError(f"--benign and --malignant must be >= 0 and not both 0, "
+                         f"got --benign {cfg.benign} --malignant {cfg.malignant}")
+    if not 0 <= cfg.difficulty <= 0.5:
+        raise ValueError(f"--difficulty must be in [0, 0.5] (0.5: the classes look identical), got {cfg.difficulty}")
+    if not (math.isfinite(cfg.images_per_patient) and cfg.images_per_patient >= 1):
+        raise ValueError(f"--images-per-patient is a mean number of images per patient, so at least 1, "
+                         f"got {cfg.images_per_patient}")
+    if cfg.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,22 +159,54 @@ def severity(rng: np.random.Generator, malignant: bool, difficulty: float) -> fl
     return float(rng.beta(6, 2) if looks_malignant else rng.beta(2, 6))
 
 
+class _Lesion(NamedTuple):
+    """Where a lesion lies: its bounding box (rows ys, columns xs) and, inside it, the image
+    coordinates Xb, Yb, the soft mask, and rn (0 at the centre, 1 at the border)."""
+    ys: slice
+    xs: slice
+    Xb: np.ndarray
+    Yb: np.ndarray
+    cx: float
+    cy: float
+    R: float
+    mask: np.ndarray
+    rn: np.ndarray
+
+
 def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.ndarray:
-    """One dermoscopy-like image (size, size, 3) uint8 for a lesion of severity s."""
-    X, Y = _grid(size)
-    S = size
+    """One dermoscopy-like image (size, size, 3) uint8 for a lesion of severity s.
+
+    The parts below draw from `rng` in a fixed order (skin, shape, colour, opacity, hairs,
+    scope): keep it, or the images of every seed change."""
     feat = lambda sd=0.18: float(np.clip(s + rng.normal(0, sd), 0, 1))  # noisy view of s
     a_asym, a_border, a_colour, a_diam, a_struct = feat(), feat(), feat(), feat(), feat()
+    img = _skin(rng, size, patient)
+    lesion = _lesion_shape(rng, size, a_asym, a_border, a_diam)
+    les = _lesion_colour(rng, size, lesion, a_asym, a_colour, a_struct)
+    opacity = rng.uniform(0.75, 0.95)
+    ys, xs = lesion.ys, lesion.xs
+    img[ys, xs] *= 1 + (opacity * lesion.mask)[..., None] * (les / _REF_SKIN - 1)  # pigment absorbs: multiply
+    img = _hairs(rng, img, patient)
+    img = _scope(rng, img)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    # --- skin: patient tone, per-image exposure/white balance, illumination, texture
+
+def _skin(rng: np.random.Generator, S: int, patient: dict) -> np.ndarray:
+    """Skin: patient tone, per-image exposure/white balance, illumination, texture, erythema."""
+    X, Y = _grid(S)
     skin = (_LIGHT_SKIN * (1 - patient["tone"]) + _DARK_SKIN * patient["tone"]) * (1 + patient["hue"])
     skin = skin * np.float32(rng.lognormal(0, 0.14)) * (1 + rng.normal(0, 0.025, 3).astype(np.float32))
     low, tex, red = _fields(rng, S, 4, 1)[0], _fields(rng, S, max(S // 4, 8), 1)[0], _fields(rng, S, 6, 1)[0]
     shade = 1 + 0.05 * low + 0.025 * tex - 0.10 * (X * X + Y * Y)
     img = skin[None, None, :] * shade[..., None]
     img = _over(img, _RED * skin / _REF_SKIN, 0.12 * _smoothstep(red * 0.7) * rng.random())  # erythema
+    return img
 
-    # --- lesion geometry: centre, orientation, elongation, radius R(theta) with ABCD features
+
+def _lesion_shape(rng: np.random.Generator, S: int, a_asym: float, a_border: float, a_diam: float) -> _Lesion:
+    """Centre, orientation, elongation, and a radius R(theta) shaped by A (asymmetry),
+    B (border) and D (diameter)."""
+    X, Y = _grid(S)
     zoom = rng.lognormal(0, 0.2)
     R = (0.24 + 0.24 * a_diam) * zoom
     cx, cy = rng.normal(0, 0.07, 2)
@@ -191,9 +241,14 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     r_pix = radius.astype(np.float32)[idx]
     mask = _smoothstep((r_pix - rho) / (2 * edge) + 0.5)
     rn = np.clip(rho / r_pix, 0, 1)  # 0 at the centre, 1 at the border
+    return _Lesion(ys, xs, Xb, Yb, cx, cy, R, mask, rn)
 
-    # --- lesion colour: a brown base, darker or lighter towards the centre, with an
-    # asymmetric gradient (A) ...
+
+def _lesion_colour(rng: np.random.Generator, S: int, lesion: _Lesion, a_asym: float, a_colour: float,
+                   a_struct: float) -> np.ndarray:
+    """The lesion's colour in its bounding box: a brown base with an asymmetric gradient (A),
+    a pigment network, colour blotches (C) and dots."""
+    ys, xs, Xb, Yb, cx, cy, R, mask, rn = lesion
     base_dark = float(np.clip(rng.normal(0.65 - 0.45 * a_colour, 0.18), 0, 1))
     centre_dark = float(np.clip(base_dark + rng.normal(0.12, 0.12), 0, 1))
     prof = base_dark + (centre_dark - base_dark) * (1 - rn * rn)
@@ -202,8 +257,8 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     prof = np.clip(prof, 0, 1)[..., None]
     les = _LIGHT_BROWN * (1 - prof) + _DARK_BROWN * prof
 
-    # ... a pigment network: zero crossings of a fine field; regular for nevi, patchy and thick
-    # for melanomas (structure feature) ...
+    # a pigment network: zero crossings of a fine field; regular for nevi, patchy and thick for
+    # melanomas (structure feature)
     fine = _fields(rng, S, max(S // 8, 8), 2)[:, ys, xs]
     patch = _fields(rng, S, 5, 1)[0, ys, xs]
     width = np.maximum(0.3 + 0.3 * a_struct * (1 + 0.8 * patch), 0.05)
@@ -212,8 +267,8 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     net = (1 - _smoothstep(lines / width)) * strength * (1 - rn)
     les = _over(les, _DARK_BROWN * 0.7, net)
 
-    # ... and C: extra colours as blotches. Melanomas get more of them, including light ones
-    # (red, white regression) that keep their mean colour close to a nevus's.
+    # C: extra colours as blotches. Melanomas get more of them, including light ones (red, white
+    # regression) that keep their mean colour close to a nevus's.
     blobs = _fields(rng, S, 6, 5)[:, ys, xs]
     palette = (_BLACK, _BLUE_GREY, _RED, _WHITE, _DARK_BROWN)
     p_colour = (0.03 + 0.9 * a_colour ** 1.5) * np.array([0.8, 0.8, 0.7, 0.8, 0.9])
@@ -224,11 +279,12 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
     # dots/globules: sparse peaks of a fine field; central for nevi, peripheral for melanomas
     dots = _smoothstep((fine[0] - 2.0) * 3) * (rn if rng.random() < a_struct else (1 - rn))
     les = _over(les, _BLACK * 1.5, 0.7 * dots)
+    return les
 
-    opacity = rng.uniform(0.75, 0.95)
-    img[ys, xs] *= 1 + (opacity * mask)[..., None] * (les / _REF_SKIN - 1)  # pigment absorbs: multiply
 
-    # --- hairs: dark curves drawn into a mask with Pillow
+def _hairs(rng: np.random.Generator, img: np.ndarray, patient: dict) -> np.ndarray:
+    """Dark curves drawn into a mask with Pillow."""
+    S = img.shape[0]
     n_hairs = rng.poisson(8 * patient["hairy"] ** 2) if rng.random() < 0.6 else 0
     if n_hairs:
         layer = Image.new("L", (S, S), 0)
@@ -241,15 +297,18 @@ def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.n
             draw.line([tuple(p) for p in pts], fill=int(rng.uniform(150, 255)),
                       width=max(1, int(round(S / 128 * rng.uniform(0.6, 1.8)))))
         img = _over(img, _HAIR, np.asarray(layer, np.float32) / 255)
+    return img
 
-    # --- the scope: a dark circle around a bright field, sometimes outside the frame
+
+def _scope(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """The dark circle of the dermoscope around a bright field, sometimes outside the frame."""
+    X, Y = _grid(img.shape[0])
     vr = rng.uniform(0.9, 1.6)
     vx, vy = rng.normal(0, 0.05, 2)
     d = np.sqrt((X - vx) ** 2 + (Y - vy) ** 2)
     scope = 1 - 0.95 * _smoothstep((d - vr) / 0.08 + 0.5)
     img *= scope[..., None]
-
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return img
 
 
 def _render_one(job: tuple) -> bytes:
@@ -271,10 +330,8 @@ def plan(benign: int, malignant: int, seed: int = 0, difficulty: float = DEFAULT
     Labels are shuffled and cut into patients of Geometric sizes (mean `images_per_patient`,
     at most 40), so patients hold several images and malignant images spread over many patients.
     """
-    if benign < 0 or malignant < 0 or benign + malignant == 0:
-        raise ValueError(f"need a positive number of images, got benign={benign} malignant={malignant}")
-    if not 0 <= difficulty <= 0.5:
-        raise ValueError(f"difficulty must be in [0, 0.5] (0.5: the classes look identical), got {difficulty}")
+    check_config(SynthConfig(out="", benign=benign, malignant=malignant, difficulty=difficulty,
+                             images_per_patient=images_per_patient))
     rng = np.random.default_rng([seed, 0])
     labels = np.array([0] * benign + [1] * malignant)
     rng.shuffle(labels)
@@ -326,23 +383,24 @@ def generate(cfg: SynthConfig) -> list[dict]:
     """Write a synthetic ISIC-2020-style folder at cfg.out and return its CSV rows.
 
     Layout: ``train.csv`` (the 8 ISIC columns), ``jpeg/train/<image_name>.jpg`` and
-    ``synth.json`` (the config). Existing images of the same name are overwritten; the CSV is
-    written last and atomically, so a killed run leaves no CSV that lists missing images.
+    ``synth.json`` (the config). An `out` that holds anything but an earlier synthetic set is
+    refused unless ``cfg.force`` (`melano.outdir.OutputError`), and so is an earlier set.
+    The set is written into a temp folder beside `out` and swapped into place when complete,
+    so a killed run leaves the old folder or the new one, never a mix of the two.
     """
-    if cfg.size < 16:
-        raise ValueError(f"--size must be at least 16, got {cfg.size}")
+    check_config(cfg)
     rows = plan(cfg.benign, cfg.malignant, cfg.seed, cfg.difficulty, cfg.images_per_patient)
-    log_config(cfg, Path(cfg.out) / "synth.json")
-    img_dir = Path(cfg.out) / "jpeg" / "train"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    stream = render_rows(rows, cfg.size, cfg.seed, cfg.difficulty, cfg.workers)
-    for r, data in progress(zip(rows, stream), total=len(rows), desc="synth"):
-        (img_dir / f"{r['image_name']}.jpg").write_bytes(data)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(buf.getvalue(), Path(cfg.out) / "train.csv")
+    log_config(cfg)
+    with outdir.claim(cfg.out, "synth", force=cfg.force, staged=True, can_resume=False) as out:
+        out.write_json("synth.json", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "force"})
+        stream = render_rows(rows, cfg.size, cfg.seed, cfg.difficulty, cfg.workers)
+        for r, data in progress(zip(rows, stream), total=len(rows), desc="synth"):
+            out.write_bytes(f"jpeg/train/{r['image_name']}.jpg", data)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        out.write_text("train.csv", buf.getvalue())
     n_pat = len({r["patient_id"] for r in rows})
     log.info("wrote %d images (%d malignant) of %d patients to %s", len(rows), cfg.malignant, n_pat, cfg.out)
     return rows
@@ -363,10 +421,13 @@ def add_arguments(p) -> None:
                    help="mean number of images per patient (default 5)")
     p.add_argument("--workers", type=int, default=1,
                    help="render in this many processes (default 1; output is identical)")
+    p.add_argument("--force", action="store_true",
+                   help="replace what --out holds: an earlier synthetic set, another data set or other "
+                        "outputs (files synth did not write are kept aside as <out>.replaced-<time>)")
 
 
 def run_from_args(args) -> None:
     cfg = SynthConfig(out=args.out, benign=args.benign, malignant=args.malignant, size=args.size,
                       seed=args.seed, difficulty=args.difficulty,
-                      images_per_patient=args.images_per_patient, workers=args.workers)
+                      images_per_patient=args.images_per_patient, workers=args.workers, force=args.force)
     generate(cfg)

@@ -475,3 +475,144 @@ def test_split_file_quotes_names_with_commas(tmp_path):
     split = data.make_split(Data, tmp_path / "splits.csv", seed=1)
     assert data.load_split(tmp_path / "splits.csv", Data) == split
     assert sorted(sum(split.values(), [])) == sorted(Data.names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and unwritable places (issue 15): one clear error naming the file or option
+
+def _tiny_folder(root: Path, csv_bytes: bytes) -> Path:
+    (root / "train").mkdir(parents=True)
+    for n in ("a", "b"):
+        Image.new("RGB", (8, 8), (200, 150, 120)).save(root / "train" / f"{n}.jpg")
+    (root / "train.csv").write_bytes(csv_bytes)
+    return root
+
+
+@pytest.mark.parametrize("boms", [0, 1, 2, 3])
+def test_every_leading_bom_is_stripped(tmp_path, boms):
+    """A double BOM gave "required column 'image_name' is missing (found columns: image_name, ...)"."""
+    text = "image_name,patient_id,target\r\na,p1,0\r\nb,p2,1\r\n"
+    root = _tiny_folder(tmp_path, b"\xef\xbb\xbf" * boms + text.encode())
+    index = data.read_index(root)
+    assert index.names == ["a", "b"] and index.targets.tolist() == [0, 1] and index.patients == ["p1", "p2"]
+
+
+def test_a_non_utf8_csv_names_the_file_line_and_fix(tmp_path):
+    text = "image_name,patient_id,anatom_site_general_challenge,target\na,p1,torso,0\nb,p2,tête,1\n"
+    root = _tiny_folder(tmp_path, text.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train\.csv: not UTF-8 text \(byte 0xea on line 3\).*iconv") as e:
+        data.read_index(root)
+    assert str(root / "train.csv") in str(e.value)
+
+
+@pytest.mark.parametrize("csv_text,pattern", [
+    ("image_name,target,target\na,0,1\n", r"column\(s\) 'target' appear more than once"),
+    ('image_name,target\n"a,0\nb,1\n', r"line \d+: malformed CSV|required column|not 0 or 1|more cells"),
+    ("image_name,target\na,0\nb," + "9" * 200_000 + "\n", r"line 3: malformed CSV \(field larger"),
+])
+def test_malformed_csv_is_a_value_error_naming_the_file(tmp_path, csv_text, pattern):
+    root = _tiny_folder(tmp_path, csv_text.encode())
+    with pytest.raises(ValueError, match=pattern) as e:
+        data.read_index(root)
+    assert "train.csv" in str(e.value)
+
+
+def test_data_pointing_at_a_file(isic, caplog):
+    with pytest.raises(NotADirectoryError, match=rf"not a folder but a file; pass the folder that holds it, {isic}"):
+        data.read_index(isic / "train.csv")
+    assert data.main(["check", str(isic / "train.csv")]) == 2
+    assert data.main(["cache", str(isic / "train.csv"), "--cache-dir", "/nonexistent/never-made"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("not a folder but a file" in m for m in errors)
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch) -> Path:
+    """A folder nobody may write into. As root, permission bits don't stop writes, so then
+    creating anything under it is also refused by a patched os.mkdir."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.mkdir
+
+        def mkdir(path, *a, **k):
+            if str(path).startswith(str(ro)):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    yield ro
+    ro.chmod(0o755)
+
+
+def test_a_read_only_cache_dir_is_one_line_naming_the_option(isic, read_only, caplog):
+    index = data.read_index(isic)
+    for where in (read_only, read_only / "sub"):
+        with pytest.raises(PermissionError, match=rf"--cache-dir {where}: cannot write there \(Permission denied"):
+            data.build_cache(index, 16, where, workers=1)
+    assert data.main(["cache", str(isic), "--size", "16", "--cache-dir", str(read_only), "--workers", "1"]) == 2
+    assert list(read_only.iterdir()) == []
+
+
+def test_writing_into_the_data_folder_is_refused(isic, caplog):
+    before = sorted(str(p) for p in isic.rglob("*"))
+    with pytest.raises(ValueError, match="--cache-dir .* is inside the data folder"):
+        data.build_cache(data.read_index(isic), 16, isic / "cache", workers=1)
+    assert data.main(["split", str(isic), "--out", str(isic / "splits.csv")]) == 2
+    assert data.main(["cache", str(isic), "--cache-dir", str(isic), "--workers", "1"]) == 2
+    assert sorted(str(p) for p in isic.rglob("*")) == before
+
+
+@pytest.mark.parametrize("argv,option", [(["check", "{d}", "--workers", "-1"], "--workers"),
+                                         (["cache", "{d}", "--workers", "-1", "--cache-dir", "{t}"], "--workers"),
+                                         (["cache", "{d}", "--size", "4", "--cache-dir", "{t}"], "--size")])
+def test_bad_options_name_the_option(isic, tmp_path, caplog, argv, option):
+    argv = [a.format(d=isic, t=tmp_path / "c") for a in argv]
+    assert data.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(option), errors
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="--workers must be a whole number >= 0"):
+        data.verify_images(data.read_index(isic), workers=-1)
+
+
+def test_killed_builds_of_every_cache_key_are_cleaned(isic, tmp_path):
+    """Issue 15: only the same key's leftovers were removed, so a resumed pipeline (new key) kept a
+    killed build's 24.6 MB forever. Now every key's, but only melano's, and only dead writers'."""
+    host = socket.gethostname().replace("-", "_")
+    dead, alive = 999_999_999, os.getpid()
+    made = {
+        "old key, dead": (f".isic-64-{'0' * 16}.tmp-{host}-{dead}-deadbeef", False),
+        "other data, dead": (f".other-set-128-{'a1' * 8}.tmp-{host}-{dead}-0badf00d", False),
+        "alive": (f".isic-32-{'b' * 16}.tmp-{host}-{alive}-12345678", True),
+        "other host": (f".isic-64-{'c' * 16}.tmp-othernode-{dead}-12345678", True),
+        "not melano's": (f".my-notes.tmp-{host}-{dead}-12345678", True),
+        "a finished cache": (f"isic-64-{'d' * 16}", True),
+    }
+    for name, _ in made.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "images.u8").write_bytes(b"\0" * 100)
+    cache = data.build_cache(data.read_index(isic), 16, tmp_path, workers=1)
+    for what, (name, kept) in made.items():
+        assert (tmp_path / name).exists() == kept, what
+    assert cache.path.exists()
+
+
+def test_written_files_get_the_usual_mode(isic, tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache = data.build_cache(data.read_index(isic), 16, tmp_path / "c", workers=1)
+        data.make_split(cache, tmp_path / "s" / "splits.csv")
+    finally:
+        os.umask(old)
+    for p in (cache.path / "meta.json", cache.path / "images.u8", tmp_path / "s" / "splits.csv",
+              tmp_path / "s" / "splits.csv.json"):
+        assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_a_damaged_cache_meta_says_to_rebuild(isic, tmp_path):
+    cache = data.build_cache(data.read_index(isic), 16, tmp_path, workers=1)
+    (cache.path / "meta.json").write_text('{"version": 1, "size":')
+    with pytest.raises(ValueError, match="meta.json: unreadable .*delete .* and build it again"):
+        data.Cache(cache.path)

@@ -3,6 +3,10 @@
 import csv
 import hashlib
 import io
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +16,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from melano import data, synth
+from melano import data, outdir, synth
 
 
 def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every data file (not synth.json, which records the config, nor melano's
+    bookkeeping files, which record pids and times)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synth.json"}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "synth.json" and p.name not in outdir.MELANO_FILES}
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -79,7 +86,7 @@ def test_cli_writes_the_kaggle_layout(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="difficulty"):
         synth.plan(10, 10, difficulty=1.5)
-    with pytest.raises(ValueError, match="positive number"):
+    with pytest.raises(ValueError, match="not both 0"):
         synth.plan(0, 0)
 
 
@@ -120,3 +127,77 @@ def test_classes_separate_by_lesion_not_by_mean_colour():
     x2, y2, sev2 = _images(500, 0.3)
     assert _cv_auc(_colour_histograms(x2), y2) < hist_auc - 0.08
     assert roc_auc_score(y2, sev2) < roc_auc_score(y, sev) - 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# Output-folder safety and option checks (issue 15)
+
+def _labels(root: Path) -> dict[str, int]:
+    index = data.read_index(root)
+    return dict(zip(index.names, index.targets.tolist()))
+
+
+def test_a_data_set_in_out_is_refused_unless_forced(tmp_path):
+    kw = dict(benign=6, malignant=3, size=24)
+    synth.generate(synth.SynthConfig(out=str(tmp_path / "d"), seed=1, **kw))
+    before = _digest(tmp_path / "d")
+    with pytest.raises(outdir.OutputError, match=r"earlier synth run.*--force"):
+        synth.generate(synth.SynthConfig(out=str(tmp_path / "d"), seed=2, **kw))
+    assert _digest(tmp_path / "d") == before
+    synth.generate(synth.SynthConfig(out=str(tmp_path / "d"), seed=2, force=True, **kw))
+    synth.generate(synth.SynthConfig(out=str(tmp_path / "ref"), seed=2, **kw))
+    assert _digest(tmp_path / "d") == _digest(tmp_path / "ref")  # the old set is gone, no mix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "ref"]
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "train.csv").write_text("image_name,target\n")
+    with pytest.raises(outdir.OutputError, match="holds a data set"):
+        synth.generate(synth.SynthConfig(out=str(tmp_path / "user"), **kw))
+
+
+def test_an_interrupted_run_leaves_the_old_set_untouched(tmp_path, monkeypatch):
+    """Issue 15, finding 3: a run killed while rendering replaced images under the old train.csv
+    (120 of 2,000 images carried the wrong label). Now the old set stays exactly as it was."""
+    kw = dict(benign=30, malignant=10, size=24)
+    out = tmp_path / "d"
+    synth.generate(synth.SynthConfig(out=str(out), seed=1, **kw))
+    before, labels = _digest(out), _labels(out)
+    real, calls = synth._render_one, []
+
+    def dies(job):
+        calls.append(job)
+        if len(calls) == 15:
+            raise KeyboardInterrupt  # stands in for a kill in the middle of the run
+        return real(job)
+
+    monkeypatch.setattr(synth, "_render_one", dies)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate(synth.SynthConfig(out=str(out), seed=2, force=True, **kw))
+    assert _digest(out) == before and _labels(out) == labels
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the half-written set is gone
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--size", "8"], "--size must be between 16 and 4096"),
+    (["--benign", "-1"], "--benign and --malignant must be >= 0"),
+    (["--benign", "0", "--malignant", "0"], "not both 0"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--difficulty", "0.7"], r"--difficulty must be in \[0, 0.5\]"),
+    (["--difficulty", "nan"], r"--difficulty must be in \[0, 0.5\]"),
+    (["--images-per-patient", "0"], "--images-per-patient .* at least 1"),
+])
+def test_bad_options_are_one_line_and_exit_2(tmp_path, caplog, argv, pattern):
+    out = tmp_path / "d"
+    assert data.main(["synth", "--out", str(out), *argv]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and re.search(pattern, errors[0]), errors
+    assert not out.exists()  # checked before anything was written
+
+
+def test_bad_options_from_the_command_line_print_no_traceback(tmp_path):
+    """Issue 15: `synth --size 8` and `synth --benign -1` ended in a traceback. (One process: a
+    fresh interpreter pays for importing torch; the other options take the same path, above.)"""
+    r = subprocess.run([sys.executable, "-m", "melano.data", "synth", "--out", str(tmp_path / "d"), "--size", "8"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "ERROR --size must be between 16 and 4096 pixels, got 8" in lines[0]

@@ -1,0 +1,187 @@
+"""Fault injection for synth and the cache build: kill -9 at seeded random points, then rerun.
+
+Each case forks a child that runs the real command (``melano.data.main``) in a session of its
+own, and SIGKILLs the whole session after a random delay drawn from a seeded generator over
+the length of an uninterrupted run. (A fork starts at once: a fresh interpreter would spend
+seconds importing torch before the work begins.) After each kill:
+  - no folder is mislabelled: whatever a reader can open equals the old set or the new one
+    (synth), or the uninterrupted build (cache), byte for byte;
+  - the rerun's final state equals an uninterrupted run's, and no leftovers remain.
+
+The quick cases run in ``make test``; the ``slow`` ones (more kills, worker pools) in
+``make test-faults``.
+"""
+
+import hashlib
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from melano import data, outdir, synth
+
+
+def data_files(root: Path) -> dict[str, str]:
+    """sha256 of train.csv and every image: what a reader sees of a data set."""
+    if not (root / "train.csv").exists():
+        return {}
+    files = [root / "train.csv", *sorted((root / "jpeg" / "train").glob("*"))]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _child(argv: list[str], patch: str | None) -> None:
+    os.setsid()  # its own session: the kill takes its pool workers too
+    if patch == "die before the second rename":
+        real = os.rename
+
+        def rename(src, dst):
+            if ".melano-new-" in str(src):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst)
+
+        os.rename = rename
+    elif patch == "die before the old set is removed":
+        shutil.rmtree = lambda path, *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(data.main(argv))
+
+
+def run(argv: list[str], kill_after: float | None = None, patch: str | None = None) -> tuple[int, float]:
+    """Run `python -m melano.data argv` in a forked child; SIGKILL it after `kill_after` seconds.
+    Returns (exit code, or -9 if killed; seconds it ran)."""
+    proc = mp.get_context("fork").Process(target=_child, args=(argv, patch))
+    t0 = time.monotonic()
+    proc.start()
+    proc.join(kill_after)
+    if proc.exitcode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.join()
+    return proc.exitcode, time.monotonic() - t0
+
+
+def _synth_args(out: Path, seed: int, n: int = 60, workers: int = 1) -> list[str]:
+    return ["synth", "--out", str(out), "--benign", str(n * 3 // 4), "--malignant", str(n // 4),
+            "--size", "24", "--seed", str(seed), "--workers", str(workers), "--force"]
+
+
+def _side_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if ".melano-" in p.name or ".replaced-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """Uninterrupted runs, made once: {(seed, n): (folder, its data files, seconds it took)}."""
+    root, made = tmp_path_factory.mktemp("refs"), {}
+
+    def get(seed: int, n: int = 60) -> tuple[Path, dict, float]:
+        if (seed, n) not in made:
+            folder = root / f"seed{seed}-n{n}"
+            code, seconds = run(_synth_args(folder, seed, n))
+            assert code == 0
+            made[seed, n] = (folder, data_files(folder), seconds)
+        return made[seed, n]
+    return get
+
+
+def synth_kills(refs, tmp_path: Path, n_kills: int, seed: int, n: int = 60, workers: int = 1) -> dict:
+    """Kill `synth --force` while it replaces set A (seed 1) with set B (seed 2), n_kills times."""
+    (ref_a, a, _), (_, b, seconds) = refs(1, n), refs(2, n)
+    assert a and b and a != b
+    out = tmp_path / "work" / "set"
+    rng = np.random.default_rng(seed)
+    seen = {"kills": 0, "old set": 0, "new set": 0}
+    for _ in range(n_kills):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ref_a, out)  # synth's own set A, manifest included
+        code, _ = run(_synth_args(out, 2, n, workers), kill_after=float(rng.uniform(0, 0.8 * seconds)))
+        seen["kills"] += code == -signal.SIGKILL
+        state = data_files(out)
+        assert state in (a, b), "a killed synth left a mix of two sets"  # never mislabelled
+        seen["old set" if state == a else "new set"] += 1
+        assert run(_synth_args(out, 2, n, workers))[0] == 0  # the rerun
+        assert data_files(out) == b and _side_folders(out.parent) == []
+    return seen
+
+
+def test_synth_killed_at_random_points_leaves_the_old_or_the_new_set(refs, tmp_path):
+    seen = synth_kills(refs, tmp_path, n_kills=3, seed=0)
+    print("synth, quick:", seen)
+    assert seen["kills"] >= 2, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_synth_killed_at_many_random_points(refs, tmp_path, workers):
+    seen = synth_kills(refs, tmp_path, n_kills=20, seed=workers, n=200, workers=workers)
+    print(f"synth, {workers} worker(s):", seen)
+    assert seen["kills"] >= 10 and seen["old set"] >= 5, seen
+
+
+@pytest.mark.parametrize("patch", ["die before the second rename", "die before the old set is removed"])
+def test_synth_killed_inside_the_swap_is_repaired(refs, tmp_path, patch):
+    (ref_a, a, _), (_, b, _) = refs(1), refs(2)
+    out = tmp_path / "work" / "set"
+    shutil.copytree(ref_a, out)
+    assert run(_synth_args(out, 2), patch=patch)[0] == -signal.SIGKILL
+    if patch == "die before the second rename":
+        assert not out.exists()  # for a moment no set at all, which no reader can mistake for one
+        with pytest.raises(FileNotFoundError):
+            data.read_index(out)
+        with pytest.raises(outdir.OutputError, match="earlier synth run"):  # the next claim repairs ...
+            outdir.claim(out, "synth", staged=True, can_resume=False)
+        assert data_files(out) == a  # ... by putting the old set back
+    else:
+        assert data_files(out) == b and len(_side_folders(out.parent)) == 1  # the old set, set aside
+    assert run(_synth_args(out, 2))[0] == 0
+    assert data_files(out) == b and _side_folders(out.parent) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache build
+
+def cache_kills(tmp_path: Path, n_kills: int, seed: int, n: int = 150, workers: int = 1) -> dict:
+    src = tmp_path / "src"
+    synth.generate(synth.SynthConfig(out=str(src), benign=n * 4 // 5, malignant=n // 5, size=32, seed=3))
+    ref_dir, work = tmp_path / "ref", tmp_path / "cache"
+    argv = lambda d: ["cache", str(src), "--size", "32", "--cache-dir", str(d), "--workers", str(workers)]
+    code, seconds = run(argv(ref_dir))
+    assert code == 0
+    (ref,) = [p for p in ref_dir.iterdir()]
+    want = {f: (ref / f).read_bytes() for f in ("images.u8", "meta.json")}
+    rng = np.random.default_rng(seed)
+    seen = {"kills": 0, "finished before the kill": 0, "leftovers cleaned": 0}
+    for _ in range(n_kills):
+        shutil.rmtree(work, ignore_errors=True)
+        code, _ = run(argv(work), kill_after=float(rng.uniform(0, 0.8 * seconds)))
+        seen["kills"] += code == -signal.SIGKILL
+        for p in work.iterdir() if work.exists() else []:  # whatever a reader would accept ...
+            if not p.name.startswith("."):
+                assert p.name == ref.name and {f: (p / f).read_bytes() for f in want} == want  # ... is whole
+                seen["finished before the kill"] += 1
+        leftovers = [p for p in work.iterdir() if p.name.startswith(".")] if work.exists() else []
+        assert run(argv(work))[0] == 0  # the rerun
+        assert sorted(p.name for p in work.iterdir()) == [ref.name]  # the killed build's temp folder is gone
+        assert {f: (work / ref.name / f).read_bytes() for f in want} == want
+        seen["leftovers cleaned"] += len(leftovers)
+    return seen
+
+
+def test_cache_build_killed_at_random_points(tmp_path):
+    seen = cache_kills(tmp_path, n_kills=3, seed=0)
+    print("cache, quick:", seen)
+    assert seen["kills"] >= 2, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cache_build_killed_at_many_random_points(tmp_path, workers):
+    seen = cache_kills(tmp_path, n_kills=20, seed=10 + workers, n=600, workers=workers)
+    print(f"cache, {workers} worker(s):", seen)
+    assert seen["kills"] >= 10 and seen["leftovers cleaned"] >= 8, seen
