@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.stamp-install
 
-.PHONY: test train bench kernels gpu-check clean
+.PHONY: test test-faults train bench kernels gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
@@ -12,7 +12,11 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Only the slow cases: fault injection (kill -9 at seeded random points) and the larger fuzz runs.
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 train: $(STAMP)
 	$(PY) -m melano.pipeline --preset quick

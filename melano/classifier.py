@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data, dist, metrics, run
+from . import augment, data, dist, metrics, outdir, run
 from .common import atomic_write_text, log_config, pick_device, progress, save_json, setup_logging, to_jsonable
 from .efficientnet import config as model_config
 from .efficientnet import efficientnet
@@ -119,6 +119,7 @@ class ClassifierConfig:
     workers: int | None = option(None, "DataLoader workers. none: 0 on <= 4 cores", min=0)
     threads: int | None = option(None, "torch CPU threads. none: torch's choice", min=1)
     resume: bool = option(False, "continue from OUT/last.pt with the same config")
+    force: bool = option(False, "write into an --out that holds an earlier run or other files (starts afresh)")
 
     def __post_init__(self) -> None:
         self.extra = [str(e) for e in (self.extra or [])]
@@ -140,7 +141,7 @@ class ClassifierConfig:
 
 
 # Config fields that may change between a run and its --resume; every other field must match.
-RESUMABLE = {"resume", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
+RESUMABLE = {"resume", "force", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
              "eval_batch_size", "out"}
 
 
@@ -499,12 +500,18 @@ def save_last(path: Path, meta: dict, m: Model, p: Progress, total: int) -> None
     dist.barrier()  # no rank goes on (or returns) before last.pt is complete
 
 
-def load_last(path: Path, cfg: ClassifierConfig, m: Model, total: int) -> Progress:
+def resumable_state(path: Path, cfg: ClassifierConfig) -> dict:
+    """last.pt, checked against cfg (read only: a refused resume changes nothing)."""
     state = run.load_state(path, FORMAT, "melano classifier training checkpoint")
     if "optimizer" not in state:
         raise run.UsageError(f"{path}: a best.pt, not the last.pt that --resume needs")
     run.check_resume(state["config"], cfg, RESUMABLE, path)
     run.check_world(state, path)
+    return state
+
+
+def load_last(state: dict, m: Model, total: int) -> Progress:
+    """Restore the model, optimiser and streams from a checked last.pt; return the progress."""
     own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
     m.model.load_state_dict(state["model"])
     m.opt.load_state_dict(state["optimizer"])
@@ -516,7 +523,7 @@ def load_last(path: Path, cfg: ClassifierConfig, m: Model, total: int) -> Progre
                     total, state["total_steps"])
     p = Progress(state["step"], state["best_auc"], state["best_step"], state["history"], own["loss_sum"],
                  state["loss_count"])
-    log.info("resumed %s at step %d (best val AUC %.4f at step %d)", path, p.step, p.best_auc, p.best_step)
+    log.info("resumed at step %d (best val AUC %.4f at step %d)", p.step, p.best_auc, p.best_step)
     return p
 
 
@@ -528,22 +535,29 @@ def train(cfg: ClassifierConfig) -> TrainResult:
     """Fine-tune, keep the best validation AUC, optionally evaluate best.pt on the test split.
 
     Raises run.Stopped after saving last.pt when stopped by SIGINT/SIGTERM; rerun with resume=True.
-    Under torchrun (see melano.dist) the model is wrapped in DDP, cfg.batch_size is per process,
-    each rank trains on its shard of every epoch's order with its own augmentation and dropout,
-    and the validation predictions are gathered (each image once) before the AUC. Only rank 0
-    writes files and evaluates on the test split."""
-    # ---- setup: run folder, data, model
+    An earlier run's folder is refused without --resume or --force (see melano.outdir), and so is a
+    folder another process is writing. Under torchrun (see melano.dist) the model is wrapped in
+    DDP, cfg.batch_size is per process, each rank trains on its shard of every epoch's order with
+    its own augmentation and dropout, and the validation predictions are gathered (each image once)
+    before the AUC. Only rank 0 writes files and evaluates on the test split."""
+    # ---- setup and resume: everything is checked before anything is written
     check_config(cfg)
     device = dist.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, split_csv=str(cfg.split_path.resolve()), cache_dir=str(cfg.cache_path.resolve()))
-    out, world = Path(cfg.out), dist.world_size()
-    last = out / "last.pt"
-    if last.exists() and not cfg.resume:
-        raise run.UsageError(f"{last} exists: pass --resume to continue that run, or use another --out")
+    last = Path(cfg.out) / "last.pt"
+    state = resumable_state(last, cfg) if cfg.resume and last.exists() else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    with outdir.claim(cfg.out, "classifier-train", force=cfg.force, resume=cfg.resume,
+                      data=[cfg.data, *cfg.extra], rank=dist.rank()) as claim:
+        return train_loop(cfg, device, claim, state)
+
+
+def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim, state: dict | None) -> TrainResult:
+    """The training of `train`, in a claimed run folder, from `state` (a checked last.pt) or afresh."""
+    # ---- data, model, progress
+    out, world, last = Path(cfg.out), dist.world_size(), Path(cfg.out) / "last.pt"
     size, eval_bs = image_size(cfg), cfg.eval_batch_size or 2 * cfg.batch_size
-    out.mkdir(parents=True, exist_ok=True)
     d = prepare_data(cfg, size, eval_bs)
     n_pos = int(d.targets.sum())
     pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, len(d.targets) - n_pos)
@@ -556,10 +570,12 @@ def train(cfg: ClassifierConfig) -> TrainResult:
     warmup = round(cfg.warmup * total)
     m = build_training(cfg, device, pos_weight)
     meta = checkpoint_meta(cfg, *mean_std(cfg))
-    # ---- resume: checked before config.json is written, so that a refused resume changes nothing
-    p = load_last(last, cfg, m, total) if cfg.resume and last.exists() else Progress()
+    p = load_last(state, m, total) if state is not None else Progress()
     run.agree_start(p.step > 0, p.step, last)
     if dist.is_main():
+        for rel in ("config.json", "last.pt", "best.pt", "history.csv", "val_predictions.csv", "result.json",
+                    "test_predictions.csv", "test_metrics.json"):
+            claim.record(rel)
         log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch}, out / "config.json")
     log.info("training on %d images (%d malignant, %d added to the real split), validating on %d; %d steps; "
              "pos_weight %s", len(d.train_set), n_pos, len(d.train_set) - d.n_real, len(d.val_set), total, pos_weight)

@@ -10,13 +10,14 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+
+from . import outdir
 
 log = logging.getLogger("melano")
 
@@ -53,31 +54,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600
-
-
 def _atomic_write(path: str | os.PathLike, write) -> None:
     """Write to a temp file in the same folder, fsync, then os.replace: a kill leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    outdir.atomic_write(path, write)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

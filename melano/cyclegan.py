@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as mdata
-from . import dist, report, run
+from . import dist, outdir, report, run
 from .common import log_config, progress, setup_logging
 from .ops import InstanceNormAct
 from .run import option
@@ -112,6 +112,7 @@ class CycleGANConfig:
     checkpoint_every: int = option(1000, "steps between checkpoints (one is always written at the end)", min=1)
     n_samples: int = option(4, "rows in each sample grid", min=1)
     resume: bool = option(False, "continue from <out>/checkpoint.pt (starts fresh if there is none)")
+    force: bool = option(False, "write into an --out that holds an earlier run or other files (starts afresh)")
 
     def __post_init__(self):
         run.check_options(self)
@@ -132,7 +133,7 @@ class CycleGANConfig:
 
 
 # Fields that may change between a run and its --resume; every other one must match.
-RESUMABLE = {"max_steps", "device", "workers", "sample_every", "checkpoint_every", "n_samples", "resume"}
+RESUMABLE = {"max_steps", "device", "workers", "sample_every", "checkpoint_every", "n_samples", "resume", "force"}
 
 
 # ----------------------------------------------------------------------------- models
@@ -595,29 +596,37 @@ def train(cfg: CycleGANConfig) -> Path:
     Writes into cfg.out: config.json, losses.csv, losses.png, samples/step_*.png, checkpoint.pt
     (every cfg.checkpoint_every steps, at the end, and on SIGINT/SIGTERM, which then raise
     run.Stopped), and splits.csv and cache/ unless given elsewhere. With cfg.resume it continues
-    from checkpoint.pt; without, an existing checkpoint is refused. Returns the checkpoint path.
+    from checkpoint.pt; an earlier run's folder is refused without --resume or --force (see
+    melano.outdir), and so is a folder another process is writing. Returns the checkpoint path.
     Under torchrun each process trains on its shard of every step with its own pools and label
     noise; DDP averages the gradients; only rank 0 writes files."""
-    # ---- setup: device, run folder, data, models
+    # ---- setup and resume: everything is checked before anything is written
     setup_logging()
     device = dist.init_from_env(cfg.device)
     cfg = absolute_paths(cfg)
-    out = Path(cfg.out)
-    ckpt = out / CHECKPOINT
+    ckpt = Path(cfg.out) / CHECKPOINT
     if not Path(cfg.data).is_dir():
         raise run.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
-    if ckpt.exists() and not cfg.resume:
-        raise run.UsageError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
     amp_dtype, scaler = run.amp_setup(cfg.amp, device)
     gan = new_gan(cfg, device, scaler)
-    # ---- resume: before anything is written, so that a refused resume changes nothing
     pos = load_training_state(ckpt, cfg, gan, device) if cfg.resume and ckpt.exists() else Position()
     run.agree_start(pos.step > 0, pos.step, ckpt)
-    out.mkdir(parents=True, exist_ok=True)
+    with outdir.claim(cfg.out, "cyclegan-train", force=cfg.force, resume=cfg.resume, data=[cfg.data],
+                      rank=dist.rank()) as claim:
+        return train_loop(cfg, gan, pos, claim, device, amp_dtype)
+
+
+def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim, device: torch.device,
+               amp_dtype: torch.dtype | None) -> Path:
+    """The training loop of `train`, in a claimed run folder; from `pos` to the schedule's end."""
+    # ---- data, config, logs
+    out, main, world = Path(cfg.out), dist.is_main(), dist.world_size()
+    ckpt = out / CHECKPOINT
     with dist.local_main_first():  # one process per node builds the cache and draws the split
         data = TrainData(cfg)
-    world = dist.world_size()
-    if dist.is_main():
+    if main:
+        for rel in ("config.json", CHECKPOINT, "losses.csv", "losses.png"):
+            claim.record(rel)
         log_config({**dataclasses.asdict(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
                    out / "config.json")
     log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d x %d processes; "
@@ -625,13 +634,13 @@ def train(cfg: CycleGANConfig) -> Path:
     net = nn.ModuleDict({k: dist.wrap_ddp(v, device) for k, v in gan.models.items()})  # what train_step runs
     total = (cfg.epochs + cfg.epochs_decay) * data.steps_per_epoch
     total = min(total, cfg.max_steps or total)
-    losses = report.LossLog(out / "losses.csv", pos.step) if dist.is_main() else None
+    losses = report.LossLog(out / "losses.csv", pos.step) if main else None
     samples = [x.to(device) for x in data.samples(cfg.n_samples)]
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # ---- loop: epochs of the resumable order; a checkpoint every checkpoint_every steps
     gan.models.train()
     t0, saved, stopped = time.monotonic(), pos.step, 0
-    bar = progress(range(pos.step, total), total=total - pos.step, desc="cyclegan") if dist.is_main() else iter(())
+    bar = progress(range(pos.step, total), total=total - pos.step, desc="cyclegan") if main else iter(())
     with run.StopOnSignal() as stop:
         while pos.step < total and not stopped:
             if pos.epoch_step >= data.steps_per_epoch:  # epoch done: next learning rate
@@ -647,11 +656,12 @@ def train(cfg: CycleGANConfig) -> Path:
                                             cfg, gan.rng, gan.scaler, amp_dtype))  # the global batch's losses
                 pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
                 next(bar, None)
-                if losses is not None:
+                if main:
                     losses.append({"step": pos.step, "epoch": pos.epoch, "lr": gan.opt_G.param_groups[0]["lr"],
                                    "seconds": round(time.monotonic() - t0, 3), **loss})
-                if pos.step % cfg.sample_every == 0 and dist.is_main():
-                    save_samples(gan.models, *samples, out / "samples" / f"step_{pos.step:07d}.png", amp_dtype)
+                if pos.step % cfg.sample_every == 0 and main:
+                    grid = claim.record(f"samples/step_{pos.step:07d}.png")
+                    save_samples(gan.models, *samples, grid, amp_dtype)
                     log.info("step %d/%d, epoch %d: %s", pos.step, total, pos.epoch,
                              "  ".join(f"{k} {v:.3f}" for k, v in loss.items()))
                 if pos.step % cfg.checkpoint_every == 0:
@@ -664,7 +674,7 @@ def train(cfg: CycleGANConfig) -> Path:
         stopped = stop.agreed()
         if pos.step != saved or not ckpt.exists():
             save_checkpoint(ckpt, cfg, gan, pos)
-    if dist.is_main():
+    if main:
         bar.close()
         report.plot_losses(out / "losses.csv", out / "losses.png")
     if stopped:

@@ -2,7 +2,7 @@
 it beat simply resampling the real melanomas?
 
     python -m melano.pipeline [--data DIR] [--out DIR] [--preset smoke|quick|study|full] [--seeds K]
-                              [--force STAGE ...] [--nproc-per-node K]
+                              [--rerun STAGE ...] [--nproc-per-node K]
 
 Stages, each in its own folder under --out (default runs/<preset>), run top to bottom by `run`:
 
@@ -22,7 +22,7 @@ control that separates balancing from realism), cyclegan and cyclegan_ls (balanc
 translations). Every arm trains `clf_epochs` epochs of the REAL training split's steps.
 
 A stage whose outputs exist and whose parameters (and those of the stages it reads) have not
-changed is skipped; a stage killed half-way resumes from its checkpoint; `--force STAGE` reruns
+changed is skipped; a stage killed half-way resumes from its checkpoint; `--rerun STAGE` reruns
 one stage and, through the parameters, everything downstream of it.
 """
 
@@ -46,7 +46,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import classifier, cyclegan, data, efficientnet, report, run, synth
+from . import classifier, cyclegan, data, efficientnet, outdir, report, run, synth
 from .common import load_checkpoint, log_config, save_json, setup_logging, to_jsonable
 from .run import option
 from .translate import TranslateConfig, translate
@@ -125,7 +125,8 @@ class PipelineConfig:
     device: str | None = option(None, "cpu or cuda. none: cuda when available")
     nproc_per_node: int = option(1, "processes for the gan and arm training stages; K > 1 runs them under "
                                     "torchrun (DDP, one process per GPU; batch sizes are per process)", min=1)
-    force: list[str] = option(help="rerun these stages even if done (arm_<arm> reruns every seed)", factory=list)
+    rerun: list[str] = option(help="rerun these stages even if done, and what reads them (arm_<arm>: every "
+                                   "seed)", factory=list)
 
     def __post_init__(self):
         run.check_options(self)
@@ -199,16 +200,16 @@ class Stages:
 
     A stage folder holds params.json (written when it starts) and done.json (written last, with
     the result). Same params and done.json: skip. Same params, no done.json: the stage was killed,
-    so it resumes. Different params or --force: the folder is cleared and the stage reruns.
+    so it resumes. Different params or --rerun: the folder is cleared and the stage reruns.
 
     Each finished run of a stage gets a fresh `run_id`, and downstream stages list their inputs'
     run ids among their parameters: whatever reruns a stage also reruns everything that reads it."""
 
-    def __init__(self, root: Path, force: list[str]):
-        self.root, self.force, self.timings = root, set(force), {}
+    def __init__(self, root: Path, rerun: list[str]):
+        self.root, self.rerun, self.timings = root, set(rerun), {}
 
     def forced(self, name: str) -> bool:
-        return name in self.force or any(name.startswith(f + "_") for f in self.force if f.startswith("arm_"))
+        return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
 
     def run(self, name: str, params: dict, fn: Callable[[Path, bool], dict]) -> dict:
         folder = self.root / name
@@ -249,7 +250,7 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, folder: Path, resume: bool)
         src = folder / "synthetic"
         synth.generate(synth.SynthConfig(out=str(src), benign=cfg.synth_benign, malignant=cfg.synth_malignant,
                                          size=cfg.synth_size, seed=cfg.seed, difficulty=cfg.synth_difficulty,
-                                         workers=data.default_workers()))
+                                         workers=data.default_workers(), force=True))  # the stage owns its folder
     else:
         src = Path(cfg.data).resolve()
     cache = data.build_cache(data.read_index(src), cfg.gan_size, cache_dir)
@@ -270,7 +271,7 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, folder: Path, resume: bool)
 
 
 def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, folder: Path, resume: bool) -> dict:
-    run_cfg = dataclasses.replace(gan_cfg, out=str(folder), resume=resume)
+    run_cfg = dataclasses.replace(gan_cfg, out=str(folder), resume=resume, force=True)  # the stage owns its folder
     if nproc > 1:
         torchrun(nproc, "melano.cyclegan", run_cfg)
         ckpt = folder / cyclegan.CHECKPOINT
@@ -281,12 +282,12 @@ def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, folder: Path, resume
 
 def synth_stage(gan: dict, d: dict, cache_dir: Path, n: int, device: str | None, folder: Path, resume: bool) -> dict:
     translate(TranslateConfig(checkpoint=gan["checkpoint"], data=d["data"], out=str(folder), limit=n,
-                              split_csv=d["split_csv"], cache_dir=str(cache_dir), device=device))
+                              split_csv=d["split_csv"], cache_dir=str(cache_dir), device=device, force=True))
     return {"folder": str(folder), "images": count_rows(folder / "train.csv")}
 
 
 def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, folder: Path, resume: bool) -> dict:
-    run_cfg = dataclasses.replace(clf_cfg, out=str(folder), resume=resume)
+    run_cfg = dataclasses.replace(clf_cfg, out=str(folder), resume=resume, force=True)  # the stage owns its folder
     if nproc > 1:
         torchrun(nproc, "melano.classifier", run_cfg)
         return json.loads((folder / "result.json").read_text())  # what train() returns
@@ -323,20 +324,27 @@ def arm_config(cfg: PipelineConfig, d: dict, cache_dir: Path, arm: str, k: int,
 # ----------------------------------------------------------------------------- the experiment
 
 def run_experiment(cfg: PipelineConfig) -> dict:
-    """The whole experiment. Returns the content of metrics.json."""
+    """The whole experiment. Returns the content of metrics.json. A rerun into the same --out
+    continues it; an --out holding anything else, or in use by another process, is refused."""
     out = Path(cfg.out or f"runs/{cfg.preset}")
-    unknown = {f for f in cfg.force if f not in stage_names(cfg) and f not in {f"arm_{a}" for a in ARMS}}
+    unknown = {f for f in cfg.rerun if f not in stage_names(cfg) and f not in {f"arm_{a}" for a in ARMS}}
     if unknown:
-        raise run.UsageError(f"--force {' '.join(sorted(unknown))}: not a stage; stages are "
+        raise run.UsageError(f"--rerun {' '.join(sorted(unknown))}: not a stage; stages are "
                              f"{', '.join(stage_names(cfg))} (arm_<arm> for every seed of an arm)")
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise FileNotFoundError(f"--data {cfg.data}: no such folder. Give an ISIC folder (train.csv + jpeg/train/ "
                                 f"or train/, or benign/ + malignant/), or omit --data to use the built-in synthetic set")
     if cfg.weights is None:
         efficientnet.offline_weights(cfg.arch)  # raises, saying how to get weights, before any training
-    out.mkdir(parents=True, exist_ok=True)
-    log_config(cfg, out / "config.json")
-    stages, cache_dir, wall0 = Stages(out, cfg.force), out / "cache", time.monotonic()
+    with outdir.claim(out, "pipeline", resume=True, data=[cfg.data] if cfg.data else []) as claim:
+        claim.record("config.json")
+        log_config(cfg, out / "config.json")
+        return run_stages(cfg, out)
+
+
+def run_stages(cfg: PipelineConfig, out: Path) -> dict:
+    """The stages, top to bottom, in the claimed run folder `out`."""
+    stages, cache_dir, wall0 = Stages(out, cfg.rerun), out / "cache", time.monotonic()
     # the number of processes changes a training stage's result (the global batch); left out at 1
     procs = {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
 

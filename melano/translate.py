@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cyclegan, run
+from . import cyclegan, outdir, run
 from . import data as mdata
-from .common import atomic_write_text, pick_device, progress
+from .common import pick_device, progress
 from .run import option
 
 log = logging.getLogger("melano.translate")
@@ -44,6 +44,7 @@ class TranslateConfig:
     cache_dir: str | None = option(None, "image cache folder. none: the checkpoint's")
     batch_size: int = option(16, "images per forward pass", min=1)
     device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
+    force: bool = option(False, "write into an --out that holds an earlier translation or other files")
 
     def __post_init__(self):
         run.check_options(self)
@@ -73,7 +74,8 @@ def translate(cfg: TranslateConfig) -> Path:
     """Run G_A over the benign images of cfg.split and write the synthetic data folder at cfg.out.
 
     The split file and cache default to the ones the checkpoint was trained with (absolute paths
-    saved in it). train.csv is written last, atomically, so it never lists a missing image.
+    saved in it). train.csv is written after the images, atomically, so it never lists a missing
+    image; an --out holding anything but an earlier translation is refused without --force.
     Returns the output folder."""
     device = pick_device(cfg.device)
     G, gcfg = cyclegan.load_generator(cfg.checkpoint, "G_A", device)
@@ -87,31 +89,31 @@ def translate(cfg: TranslateConfig) -> Path:
     records = {r.image_name: r for r in index.records}
     split_names = splits[cfg.split]
     names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
-    out_dir = Path(cfg.out)
-    img_dir = out_dir / "jpeg" / "train"
-    img_dir.mkdir(parents=True, exist_ok=True)
     amp_dtype, _ = run.amp_setup("auto", device)
     log.info("translating %d %s-split benign images of %s with %s on %s", len(names), cfg.split, cfg.data,
              cfg.checkpoint, device)
-    rows = []
-    batches = [names[i:i + cfg.batch_size] for i in range(0, len(names), cfg.batch_size)]
-    for batch in progress(batches, total=len(batches), desc="translate"):
-        x = torch.from_numpy(np.stack([cache.images[cache.row(n)] for n in batch])).to(device)
-        x = x.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1)  # uint8 -> [-1, 1], as UnpairedDataset
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            y = G(x)
-        for name, img in zip(batch, cyclegan.to_uint8(y)):
-            row = synthetic_row(name, records[name])
-            Image.fromarray(img).save(img_dir / f"{row['image_name']}.jpg", quality=95, subsampling=0)
-            rows.append(row)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(buf.getvalue(), out_dir / "train.csv")
-    written = {f"{r['image_name']}.jpg" for r in rows}
-    for stale in img_dir.glob("syn_*.jpg"):  # from an earlier, larger run into the same folder
-        if stale.name not in written:
-            stale.unlink()
+    with outdir.claim(cfg.out, "translate", force=cfg.force, can_resume=False, data=[cfg.data]) as claim:
+        (claim.folder / "jpeg" / "train").mkdir(parents=True, exist_ok=True)
+        rows = []
+        batches = [names[i:i + cfg.batch_size] for i in range(0, len(names), cfg.batch_size)]
+        for batch in progress(batches, total=len(batches), desc="translate"):
+            x = torch.from_numpy(np.stack([cache.images[cache.row(n)] for n in batch])).to(device)
+            x = x.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1)  # uint8 -> [-1, 1], as UnpairedDataset
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                y = G(x)
+            for name, img in zip(batch, cyclegan.to_uint8(y)):
+                row = synthetic_row(name, records[name])
+                rel = f"jpeg/train/{row['image_name']}.jpg"
+                Image.fromarray(img).save(claim.record(rel), quality=95, subsampling=0)
+                row["_file"] = rel
+                rows.append(row)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        claim.write_text("train.csv", buf.getvalue())  # after the images: it never lists a missing one
+        # then the images of an earlier, larger run into this folder (only files this command wrote)
+        claim.remove_stale(set(claim.written) - {r["_file"] for r in rows} - {"train.csv"})
+    out_dir = Path(cfg.out)
     log.info("wrote %d synthetic malignant images to %s", len(rows), out_dir)
     return out_dir

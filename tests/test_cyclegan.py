@@ -418,9 +418,16 @@ def test_translate_writes_exactly_what_it_says(tiny, trained, tmp_path):
     assert len(cli_rows) == 2 and all(r in rows for r in cli_rows)  # a smaller limit: a subset
     # and the folder holds exactly the images its train.csv lists (re-running with a smaller limit
     # into a folder that had more leaves no strays)
-    translate(ckpt, cfg.data, tmp_path / "all", limit=3)
+    with pytest.raises(ValueError, match="--force"):  # an earlier translation is not overwritten by accident
+        translate(ckpt, cfg.data, tmp_path / "all", limit=3)
+    translate(ckpt, cfg.data, tmp_path / "all", limit=3, force=True)
     listed = {r["image_name"] + ".jpg" for r in read_csv(tmp_path / "all" / "train.csv")}
     assert len(listed) == 3 and {p.name for p in (tmp_path / "all" / "jpeg" / "train").iterdir()} == listed
+    # and a data folder is never written into: its labels stay as they were
+    before = (tiny / "data" / "train.csv").read_bytes()
+    assert cg.main(["translate", "--checkpoint", str(ckpt), "--data", cfg.data, "--out", cfg.data,
+                    "--limit", "2", "--device", "cpu"]) == 2
+    assert (tiny / "data" / "train.csv").read_bytes() == before
 
 
 def test_config_rejects_bad_options():

@@ -112,10 +112,10 @@ def test_rerun_skips_every_stage(smoke, caplog):
     assert again["arms"] == result["arms"]
 
 
-def test_force_reruns_one_stage(smoke):
+def test_rerun_one_stage(smoke):
     cfg, result, out = smoke
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "force": ["report"]}))
+    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "rerun": ["report"]}))
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
     assert [s for s in after if after[s] != before[s]] == ["report"]
 
@@ -142,16 +142,16 @@ def test_bad_data_folder_fails_clearly(tmp_path, caplog):
 
 def test_unknown_stage_and_arm_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a stage"):
-        pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), force=["gan2"]))
+        pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), rerun=["gan2"]))
     with pytest.raises(ValueError, match="--arms"):
         pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), arms=["none", "gan"]))
     assert not any(tmp_path.iterdir())  # a refused command changes nothing
 
 
-def test_force_reruns_a_stage_and_everything_downstream(smoke):
+def test_rerun_a_stage_and_everything_downstream(smoke):
     cfg, result, out = smoke
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "force": ["gan"]}))
+    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "rerun": ["gan"]}))
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
     assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan_0", "arm_cyclegan_1", "gan",
                                                                    "report", "synth"]
