@@ -70,6 +70,15 @@ def _fit_to_source(image: Image.Image, source: Image.Image) -> Image.Image:
     return out
 
 
+def suffix_like(source_path: str | os.PathLike) -> str:
+    """The file extension `save_like` gives a translation of `source_path`."""
+    source_path = Path(source_path)
+    with Image.open(source_path) as source:
+        if source.format == "PNG":
+            return ".png"
+    return source_path.suffix.lower() if source_path.suffix.lower() in _JPEG_SUFFIXES else ".jpg"
+
+
 def save_like(image: Image.Image, source_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Write `image` (a translation of `source_path`) encoded like its source; return the path written.
 

@@ -2,8 +2,10 @@
 
     python -m melano.cyclegan translate --checkpoint RUN/checkpoint.pt --data DIR --out DIR [--limit N]
 
-The output is a data folder in the ISIC layout (train.csv + jpeg/train/*.jpg) that
-`melano.classifier train --extra` reads. Each row keeps its source's patient_id, sex, age and
+The output is a data folder in the ISIC layout (train.csv + jpeg/train/) that
+`melano.classifier train --extra` reads. Each image is written like its source (`melano.encode`:
+the source's resolution, JPEG quantisation tables and chroma subsampling, or lossless PNG), so
+that nothing in the file tells a synthetic image from a real one. Each row keeps its source's patient_id, sex, age and
 site (so a patient-grouped reader can audit leakage), with diagnosis "synthetic",
 benign_malignant "malignant", target 1 and `source_image` naming the benign original.
 """
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cyclegan, outdir, run
+from . import cyclegan, encode, outdir, run
 from . import data as mdata
 from .common import pick_device, progress
 from .run import option
@@ -102,9 +104,9 @@ def translate(cfg: TranslateConfig) -> Path:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 y = G(x)
             for name, img in zip(batch, cyclegan.to_uint8(y)):
-                row = synthetic_row(name, records[name])
-                rel = f"jpeg/train/{row['image_name']}.jpg"
-                Image.fromarray(img).save(claim.record(rel), quality=95, subsampling=0)
+                row, src = synthetic_row(name, records[name]), records[name].path
+                rel = f"jpeg/train/{row['image_name']}{encode.suffix_like(src)}"
+                encode.save_like(Image.fromarray(img), src, claim.record(rel))  # no format shortcut
                 row["_file"] = rel
                 rows.append(row)
         buf = io.StringIO()
