@@ -692,6 +692,21 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     return result
 
 
+def score_arrays(checkpoint: str | Path, images: np.ndarray, batch_size: int = 256,
+                 device: str | None = "cpu") -> np.ndarray:
+    """Logits of a checkpoint for (N, H, W, 3) uint8 images (e.g. a cache's memmap), resized
+    (antialiased bilinear) to the checkpoint's size when they differ."""
+    model, norm, state = load_classifier(checkpoint, device)
+    dev, size = next(model.parameters()).device, state["image_size"]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(infer(model, norm, [(x, torch.zeros(len(x)))], dev, amp_dtype=inference_dtype(state["config"], dev))[0])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def list_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
     """An image file, a folder (its .jpg/.jpeg/.png files, sorted, not recursive) or a list of files."""
     if isinstance(images, (str, Path)):

@@ -46,7 +46,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import classifier, cyclegan, data, efficientnet, outdir, report, run, synth
+from . import classifier, cyclegan, data, efficientnet, outdir, quality, report, run, synth
 from .common import load_checkpoint, log_config, save_json, setup_logging, to_jsonable
 from .run import option
 from .translate import TranslateConfig, translate
@@ -241,7 +241,7 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
     for arm, (gan, syn, _) in GAN_ARMS.items():
         names += [gan, syn] if arm in cfg.arms else []
     names += [f"arm_{a}_{k}" for a in ARMS if a in cfg.arms for k in range(cfg.seeds)]
-    return names + ["report"]
+    return names + (["quality"] if set(GAN_ARMS) & set(cfg.arms) else []) + ["report"]
 
 
 def data_stage(cfg: PipelineConfig, cache_dir: Path, folder: Path, resume: bool) -> dict:
@@ -382,16 +382,55 @@ def run_stages(cfg: PipelineConfig, out: Path) -> dict:
                                               **procs}, functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node))
             arms[arm].append(r)
 
-    # 4. the report
-    report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}}
+    # 4. how good the synthetic melanomas are, scored by the real-only oversample classifier
+    q = None
+    if gans:
+        scorer = arms["oversample"][0] if "oversample" in arms else None
+        q = stages.run("quality", {"synth": [g["run_id"] for g in gans.values()],
+                                   "scorer": scorer and scorer["run_id"], "seed": cfg.seed},
+                       functools.partial(quality_stage, cfg, d, gans, cache_dir, scorer and scorer["best_checkpoint"]))
+
+    # 5. the report
+    report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}, "quality": q and q["run_id"]}
     stages.run("report", report_params, functools.partial(
-        report_stage, cfg, out, d, gans, arms, stages.timings, wall0))
+        report_stage, cfg, out, d, gans, arms, q, stages.timings, wall0))
     result = json.loads((out / "metrics.json").read_text())
     log.info("report: %s", out / "report.md")
     return result
 
 
-def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict[str, list[dict]],
+def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, scorer: str | None, folder: Path,
+                  resume: bool) -> dict:
+    """How good each GAN arm's synthetic melanomas are (melano.quality): distances with their scale,
+    two-sample tests, translation success, hidden severity, memorisation, pictures. `scorer` is a
+    classifier trained on real images only (the oversample arm's), or None for the stage's own."""
+    cache = data.build_cache(data.read_index(d["data"]), cfg.gan_size, cache_dir)
+    where = {n: s for s, names in data.load_split(d["split_csv"], cache).items() for n in names}
+    splits = np.array([where[n] for n in cache.names])
+    row = {n: i for i, n in enumerate(cache.names)}
+    synthetic = {}
+    for arm, g in gans.items():
+        index = data.read_index(g["synthetic"])
+        source_of = {r.image_name: r.extra["source_image"] for r in index.records}
+        syn = data.build_cache(index, cfg.gan_size, cache_dir)  # decoded exactly as the real images
+        synthetic[arm] = quality.Synthetic(np.asarray(syn.images), np.array([row[source_of[n]] for n in syn.names]))
+    logits = None
+    if scorer is not None:  # score what the stage needs: validation images, sources, translations
+        need = (splits == "val") | np.isin(np.arange(len(splits)), np.concatenate([s.sources for s in synthetic.values()]))
+        real = np.full(len(splits), np.nan)
+        real[need] = classifier.score_arrays(scorer, np.asarray(cache.images)[need])
+        logits = {"real": real, "synthetic": {a: classifier.score_arrays(scorer, s.images) for a, s in synthetic.items()}}
+    sev = quality.hidden_severity(d["data"])
+    result = quality.evaluate(np.asarray(cache.images), cache.targets, cache.patients, splits, synthetic,
+                              severity=None if sev is None else np.array([sev[n] for n in cache.names]),
+                              logits=logits, out_dir=folder, cfg=quality.QualityConfig(seed=cfg.seed))
+    result["scorer"] = (f"the oversample arm's seed-0 classifier (real images only, {scorer})" if scorer else
+                        "a logistic regression on the features of real training images")
+    save_json(result, folder / "quality.json")
+    return {"quality": str(folder / "quality.json")}
+
+
+def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict[str, list[dict]], q: dict | None,
                  timings: dict, wall0: float, folder: Path, resume: bool) -> dict:
     """metrics.json, report.md and the figures, from the arms' saved test predictions."""
     guards = leakage_guards(d, gans)
@@ -403,6 +442,7 @@ def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict
         "budget": {a: {"steps": rs[0]["steps"], "images_seen": rs[0]["images_seen"],
                        "batch_size": cfg.clf_batch_size} for a, rs in arms.items()},
         "synthetic_images": {a: g["synthetic_images"] for a, g in gans.items()},
+        "synthetic_quality": json.loads(Path(q["quality"]).read_text()) if q else None,
         "best_val_auc": {a: [r["best_val_auc"] for r in rs] for a, rs in arms.items()},
         "leakage_guards": guards,
         "deviations_from_study": list(STUDY_DEVIATIONS) if cfg.preset == "study" else [],

@@ -305,6 +305,71 @@ def _comparison_lines(result: dict) -> list[str]:
     return lines
 
 
+def _fd(d: dict) -> str:
+    return f"{d['fd']:.1f} ± {d['fd_sd']:.1f} | {d['kid']['mean']:.4f} ± {d['kid']['sd']:.4f}"
+
+
+def _quality_lines(q: dict) -> list[str]:
+    """The "Synthetic melanomas" section: distances with their scale, two-sample AUCs, translation
+    success, hidden severity and memorisation, per GAN arm."""
+    ref = q["reference"]
+    lines = ["## Synthetic melanomas", "", f"Encoder: {q['encoder']['name']} at {q['encoder']['resolution']} px. "
+             f"{q['encoder']['note']}", "",
+             "| pair | FD ± sd over draws | KID ± sd over subsets |", "|---|---|---|",
+             f"| real test melanomas vs real training melanomas (scale: no difference) | "
+             f"{_fd(ref['distances']['real_mel_test_vs_real_mel_train'])} |",
+             f"| real benign vs real training melanomas (scale: the class difference) | "
+             f"{_fd(ref['distances']['real_benign_val_vs_real_mel_train'])} |"]
+    for arm, a in q["arms"].items():
+        lines.append(f"| {arm}: translations vs real training melanomas | {_fd(a['distances']['synthetic_vs_real_mel_train'])} |")
+        lines.append(f"| {arm}: their benign sources vs real training melanomas | "
+                     f"{_fd(a['distances']['sources_vs_real_mel_train'])} |")
+    lines += ["", "Two-sample tests: a logistic regression told each set from the real training melanomas with "
+              "patient-grouped cross-validation (AUC 0.5: indistinguishable).", "",
+              "| set vs real training melanomas | on features | on 16x16 pixels |", "|---|---|---|"]
+    for name, t in ref["two_sample"].items():
+        lines.append(f"| {name.split('_vs_')[0].replace('_', ' ')} | {t['features']['auc']:.3f} | {t['pixels']['auc']:.3f} |")
+    for arm, a in q["arms"].items():
+        t = a["two_sample"]
+        lines.append(f"| {arm} translations | {t['features']['synthetic']['auc']:.3f} | {t['pixels']['synthetic']['auc']:.3f} |")
+        lines.append(f"| {arm} sources | {t['features']['sources']['auc']:.3f} | {t['pixels']['sources']['auc']:.3f} |")
+    lines += ["", f"Translation success, scored by {q.get('scorer', 'a classifier trained on real images only')}: "
+              "the share above the threshold that gives 90% sensitivity on real validation melanomas.", "",
+              "| arm | translations above | their sources above | mean logit shift (sd) |", "|---|---|---|---|"]
+    for arm, a in q["arms"].items():
+        t = a["translation_success"]
+        lines.append(f"| {arm} | {t['fraction_translations_above']:.3f} | {t['fraction_sources_above']:.3f} | "
+                     f"{t['mean_logit_shift']:+.3f} ({t['sd_logit_shift']:.3f}) |")
+    lines += [""] + _severity_lines(q) + ["", "Memorisation: nearest real training melanoma in feature space.", "",
+              "| arm | share closer than the 1st percentile of real test-to-train distances |", "|---|---|"]
+    for arm, a in q["arms"].items():
+        m = a["memorisation"]
+        share = next((v for k, v in m.items() if k.startswith("fraction")), None)
+        lines.append(f"| {arm} | {share if share is None else f'{share:.3f}'} |")
+    return lines + ["", "Pictures: `quality/` holds each arm's source/translation pairs, nearest-neighbour pairs "
+                    "and the severity (or score) distributions.", ""]
+
+
+def _severity_lines(q: dict) -> list[str]:
+    reg = q["severity_regressor"]
+    if "skipped" in reg:
+        return [f"Ground truth (hidden severity): skipped, {reg['skipped']}"]
+    lines = [f"Ground truth: a ridge regressor from features to the generator's hidden severity, fit on real "
+             f"training images, has R² {reg['r2_val']:.2f} on real validation images. Real benign severities: "
+             f"median {reg['true_benign']['median']:.2f}; real malignant: median {reg['true_malignant']['median']:.2f}.",
+             "", "| arm | true severity of sources | predicted, sources | predicted, translations | paired shift |",
+             "|---|---|---|---|---|"]
+    for arm, a in q["arms"].items():
+        v = a["severity"]
+        if "skipped" in v:
+            continue
+        shift = v["predicted_shift"]
+        lines.append(f"| {arm} | {v['true_sources']['median']:.2f} | {v['predicted_sources']['median']:.2f} | "
+                     f"{v['predicted_translations']['median']:.2f} | {shift['mean']:+.3f} ± {shift['sd']:.3f} |")
+    return lines + ["", "(medians; the shift is the mean ± sd over translations of predicted translation minus "
+                    "predicted source)"]
+
+
 def verdict(comparisons: list[dict], alpha: float = 0.05) -> str:
     """One sentence per declared comparison, decided by its Holm-adjusted p-value."""
     out = []
@@ -341,6 +406,8 @@ def markdown_report(result: dict) -> str:
               "claim). The p-values are Holm-adjusted across this family, and the verdict uses the adjusted "
               "values.", ""]
     lines += _comparison_lines(result) + ["", verdict(result.get("comparisons", [])), ""]
+    if result.get("synthetic_quality"):
+        lines += _quality_lines(result["synthetic_quality"])
     lines += ["What each interval covers: " + result.get("variance_note", "each seed's DeLong CI covers test "
               "sampling only, treating images as independent."), ""]
     if split:
