@@ -19,16 +19,15 @@ from melano.common import setup_logging  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="quick", choices=sorted(pipeline.PRESETS))
-    p.add_argument("--from-run", default=None, help="a finished run folder to record instead of running")
+    p.add_argument("--from-run", default=None, help="a finished run folder (e.g. runs/quick after `make train`) "
+                                                    "to record instead of running")
     args = p.parse_args()
     setup_logging()
     if args.from_run:
         result = json.loads((Path(args.from_run) / "metrics.json").read_text())
     else:
         with tempfile.TemporaryDirectory() as out:
-            cfg = pipeline.PipelineConfig(**{**pipeline.PRESETS[args.preset], "preset": args.preset,
-                                             "out": out})
-            result = pipeline.run(cfg)
+            result = pipeline.run_experiment(pipeline.make_config(args.preset, out=out))
     print(f"{'stage':<18}{'seconds':>9}")
     for stage, sec in result["timings_s"].items():
         print(f"{stage:<18}{sec:>9.0f}")
@@ -36,10 +35,13 @@ def main():
     budget = 15 * 60 if args.preset == "quick" else None  # the quick preset's promise on 2 CPU cores
     if budget:
         print(f"wall / 15-minute budget: {result['wall_s'] / budget:.2f}")
+    arms = {a["name"]: {"auc_mean": a["auc_mean"], "auc_sd": a["auc_sd"], "steps": a.get("steps"),
+                        "seeds": [{k: s[k] for k in ("auc", "ci_low", "ci_high", "clustered_ci")} for s in a["seeds"]]}
+            for a in result["arms"]}
     write_results(f"pipeline_{args.preset}", {
         "preset": args.preset, "stage_seconds": result["timings_s"], "wall_s": result["wall_s"],
         "budget_s": budget, "wall_over_budget": budget and result["wall_s"] / budget,
-        "split_sizes": result["split_sizes"], "arms": result["arms"]})
+        "split_sizes": result["split_sizes"], "arms": arms, "comparisons": result["comparisons"]})
 
 
 if __name__ == "__main__":

@@ -71,22 +71,22 @@ class PipelineConfig:
                            "images", min=1)
     arms: list[str] = option(help=f"arms to run, from {', '.join(ARMS)}", factory=lambda: list(ARMS))
     # built-in synthetic data (ignored with --data)
-    synth_benign: int = option(4000, "synthetic set: benign images", min=0)
-    synth_malignant: int = option(400, "synthetic set: malignant images", min=1)
-    synth_size: int = option(96, "synthetic set: image side in pixels", min=16)
+    synth_benign: int = option(5000, "synthetic set: benign images", min=0)
+    synth_malignant: int = option(1000, "synthetic set: malignant images", min=1)
+    synth_size: int = option(64, "synthetic set: image side in pixels", min=16)
     synth_difficulty: float = option(synth.DEFAULT_DIFFICULTY, "synthetic set: class overlap", min=0, max=0.5)
     # split
     val_frac: float = option(0.15, "share of patients in validation", min=0, max=0.9, min_open=True)
-    test_frac: float = option(0.15, "share of patients in the test split", min=0, max=0.9, min_open=True)
+    test_frac: float = option(0.35, "share of patients in the test split", min=0, max=0.9, min_open=True)
     # CycleGAN
-    gan_size: int = option(64, "CycleGAN image side in pixels (multiple of 4, >= 32)", min=32)
-    gan_ngf: int = option(32, "generator width", min=1)
-    gan_ndf: int = option(32, "discriminator width", min=1)
-    gan_blocks: int = option(6, "generator residual blocks", min=0)
+    gan_size: int = option(48, "CycleGAN image side in pixels (multiple of 4, >= 32)", min=32)
+    gan_ngf: int = option(24, "generator width", min=1)
+    gan_ndf: int = option(24, "discriminator width", min=1)
+    gan_blocks: int = option(4, "generator residual blocks", min=0)
     gan_batch_size: int = option(4, "CycleGAN batch size", min=1)
     gan_epochs: int = option(100, "CycleGAN epochs at constant LR", min=0)
     gan_epochs_decay: int = option(100, "CycleGAN epochs of linear LR decay", min=0)
-    gan_max_steps: int | None = option(600, "CycleGAN total steps (cuts the schedule short). none: no cap", min=1)
+    gan_max_steps: int | None = option(400, "CycleGAN total steps (cuts the schedule short). none: no cap", min=1)
     gan_upsample: str = option("transpose", "transpose (original CycleGAN), nearest (+ reflection-padded conv) "
                                             "or nearest_zero (+ zero-padded conv, the study's)",
                                choices=("transpose", "nearest", "nearest_zero"))
@@ -108,9 +108,9 @@ class PipelineConfig:
     # classifier
     arch: str = option("tf_efficientnet_lite0", "classifier architecture (melano.efficientnet names)")
     weights: str | None = option(None, "classifier weights (path or URL) instead of the packaged Lite0 weights")
-    clf_size: int | None = option(64, "classifier image side in pixels. none: the model's native resolution",
+    clf_size: int | None = option(48, "classifier image side in pixels. none: the model's native resolution",
                                   min=32)
-    clf_epochs: int = option(4, "classifier budget, in epochs of the real training split (every arm takes "
+    clf_epochs: int = option(1, "classifier budget, in epochs of the real training split (every arm takes "
                                 "the same number of steps)", min=1)
     clf_batch_size: int = option(32, "classifier batch size", min=2)
     clf_lr: float = option(1e-3, "classifier peak learning rate", min=0, min_open=True)
@@ -147,7 +147,7 @@ PRESETS: dict[str, dict] = {
     # The default: a meaningful answer on a 2-core CPU in at most 15 minutes.
     "quick": dict(),
     # melano's recommended recipe at full scale, for a GPU.
-    "full": dict(synth_benign=32542, synth_malignant=584, synth_size=256, gan_size=256, gan_ngf=64,
+    "full": dict(synth_benign=32542, synth_malignant=584, synth_size=256, test_frac=0.15, gan_size=256, gan_ngf=64,
                  gan_ndf=64, gan_blocks=9, gan_batch_size=1, gan_epochs=100, gan_epochs_decay=100,
                  gan_max_steps=None, gan_upsample="nearest", clf_size=None, clf_epochs=15, clf_batch_size=32,
                  seeds=5),
