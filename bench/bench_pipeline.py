@@ -41,7 +41,8 @@ def main():
     write_results(f"pipeline_{args.preset}", {
         "preset": args.preset, "stage_seconds": result["timings_s"], "wall_s": result["wall_s"],
         "budget_s": budget, "wall_over_budget": budget and result["wall_s"] / budget,
-        "split_sizes": result["split_sizes"], "arms": arms, "comparisons": result["comparisons"]})
+        "host_at_run_start": result.get("host"), "split_sizes": result["split_sizes"], "arms": arms,
+        "comparisons": result["comparisons"]})
 
 
 if __name__ == "__main__":

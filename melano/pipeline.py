@@ -47,7 +47,7 @@ from typing import Callable
 import numpy as np
 
 from . import classifier, cyclegan, data, efficientnet, outdir, quality, report, run, synth
-from .common import load_checkpoint, log_config, save_json, setup_logging, to_jsonable
+from .common import host_info, load_checkpoint, log_config, save_json, setup_logging, to_jsonable
 from .run import option
 from .translate import TranslateConfig, translate
 
@@ -339,10 +339,12 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     with outdir.claim(out, "pipeline", resume=True, data=[cfg.data] if cfg.data else []) as claim:
         claim.record("config.json")
         log_config(cfg, out / "config.json")
-        return run_stages(cfg, out)
+        host = host_info()  # measured at the start, so that wall times from other hosts compare
+        log.info("host: %s", host)
+        return run_stages(cfg, out, host)
 
 
-def run_stages(cfg: PipelineConfig, out: Path) -> dict:
+def run_stages(cfg: PipelineConfig, out: Path, host: dict) -> dict:
     """The stages, top to bottom, in the claimed run folder `out`."""
     stages, cache_dir, wall0 = Stages(out, cfg.rerun), out / "cache", time.monotonic()
     # the number of processes changes a training stage's result (the global batch); left out at 1
@@ -393,7 +395,7 @@ def run_stages(cfg: PipelineConfig, out: Path) -> dict:
     # 5. the report
     report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}, "quality": q and q["run_id"]}
     stages.run("report", report_params, functools.partial(
-        report_stage, cfg, out, d, gans, arms, q, stages.timings, wall0))
+        report_stage, cfg, out, d, gans, arms, q, stages.timings, wall0, host))
     result = json.loads((out / "metrics.json").read_text())
     log.info("report: %s", out / "report.md")
     return result
@@ -431,7 +433,7 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
 
 
 def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict[str, list[dict]], q: dict | None,
-                 timings: dict, wall0: float, folder: Path, resume: bool) -> dict:
+                 timings: dict, wall0: float, host: dict, folder: Path, resume: bool) -> dict:
     """metrics.json, report.md and the figures, from the arms' saved test predictions."""
     guards = leakage_guards(d, gans)
     preds = {a: [r["test"]["predictions"] for r in rs] for a, rs in arms.items()}
@@ -446,7 +448,7 @@ def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict
         "best_val_auc": {a: [r["best_val_auc"] for r in rs] for a, rs in arms.items()},
         "leakage_guards": guards,
         "deviations_from_study": list(STUDY_DEVIATIONS) if cfg.preset == "study" else [],
-        "timings_s": dict(timings), "wall_s": time.monotonic() - wall0,
+        "timings_s": dict(timings), "wall_s": time.monotonic() - wall0, "host": host,
         "config": to_jsonable(cfg),
     }
     for a in result["arms"]:
