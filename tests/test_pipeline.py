@@ -154,7 +154,7 @@ def test_rerun_a_stage_and_everything_downstream(smoke):
     pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "rerun": ["gan"]}))
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
     assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan_0", "arm_cyclegan_1", "gan",
-                                                                   "report", "synth"]
+                                                                   "quality", "report", "synth"]
 
 
 def test_given_weights_are_used_by_every_arm(tmp_path):
