@@ -42,6 +42,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -647,6 +648,17 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
     return model, norm, state
 
 
+def writable(folder: Path, option: str) -> None:
+    """Refuse, naming the option, a folder that cannot be written, before any work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".melano-write-test-{os.getpid()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{option} {folder}: cannot write there ({e.strerror}); choose a writable {option}") from None
+
+
 def inference_dtype(saved_config: dict, device: torch.device) -> torch.dtype | None:
     """The autocast dtype a checkpoint's config asks for, on CUDA; full precision on CPU."""
     return run.amp_setup(saved_config.get("amp", "auto"), device)[0] if device.type == "cuda" else None
@@ -682,6 +694,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     auc, low, high = metrics.delong_ci(y, probs, level=level)
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent
     pred_path, metrics_path = out_dir / f"{split}_predictions.csv", out_dir / f"{split}_metrics.json"
+    writable(out_dir, "--out")
     write_predictions(pred_path, names, y, probs)
     result = {"checkpoint": str(checkpoint), "split": split, "auc": auc, "ci_low": low, "ci_high": high,
               "level": level, "images": len(names), "malignant": int(y.sum()), "tta": tta,
@@ -733,6 +746,8 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
     model, norm, state = load_classifier(checkpoint, device)
     dev = next(model.parameters()).device
     files = list_images(images)
+    if out_csv is not None:
+        writable(Path(out_csv).parent, "--out")
     scale = torch.tensor(1.0 / 255, dtype=torch.float32)  # as unit_dataset: pixel/255, then Normalise
     results: list[tuple[str, float]] = []
     with torch.inference_mode():

@@ -76,15 +76,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True: a checkpoint from elsewhere can never run code."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except Exception as e:  # UnpicklingError, RuntimeError on truncated zip, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e):  # torch's advice to retry unsafely is dropped on purpose
-            first = "it holds Python objects other than tensors and plain containers"
-        raise ValueError(f"{path}: refused: not a weights-only checkpoint ({first}). melano never unpickles "
-                         f"arbitrary objects; do not load this file with weights_only=False unless you "
-                         f"trust whoever made it") from None
+    except Exception as e:  # UnpicklingError, RuntimeError on a truncated zip, EOFError, ...
+        text = " ".join(str(e).split())
+        if "weights_only" in text or "Unsupported global" in text:  # torch's advice to retry unsafely: dropped
+            raise ValueError(f"{path}: refused: it holds Python objects other than tensors and plain containers. "
+                             f"melano never unpickles arbitrary objects; do not load this file with "
+                             f"weights_only=False unless you trust whoever made it") from None
+        raise ValueError(f"{path}: damaged or not a checkpoint (truncated, empty or another kind of file: "
+                         f"{type(e).__name__}); write it again, or pass the right file") from None
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -683,7 +683,7 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
             old = json.loads(side.read_text())
             if old != params:
                 raise ValueError(f"{out_csv} was drawn with {old}, but {params} was asked for; pass the "
-                                 f"same values to reuse it, or delete {out_csv} (and {side.name}) to draw anew")
+                                 f"same values to reuse it, or give a new path to draw anew")
         split = load_split(out_csv, data)
         log.info("reusing split %s", out_csv)
     else:
@@ -733,15 +733,15 @@ def load_split(csv_path: str | os.PathLike, data=None) -> dict[str, list[str]]:
         if missing or extra:
             raise ValueError(f"{csv_path} does not match the data: {len(missing)} image(s) missing from it "
                              f"(e.g. {sorted(missing)[:3]}), {len(extra)} it lists that the data lacks "
-                             f"(e.g. {sorted(extra)[:3]}). Delete it to draw a new split for this data.")
+                             f"(e.g. {sorted(extra)[:3]}); it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new path to draw a split for this data.")
         for n, t, p in zip(order, data.targets, data.patients):
             r = rows[n]
             if "target" in r and r["target"] != "" and int(float(r["target"])) != int(t):
                 raise ValueError(f"{csv_path}: image {n!r} has target {r['target']} but the data says {int(t)}; "
-                                 f"delete it to draw a new split")
+                                 f"it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new path to draw a split for this data")
             if r.get("patient_id") and r["patient_id"] != p:
                 raise ValueError(f"{csv_path}: image {n!r} belongs to patient {r['patient_id']!r} but the data "
-                                 f"says {p!r}; delete it to draw a new split")
+                                 f"says {p!r}; it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new path to draw a split for this data")
     return {s: [n for n in order if rows[n]["split"] == s] for s in SPLITS}
 
 

@@ -72,6 +72,41 @@ def synthetic_row(name: str, src: mdata.Record) -> dict:
 
 
 @torch.no_grad()
+def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: cyclegan.CycleGANConfig, split_csv: Path,
+                       device: torch.device, claim: outdir.Claim) -> list[dict]:
+    """G_A over the chosen benign images, each written like its source; then train.csv."""
+    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or gcfg.cache_path, split_csv)
+    records = {r.image_name: r for r in index.records}
+    split_names = splits[cfg.split]
+    names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
+    amp_dtype, _ = run.amp_setup("auto", device)
+    log.info("translating %d %s-split benign images of %s with %s on %s", len(names), cfg.split, cfg.data,
+             cfg.checkpoint, device)
+    (claim.folder / "jpeg" / "train").mkdir(parents=True, exist_ok=True)
+    rows = []
+    batches = [names[i:i + cfg.batch_size] for i in range(0, len(names), cfg.batch_size)]
+    for batch in progress(batches, total=len(batches), desc="translate"):
+        x = torch.from_numpy(np.stack([cache.images[cache.row(n)] for n in batch])).to(device)
+        x = x.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1)  # uint8 -> [-1, 1], as UnpairedDataset
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            y = G(x)
+        for name, img in zip(batch, cyclegan.to_uint8(y)):
+            row, src = synthetic_row(name, records[name]), records[name].path
+            rel = f"jpeg/train/{row['image_name']}{encode.suffix_like(src)}"
+            encode.save_like(Image.fromarray(img), src, claim.record(rel))  # no format shortcut
+            row["_file"] = rel
+            rows.append(row)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    claim.write_text("train.csv", buf.getvalue())  # after the images: it never lists a missing one
+    # then the images of an earlier, larger run into this folder (only files this command wrote)
+    claim.remove_stale(set(claim.written) - {r["_file"] for r in rows} - {"train.csv"})
+    return rows
+
+
+@torch.no_grad()
 def translate(cfg: TranslateConfig) -> Path:
     """Run G_A over the benign images of cfg.split and write the synthetic data folder at cfg.out.
 
@@ -87,35 +122,8 @@ def translate(cfg: TranslateConfig) -> Path:
     if not split_csv.is_file():
         raise FileNotFoundError(f"split file {split_csv} (from {cfg.checkpoint}) does not exist; pass the "
                                 f"splits.csv the model was trained with (--split-csv)")
-    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or gcfg.cache_path, split_csv)
-    records = {r.image_name: r for r in index.records}
-    split_names = splits[cfg.split]
-    names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
-    amp_dtype, _ = run.amp_setup("auto", device)
-    log.info("translating %d %s-split benign images of %s with %s on %s", len(names), cfg.split, cfg.data,
-             cfg.checkpoint, device)
     with outdir.claim(cfg.out, "translate", force=cfg.force, can_resume=False, data=[cfg.data]) as claim:
-        (claim.folder / "jpeg" / "train").mkdir(parents=True, exist_ok=True)
-        rows = []
-        batches = [names[i:i + cfg.batch_size] for i in range(0, len(names), cfg.batch_size)]
-        for batch in progress(batches, total=len(batches), desc="translate"):
-            x = torch.from_numpy(np.stack([cache.images[cache.row(n)] for n in batch])).to(device)
-            x = x.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1)  # uint8 -> [-1, 1], as UnpairedDataset
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                y = G(x)
-            for name, img in zip(batch, cyclegan.to_uint8(y)):
-                row, src = synthetic_row(name, records[name]), records[name].path
-                rel = f"jpeg/train/{row['image_name']}{encode.suffix_like(src)}"
-                encode.save_like(Image.fromarray(img), src, claim.record(rel))  # no format shortcut
-                row["_file"] = rel
-                rows.append(row)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        claim.write_text("train.csv", buf.getvalue())  # after the images: it never lists a missing one
-        # then the images of an earlier, larger run into this folder (only files this command wrote)
-        claim.remove_stale(set(claim.written) - {r["_file"] for r in rows} - {"train.csv"})
+        rows = write_translations(cfg, G, gcfg, split_csv, device, claim)
     out_dir = Path(cfg.out)
     log.info("wrote %d synthetic malignant images to %s", len(rows), out_dir)
     return out_dir
