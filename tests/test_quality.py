@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.linalg import sqrtm
+from scipy.ndimage import uniform_filter
 from scipy.spatial.distance import cdist
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics.pairwise import polynomial_kernel
@@ -242,11 +243,16 @@ def test_encoder_is_lite0_features_at_its_resolution(one_thread):
         enc(images.astype(np.float32))
 
 
-def test_pixel_features_are_block_means():
+def test_pixel_features_are_block_means_of_pixels_and_detail():
     rng = np.random.default_rng(13)
     images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    expected = images.reshape(3, 16, 4, 16, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2).reshape(3, -1) / 255
-    assert np.allclose(quality.pixel_features(images, 16), expected)
+    block_mean = lambda a: a.reshape(3, 16, 4, 16, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2).reshape(3, -1)
+    ycc = (images / 255) @ np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
+                                     [0.5, -0.418688, -0.081312]]).T
+    detail = np.abs(ycc - uniform_filter(ycc, size=(1, 3, 3, 1), mode="nearest"))
+    got = quality.pixel_features(images, 16)
+    assert got.shape == (3, 2 * 16 * 16 * 3)
+    assert np.allclose(got[:, :768], block_mean(images / 255)) and np.allclose(got[:, 768:], block_mean(detail))
 
 
 # ----------------------------------------------------------------------------- evaluate, end to end
@@ -326,6 +332,8 @@ def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     first = copies["memorisation"]["closest"][0]
     assert first["distance"] < 1e-6 and first["real_train"] == b["mel_train"][first["synthetic"]]
     assert oracle["memorisation"]["fraction_below_real_percentile"] < 0.2
+    assert identity["memorisation"]["fraction_below_real_percentile"] == \
+        identity["memorisation"]["sources_fraction_below_real_percentile"]
     # the format shortcut: never-encoded pixels are easier to tell from real melanomas than the same
     # pixels written like their sources
     two = lambda arm: res["arms"][arm]["two_sample"]["features"]["synthetic"]["auc"]
