@@ -225,7 +225,8 @@ PIPELINE_BAD = [(["--gan-max-steps", "-1"], "--gan-max-steps"), (["--gan-max-ste
 def test_cyclegan_bad_options(gan_data, tmp_path, caplog, bad, option):
     # findings 6 and the tracebacks: each was a traceback, a raw torch error, or a "success"
     before = tree(gan_data)
-    argv = gan_train_argv(gan_data, tmp_path / "out", cache_dir=tmp_path / "cache") + [b.format(data=gan_data) for b in bad]
+    argv = gan_train_argv(gan_data, tmp_path / "out", cache_dir=tmp_path / "cache")
+    argv += [b.format(data=gan_data) for b in bad]
     assert call(cyclegan.main, argv) == 2
     refused(caplog, option)
     assert list(tmp_path.iterdir()) == [] and tree(gan_data) == before
@@ -234,7 +235,8 @@ def test_cyclegan_bad_options(gan_data, tmp_path, caplog, bad, option):
 @pytest.mark.parametrize("bad,option", CLASSIFIER_BAD)
 def test_classifier_bad_options(clf_data, tmp_path, caplog, bad, option):
     before = tree(clf_data)
-    argv = clf_train_argv(clf_data, tmp_path / "out", cache_dir=tmp_path / "cache") + [b.format(data=clf_data) for b in bad]
+    argv = clf_train_argv(clf_data, tmp_path / "out", cache_dir=tmp_path / "cache")
+    argv += [b.format(data=clf_data) for b in bad]
     assert call(classifier.main, argv) == 2
     refused(caplog, option)
     assert list(tmp_path.iterdir()) == [] and tree(clf_data) == before
@@ -297,7 +299,8 @@ def test_corrupt_and_foreign_checkpoints_are_one_line(root, gan_ckpt, gan_data, 
     images = clf_data / "jpeg" / "train"
     cases = [(cyclegan.main, translate_argv(f, gan_data, tmp_path / "syn"), f) for f in files.values()]
     cases += [(cyclegan.main, translate_argv(clf_run / "best.pt", gan_data, tmp_path / "syn"), clf_run / "best.pt"),
-              (classifier.main, ["evaluate", "--checkpoint", files["truncated"], "--device", "cpu"], files["truncated"]),
+              (classifier.main, ["evaluate", "--checkpoint", files["truncated"], "--device", "cpu"],
+               files["truncated"]),
               (classifier.main, ["evaluate", "--checkpoint", gan_ckpt, "--device", "cpu"], gan_ckpt),
               (classifier.main, predict_argv(gan_ckpt, images), gan_ckpt),
               (classifier.main, predict_argv(files["garbage"], images), files["garbage"])]
@@ -378,7 +381,9 @@ def read_only(tmp_path, monkeypatch) -> Path:
     ro.mkdir()
     ro.chmod(0o555)
     if os.geteuid() == 0:
-        inside = lambda p: os.path.abspath(p) == str(ro) or os.path.abspath(p).startswith(str(ro) + os.sep)  # noqa: E731
+        def inside(path) -> bool:
+            return os.path.abspath(path) == str(ro) or os.path.abspath(path).startswith(str(ro) + os.sep)
+
         real_mkdir, real_open = os.mkdir, os.open
 
         def mkdir(path, *a, **k):
@@ -483,7 +488,8 @@ def test_the_command_line_shows_one_error_line_and_no_traceback(gan_data, clf_da
                      "--gan-size"),
         "cyclegan train --debug": (gan + ["--debug"], "--batch-size"),
     }
-    procs = {name: _start(argv[0], argv[1:], tmp_path / f"{i}.log") for i, (name, (argv, _)) in enumerate(cases.items())}
+    procs = {name: _start(argv[0], argv[1:], tmp_path / f"{i}.log")
+             for i, (name, (argv, _)) in enumerate(cases.items())}
     for i, (name, p) in enumerate(procs.items()):
         assert p.wait(timeout=300) == 2, name
         err = (tmp_path / f"{i}.log").read_text()
