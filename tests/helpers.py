@@ -1,8 +1,65 @@
 """Small helpers shared by several test files (pytest puts tests/ on sys.path)."""
 
 import csv
+import hashlib
+import os
+from pathlib import Path
 
 
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def tree(root) -> dict[str, str]:
+    """Every folder ("<rel>/": "") and file ("<rel>": sha256) under `root`; {} if it is absent.
+    Equal before and after a command means the command changed nothing there."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    found = {}
+    for dirpath, _, filenames in os.walk(root):
+        found[os.path.relpath(dirpath, root) + "/"] = ""
+        for f in filenames:
+            p = Path(dirpath) / f
+            found[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return found
+
+
+def flags(**kw) -> list[str]:
+    """Command-line flags from keywords: size=32 -> --size 32, True -> --x, False -> --no-x,
+    None -> left out."""
+    argv = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v is False:
+            argv.append("--no-" + flag[2:])
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv
+
+
+# The smallest trainers that still train: 32 px, a 1-block generator of width 8, a few steps.
+GAN = dict(size=32, ngf=8, ndf=8, n_blocks=1, batch_size=4, epochs=1, epochs_decay=1, max_steps=4, pool_size=4,
+           sample_every=2, checkpoint_every=1, n_samples=1, workers=0, device="cpu", seed=5)
+CLF = dict(size=32, batch_size=8, eval_batch_size=16, max_steps=4, val_every=2, pretrained=False, threads=1,
+           workers=0, device="cpu", seed=5)
+
+
+def gan_train_argv(data, out, **kw) -> list[str]:
+    """argv of `python -m melano.cyclegan train` on `data` into `out` (GAN's options, then kw)."""
+    return ["train", "--data", str(data), "--out", str(out), *flags(**{**GAN, **kw})]
+
+
+def clf_train_argv(data, out, **kw) -> list[str]:
+    """argv of `python -m melano.classifier train` on `data` into `out` (CLF's options, then kw)."""
+    return ["train", "--data", str(data), "--out", str(out), *flags(**{**CLF, **kw})]
+
+
+def make_data(out, benign: int, malignant: int, seed: int = 3, **kw) -> Path:
+    """A synthetic ISIC-layout folder at 32 px (melano.synth)."""
+    from melano import synth
+    synth.generate(synth.SynthConfig(out=str(out), benign=benign, malignant=malignant, size=32, seed=seed, **kw))
+    return Path(out)
