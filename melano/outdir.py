@@ -531,9 +531,28 @@ def _owner_json(command: str, created: str) -> str:
                        "created": created, "started": _now()}, indent=2) + "\n"
 
 
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def remove_dead_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files of `atomic_write`s whose process, on this host, was killed: they are
+    never renamed into place, so nothing else would remove them."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            m = _TEMP.match(name)
+            if m and m["host"] == host_tag() and not pid_alive(int(m["pid"])):
+                os.unlink(os.path.join(root, name))
+                removed.append(Path(root) / name)
+    if removed:
+        log.info("%s: removed %d temp file(s) of killed writes", folder, len(removed))
+    return removed
+
+
 def _take_ownership(out: Path, command: str) -> list[str]:
     """Write the owner file; return the manifest to continue (this command's earlier files) or a
-    fresh, empty one (the folder was someone else's or nobody's)."""
+    fresh, empty one (the folder was someone else's or nobody's). Temp files of killed writes go."""
+    remove_dead_temp_files(out)
     owner = _read_json(out / OWNER)
     same = owner is not None and owner.get("command") == command
     written = _read_manifest(out) if same else []

@@ -281,9 +281,10 @@ def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, folder: Path, resume
 
 
 def synth_stage(gan: dict, d: dict, cache_dir: Path, n: int, device: str | None, folder: Path, resume: bool) -> dict:
-    translate(TranslateConfig(checkpoint=gan["checkpoint"], data=d["data"], out=str(folder), limit=n,
+    images = folder / "images"  # translate swaps this whole folder in; the stage's own files stay beside it
+    translate(TranslateConfig(checkpoint=gan["checkpoint"], data=d["data"], out=str(images), limit=n,
                               split_csv=d["split_csv"], cache_dir=str(cache_dir), device=device, force=True))
-    return {"folder": str(folder), "images": count_rows(folder / "train.csv")}
+    return {"folder": str(images), "images": count_rows(images / "train.csv")}
 
 
 def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, folder: Path, resume: bool) -> dict:

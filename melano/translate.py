@@ -101,8 +101,6 @@ def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: cyclegan.
     w.writeheader()
     w.writerows(rows)
     claim.write_text("train.csv", buf.getvalue())  # after the images: it never lists a missing one
-    # then the images of an earlier, larger run into this folder (only files this command wrote)
-    claim.remove_stale(set(claim.written) - {r["_file"] for r in rows} - {"train.csv"})
     return rows
 
 
@@ -111,8 +109,9 @@ def translate(cfg: TranslateConfig) -> Path:
     """Run G_A over the benign images of cfg.split and write the synthetic data folder at cfg.out.
 
     The split file and cache default to the ones the checkpoint was trained with (absolute paths
-    saved in it). train.csv is written after the images, atomically, so it never lists a missing
-    image; an --out holding anything but an earlier translation is refused without --force.
+    saved in it). The folder is written beside --out and swapped into place, so a kill leaves the
+    old translation or the new one; an --out holding anything but an earlier translation is
+    refused without --force.
     Returns the output folder."""
     device = pick_device(cfg.device)
     G, gcfg = cyclegan.load_generator(cfg.checkpoint, "G_A", device)
@@ -122,7 +121,8 @@ def translate(cfg: TranslateConfig) -> Path:
     if not split_csv.is_file():
         raise FileNotFoundError(f"split file {split_csv} (from {cfg.checkpoint}) does not exist; pass the "
                                 f"splits.csv the model was trained with (--split-csv)")
-    with outdir.claim(cfg.out, "translate", force=cfg.force, can_resume=False, data=[cfg.data]) as claim:
+    # staged: written into a fresh folder and swapped in, so a kill never mixes two translations
+    with outdir.claim(cfg.out, "translate", force=cfg.force, can_resume=False, staged=True, data=[cfg.data]) as claim:
         rows = write_translations(cfg, G, gcfg, split_csv, device, claim)
     out_dir = Path(cfg.out)
     log.info("wrote %d synthetic malignant images to %s", len(rows), out_dir)

@@ -318,8 +318,6 @@ def test_corrupt_and_foreign_checkpoints_are_one_line(root, gan_ckpt, gan_data, 
         assert tree(tmp_path) == before, argv
 
 
-@pytest.mark.xfail(strict=True, reason="common.load_checkpoint calls every unreadable file a refused non-weights "
-                                       "pickle, so a truncated checkpoint is met with advice about weights_only")
 def test_a_damaged_checkpoint_is_called_damaged(gan_ckpt, gan_data, tmp_path, caplog):
     whole = gan_ckpt.read_bytes()
     for name, content in {"truncated": whole[:len(whole) // 2], "empty": b""}.items():
@@ -417,14 +415,8 @@ def _read_only_case(case, ro, root, gan_ckpt, gan_data, clf_run, clf_data):
     }[case]
 
 
-WRITE_ERROR_NAMES_NO_OPTION = pytest.mark.xfail(
-    strict=True, reason="predict/evaluate --out: the PermissionError of the atomic write names a temp file, "
-                        "not the option (classifier.predict / classifier.evaluate)")
-
-
 @pytest.mark.parametrize("case", ["cyclegan --out", "cyclegan --cache-dir", "classifier --out", "translate --out",
-                                  pytest.param("predict --out", marks=WRITE_ERROR_NAMES_NO_OPTION),
-                                  pytest.param("evaluate --out", marks=WRITE_ERROR_NAMES_NO_OPTION)])
+                                  "predict --out", "evaluate --out"])
 def test_an_unwritable_folder_is_one_line_naming_the_option(case, read_only, root, gan_ckpt, gan_data, clf_run,
                                                             clf_data, caplog):
     # a read-only --out, --cache-dir or predict --out was an uncaught PermissionError everywhere
@@ -448,8 +440,6 @@ def test_evaluate_after_the_data_moved_says_to_pass_data(clf_run, clf_data, capl
         moved.rename(clf_data)
 
 
-@pytest.mark.xfail(strict=True, reason="melano.data.load_split tells the user to delete a --split-csv that "
-                                       "belongs to another experiment")
 def test_a_split_of_other_data_is_refused_without_advice_to_delete_it(clf_data, tmp_path, caplog):
     from melano import data
     other = make_data(tmp_path / "other", 30, 10, seed=9)
@@ -464,7 +454,6 @@ def test_a_split_of_other_data_is_refused_without_advice_to_delete_it(clf_data, 
     assert theirs.read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="translate builds the image cache before it checks --out")
 def test_translate_checks_its_out_before_any_work(gan_ckpt, gan_data, tmp_path, caplog):
     own = shutil.copytree(gan_data, tmp_path / "own")
     argv = translate_argv(gan_ckpt, own, own, "--cache-dir", tmp_path / "cache")

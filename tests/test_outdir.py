@@ -33,7 +33,9 @@ def snapshot(root: Path) -> dict:
     out = {".": ("dir", stat.S_IMODE(root.stat().st_mode))}
     for p in sorted(root.rglob("*")):
         st = p.lstat()
-        out[str(p.relative_to(root))] = (p.read_bytes() if p.is_file() else "dir", stat.S_IMODE(st.st_mode))
+        # a lock file's text names its latest holder (pid, time): transient, not content
+        content = "lock" if p.name == outdir.LOCK else p.read_bytes() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (content, stat.S_IMODE(st.st_mode))
     return out
 
 

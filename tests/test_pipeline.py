@@ -95,7 +95,7 @@ def test_synthetic_images_balance_training_and_come_from_train_benign(smoke):
     train = result["split_sizes"]["train"]
     split = {r["image_name"]: r for r in read_csv(out / "data" / "splits.csv")}
     for folder in ("synth", "synth_ls"):
-        rows = read_csv(out / folder / "train.csv")
+        rows = read_csv(out / folder / "images" / "train.csv")
         assert len(rows) == train["images"] - 2 * train["malignant"]  # ratio 1: balanced
         for r in rows:
             src = split[r["source_image"]]
