@@ -132,13 +132,6 @@ class ClassifierConfig:
         if self.val_frac + self.test_frac >= 1:
             raise run.UsageError(f"--val-frac {self.val_frac} + --test-frac {self.test_frac} leave no training images")
 
-    @property
-    def split_path(self) -> Path:
-        return Path(self.split_csv) if self.split_csv else Path(self.out) / "splits.csv"
-
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
 
 
 # Config fields that may change between a run and its --resume; every other field must match.
@@ -323,9 +316,9 @@ def check_config(cfg: ClassifierConfig) -> None:
 
 
 def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> dict[str, list[str]]:
-    """The experiment's split: read cfg.split_path, or draw it there (patient-grouped) if absent
+    """The experiment's split: read cfg's split file, or draw it there (patient-grouped) if absent
     and `draw`. Evaluation never draws: a new split could put training images into the test set."""
-    split_csv = cfg.split_path
+    split_csv = run.split_path(cfg)
     if not draw and not split_csv.is_file():
         raise FileNotFoundError(f"{split_csv}: the split this model was trained with is missing; pass the "
                                 f"splits.csv of its training run (--split-csv), so that the test images are "
@@ -364,13 +357,13 @@ def oversampled(cache: data.Cache, train_names: list[str], n: int, seed: int) ->
 def prepare_data(cfg: ClassifierConfig, size: int, eval_bs: int) -> Data:
     """Caches, the split, and the datasets; one process per node builds caches and draws the split."""
     with dist.local_main_first():
-        cache = data.build_cache(data.read_index(cfg.data), size, cfg.cache_path, cfg.workers)
+        cache = data.build_cache(data.read_index(cfg.data), size, run.cache_path(cfg), cfg.workers)
         split = load_split(cfg, cache)
         sets = [unit_dataset(cache, split["train"])]
         for d in cfg.extra:
             index = data.read_index(d)
             check_extra_leakage(index, cache, split)
-            extra_cache = data.build_cache(index, size, cfg.cache_path, cfg.workers)
+            extra_cache = data.build_cache(index, size, run.cache_path(cfg), cfg.workers)
             sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
         if cfg.oversample:
             sets.append(unit_dataset(cache, oversampled(cache, split["train"], cfg.oversample, cfg.seed)))
@@ -544,7 +537,7 @@ def train(cfg: ClassifierConfig) -> TrainResult:
     # ---- setup and resume: everything is checked before anything is written
     check_config(cfg)
     device = dist.init_from_env(cfg.device)
-    cfg = dataclasses.replace(cfg, split_csv=str(cfg.split_path.resolve()), cache_dir=str(cfg.cache_path.resolve()))
+    cfg = dataclasses.replace(cfg, split_csv=str(run.split_path(cfg).resolve()), cache_dir=str(run.cache_path(cfg).resolve()))
     last = Path(cfg.out) / "last.pt"
     state = resumable_state(last, cfg) if cfg.resume and last.exists() else None
     if cfg.threads:
@@ -686,7 +679,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     if not Path(cfg.data).is_dir():
         raise run.UsageError(f"{cfg.data}: the data folder {checkpoint} was trained on is not there; pass --data "
                              f"(and --split-csv) where it is now")
-    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], cfg.cache_path, workers)
+    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], run.cache_path(cfg), workers)
     names = load_split(cfg, cache, draw=False)[split]
     loader = data.make_loader(unit_dataset(cache, names), batch_size, workers=workers)
     logits, y = infer(model, norm, loader, dev, tta=tta, amp_dtype=inference_dtype(saved, dev))

@@ -123,13 +123,6 @@ class CycleGANConfig:
         if self.n_blocks is None:
             self.n_blocks = 9 if self.size >= 256 else 6
 
-    @property
-    def split_path(self) -> Path:
-        return Path(self.split_csv) if self.split_csv else Path(self.out) / "splits.csv"
-
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
 
 
 # Fields that may change between a run and its --resume; every other one must match.
@@ -464,12 +457,12 @@ class TrainData:
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
-        _, self.cache, split = load_split_data(cfg.data, cfg.size, cfg.cache_path, cfg.split_path, cfg.seed)
+        _, self.cache, split = load_split_data(cfg.data, cfg.size, run.cache_path(cfg), run.split_path(cfg), cfg.seed)
         rows = self.cache.rows(split["train"])
         t = self.cache.targets[rows]
         self.rows_A, self.rows_B = rows[t == 0], rows[t == 1]
         if len(self.rows_A) == 0 or len(self.rows_B) == 0:
-            raise run.UsageError(f"{cfg.data}: the training split of {cfg.split_path} has {len(self.rows_A)} "
+            raise run.UsageError(f"{cfg.data}: the training split of {run.split_path(cfg)} has {len(self.rows_A)} "
                                  f"benign and {len(self.rows_B)} malignant images; CycleGAN needs both")
         self.n_A, self.n_B = len(self.rows_A), len(self.rows_B)
         pairs = MalignantPairs if cfg.pairing == "malignant" else mdata.UnpairedDataset
@@ -585,7 +578,7 @@ def absolute_paths(cfg: CycleGANConfig) -> CycleGANConfig:
     """Paths made absolute (and defaults under --out made explicit), so that a checkpoint names
     the very split and cache it was trained with, whatever folder a later command runs from."""
     return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()),
-                               split_csv=str(cfg.split_path.resolve()), cache_dir=str(cfg.cache_path.resolve()))
+                               split_csv=str(run.split_path(cfg).resolve()), cache_dir=str(run.cache_path(cfg).resolve()))
 
 
 # ----------------------------------------------------------------------------- trainer

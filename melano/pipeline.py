@@ -277,7 +277,7 @@ def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, folder: Path, resume
         ckpt = folder / cyclegan.CHECKPOINT
     else:
         ckpt = cyclegan.train(run_cfg)
-    return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv"), "split_hash": file_hash(run_cfg.split_path)}
+    return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv"), "split_hash": file_hash(run.split_path(run_cfg))}
 
 
 def synth_stage(gan: dict, d: dict, cache_dir: Path, n: int, device: str | None, folder: Path, resume: bool) -> dict:
@@ -541,7 +541,7 @@ def leakage_guards(d: dict, gans: dict) -> dict[str, bool]:
         gan_cfg = cyclegan.config_from_checkpoint(load_checkpoint(g["checkpoint"]))
         seen = cyclegan.TrainData(gan_cfg)  # the images this GAN's trainer draws from
         names = {seen.cache.names[i] for i in np.concatenate([seen.rows_A, seen.rows_B])}
-        same_split = g["split_hash"] == d["split_hash"] == file_hash(gan_cfg.split_path)
+        same_split = g["split_hash"] == d["split_hash"] == file_hash(run.split_path(gan_cfg))
         gan_ok &= same_split and not names & held_out
     if gans:
         guards["synthetic images derive only from training-split benign images"] = synth_ok

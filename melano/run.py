@@ -173,6 +173,16 @@ def check_options(cfg: Any, prefix: str = "") -> None:
                 raise UsageError(f"{flag} must be <= {hi}, got {value}")
 
 
+def split_path(cfg: Any) -> Path:
+    """A trainer's split file: --split-csv, or splits.csv in its --out (never in --data)."""
+    return Path(cfg.split_csv) if cfg.split_csv else Path(cfg.out) / "splits.csv"
+
+
+def cache_path(cfg: Any) -> Path:
+    """A trainer's image-cache folder: --cache-dir, or cache/ in its --out."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
+
+
 # ----------------------------------------------------------------------------- precision
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")

@@ -75,7 +75,7 @@ def synthetic_row(name: str, src: mdata.Record) -> dict:
 def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: cyclegan.CycleGANConfig, split_csv: Path,
                        device: torch.device, claim: outdir.Claim) -> list[dict]:
     """G_A over the chosen benign images, each written like its source; then train.csv."""
-    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or gcfg.cache_path, split_csv)
+    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or run.cache_path(gcfg), split_csv)
     records = {r.image_name: r for r in index.records}
     split_names = splits[cfg.split]
     names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
@@ -117,7 +117,7 @@ def translate(cfg: TranslateConfig) -> Path:
     G, gcfg = cyclegan.load_generator(cfg.checkpoint, "G_A", device)
     if Path(cfg.data).resolve() != Path(gcfg.data).resolve():
         log.warning("translating %s, but %s was trained on %s", cfg.data, cfg.checkpoint, gcfg.data)
-    split_csv = Path(cfg.split_csv) if cfg.split_csv else gcfg.split_path
+    split_csv = Path(cfg.split_csv) if cfg.split_csv else run.split_path(gcfg)
     if not split_csv.is_file():
         raise FileNotFoundError(f"split file {split_csv} (from {cfg.checkpoint}) does not exist; pass the "
                                 f"splits.csv the model was trained with (--split-csv)")

@@ -221,25 +221,18 @@ PIPELINE_BAD = [(["--gan-max-steps", "-1"], "--gan-max-steps"), (["--gan-max-ste
                 (["--gan-batch-size", "0"], "--gan-batch-size")]
 
 
-@pytest.mark.parametrize("bad,option", CYCLEGAN_BAD)
-def test_cyclegan_bad_options(gan_data, tmp_path, caplog, bad, option):
+@pytest.mark.parametrize("module,bad,option", [("cyclegan", *c) for c in CYCLEGAN_BAD] +
+                         [("classifier", *c) for c in CLASSIFIER_BAD])
+def test_trainer_bad_options(request, tmp_path, caplog, module, bad, option):
     # findings 6 and the tracebacks: each was a traceback, a raw torch error, or a "success"
-    before = tree(gan_data)
-    argv = gan_train_argv(gan_data, tmp_path / "out", cache_dir=tmp_path / "cache")
-    argv += [b.format(data=gan_data) for b in bad]
-    assert call(cyclegan.main, argv) == 2
+    main, argv_of, data = {"cyclegan": (cyclegan.main, gan_train_argv, "gan_data"),
+                           "classifier": (classifier.main, clf_train_argv, "clf_data")}[module]
+    data = request.getfixturevalue(data)
+    before = tree(data)
+    argv = argv_of(data, tmp_path / "out", cache_dir=tmp_path / "cache") + [b.format(data=data) for b in bad]
+    assert call(main, argv) == 2
     refused(caplog, option)
-    assert list(tmp_path.iterdir()) == [] and tree(gan_data) == before
-
-
-@pytest.mark.parametrize("bad,option", CLASSIFIER_BAD)
-def test_classifier_bad_options(clf_data, tmp_path, caplog, bad, option):
-    before = tree(clf_data)
-    argv = clf_train_argv(clf_data, tmp_path / "out", cache_dir=tmp_path / "cache")
-    argv += [b.format(data=clf_data) for b in bad]
-    assert call(classifier.main, argv) == 2
-    refused(caplog, option)
-    assert list(tmp_path.iterdir()) == [] and tree(clf_data) == before
+    assert list(tmp_path.iterdir()) == [] and tree(data) == before
 
 
 @pytest.mark.parametrize("bad,option", PIPELINE_BAD)
