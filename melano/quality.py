@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -825,6 +826,36 @@ def _evaluate_arm(ctx: dict, arm: str) -> dict:
     return out
 
 
+def _encode(d: dict, sets: dict, picked: dict, encoder: "Encoder") -> tuple[np.ndarray, dict, int]:
+    """Features of every real row any set uses (NaN elsewhere) and of each arm's picked images."""
+    rows = np.unique(np.concatenate([*sets.values()] + [d["arms"][a].sources[p] for a, p in picked.items()]))
+    feats = np.full((len(d["images"]), encoder.dim), np.nan)
+    feats[rows] = encoder(d["images"][rows])
+    syn_feats = {a: encoder(d["arms"][a].images[p]) for a, p in picked.items()}
+    return feats, syn_feats, len(rows) + sum(len(p) for p in picked.values())
+
+
+def _pixel_test(d: dict, cfg: "QualityConfig", real_rows, images, groups) -> dict:
+    """Two-sample AUC on downsampled pixels: real rows (sampled) against `images`."""
+    rr = _sample(real_rows, cfg.max_pixel_images, np.random.default_rng([cfg.seed, 16]))
+    return two_sample_auc(pixel_features(d["images"][rr], cfg.pixel_size), pixel_features(images, cfg.pixel_size),
+                          d["patients"][rr], groups, cfg.folds, cfg.l2, cfg.seed)
+
+
+def _severity_context(ctx: dict) -> None:
+    """The severity regressor (fit on real training images) and its validation predictions, or the
+    note that there is no ground truth (real data)."""
+    d, sets, feats, result = ctx["d"], ctx["sets"], ctx["feats"], ctx["result"]
+    if d["severity"] is None:
+        result["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth "
+                                                   "data set, e.g. real ISIC images): ground truth not checked"}
+        return
+    ctx["regressor"], result["severity_regressor"] = _severity_regressor(d, sets, feats)
+    val = np.concatenate([sets["real_mel_val"], sets["real_benign_val"]])
+    pred = ridge_predict(ctx["regressor"], feats[val])
+    ctx["severity_val_pred"] = (pred[d["labels"][val] == 0], pred[d["labels"][val] == 1])
+
+
 def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Mapping[str, Synthetic],
              severity=None, logits: Mapping | None = None, out_dir=None, cfg: QualityConfig | None = None,
              encoder: Encoder | None = None) -> dict:
@@ -883,19 +914,10 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
     sets, picked = chosen["real"], chosen["picked"]
     encoder = encoder or Encoder(cfg.weights, cfg.resolution, cfg.batch_size, cfg.device)
     t0, cpu0 = time.monotonic(), time.process_time()
-    rows = np.unique(np.concatenate([*sets.values()] + [d["arms"][a].sources[p] for a, p in picked.items()]))
-    feats = np.full((len(d["images"]), encoder.dim), np.nan)
-    feats[rows] = encoder(d["images"][rows])
-    syn_feats = {a: encoder(d["arms"][a].images[p]) for a, p in picked.items()}
+    feats, syn_feats, n_encoded = _encode(d, sets, picked, encoder)
     t_features, cpu_features = time.monotonic() - t0, time.process_time() - cpu0
-    n_encoded = len(rows) + sum(len(p) for p in picked.values())
     log.info("quality: encoded %d images in %.1f s (%.1f images/s)", n_encoded, t_features, n_encoded / t_features)
-
-    def pixel_test(real_rows, images, groups) -> dict:
-        rr = _sample(real_rows, cfg.max_pixel_images, np.random.default_rng([cfg.seed, 16]))
-        return two_sample_auc(pixel_features(d["images"][rr], cfg.pixel_size), pixel_features(images, cfg.pixel_size),
-                              d["patients"][rr], groups, cfg.folds, cfg.l2, cfg.seed)
-
+    pixel_test = functools.partial(_pixel_test, d, cfg)
     n_fd = min([cfg.fd_max] + [len(s) for s in sets.values()] + [len(p) for p in picked.values()])
     result: dict = {
         "encoder": {"name": f"{ENCODER_NAME} (ImageNet weights)", "resolution": encoder.resolution,
@@ -909,14 +931,7 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
     ctx = {"d": d, "cfg": cfg, "sets": sets, "picked": picked, "feats": feats, "syn_feats": syn_feats,
            "n_fd": n_fd, "pixel_test": pixel_test, "logits": logits, "result": result, "regressor": None,
            "out_dir": None if out_dir is None else Path(out_dir), "memo": {}}
-    if d["severity"] is not None:
-        ctx["regressor"], result["severity_regressor"] = _severity_regressor(d, sets, feats)
-        val = np.concatenate([sets["real_mel_val"], sets["real_benign_val"]])
-        pred = ridge_predict(ctx["regressor"], feats[val])
-        ctx["severity_val_pred"] = (pred[d["labels"][val] == 0], pred[d["labels"][val] == 1])
-    else:
-        result["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth "
-                                                   "data set, e.g. real ISIC images): ground truth not checked"}
+    _severity_context(ctx)
     if logits is None:
         ctx["scorer"] = _scorer(d, sets, feats, cfg)
     result["arms"] = {arm: _evaluate_arm(ctx, arm) for arm in d["arms"]}
