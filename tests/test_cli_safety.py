@@ -221,8 +221,14 @@ PIPELINE_BAD = [(["--gan-max-steps", "-1"], "--gan-max-steps"), (["--gan-max-ste
                 (["--gan-batch-size", "0"], "--gan-batch-size")]
 
 
-@pytest.mark.parametrize("module,bad,option", [("cyclegan", *c) for c in CYCLEGAN_BAD] +
-                         [("classifier", *c) for c in CLASSIFIER_BAD])
+def _with_module(module: str, cases: list) -> list:
+    """The cases (plain tuples or pytest.param) with the trainer's name in front."""
+    return [pytest.param(module, *c.values, marks=c.marks, id=c.id) if hasattr(c, "values") else (module, *c)
+            for c in cases]
+
+
+@pytest.mark.parametrize("module,bad,option", _with_module("cyclegan", CYCLEGAN_BAD) +
+                         _with_module("classifier", CLASSIFIER_BAD))
 def test_trainer_bad_options(request, tmp_path, caplog, module, bad, option):
     # findings 6 and the tracebacks: each was a traceback, a raw torch error, or a "success"
     main, argv_of, data = {"cyclegan": (cyclegan.main, gan_train_argv, "gan_data"),
