@@ -264,3 +264,16 @@ def test_study_options_constant_lr_and_half_normalisation(dataset):
     assert classifier.mean_std(cfg) == ((0.5,) * 3, (0.5,) * 3)
     m = classifier.build_training(cfg, torch.device("cpu"), None)
     assert type(m.opt) is torch.optim.Adam and m.norm.mean.flatten().tolist() == [0.5] * 3
+
+
+def test_without_split_csv_nothing_is_written_into_data(dataset, tmp_path, monkeypatch):
+    # issue 11, bug 2: with no --split-csv the split was written into the --data folder
+    data_before = sorted(p.name for p in (dataset / "data").rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", str(dataset / "data"), "--out", "run", "--size", "32", "--batch-size", "8",
+            "--max-steps", "1", "--no-pretrained", "--no-evaluate", "--threads", "1", "--workers", "0",
+            "--device", "cpu"]
+    assert classifier.main(argv) == 0
+    assert (tmp_path / "run" / "splits.csv").is_file() and (tmp_path / "run" / "cache").is_dir()
+    assert sorted(p.name for p in (dataset / "data").rglob("*")) == data_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -491,3 +491,22 @@ def test_malignant_pairing_and_study_augmentation(tiny):
         candidates = [x[i].flip(dims).rot90(1, dims=(1, 2)) for dims in ((), (2,), (1,), (1, 2))]
         assert any(torch.equal(y[i], c) for c in candidates)
     assert not any(torch.equal(y[i], x[i]) for i in range(2))
+
+
+def test_default_split_and_cache_go_under_out_not_the_working_directory(tiny, tmp_path, monkeypatch):
+    # issue 11, bug 1: the split went to ./runs/cyclegan/splits.csv (an argparse default computed
+    # from the default --out), and a second experiment from the same folder then failed
+    from melano import synth
+    other = tmp_path / "other"
+    synth.generate(synth.SynthConfig(out=str(other), benign=30, malignant=12, size=32, seed=8))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    data_before = sorted(p.name for p in (tiny / "data").iterdir())
+    for data, out in ((tiny / "data", "x"), (other, "y")):
+        argv = ["train", "--data", str(data), "--out", out, "--size", "32", "--ngf", "4", "--ndf", "4",
+                "--n-blocks", "1", "--batch-size", "4", "--max-steps", "1", "--workers", "0", "--device", "cpu"]
+        assert cg.main(argv) == 0
+        assert (cwd / out / "splits.csv").is_file() and (cwd / out / "cache").is_dir()
+    assert sorted(p.name for p in cwd.iterdir()) == ["x", "y"]  # nothing else in the working directory
+    assert sorted(p.name for p in (tiny / "data").iterdir()) == data_before  # nor in --data
