@@ -2,7 +2,7 @@
 
     python -m melano.classifier train --data DIR --out DIR [--extra DIR ...] [--arch NAME] ...
     python -m melano.classifier evaluate --checkpoint OUT/best.pt [--tta]
-    python -m melano.classifier predict --checkpoint PATH IMAGE_OR_DIR [--out CSV]
+    python -m melano.classifier predict --checkpoint PATH --images IMAGE_OR_DIR [--out CSV]
     torchrun --nproc-per-node K -m melano.classifier train ...   # K processes (GPUs); see melano.dist
 
 `train` reads top to bottom: setup (data, model, optimiser), resume, the loop of `train_step`s

@@ -354,7 +354,7 @@ def test_split_is_patient_grouped_stratified_and_seeded(tmp_path):
 def test_split_reuse_only_when_it_matches(tmp_path):
     fake = Fake(50)
     data.make_split(fake, tmp_path / "s.csv", seed=0)
-    with pytest.raises(ValueError, match="seed.*delete"):
+    with pytest.raises(ValueError, match="seed.*new path"):  # never advice to delete a split
         data.make_split(fake, tmp_path / "s.csv", seed=3)
     other = Fake(60)
     with pytest.raises(ValueError, match="does not match the data"):
