@@ -73,7 +73,9 @@ def built_ops():
 
 
 def files_under(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    """The run's own files (not melano.outdir's owner, manifest and lock files)."""
+    from melano import outdir
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in outdir.MELANO_FILES)
 
 
 # ----------------------------------------------------------------------------- helpers, no processes
