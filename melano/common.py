@@ -81,11 +81,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except Exception as e:  # UnpicklingError, RuntimeError on a truncated zip, EOFError, ...
         text = " ".join(str(e).split())
         if "weights_only" in text or "Unsupported global" in text:  # torch's advice to retry unsafely: dropped
-            raise ValueError(f"{path}: refused: it holds Python objects other than tensors and plain containers. "
+            raise ValueError(f"{path}: not a loadable checkpoint, refused: it holds Python objects other than "
+                             f"tensors and plain containers. "
                              f"melano never unpickles arbitrary objects; do not load this file with "
                              f"weights_only=False unless you trust whoever made it") from None
-        raise ValueError(f"{path}: damaged or not a checkpoint (truncated, empty or another kind of file: "
-                         f"{type(e).__name__}); write it again, or pass the right file") from None
+        raise ValueError(f"{path}: not a loadable checkpoint: it is corrupt, truncated, empty or another kind of "
+                         f"file ({type(e).__name__}); write it again, or pass the right file") from None
 
 
 def to_jsonable(obj: Any) -> Any:
