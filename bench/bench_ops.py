@@ -373,10 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-other-load", type=float, default=0.2,
                         help="cpu: remeasure a shape (up to 3 tries, within the first 2 minutes) when other "
                              "processes kept more cores than this busy meanwhile")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: bench/results/ops_<device>[_bf16|_fp16].json)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     os.environ.setdefault("MELANO_OPS", "ext")  # time the kernel, never a silent fallback

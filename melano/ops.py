@@ -13,6 +13,7 @@ Public API:
     InstanceNormAct(num_features, affine=False, eps=1e-5, act="relu", negative_slope=0.2)
     backend(device="cpu") -> "ext" | "eager"
     eager_instance_norm_act(x, ...)            the composed PyTorch ops (MELANO_OPS=eager, benchmarks)
+    kernel_layout(x) -> torch.memory_format    the layout the compiled op reads and returns for x
     build(verbose=False) -> BuildInfo          (`python -m melano.ops build`, or `make kernels`)
 
 Choices worth knowing:
