@@ -1,20 +1,28 @@
-"""Benchmark: fused InstanceNorm+activation (melano.ops) against eager F.instance_norm + activation.
+"""Benchmark: fused InstanceNorm+activation (melano.ops) on channels_last (NHWC kernels) and NCHW input,
+against eager F.instance_norm + activation, all in one run.
 
 Shapes are the CycleGAN's: N in {1, 4}, C from 32 to 512, H = W from 16 to 256 (ResNet-9 generator
 with ReLU, PatchGAN discriminator with LeakyReLU(0.2); affine=False as in CycleGAN). For each shape it
-times forward (no_grad) and forward+backward, fused and eager, interleaved in the same loop so that
-load from other processes hits both alike, and reports eager/fused ratios and their median.
+times forward (no_grad) and forward+backward of four variants, interleaved in the same loop so that
+load from other processes hits all alike:
+    fused_cl    the fused op on channels_last input (the NHWC kernels; channels_last output)
+    eager_cl    eager PyTorch on the same channels_last input (it converts to NCHW internally)
+    fused_nchw  the fused op on NCHW input (the NCHW kernels)
+    eager_nchw  eager PyTorch on NCHW input
+and a plain copy of the same tensor (x.clone()): each fused variant's achieved bandwidth (its
+minimum traffic: x read and y written; plus x and dy read and dx written in the backward) is
+reported as a fraction of that copy's. Ratios are of medians.
 
-Before timing, each shape's fused output and gradient are checked against eager (llm.c style: a
-wrong kernel is never timed). On a GPU it also times torch.compile of the eager composition and
-reports achieved bandwidth (bytes read + written, the minimum for the op, / time) as a fraction of
-a device-to-device copy measured in the same run: end to end (from Python, through autograd) and
-for the kernels alone (replayed from a CUDA graph, free of launch overhead).
+Before timing, each shape's fused outputs and gradients in both layouts are checked against eager
+(llm.c style: a wrong kernel is never timed). The run starts with a calibration (a fixed conv's
+GFLOP/s and a 64 MiB copy's GB/s) and records the CPU's instruction set and the load average, so that
+runs on other or busier machines can be compared. On a GPU it also times torch.compile of the eager
+NCHW composition, and the kernels alone replayed from CUDA graphs against a graph-replayed copy.
 
-    python bench/bench_ops.py                  # CPU (under a minute on 2 idle cores)
-    python bench/bench_ops.py --device cuda    # plus torch.compile and bandwidth
+    python bench/bench_ops.py                                   # CPU, float32 (a few minutes on 2 cores)
+    python bench/bench_ops.py --device cuda [--dtype bfloat16]  # plus torch.compile and kernel bandwidth
 
-Writes bench/results/ops_<device>.json.
+Writes bench/results/ops_<device>.json (ops_cuda_bf16.json for --dtype bfloat16).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,8 +60,25 @@ FULL_SHAPES = [(n, c, h, act) for n in (1, 4) for c, h, act in [
 ]]
 # A quicker list: the shapes at N = 1, plus two at N = 4.
 SUBSET_SHAPES = [s for s in FULL_SHAPES if s[0] == 1] + [(4, 256, 64, "relu"), (4, 512, 16, "leaky_relu")]
-GOALS = {"cpu": {"fwd_bwd_vs_eager": 1.5},
-         "cuda": {"fwd_bwd_vs_eager": 2.0, "vs_compile": 1.0, "copy_bandwidth_fraction": 0.7}}
+GOALS = {"cpu": {"nhwc_fwd_bwd_vs_eager_cl": 3.0, "nhwc_fwd_bwd_vs_fused_nchw": 1.0},
+         "cuda": {"nhwc_fwd_bwd_vs_eager_cl": 2.0, "graph_nhwc_copy_fraction_256px": 0.7}}
+VARIANTS = ("fused_cl", "eager_cl", "fused_nchw", "eager_nchw")
+# Minimum traffic in units of x's size: forward reads x and writes y; backward reads x, dy, writes dx.
+TRAFFIC = {"fwd": 2, "fwd_bwd": 5}
+
+
+def cpu_isa() -> str:
+    """The CPU's widest instruction set of those the fused kernels are compiled for."""
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine()
+    flags = set(line.split(":", 1)[1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX-512 (the NHWC loops run their AVX2 variant)"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "AVX2"
+    return "baseline x86-64" if platform.machine() == "x86_64" else platform.machine()
 
 
 def machine_info(device: str) -> dict:
@@ -70,6 +96,8 @@ def machine_info(device: str) -> dict:
         info["cuda"] = torch.version.cuda
     else:
         info["device_name"] = info.get("cpu", platform.processor())
+        info["isa"] = cpu_isa()
+        info["melano_cpu_isa"] = os.environ.get("MELANO_CPU_ISA")
     if hasattr(os, "getloadavg"):
         info["loadavg_at_start"] = os.getloadavg()
     return info
@@ -127,12 +155,17 @@ def interleaved_times(fns: dict, timer: Timer, reps: int, warmup: int = 2) -> di
     return times
 
 
-def copy_bandwidth(device: str, timer: Timer) -> float:
-    """Bytes/s of a device-to-device copy of 256 MiB (read + write counted)."""
-    src = torch.empty(64 * 2**20, device=device)
+def calibration(device: str, timer: Timer) -> dict:
+    """How fast this machine is right now: a fixed conv (float32, 64 -> 64 channels, 3x3, 1 x 64 x 64)
+    and a copy of 64 MiB (read + write counted)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 64, 64, device=device)
+    w = torch.randn(64, 64, 3, 3, device=device)
+    src = torch.empty(16 * 2**20, device=device)
     dst = torch.empty_like(src)
-    t = statistics.median(interleaved_times({"copy": lambda: dst.copy_(src)}, timer, reps=20)["copy"])
-    return 2 * src.numel() * src.element_size() / t
+    t = interleaved_times({"conv": lambda: F.conv2d(x, w, padding=1), "copy": lambda: dst.copy_(src)}, timer, 15)
+    return {"conv3x3_64ch_64px_GFLOPs": 2 * 64 * 64 * 64 * 64 * 9 / statistics.median(t["conv"]) / 1e9,
+            "copy_64MiB_GBps": 2 * src.numel() * 4 / statistics.median(t["copy"]) / 1e9}
 
 
 def graph_seconds(fn, inner: int = 10, reps: int = 20) -> float | None:
@@ -161,164 +194,219 @@ def graph_seconds(fn, inner: int = 10, reps: int = 20) -> float | None:
 
 
 def check_shape(x, act, slope, tol) -> float:
-    """Max |fused - eager| over y and dx (relative to the largest value); raises when off."""
-    xe, xf = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-    ye = ops.eager_instance_norm_act(xe, act=act, negative_slope=slope)
-    yf = ops.instance_norm_act(xf, act=act, negative_slope=slope)
-    g = torch.randn_like(ye)
-    ye.backward(g)
-    yf.backward(g)
-    err = max(((yf - ye).abs().max() / ye.abs().max().clamp_min(1)).item(),
-              ((xf.grad - xe.grad).abs().max() / xe.grad.abs().max().clamp_min(1)).item())
+    """Max |fused - eager| over y and dx in both layouts (relative to the largest value); raises when off."""
+    err = 0.0
+    for xl in (x, x.contiguous(memory_format=torch.channels_last)):
+        xe, xf = xl.detach().clone().requires_grad_(), xl.detach().clone().requires_grad_()
+        ye = ops.eager_instance_norm_act(xe, act=act, negative_slope=slope)
+        yf = ops.instance_norm_act(xf, act=act, negative_slope=slope)
+        if not yf.is_contiguous(memory_format=ops.kernel_layout(xl)):
+            raise SystemExit(f"fused op returned strides {yf.stride()} for input strides {xl.stride()}")
+        g = torch.randn_like(ye)
+        ye.backward(g)
+        yf.backward(g)
+        err = max(err, ((yf - ye).abs().max() / ye.abs().max().clamp_min(1)).item(),
+                  ((xf.grad - xe.grad).abs().max() / xe.grad.abs().max().clamp_min(1)).item())
     if not err <= tol:
         raise SystemExit(f"fused op disagrees with eager on {tuple(x.shape)} {act}: rel. error {err:.3g} > {tol}")
     return err
 
 
-def bench_shape(n, c, h, act, device, timer, reps, compile_ok, slope=0.2) -> dict:
+def timed_fns(n, c, h, act, device, dtype, slope, compile_ok):
+    """The functions to time, keyed '<variant>_<fwd|fwd_bwd>', plus 'copy'."""
     torch.manual_seed(0)
-    x = torch.randn(n, c, h, h, device=device)
-    err = check_shape(x, act, slope, tol=1e-3)
-    xg = x.clone().requires_grad_()
-    gy = torch.randn_like(x)
-
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f(x, act=act, negative_slope=slope)
-        return run
-
-    def fwd_bwd(f):
-        def run():
-            f(xg, act=act, negative_slope=slope).backward(gy)
-            xg.grad = None
-        return run
-
-    row = {"shape": [n, c, h, h], "act": act, "max_rel_err_vs_eager": err}
-    fns = {"eager_fwd": fwd(ops.eager_instance_norm_act), "fused_fwd": fwd(ops.instance_norm_act)}
-    fb = {"eager_fwd_bwd": fwd_bwd(ops.eager_instance_norm_act),
-          "fused_fwd_bwd": fwd_bwd(ops.instance_norm_act)}
+    x = torch.randn(n, c, h, h, device=device, dtype=dtype)
+    inputs = {"cl": x.contiguous(memory_format=torch.channels_last), "nchw": x}
+    paths = {"fused": ops.instance_norm_act, "eager": ops.eager_instance_norm_act}
     if compile_ok:
         torch._dynamo.reset()
-        compiled = torch.compile(ops.eager_instance_norm_act, dynamic=False)
-        fns["compile_fwd"] = fwd(compiled)
-        fb["compile_fwd_bwd"] = fwd_bwd(compiled)
-        t0 = time.monotonic()
-        fns["compile_fwd"]()  # compile outside the timings
-        fb["compile_fwd_bwd"]()
-        row["compile_seconds"] = round(time.monotonic() - t0, 1)
-    runs = interleaved_times(fns, timer, reps)
-    runs.update(interleaved_times(fb, timer, reps))
-    times = {k: statistics.median(v) for k, v in sorted(runs.items())}
-    row["seconds"] = times  # medians
-    row["min_seconds"] = {k: min(v) for k, v in sorted(runs.items())}
-    row["fwd_speedup_vs_eager"] = times["eager_fwd"] / times["fused_fwd"]
-    row["fwd_bwd_speedup_vs_eager"] = times["eager_fwd_bwd"] / times["fused_fwd_bwd"]
-    if compile_ok:
-        row["fwd_speedup_vs_compile"] = times["compile_fwd"] / times["fused_fwd"]
-        row["fwd_bwd_speedup_vs_compile"] = times["compile_fwd_bwd"] / times["fused_fwd_bwd"]
-    # Minimum traffic: forward reads x and writes y; backward reads x and dy and writes dx.
-    nbytes = x.numel() * x.element_size()
-    row["fused_fwd_GBps"] = 2 * nbytes / times["fused_fwd"] / 1e9
-    row["fused_fwd_bwd_GBps"] = 5 * nbytes / times["fused_fwd_bwd"] / 1e9
-    if device == "cuda":
-        # Kernel-only GPU time (CUDA graphs): the op without autograd, and eager for reference.
-        def kernel_fwd():
-            return torch.ops.melano.inorm_act_fwd(x, None, None, 1e-5, act, slope)
+        paths["compile"] = torch.compile(ops.eager_instance_norm_act, dynamic=False)
+    fns = {"copy": lambda: inputs["nchw"].clone()}
+    for path, f in paths.items():
+        for layout, xl in inputs.items():
+            if path == "compile" and layout == "cl":
+                continue
+            xg = xl.clone().requires_grad_()
+            gy = torch.randn_like(xl if path == "fused" else x)  # in the layout the path returns
 
-        def kernel_fwd_bwd():
+            def fwd(f=f, xl=xl):
+                with torch.no_grad():
+                    f(xl, act=act, negative_slope=slope)
+
+            def fwd_bwd(f=f, xg=xg, gy=gy):
+                f(xg, act=act, negative_slope=slope).backward(gy)
+                xg.grad = None
+
+            fns[f"{path}_{layout}_fwd"], fns[f"{path}_{layout}_fwd_bwd"] = fwd, fwd_bwd
+    return x, fns
+
+
+def graph_row(x, act, slope) -> dict:
+    """Kernel-only GPU seconds (CUDA graphs) of the fused op in both layouts, and of a copy of x."""
+    out = {}
+    dst = torch.empty_like(x)
+    out["copy"] = graph_seconds(lambda: dst.copy_(x))
+    for layout, xl in (("nchw", x), ("cl", x.contiguous(memory_format=torch.channels_last))):
+        gy = torch.randn_like(xl)
+
+        def kernel_fwd(xl=xl):
+            return torch.ops.melano.inorm_act_fwd(xl, None, None, 1e-5, act, slope)
+
+        def kernel_fwd_bwd(xl=xl, gy=gy):
             _, mean, rstd = kernel_fwd()
-            torch.ops.melano.inorm_act_bwd(gy, x, None, None, mean, rstd, act, slope)
+            torch.ops.melano.inorm_act_bwd(gy, xl, None, None, mean, rstd, act, slope)
 
-        def eager_fwd():
-            with torch.no_grad():
-                ops.eager_instance_norm_act(x, act=act, negative_slope=slope)
+        out[f"fused_{layout}_fwd"] = graph_seconds(kernel_fwd)
+        out[f"fused_{layout}_fwd_bwd"] = graph_seconds(kernel_fwd_bwd)
+    return out
 
-        graph = {"fused_fwd": graph_seconds(kernel_fwd), "fused_fwd_bwd": graph_seconds(kernel_fwd_bwd),
-                 "eager_fwd": graph_seconds(eager_fwd)}
-        row["graph_seconds"] = graph
-        if graph["fused_fwd"]:
-            row["graph_fused_fwd_GBps"] = 2 * nbytes / graph["fused_fwd"] / 1e9
-        if graph["fused_fwd_bwd"]:
-            row["graph_fused_fwd_bwd_GBps"] = 5 * nbytes / graph["fused_fwd_bwd"] / 1e9
+
+def bench_shape(n, c, h, act, device, dtype, timer, reps, compile_ok, slope=0.2) -> dict:
+    x, fns = timed_fns(n, c, h, act, device, dtype, slope, compile_ok)
+    row = {"shape": [n, c, h, h], "act": act, "max_rel_err_vs_eager": check_shape(x, act, slope, tol=3e-2 if
+                                                                                   dtype != torch.float32 else 1e-3)}
+    if compile_ok:
+        t0 = time.monotonic()
+        fns["compile_nchw_fwd"]()  # compile outside the timings
+        fns["compile_nchw_fwd_bwd"]()
+        row["compile_seconds"] = round(time.monotonic() - t0, 1)
+    runs = interleaved_times({k: f for k, f in fns.items() if k == "copy" or k.endswith("_fwd")}, timer, reps)
+    runs.update(interleaved_times({k: f for k, f in fns.items() if k.endswith("_fwd_bwd")}, timer, reps))
+    t = {k: statistics.median(v) for k, v in sorted(runs.items())}
+    row["seconds"] = t  # medians
+    row["min_seconds"] = {k: min(v) for k, v in sorted(runs.items())}
+    nbytes = x.numel() * x.element_size()
+    copy_Bps = 2 * nbytes / t["copy"]
+    for p in ("fwd", "fwd_bwd"):
+        row[f"nhwc_{p}_vs_eager_cl"] = t[f"eager_cl_{p}"] / t[f"fused_cl_{p}"]
+        row[f"nhwc_{p}_vs_fused_nchw"] = t[f"fused_nchw_{p}"] / t[f"fused_cl_{p}"]
+        row[f"nchw_{p}_vs_eager_nchw"] = t[f"eager_nchw_{p}"] / t[f"fused_nchw_{p}"]
+        if compile_ok:
+            row[f"nchw_{p}_vs_compile"] = t[f"compile_nchw_{p}"] / t[f"fused_nchw_{p}"]
+        for layout in ("cl", "nchw"):
+            row[f"fused_{layout}_{p}_GBps"] = TRAFFIC[p] * nbytes / t[f"fused_{layout}_{p}"] / 1e9
+            row[f"fused_{layout}_{p}_copy_fraction"] = row[f"fused_{layout}_{p}_GBps"] * 1e9 / copy_Bps
+    row["copy_GBps"] = copy_Bps / 1e9
+    if device == "cuda":
+        g = row["graph_seconds"] = graph_row(x, act, slope)
+        for k, sec in g.items():
+            if k != "copy" and sec and g["copy"]:
+                p = "fwd_bwd" if k.endswith("fwd_bwd") else "fwd"
+                row[f"graph_{k}_copy_fraction"] = TRAFFIC[p] * g["copy"] / 2 / sec
+    return row
+
+
+def summarize(rows, device) -> dict:
+    keys = [k for k in rows[0] if k.startswith(("nhwc_", "nchw_")) and "_vs_" in k]
+    summary = {f"median_{k}": statistics.median(r[k] for r in rows if k in r) for k in keys}
+    for k in ("fused_cl_fwd_bwd_copy_fraction", "fused_nchw_fwd_bwd_copy_fraction"):
+        summary[f"median_{k}"] = statistics.median(r[k] for r in rows)
+    if device == "cuda":
+        big = [r for r in rows if r["shape"][2] >= 256]
+        for k in ("graph_fused_cl_fwd_copy_fraction", "graph_fused_cl_fwd_bwd_copy_fraction",
+                  "graph_fused_nchw_fwd_copy_fraction", "graph_fused_nchw_fwd_bwd_copy_fraction"):
+            vals = [r[k] for r in big if k in r]
+            if vals:
+                summary[f"min_{k}_256px"] = min(vals)
+    goals = GOALS[device]
+    summary["goals_met"] = {
+        "nhwc_fwd_bwd_vs_eager_cl": summary["median_nhwc_fwd_bwd_vs_eager_cl"] >= goals["nhwc_fwd_bwd_vs_eager_cl"]}
+    if device == "cpu":
+        summary["goals_met"]["nhwc_fwd_bwd_vs_fused_nchw"] = (summary["median_nhwc_fwd_bwd_vs_fused_nchw"]
+                                                              >= goals["nhwc_fwd_bwd_vs_fused_nchw"])
+    elif "min_graph_fused_cl_fwd_bwd_copy_fraction_256px" in summary:
+        summary["goals_met"]["graph_nhwc_copy_fraction_256px"] = (
+            summary["min_graph_fused_cl_fwd_bwd_copy_fraction_256px"] >= goals["graph_nhwc_copy_fraction_256px"])
+    return summary
+
+
+def print_table(result, rows, device) -> None:
+    print(f"\nInstanceNorm+act on {result['machine']['device_name']} ({device}, {result['dtype']}, "
+          f"{result['machine']['torch_threads']} threads, torch {torch.__version__}); fwd+bwd medians in ms")
+    head = (f"{'shape':<16} {'act':<10} {'fused_cl':>9} {'eager_cl':>9} {'fused_nchw':>10} {'eager_nchw':>10}"
+            f" {'cl/eager':>9} {'cl/nchw':>8} {'cl %copy':>8}")
+    if device == "cuda":
+        head += f" {'kernel cl %copy':>15}"
+    print(head)
+    for r in rows:
+        t = r["seconds"]
+        line = f"{'x'.join(map(str, r['shape'])):<16} {r['act']:<10} " + " ".join(
+            f"{t[f'{v}_fwd_bwd'] * 1e3:>{max(9, len(v))}.3f}" for v in VARIANTS)
+        line += (f" {r['nhwc_fwd_bwd_vs_eager_cl']:>9.2f} {r['nhwc_fwd_bwd_vs_fused_nchw']:>8.2f}"
+                 f" {100 * r['fused_cl_fwd_bwd_copy_fraction']:>7.0f}%")
+        if device == "cuda":
+            k = r.get("graph_fused_cl_fwd_bwd_copy_fraction")
+            line += f" {100 * k:>14.0f}%" if k else f" {'-':>15}"
+        print(line)
+    print("summary:", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in result["summary"].items()))
+
+
+def measure_with_retries(n, c, h, act, args, dtype, timer, reps, compile_ok, t_start) -> dict:
+    """bench_shape, remeasured (up to 3 tries, within the first 2 minutes) on the CPU when other processes
+    kept more than --max-other-load cores busy meanwhile; the load is recorded per row."""
+    for attempt in range(1, 4):
+        t0, ticks0 = time.monotonic(), cpu_ticks()
+        row = bench_shape(n, c, h, act, args.device, dtype, timer, reps, compile_ok)
+        busy = other_load(ticks0, cpu_ticks(), time.monotonic() - t0)
+        row["other_processes_busy_cores"] = None if busy is None else round(busy, 2)
+        row["attempts"] = attempt
+        if (args.device != "cpu" or busy is None or busy <= args.max_other_load
+                or time.monotonic() - t_start > 120):
+            return row
+        log.info("%s: other processes kept %.2f cores busy; measuring again", row["shape"], busy)
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="activation dtype (the kernels accumulate in float32)")
     parser.add_argument("--shapes", default="full", choices=["subset", "full"],
                         help="full: N in {1, 4} x 8 layer shapes; subset: the N=1 ones and two N=4 ones")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case "
-                        "(default: 30 on cpu, 50 on cuda)")
+                        "(default: 20 on cpu, 50 on cuda)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (cuda)")
     parser.add_argument("--time-budget", type=float, default=240.0,
                         help="seconds; past it, remaining shapes skip the torch.compile baseline")
     parser.add_argument("--max-other-load", type=float, default=0.2,
                         help="cpu: remeasure a shape (up to 3 tries, within the first 2 minutes) when other "
                              "processes kept more cores than this busy meanwhile")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON output (default: bench/results/ops_<device>.json)")
+                        help="JSON output (default: bench/results/ops_<device>[_bf16|_fp16].json)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     os.environ.setdefault("MELANO_OPS", "ext")  # time the kernel, never a silent fallback
     if ops.backend(args.device) != "ext":
         raise SystemExit(f"the fused op is not available on {args.device}")
+    dtype = getattr(torch, args.dtype)
     shapes = {"subset": SUBSET_SHAPES, "full": FULL_SHAPES}[args.shapes]
-    reps = args.reps or (30 if args.device == "cpu" else 50)
+    reps = args.reps or (20 if args.device == "cpu" else 50)
     timer = Timer(args.device)
-    result = {"machine": machine_info(args.device), "reps": reps, "goals": GOALS[args.device],
-              "shapes": args.shapes,
+    result = {"machine": machine_info(args.device), "dtype": args.dtype, "reps": reps,
+              "goals": GOALS[args.device], "shapes": args.shapes,
               "note": "affine=False; forward timed under no_grad; ratios from medians of interleaved runs "
-                      "(min_seconds also recorded); fused and eager run in the same process"}
-    if args.device == "cuda":
-        result["copy_GBps"] = copy_bandwidth(args.device, timer) / 1e9
+                      "(min_seconds also recorded); every variant runs in the same process and loop; "
+                      "copy = x.clone() of the same tensor"}
+    result["calibration"] = calibration(args.device, timer)
     t_start, ticks_start = time.monotonic(), cpu_ticks()
     rows = []
     for n, c, h, act in shapes:
         compile_ok = (args.device == "cuda" and not args.no_compile
                       and time.monotonic() - t_start < args.time_budget)
-        # Others share this machine: on the CPU, a shape measured while other processes kept more than
-        # --max-other-load cores busy is measured again (up to 3 tries; the load is recorded per row).
-        for attempt in range(1, 4):
-            t0, ticks0 = time.monotonic(), cpu_ticks()
-            row = bench_shape(n, c, h, act, args.device, timer, reps, compile_ok)
-            busy = other_load(ticks0, cpu_ticks(), time.monotonic() - t0)
-            row["other_processes_busy_cores"] = None if busy is None else round(busy, 2)
-            row["attempts"] = attempt
-            if (args.device != "cpu" or busy is None or busy <= args.max_other_load
-                    or time.monotonic() - t_start > 120):  # keep the run short on a busy machine
-                break
-            log.info("%s: other processes kept %.2f cores busy; measuring again", row["shape"], busy)
-        if args.device == "cuda":
-            for k in ("fwd", "fwd_bwd"):
-                row[f"{k}_copy_fraction"] = row[f"fused_{k}_GBps"] / result["copy_GBps"]
-                if f"graph_fused_{k}_GBps" in row:
-                    row[f"graph_{k}_copy_fraction"] = row[f"graph_fused_{k}_GBps"] / result["copy_GBps"]
+        row = measure_with_retries(n, c, h, act, args, dtype, timer, reps, compile_ok, t_start)
         rows.append(row)
-        log.info("%-18s %-10s fwd x%.2f  fwd+bwd x%.2f", "x".join(map(str, row["shape"])), act,
-                 row["fwd_speedup_vs_eager"], row["fwd_bwd_speedup_vs_eager"])
+        log.info("%-18s %-10s fwd+bwd: NHWC x%.2f vs eager channels_last, x%.2f vs fused NCHW",
+                 "x".join(map(str, row["shape"])), act, row["nhwc_fwd_bwd_vs_eager_cl"],
+                 row["nhwc_fwd_bwd_vs_fused_nchw"])
     result["rows"] = rows
-    summary = {"median_fwd_speedup_vs_eager": statistics.median(r["fwd_speedup_vs_eager"] for r in rows),
-               "median_fwd_bwd_speedup_vs_eager": statistics.median(r["fwd_bwd_speedup_vs_eager"] for r in rows)}
-    with_compile = [r for r in rows if "fwd_bwd_speedup_vs_compile" in r]
-    if with_compile:
-        summary["median_fwd_speedup_vs_compile"] = statistics.median(r["fwd_speedup_vs_compile"] for r in with_compile)
-        summary["median_fwd_bwd_speedup_vs_compile"] = statistics.median(
-            r["fwd_bwd_speedup_vs_compile"] for r in with_compile)
-        summary["shapes_with_compile_baseline"] = len(with_compile)
-    if args.device == "cuda":
-        big = [r for r in rows if r["shape"][2] >= 64]
-        for k in ("fwd_copy_fraction", "fwd_bwd_copy_fraction", "graph_fwd_copy_fraction",
-                  "graph_fwd_bwd_copy_fraction"):
-            vals = [r[k] for r in big if k in r]
-            if vals:
-                summary[f"min_{k}_planes_64_plus"] = min(vals)
-    goal = GOALS[args.device]["fwd_bwd_vs_eager"]
-    summary["fwd_bwd_goal_met"] = summary["median_fwd_bwd_speedup_vs_eager"] >= goal
-    result["summary"] = summary
+    result["summary"] = summarize(rows, args.device)
     if hasattr(os, "getloadavg"):
         result["machine"]["loadavg_at_end"] = os.getloadavg()
     result["wall_seconds"] = round(time.monotonic() - t_start, 1)
@@ -326,31 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"]["other_processes_busy_cores"] = None if busy is None else round(busy, 2)
     if args.device == "cpu" and busy is not None and busy > 0.25:
         log.warning("other processes kept %.2f cores busy during the run: CPU timings are noisy", busy)
-
-    # The table.
-    cols = ["eager_fwd", "fused_fwd", "eager_fwd_bwd", "fused_fwd_bwd"]
-    if with_compile:
-        cols[2:2] = ["compile_fwd"]
-        cols.append("compile_fwd_bwd")
-    head = f"{'shape':<16} {'act':<10} " + " ".join(f"{c + ' ms':>17}" for c in cols) + f" {'fwd x':>7} {'f+b x':>7}"
-    if args.device == "cuda":
-        head += f" {'f+b %copy':>9} {'kernel f %copy':>14} {'kernel f+b %copy':>16}"
-    print(f"\nInstanceNorm+act on {result['machine']['device_name']} ({args.device}, "
-          f"{result['machine']['torch_threads']} threads, torch {torch.__version__})")
-    print(head)
-    for r in rows:
-        line = f"{'x'.join(map(str, r['shape'])):<16} {r['act']:<10} " + " ".join(
-            f"{r['seconds'][c] * 1e3:>17.3f}" if c in r["seconds"] else f"{'-':>17}" for c in cols)
-        line += f" {r['fwd_speedup_vs_eager']:>7.2f} {r['fwd_bwd_speedup_vs_eager']:>7.2f}"
-        if args.device == "cuda":
-            line += f" {100 * r['fwd_bwd_copy_fraction']:>8.0f}%"
-            for k, width in (("graph_fwd_copy_fraction", 14), ("graph_fwd_bwd_copy_fraction", 16)):
-                line += f" {100 * r[k]:>{width - 1}.0f}%" if k in r else f" {'-':>{width}}"
-        print(line)
-    if result["machine"].get("other_processes_busy_cores") is not None:
-        print(f"other processes kept {result['machine']['other_processes_busy_cores']} cores busy meanwhile")
-    print("summary:", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    out = args.out or ROOT / "bench" / "results" / f"ops_{args.device}.json"
+    print_table(result, rows, args.device)
+    suffix = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}[args.dtype]
+    out = args.out or ROOT / "bench" / "results" / f"ops_{args.device}{suffix}.json"
     save_json(result, out)
     log.info("wrote %s", out)
     return 0

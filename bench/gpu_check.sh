@@ -4,9 +4,11 @@
 # It uses the python3 on PATH (torch with CUDA, ninja, nvcc, pytest already there; the machine may be
 # offline, so it installs nothing) and the repository in place (PYTHONPATH, no pip install):
 #   1. builds the fused kernels with their CUDA part (python3 -m melano.ops build --require-cuda);
-#   2. runs the GPU tests: python3 -m pytest -m gpu tests;
-#   3. runs the GPU benchmarks, which write bench/results/*_cuda.json.
-# Each step has a time cap so that the whole check stays under 8 minutes on one H100. A failed step
+#   2. runs the GPU tests: python3 -m pytest -m gpu tests (the fused op in both layouts, NCHW and
+#      channels_last/NHWC, in every dtype);
+#   3. runs the GPU benchmarks, which write bench/results/*_cuda*.json: bench_ops in fp32 and bf16 (fused
+#      NHWC and NCHW against eager and a copy, kernels alone from CUDA graphs) and bench_cyclegan.
+# Each step has a time cap so that the whole check stays under 8 minutes on one H100 or H200. A failed step
 # does not stop the later ones (a GPU session is precious), but the script exits non-zero if any failed.
 # When $OUT is set (a folder collected after the run), the results and logs are copied there.
 set -euo pipefail
@@ -84,10 +86,11 @@ if [[ " ${FAILED[*]:-} " == *" build"* ]]; then
 fi
 
 # 2. GPU tests of every module (marker gpu; tests/conftest.py skips them where CUDA is absent).
-step pytest-gpu 200 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+step pytest-gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 
 # 3. GPU benchmarks. Add further GPU benchmarks here, each as one `step` line with its own cap.
-step bench-ops 200 "$PY" bench/bench_ops.py --device cuda --time-budget 100
-step bench-cyclegan 120 "$PY" bench/bench_cyclegan.py --device cuda --size 256
+step bench-ops 120 "$PY" bench/bench_ops.py --device cuda --time-budget 45
+step bench-ops-bf16 75 "$PY" bench/bench_ops.py --device cuda --dtype bfloat16 --no-compile --reps 30
+step bench-cyclegan 100 "$PY" bench/bench_cyclegan.py --device cuda --size 256
 
 ((${#FAILED[@]} == 0)) || exit 1

@@ -9,17 +9,18 @@
 //   inorm_act_bwd(grad_y, x, weight?, bias?, mean, rstd, act, slope) -> (grad_x, grad_weight, grad_bias)
 // mean and rstd are (N, C) in the accumulation type (float, or double for double x). grad_weight and
 // grad_bias are (C,) in that type and are always returned (they are per-plane sums the backward needs
-// anyway); Python drops them when the op is not affine. Outputs are NCHW-contiguous whatever the
-// input layout.
+// anyway); Python drops them when the op is not affine. A channels_last-contiguous x runs the NHWC
+// kernels and gets channels_last y and dx; any other layout runs the NCHW kernels on an NCHW copy.
 //
 // The backward saves x (not y) and recomputes y_pre from it: see reference/instance_norm_act.py.
 //
-// CPU: one task per plane (at::parallel_for). Planes of a CycleGAN are 16 KiB to 256 KiB, so the
+// CPU, NCHW: one task per plane (at::parallel_for). Planes of a CycleGAN are 16 KiB to 256 KiB, so the
 // passes after the first read x from L2. Statistics: a two-pass mean/variance with the "corrected"
 // second pass (Chan, Golub & LeVeque): sum(x - mean) is added back to absorb the rounding of the mean.
 // Inner loops work on SIMD vectors (GCC vector extensions); blocks of kBlock elements are summed in
 // the accumulation type and then added in double, which bounds the float rounding error. The plane
-// loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time.
+// loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time. NHWC: SIMD across
+// channels, tasks over chunks of pixels (see the NHWC section).
 
 #include "instance_norm_act.h"
 
@@ -115,6 +116,12 @@ struct Args {
   int64_t C, hw;
   double eps;
   A slope;
+  // NHWC only: tasks are chunks of `rows` pixels of one image; part holds each chunk's per-channel
+  // partial results (two arrays of C doubles per chunk), consts each image's per-channel constants
+  // (six arrays of Cp values, see channel_constants).
+  int64_t rows = 0, chunks = 0, Cp = 0;
+  double* part = nullptr;
+  A* consts = nullptr;
 };
 
 // One (n, c) plane p of an NCHW tensor: three passes (mean; corrected variance; output). A plane is at
@@ -180,7 +187,274 @@ MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p) {
   });
 }
 
-enum Pass : int { kForwardPlanes = 0, kBackwardPlanes = 1 };
+// ---- NHWC (channels_last): SIMD across channels -------------------------------------------------
+// x is (N, H * W, C) in memory. A task is a chunk of `rows` consecutive pixels of one image, about
+// kChunkElems elements (at most kBlock pixels, so that each channel's float sums stay short). Its
+// statistics are a two-pass mean and M2 per channel (the second pass reads the chunk from L2); the
+// chunks' are combined per image in double, and a second task loop writes the output.
+// Within a chunk the loops take blocks of kRowBlock pixels and, in each, groups of G vectors of L
+// channels: a group's sums and constants stay in registers across the block's pixels, and a block
+// (a few KiB) stays in L1 across its groups. Per-channel arrays are padded to Cp channels; lanes past
+// C compute on zeros and are never stored. Unlike an NCHW plane, an image too large for the caches is
+// read from memory twice (statistics, then output; likewise x and dy in the backward).
+
+constexpr int64_t kChunkElems = 16384;
+constexpr int64_t kRowBlock = 8;
+constexpr int64_t kPrefetchBlocks = 3;  // how far ahead for_groups prefetches
+constexpr int kGroup = 4;  // vectors per group
+
+// Pixels per NHWC chunk for C channels and H * W = hw.
+int64_t nhwc_rows(int64_t C, int64_t hw) {
+  return std::min(hw, std::clamp<int64_t>(kChunkElems / C, 1, kBlock));
+}
+
+// Channels [c, c + L) of a row of C channels; when PARTIAL, lanes past C read as 0 and are not stored.
+template <typename A, int L, bool PARTIAL, typename T>
+MELANO_INLINE Vec<A, L> load_channels(const T* row, int64_t c, int64_t C) {
+  if (!PARTIAL || c + L <= C) return load<A>(Lanes<L>{}, row + c);
+  Vec<A, L> v = {};
+  for (int64_t j = 0; c + j < C; ++j) v[j] = A(row[c + j]);
+  return v;
+}
+
+template <int L, bool PARTIAL, typename T, typename V>
+MELANO_INLINE void store_channels(T* row, int64_t c, int64_t C, V v) {
+  if (!PARTIAL || c + L <= C) store(row + c, v);
+  else for (int64_t j = 0; c + j < C; ++j) row[c + j] = T(v[j]);
+}
+
+// Calls f(partial, c, r0, r1) for each block [r0, r1) of a chunk's pixels and each group of G vectors
+// of channels from c in it; partial is std::true_type for a last group that reaches past C. The
+// group-by-group order strides through memory, which the hardware prefetchers follow badly, so each
+// block starts by prefetching a later block of the chunk's arrays (contiguous memory) into L2.
+template <int L, int G, typename F, typename... T>
+MELANO_INLINE void for_groups(int64_t rows, int64_t C, const F& f, const T*... arrays) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t r1 = std::min(rows, r0 + kRowBlock);
+    const int64_t p0 = std::min(rows, r0 + kPrefetchBlocks * kRowBlock), p1 = std::min(rows, p0 + kRowBlock);
+    auto prefetch = [&](const auto* p) MELANO_LAMBDA {
+      const char* end = reinterpret_cast<const char*>(p + p1 * C);
+      for (const char* q = reinterpret_cast<const char*>(p + p0 * C); q < end; q += 64) __builtin_prefetch(q, 0, 1);
+    };
+    (prefetch(arrays), ...);
+    int64_t c = 0;
+    for (; c + G * L <= C; c += G * L) f(std::false_type{}, c, r0, r1);
+    if (c < C) f(std::true_type{}, c, r0, r1);
+  }
+}
+
+// Chunk t: its image n, its pixel count, and where its data and its image's channel constants lie.
+template <typename T>
+struct Chunk {
+  int64_t n, rows;
+  const T* x;
+  const T* dy;  // backward only
+  T* out;
+  const at::opmath_type<T>* consts;
+};
+
+template <typename T>
+Chunk<T> chunk_of(const Args<T>& a, int64_t t) {
+  const int64_t n = t / a.chunks, r0 = (t % a.chunks) * a.rows, offset = (n * a.hw + r0) * a.C;
+  return {n, std::min(a.rows, a.hw - r0), a.x + offset, a.dy ? a.dy + offset : nullptr, a.out + offset,
+          a.consts + n * 6 * a.Cp};
+}
+
+// Image n's per-channel constants in a.consts: mean, rstd, scale, shift (from a.mean and a.rstd) and,
+// for dx, mean(g) and mean(g * xhat) (filled later, by nhwc_merge_sums). Arrays of Cp, zero padded.
+template <typename T>
+at::opmath_type<T>* channel_constants(const Args<T>& a, int64_t n) {
+  using A = at::opmath_type<T>;
+  A* k = a.consts + n * 6 * a.Cp;
+  std::fill(k, k + 6 * a.Cp, A(0));
+  for (int64_t c = 0; c < a.C; ++c) {
+    const auto [scale, shift] = affine_of(a.rstd[n * a.C + c], a.w, a.b, c);
+    k[c] = a.mean[n * a.C + c];
+    k[a.Cp + c] = a.rstd[n * a.C + c];
+    k[2 * a.Cp + c] = scale;
+    k[3 * a.Cp + c] = shift;
+  }
+  return k;
+}
+
+// Forward, first task loop: chunk t's per-channel mean and M2 (two passes) into a.part.
+template <typename T, int L>
+MELANO_INLINE void nhwc_stats_chunk(const Args<T>& a, int64_t t) {
+  using A = at::opmath_type<T>;
+  constexpr int G = kGroup;
+  constexpr Lanes<L> lanes{};
+  const Chunk<T> ch = chunk_of(a, t);
+  const int64_t C = a.C, Cp = a.Cp;
+  const T* __restrict__ x = ch.x;
+  std::vector<A> sums(3 * Cp, A(0));  // per channel: the sum of x, then those of d = x - mean0 and d^2
+  A *s = sums.data(), *m1 = s + Cp, *m2 = s + 2 * Cp;
+  for_groups<L, G>(ch.rows, C, [&](auto partial, int64_t c, int64_t r0, int64_t r1) MELANO_LAMBDA {
+    constexpr bool P = decltype(partial)::value;
+    Vec<A, L> acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = load<A>(lanes, s + c + g * L);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int g = 0; g < G; ++g) acc[g] += load_channels<A, L, P>(x + r * C, c + g * L, C);
+    for (int g = 0; g < G; ++g) store(s + c + g * L, acc[g]);
+  }, x);
+  for (int64_t c = 0; c < Cp; c += L) store(s + c, load<A>(lanes, s + c) / A(ch.rows));  // mean0
+  // Sums of d too, to correct the rounding of mean0 (as in forward_plane).
+  for_groups<L, G>(ch.rows, C, [&](auto partial, int64_t c, int64_t r0, int64_t r1) MELANO_LAMBDA {
+    constexpr bool P = decltype(partial)::value;
+    Vec<A, L> mean0[G], acc1[G], acc2[G];
+    for (int g = 0; g < G; ++g) {
+      mean0[g] = load<A>(lanes, s + c + g * L);
+      acc1[g] = load<A>(lanes, m1 + c + g * L);
+      acc2[g] = load<A>(lanes, m2 + c + g * L);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int g = 0; g < G; ++g) {
+        const auto d = load_channels<A, L, P>(x + r * C, c + g * L, C) - mean0[g];
+        acc1[g] += d;
+        acc2[g] += d * d;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      store(m1 + c + g * L, acc1[g]);
+      store(m2 + c + g * L, acc2[g]);
+    }
+  });
+  double* out = a.part + t * 2 * C;
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = double(s[c]) + double(m1[c]) / double(ch.rows);
+    out[C + c] = double(m2[c]) - double(m1[c]) * double(m1[c]) / double(ch.rows);
+  }
+}
+
+// Between the forward's task loops, image n: the chunks' (mean_k, M2_k) of n_k pixels combined into
+// mean = sum(n_k mean_k) / hw and M2 = sum(M2_k + n_k (mean_k - mean)^2), in double; then rstd and
+// the image's channel constants.
+template <typename T>
+void nhwc_merge_stats(const Args<T>& a, int64_t n) {
+  using A = at::opmath_type<T>;
+  const int64_t C = a.C;
+  const double* part = a.part + n * a.chunks * 2 * C;
+  std::vector<double> mean(C, 0.0), m2(C, 0.0);
+  for (int64_t k = 0; k < a.chunks; ++k) {
+    const double rows = double(std::min(a.rows, a.hw - k * a.rows));
+    for (int64_t c = 0; c < C; ++c) mean[c] += rows * part[k * 2 * C + c];
+  }
+  for (int64_t c = 0; c < C; ++c) mean[c] /= double(a.hw);
+  for (int64_t k = 0; k < a.chunks; ++k) {
+    const double rows = double(std::min(a.rows, a.hw - k * a.rows));
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = part[k * 2 * C + c] - mean[c];
+      m2[c] += part[k * 2 * C + C + c] + rows * d * d;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    a.mean[n * C + c] = A(mean[c]);
+    a.rstd[n * C + c] = A(1.0 / std::sqrt(std::max(0.0, m2[c] / double(a.hw)) + a.eps));
+  }
+  channel_constants(a, n);
+}
+
+// Forward, second task loop: chunk t's output.
+template <typename T, int ACT, int L>
+MELANO_INLINE void nhwc_forward_chunk(const Args<T>& a, int64_t t) {
+  using A = at::opmath_type<T>;
+  const Chunk<T> ch = chunk_of(a, t);
+  const int64_t C = a.C, Cp = a.Cp;
+  constexpr Lanes<L> lanes{};
+  constexpr int G = kGroup;
+  for_groups<L, G>(ch.rows, C, [&](auto partial, int64_t c, int64_t r0, int64_t r1) MELANO_LAMBDA {
+    constexpr bool P = decltype(partial)::value;
+    Vec<A, L> mean[G], scale[G], shift[G];
+    for (int g = 0; g < G; ++g) {
+      mean[g] = load<A>(lanes, ch.consts + c + g * L);
+      scale[g] = load<A>(lanes, ch.consts + 2 * Cp + c + g * L);
+      shift[g] = load<A>(lanes, ch.consts + 3 * Cp + c + g * L);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int g = 0; g < G; ++g) {
+        const auto d = load_channels<A, L, P>(ch.x + r * C, c + g * L, C) - mean[g];
+        store_channels<L, P>(ch.out + r * C, c + g * L, C, act_fwd<ACT>(pre_act(d, scale[g], shift[g]), a.slope));
+      }
+    }
+  }, ch.x, static_cast<const T*>(ch.out));
+}
+
+// The backward's two task loops, chunk t: sums of g and g * xhat into a.part (SUMS), or dx.
+template <typename T, int ACT, int L, bool SUMS>
+MELANO_INLINE void nhwc_backward_chunk(const Args<T>& a, int64_t t) {
+  using A = at::opmath_type<T>;
+  const Chunk<T> ch = chunk_of(a, t);
+  const T* __restrict__ x = ch.x;
+  const T* __restrict__ dy = ch.dy;
+  T* __restrict__ dx = ch.out;
+  const A* k = ch.consts;
+  const int64_t C = a.C, Cp = a.Cp;
+  constexpr Lanes<L> lanes{};
+  constexpr int G = kGroup;
+  std::vector<A> sums(SUMS ? 2 * Cp : 0, A(0));  // per channel: the sums of g and of g * xhat
+  for_groups<L, G>(ch.rows, C, [&](auto partial, int64_t c, int64_t r0, int64_t r1) MELANO_LAMBDA {
+    constexpr bool P = decltype(partial)::value;
+    // Per vector of the group: mean, rstd, scale, shift, then the sums (SUMS) or mean(g), mean(g * xhat).
+    Vec<A, L> q[6][G];
+    for (int j = 0; j < 4; ++j)
+      for (int g = 0; g < G; ++g) q[j][g] = load<A>(lanes, k + j * Cp + c + g * L);
+    for (int j = 4; j < 6; ++j)
+      for (int g = 0; g < G; ++g) q[j][g] = load<A>(lanes, (SUMS ? sums.data() + (j - 4) * Cp : k + j * Cp) + c + g * L);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int g = 0; g < G; ++g) {
+        const auto d = load_channels<A, L, P>(x + r * C, c + g * L, C) - q[0][g];
+        const auto dyv = load_channels<A, L, P>(dy + r * C, c + g * L, C);
+        const auto gv = act_grad<ACT>(pre_act(d, q[2][g], q[3][g]), dyv, a.slope);
+        if constexpr (SUMS) {
+          q[4][g] += gv;
+          q[5][g] += gv * (d * q[1][g]);
+        } else {
+          store_channels<L, P>(dx + r * C, c + g * L, C, grad_input(gv, d * q[1][g], q[2][g], q[4][g], q[5][g]));
+        }
+      }
+    }
+    if constexpr (SUMS) {
+      for (int g = 0; g < G; ++g) {
+        store(sums.data() + c + g * L, q[4][g]);
+        store(sums.data() + Cp + c + g * L, q[5][g]);
+      }
+    }
+  }, x, dy, static_cast<const T*>(dx));
+  if constexpr (SUMS) {
+    double* out = a.part + t * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = sums[c];
+      out[C + c] = sums[Cp + c];
+    }
+  }
+}
+
+// Between the backward's task loops, image n: the chunks' sums added in double, into a.sum_g and
+// a.sum_gx, and mean(g) and mean(g * xhat) into the image's channel constants.
+template <typename T>
+void nhwc_merge_sums(const Args<T>& a, int64_t n) {
+  using A = at::opmath_type<T>;
+  const int64_t C = a.C;
+  const double* part = a.part + n * a.chunks * 2 * C;
+  double *sg = a.sum_g + n * C, *sgx = a.sum_gx + n * C;
+  std::fill(sg, sg + C, 0.0);
+  std::fill(sgx, sgx + C, 0.0);
+  for (int64_t k = 0; k < a.chunks; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      sg[c] += part[k * 2 * C + c];
+      sgx[c] += part[k * 2 * C + C + c];
+    }
+  }
+  A* consts = a.consts + n * 6 * a.Cp;
+  for (int64_t c = 0; c < C; ++c) {
+    consts[4 * a.Cp + c] = A(sg[c] / double(a.hw));
+    consts[5 * a.Cp + c] = A(sgx[c] / double(a.hw));
+  }
+}
+
+enum Pass : int {
+  kForwardPlanes, kBackwardPlanes,                          // NCHW
+  kNhwcStats, kNhwcForward, kNhwcBackwardSums, kNhwcBackward  // NHWC
+};
 
 // The task loops, compiled for three instruction sets and picked at run time: the cached build must
 // run on any x86-64 CPU (no -march=native), yet AVX-512 and AVX2 are worth 2-4x on the passes that
@@ -192,7 +466,10 @@ MELANO_INLINE void tasks_generic(const Args<T>& a, int64_t begin, int64_t end) {
   constexpr int L = W / sizeof(at::opmath_type<T>);
   for (int64_t t = begin; t < end; ++t) {
     if constexpr (PASS == kForwardPlanes) forward_plane<T, ACT, L>(a, t);
-    else backward_plane<T, ACT, L>(a, t);
+    else if constexpr (PASS == kBackwardPlanes) backward_plane<T, ACT, L>(a, t);
+    else if constexpr (PASS == kNhwcStats) nhwc_stats_chunk<T, L>(a, t);
+    else if constexpr (PASS == kNhwcForward) nhwc_forward_chunk<T, ACT, L>(a, t);
+    else nhwc_backward_chunk<T, ACT, L, PASS == kNhwcBackwardSums>(a, t);
   }
 }
 
@@ -246,8 +523,12 @@ void run_tasks(const Args<T>& a, int64_t tasks, int64_t task_elems) {
   auto fn = &tasks_default<T, ACT, PASS>;
 #ifdef MELANO_X86_ISA
   const int isa = cpu_isa();
-  if (isa == kIsaAvx512) fn = &tasks_avx512<T, ACT, PASS>;
-  else if (isa == kIsaAvx2) fn = &tasks_avx2<T, ACT, PASS>;
+  if (isa >= kIsaAvx2) fn = &tasks_avx2<T, ACT, PASS>;
+  // The NHWC loops have no AVX-512 variant (AVX-512 CPUs run their AVX2 one): GCC 12 crashes compiling
+  // it for BFloat16 (internal compiler error in do_store_flag).
+  if constexpr (PASS == kForwardPlanes || PASS == kBackwardPlanes) {
+    if (isa == kIsaAvx512) fn = &tasks_avx512<T, ACT, PASS>;
+  }
 #endif
   // Work of at least ~32k elements per scheduled range, so small tasks are not scheduled one by one.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, task_elems));
@@ -263,6 +544,48 @@ Args<T> make_args(const Inputs& in, at::Tensor& out, at::Tensor& mean, at::Tenso
                  nullptr, nullptr, in.C, in.hw, eps, A(slope)};
 }
 
+// The NHWC chunking and its workspaces (returned: they must outlive the task loops).
+template <typename T>
+std::pair<at::Tensor, at::Tensor> nhwc_setup(Args<T>& args, const Inputs& in) {
+  args.rows = nhwc_rows(std::max<int64_t>(1, in.C), in.hw);
+  args.chunks = (in.hw + args.rows - 1) / args.rows;
+  args.Cp = (in.C + 63) / 64 * 64;  // a multiple of every group width G * L
+  at::Tensor part = at::empty({in.N * args.chunks * 2 * in.C}, in.x.options().dtype(at::kDouble));
+  at::Tensor consts = at::empty({in.N * 6 * args.Cp}, in.x.options().dtype(in.acc));
+  args.part = part.data_ptr<double>();
+  args.consts = consts.data_ptr<at::opmath_type<T>>();
+  return {part, consts};
+}
+
+// The forward's task loops: one task per NCHW plane; or the NHWC chunks' statistics, their merge per
+// image, then the chunks' output. The merges (chunks x C values per image) run in this thread: a
+// parallel region fewer matters more, on a busy machine above all, where a region's threads wait for
+// whichever of them the OS descheduled.
+template <typename T, int ACT>
+void run_forward(Args<T>& args, const Inputs& in) {
+  if (in.layout != at::MemoryFormat::ChannelsLast) {
+    return run_tasks<T, ACT, kForwardPlanes>(args, in.N * in.C, in.hw);
+  }
+  const auto workspaces = nhwc_setup(args, in);
+  run_tasks<T, kNone, kNhwcStats>(args, in.N * args.chunks, args.rows * in.C);
+  for (int64_t n = 0; n < in.N; ++n) nhwc_merge_stats(args, n);
+  run_tasks<T, ACT, kNhwcForward>(args, in.N * args.chunks, args.rows * in.C);
+}
+
+// The backward's: one task per NCHW plane; or, for NHWC, the channel constants of each image, the
+// chunks' sums, their merge per image, then the chunks' dx.
+template <typename T, int ACT>
+void run_backward(Args<T>& args, const Inputs& in) {
+  if (in.layout != at::MemoryFormat::ChannelsLast) {
+    return run_tasks<T, ACT, kBackwardPlanes>(args, in.N * in.C, in.hw);
+  }
+  const auto workspaces = nhwc_setup(args, in);
+  for (int64_t n = 0; n < in.N; ++n) channel_constants(args, n);
+  run_tasks<T, ACT, kNhwcBackwardSums>(args, in.N * args.chunks, args.rows * in.C);
+  for (int64_t n = 0; n < in.N; ++n) nhwc_merge_sums(args, n);
+  run_tasks<T, ACT, kNhwcBackward>(args, in.N * args.chunks, args.rows * in.C);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
                                                            const c10::optional<at::Tensor>& weight,
                                                            const c10::optional<at::Tensor>& bias,
@@ -271,10 +594,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
   at::Tensor y, mean, rstd;
   std::tie(y, mean, rstd) = forward_outputs(in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_fwd_cpu", [&] {
-    const Args<scalar_t> args = make_args<scalar_t>(in, y, mean, rstd, eps, slope);
-    dispatch_act(in.act, [&](auto a) {
-      run_tasks<scalar_t, decltype(a)::value, kForwardPlanes>(args, in.N * in.C, in.hw);
-    });
+    Args<scalar_t> args = make_args<scalar_t>(in, y, mean, rstd, eps, slope);
+    dispatch_act(in.act, [&](auto a) { run_forward<scalar_t, decltype(a)::value>(args, in); });
   });
   return {y, mean, rstd};
 }
@@ -284,16 +605,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     c10::string_view act, double slope) {
   Inputs in = backward_inputs(grad_y, x, weight, bias, mean, rstd, act);
-  at::Tensor dx = at::empty_like(in.x, at::MemoryFormat::Contiguous);
+  at::Tensor dx = at::empty_like(in.x, in.layout);
   at::Tensor sum_g = at::empty({in.N, in.C}, in.x.options().dtype(at::kDouble));
   at::Tensor sum_gx = at::empty({in.N, in.C}, in.x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_bwd_cpu", [&] {
     Args<scalar_t> args = make_args<scalar_t>(in, dx, in.mean, in.rstd, 0.0, slope);
     args.sum_g = sum_g.data_ptr<double>();
     args.sum_gx = sum_gx.data_ptr<double>();
-    dispatch_act(in.act, [&](auto a) {
-      run_tasks<scalar_t, decltype(a)::value, kBackwardPlanes>(args, in.N * in.C, in.hw);
-    });
+    dispatch_act(in.act, [&](auto a) { run_backward<scalar_t, decltype(a)::value>(args, in); });
   });
   return backward_result(dx, sum_g, sum_gx, in.acc);
 }

@@ -10,7 +10,8 @@
 //   splat, act_fwd, act_grad        the activation and its gradient, for scalars or SIMD vectors
 //   affine_of, pre_act, grad_input  y_pre from x - mean, and dx from g = dy * act'(y_pre)
 //   check_inputs, check_backward_inputs              argument checks (also for direct op calls)
-//   Inputs, forward_inputs, backward_inputs          checked inputs in the dtypes the kernels read
+//   kernel_layout                                    NHWC kernels for channels_last x, else NCHW
+//   Inputs, forward_inputs, backward_inputs          checked inputs in the layout and dtypes the kernels read
 //   forward_outputs, backward_result                 the ops' outputs, allocated or assembled
 
 #pragma once
@@ -145,10 +146,18 @@ inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
               "instance_norm_act backward: mean/rstd must have N*C elements");
 }
 
-// One call's inputs, checked and converted: x (and dy) contiguous in x's dtype; the parameters and the
-// saved statistics contiguous in the accumulation type acc (float for half types, else x's dtype).
+// The layout the kernels read and write: NHWC for a channels_last-contiguous x, else NCHW (any other
+// layout is copied to NCHW). melano/ops.py's fake implementations follow the same rule.
+inline at::MemoryFormat kernel_layout(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+// One call's inputs, checked and converted: x (and dy) in x's dtype and kernel layout; the parameters
+// and the saved statistics contiguous in the accumulation type acc (float for half types, else x's).
 struct Inputs {
   at::Tensor x, dy, w, b, mean, rstd;  // w, b undefined when absent; dy, mean, rstd: backward only
+  at::MemoryFormat layout;             // Contiguous (NCHW) or ChannelsLast (NHWC)
   at::ScalarType acc;
   int act;
   int64_t N, C, hw;
@@ -163,7 +172,8 @@ inline Inputs forward_inputs(const at::Tensor& x, const c10::optional<at::Tensor
   check_inputs(x, weight, bias, eps);
   Inputs in;
   in.act = parse_act(act);
-  in.x = x.contiguous();
+  in.layout = kernel_layout(x);
+  in.x = x.contiguous(in.layout);
   in.acc = at::toOpMathType(x.scalar_type());
   in.w = param_as(weight, in.acc);
   in.b = param_as(bias, in.acc);
@@ -178,17 +188,17 @@ inline Inputs backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
                               const at::Tensor& mean, const at::Tensor& rstd, c10::string_view act) {
   Inputs in = forward_inputs(x, weight, bias, 0.0, act);
   check_backward_inputs(grad_y, x, mean, rstd);
-  in.dy = grad_y.to(x.scalar_type()).contiguous();
+  in.dy = grad_y.to(x.scalar_type()).contiguous(in.layout);
   in.mean = mean.to(in.acc).contiguous();
   in.rstd = rstd.to(in.acc).contiguous();
   return in;
 }
 
-// The forward's outputs, to be filled: y like x, and mean and rstd of shape (N, C) in acc.
+// The forward's outputs, to be filled: y like x (in its kernel layout), and mean and rstd of shape (N, C)
+// in acc.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const Inputs& in) {
   const auto stats = in.x.options().dtype(in.acc);
-  return {at::empty_like(in.x, at::MemoryFormat::Contiguous), at::empty({in.N, in.C}, stats),
-          at::empty({in.N, in.C}, stats)};
+  return {at::empty_like(in.x, in.layout), at::empty({in.N, in.C}, stats), at::empty({in.N, in.C}, stats)};
 }
 
 // (dx, dweight, dbias) from the per-plane sums of g and g * xhat, of shape (N, C): dbias sums g over each

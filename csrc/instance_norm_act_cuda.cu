@@ -12,6 +12,7 @@
 //    same two-pass in registers; or the backward's two sums); kernel 2 merges them (Chan et al.'s
 //    parallel variance formula) and writes the output. x is read twice; the second read is usually
 //    served from L2.
+// A channels_last x runs the NHWC kernels instead (see their section), and gets channels_last y and dx.
 // Only c10/cuda headers are included: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that
 // a bare toolkit may lack.
 
@@ -60,38 +61,93 @@ __device__ __forceinline__ void block_sum(A (&v)[K], A* smem) {
   __syncthreads();  // smem may be reused by the next call
 }
 
-// Loads a block's slice [base, base + ITEMS * blockDim) of a plane (coalesced: item k of thread t is
-// element base + t + k * blockDim), then the mean and the corrected sum of squared deviations.
-template <int ITEMS, typename T, typename A>
-__device__ __forceinline__ void load_and_moments(const T* __restrict__ xp, int64_t base, int64_t hw,
-                                                 A (&v)[ITEMS], A* smem, A& count, A& mean,
+// block_sum, and column_sum below, as functors for load_and_moments.
+template <typename A>
+struct BlockSum {
+  A* smem;
+  template <int K>
+  __device__ __forceinline__ void operator()(A (&v)[K]) const { block_sum<K>(v, smem); }
+};
+
+// Loads this thread's ITEMS elements of a slice of n_valid elements, item k being element
+// i = lane + k * step at xp[i * stride]; then (reduced with `sum` over the threads that share the
+// slice) the slice's mean and corrected sum of squared deviations m2: two passes, as forward_plane.
+template <int ITEMS, typename T, typename A, typename Sum>
+__device__ __forceinline__ void load_and_moments(const T* __restrict__ xp, int64_t stride, int lane, int step,
+                                                 int64_t n_valid, A (&v)[ITEMS], const Sum& sum, A& mean,
                                                  A& m2) {
-  int64_t n_valid = hw - base;
-  if (n_valid > int64_t(ITEMS) * blockDim.x) n_valid = int64_t(ITEMS) * blockDim.x;
   A s[1] = {A(0)};
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    v[k] = i < n_valid ? static_cast<A>(xp[base + i]) : A(0);
+    const int64_t i = lane + int64_t(k) * step;
+    v[k] = i < n_valid ? static_cast<A>(xp[i * stride]) : A(0);
     s[0] += v[k];
   }
-  block_sum<1>(s, smem);
-  count = A(n_valid);
+  sum(s);
+  const A count = A(n_valid);
   const A mean0 = s[0] / count;
   A m[2] = {A(0), A(0)};
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    const int64_t i = threadIdx.x + int64_t(k) * blockDim.x;
-    if (i < n_valid) {
+    if (lane + int64_t(k) * step < n_valid) {
       const A d = v[k] - mean0;
       m[0] += d;
       m[1] += d * d;
     }
   }
-  block_sum<2>(m, smem);
+  sum(m);
   mean = mean0 + m[0] / count;
   m2 = m[1] - m[0] * m[0] / count;
   if (m2 < A(0)) m2 = A(0);
+}
+
+// Chan, Golub & LeVeque: merges a piece of nb elements with mean mb and sum of squared deviations qb into
+// the running (n, mean, q) of the pieces before it.
+template <typename A>
+__device__ __forceinline__ void chan_merge(A& n, A& mean, A& q, A nb, A mb, A qb) {
+  if (nb == A(0)) return;
+  if (n == A(0)) {
+    n = nb;
+    mean = mb;
+    q = qb;
+    return;
+  }
+  const A tot = n + nb, delta = mb - mean;
+  mean += delta * nb / tot;
+  q += qb + delta * delta * n * nb / tot;
+  n = tot;
+}
+
+template <typename A>
+struct Moments {
+  A n, mean, m2;
+};
+
+// Merges the pieces j = lane, lane + nlanes, ... < pieces, piece(j) giving its (count, mean, M2), over the
+// nlanes threads that share column col (a tree in smem, 3 * nlanes * ncols values; nlanes a power of
+// 2): all of them get the merged mean and m2.
+template <typename A, typename Piece>
+__device__ void merge_pieces(int64_t pieces, const Piece& piece, int lane, int nlanes, int col, int ncols,
+                             A* smem, A& mean, A& m2) {
+  Moments<A> r{A(0), A(0), A(0)};
+  for (int64_t j = lane; j < pieces; j += nlanes) {
+    const Moments<A> b = piece(j);
+    chan_merge(r.n, r.mean, r.m2, b.n, b.mean, b.m2);
+  }
+  A *sn = smem, *smu = smem + nlanes * ncols, *sq = smem + 2 * nlanes * ncols;
+  const int i = lane * ncols + col;
+  sn[i] = r.n;
+  smu[i] = r.mean;
+  sq[i] = r.m2;
+  __syncthreads();
+  for (int stride = nlanes / 2; stride > 0; stride /= 2) {
+    if (lane < stride) chan_merge(sn[i], smu[i], sq[i], sn[i + stride * ncols], smu[i + stride * ncols],
+                                  sq[i + stride * ncols]);
+    __syncthreads();
+  }
+  mean = smu[col];
+  m2 = sq[col];
+  __syncthreads();
 }
 
 template <typename A>
@@ -111,9 +167,9 @@ __global__ void __launch_bounds__(1024) fwd_plane_kernel(const T* __restrict__ x
   const T* xp = x + p * hw;
   T* yp = y + p * hw;
   A v[ITEMS];
-  A count, mean, m2;
-  load_and_moments<ITEMS>(xp, 0, hw, v, smem, count, mean, m2);
-  const A rstd = inv_std(m2, count, eps);
+  A mean, m2;
+  load_and_moments<ITEMS>(xp, 1, threadIdx.x, blockDim.x, hw, v, BlockSum<A>{smem}, mean, m2);
+  const A rstd = inv_std(m2, A(hw), eps);
   const auto [scale, shift] = affine_of(rstd, w, b, c);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
@@ -184,51 +240,13 @@ __global__ void __launch_bounds__(kChunkThreads) fwd_chunk_stats_kernel(const T*
   __shared__ A smem[2 * kWarp];
   const int64_t p = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   A v[kChunkItems];
-  A count, mean, m2;
-  load_and_moments<kChunkItems>(x + p * hw, chunk * kChunk, hw, v, smem, count, mean, m2);
+  A mean, m2;
+  load_and_moments<kChunkItems>(x + p * hw + chunk * kChunk, 1, threadIdx.x, blockDim.x,
+                                min(kChunk, hw - chunk * kChunk), v, BlockSum<A>{smem}, mean, m2);
   if (threadIdx.x == 0) {
     part[2 * blockIdx.x] = mean;
     part[2 * blockIdx.x + 1] = m2;
   }
-}
-
-// Merges the chunk statistics of plane p (every block of the plane does it; chunks are few).
-template <typename A>
-__device__ void merge_chunk_stats(const A* __restrict__ part, int64_t p, int64_t hw, int64_t chunks,
-                                  A* smem, A& mean, A& m2) {
-  // Each thread merges a strided subset; then a tree across the block. (count, mean, M2) triples.
-  A n = 0, mu = 0, q = 0;
-  for (int64_t j = threadIdx.x; j < chunks; j += blockDim.x) {
-    const A nb = A(min(kChunk, hw - j * kChunk));
-    const A mb = part[2 * (p * chunks + j)], qb = part[2 * (p * chunks + j) + 1];
-    const A tot = n + nb, delta = mb - mu;
-    mu += delta * nb / tot;
-    q += qb + delta * delta * n * nb / tot;
-    n = tot;
-  }
-  A* sn = smem;
-  A* smu = smem + blockDim.x;
-  A* sq = smem + 2 * blockDim.x;
-  sn[threadIdx.x] = n;
-  smu[threadIdx.x] = mu;
-  sq[threadIdx.x] = q;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      const A na = sn[threadIdx.x], nb = sn[threadIdx.x + stride];
-      const A tot = na + nb;
-      if (nb > A(0)) {
-        const A delta = smu[threadIdx.x + stride] - smu[threadIdx.x];
-        smu[threadIdx.x] += delta * nb / tot;
-        sq[threadIdx.x] += sq[threadIdx.x + stride] + delta * delta * na * nb / tot;
-        sn[threadIdx.x] = tot;
-      }
-    }
-    __syncthreads();
-  }
-  mean = smu[0];
-  m2 = sq[0];
-  __syncthreads();
 }
 
 template <typename T, typename A, int ACT>
@@ -239,8 +257,12 @@ __global__ void __launch_bounds__(kChunkThreads) fwd_chunk_apply_kernel(const T*
                                        double eps, A slope) {
   __shared__ A smem[3 * kChunkThreads];
   const int64_t p = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = p % C;
+  // Every block of the plane merges its chunks' statistics (they are few).
   A mean, m2;
-  merge_chunk_stats(part, p, hw, chunks, smem, mean, m2);
+  const auto piece = [&](int64_t j) {
+    return Moments<A>{A(min(kChunk, hw - j * kChunk)), part[2 * (p * chunks + j)], part[2 * (p * chunks + j) + 1]};
+  };
+  merge_pieces(chunks, piece, threadIdx.x, blockDim.x, 0, 1, smem, mean, m2);
   const A rstd = inv_std(m2, A(hw), eps);
   const auto [scale, shift] = affine_of(rstd, w, b, c);
   const T* xp = x + p * hw;
@@ -310,6 +332,192 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_apply_kernel(const T*
   }
 }
 
+// ---- NHWC (channels_last) ------------------------------------------------------------------------
+// x is (N, H * W, C) in memory. A block of (kTx, kTy) threads takes kTx consecutive channels (a warp
+// reads them from one pixel: coalesced along C) and a group of group_rows pixels of one image, its kTy
+// rows of threads striding over the pixels. Grid: (channel tiles, pixel groups, images). Per-(n, c)
+// statistics are reduced over H * W in two steps: each block writes its group's partial results
+// (the forward's from batches of kBatchRows pixels held in registers, two-pass, merged as in
+// merge_pieces), then a finalize kernel merges the groups of each (n, c). A third kernel writes y
+// (or dx), so x (and dy) is read twice; the second read is usually served from L2.
+
+constexpr int kTx = 32, kTy = 8, kRowItems = 16;
+constexpr int64_t kBatchRows = int64_t(kTy) * kRowItems;
+
+// Sums K values over the kTy threads of each column threadIdx.x; all of them get the column's totals.
+// smem holds K * kTy * kTx values.
+template <int K, typename A>
+__device__ __forceinline__ void column_sum(A (&v)[K], A* smem) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) smem[(k * kTy + threadIdx.y) * kTx + threadIdx.x] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    A s = A(0);
+#pragma unroll
+    for (int t = 0; t < kTy; ++t) s += smem[(k * kTy + t) * kTx + threadIdx.x];
+    v[k] = s;
+  }
+  __syncthreads();
+}
+
+template <typename A>
+struct ColumnSum {
+  A* smem;
+  template <int K>
+  __device__ __forceinline__ void operator()(A (&v)[K]) const { column_sum<K>(v, smem); }
+};
+
+// This thread's channel c (clamped to C - 1 for loads: threads past C compute and store nothing) and
+// image n, and the pixels [r0, r1) of its block's group.
+struct NhwcTile {
+  int64_t n, c, c_load, r0, r1;
+  bool active;
+};
+
+__device__ __forceinline__ NhwcTile nhwc_tile(int64_t C, int64_t hw, int64_t group_rows) {
+  const int64_t c = int64_t(blockIdx.x) * kTx + threadIdx.x, r0 = int64_t(blockIdx.y) * group_rows;
+  return {blockIdx.z, c, min(c, C - 1), r0, min(hw, r0 + group_rows), c < C};
+}
+
+// Partial results of group g of image n: part[((n * groups + g) * 2 + k) * C + c] for k = 0, 1.
+__device__ __forceinline__ int64_t part_index(const NhwcTile& t, int64_t C, int k) {
+  return ((t.n * gridDim.y + blockIdx.y) * 2 + k) * C + t.c;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kTx * kTy) nhwc_fwd_stats_kernel(const T* __restrict__ x, A* __restrict__ part,
+                                                                   int64_t C, int64_t hw, int64_t group_rows) {
+  __shared__ A smem[2 * kTy * kTx];
+  const NhwcTile t = nhwc_tile(C, hw, group_rows);
+  Moments<A> r{A(0), A(0), A(0)};
+  for (int64_t b0 = t.r0; b0 < t.r1; b0 += kBatchRows) {
+    const int64_t rows = min(kBatchRows, t.r1 - b0);
+    A v[kRowItems], mean, m2;
+    load_and_moments<kRowItems>(x + (t.n * hw + b0) * C + t.c_load, C, threadIdx.y, kTy, rows, v,
+                                ColumnSum<A>{smem}, mean, m2);
+    chan_merge(r.n, r.mean, r.m2, A(rows), mean, m2);
+  }
+  if (threadIdx.y == 0 && t.active) {
+    part[part_index(t, C, 0)] = r.mean;
+    part[part_index(t, C, 1)] = r.m2;
+  }
+}
+
+// Grid (channel tiles, 1, images): merges the groups' statistics of each (n, c) into mean and rstd.
+template <typename A>
+__global__ void __launch_bounds__(kTx * kTy) nhwc_fwd_finalize_kernel(const A* __restrict__ part, A* __restrict__ mean_out,
+                                                                      A* __restrict__ rstd_out, int64_t C, int64_t hw,
+                                                                      int64_t groups, int64_t group_rows, double eps) {
+  __shared__ A smem[3 * kTy * kTx];
+  const int64_t n = blockIdx.z, c = int64_t(blockIdx.x) * kTx + threadIdx.x, c_load = min(c, C - 1);
+  const auto piece = [&](int64_t g) {
+    return Moments<A>{A(min(group_rows, hw - g * group_rows)), part[((n * groups + g) * 2) * C + c_load],
+                      part[((n * groups + g) * 2 + 1) * C + c_load]};
+  };
+  A mean, m2;
+  merge_pieces(groups, piece, threadIdx.y, kTy, threadIdx.x, kTx, smem, mean, m2);
+  if (threadIdx.y == 0 && c < C) {
+    mean_out[n * C + c] = mean;
+    rstd_out[n * C + c] = inv_std(m2, A(hw), eps);
+  }
+}
+
+template <typename T, typename A, int ACT>
+__global__ void __launch_bounds__(kTx * kTy) nhwc_fwd_apply_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                                   const A* __restrict__ mean_in,
+                                                                   const A* __restrict__ rstd_in,
+                                                                   const A* __restrict__ w, const A* __restrict__ b,
+                                                                   int64_t C, int64_t hw, int64_t group_rows, A slope) {
+  const NhwcTile t = nhwc_tile(C, hw, group_rows);
+  if (!t.active) return;
+  const A mean = mean_in[t.n * C + t.c];
+  const auto [scale, shift] = affine_of(rstd_in[t.n * C + t.c], w, b, t.c);
+  for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += kTy) {
+    const int64_t i = (t.n * hw + r) * C + t.c;
+    y[i] = static_cast<T>(act_fwd<ACT>(pre_act(static_cast<A>(x[i]) - mean, scale, shift), slope));
+  }
+}
+
+// The backward's per-thread constants and g = dy * act'(y_pre), d = x - mean at element i.
+template <typename A, int ACT>
+struct NhwcGrad {
+  A mean, rstd, scale, shift, slope;
+  template <typename T>
+  __device__ __forceinline__ A g(const T* x, const T* dy, int64_t i, A& d) const {
+    d = static_cast<A>(x[i]) - mean;
+    return act_grad<ACT>(pre_act(d, scale, shift), static_cast<A>(dy[i]), slope);
+  }
+};
+
+template <typename A, int ACT>
+__device__ __forceinline__ NhwcGrad<A, ACT> nhwc_grad(const NhwcTile& t, int64_t C, const A* mean, const A* rstd,
+                                                      const A* w, const A* b, A slope) {
+  const int64_t p = t.n * C + t.c_load;
+  const auto [scale, shift] = affine_of(rstd[p], w, b, t.c_load);
+  return {mean[p], rstd[p], scale, shift, slope};
+}
+
+template <typename T, typename A, int ACT>
+__global__ void __launch_bounds__(kTx * kTy) nhwc_bwd_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                                                  const A* __restrict__ w, const A* __restrict__ b,
+                                                                  const A* __restrict__ mean, const A* __restrict__ rstd,
+                                                                  A* __restrict__ part, int64_t C, int64_t hw,
+                                                                  int64_t group_rows, A slope) {
+  __shared__ A smem[2 * kTy * kTx];
+  const NhwcTile t = nhwc_tile(C, hw, group_rows);
+  const NhwcGrad<A, ACT> k = nhwc_grad<A, ACT>(t, C, mean, rstd, w, b, slope);
+  A s[2] = {A(0), A(0)};
+  for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += kTy) {
+    A d;
+    const A g = k.g(x, dy, (t.n * hw + r) * C + t.c_load, d);
+    s[0] += g;
+    s[1] += g * (d * k.rstd);
+  }
+  column_sum<2>(s, smem);
+  if (threadIdx.y == 0 && t.active) {
+    part[part_index(t, C, 0)] = s[0];
+    part[part_index(t, C, 1)] = s[1];
+  }
+}
+
+// Grid (channel tiles, 1, images): adds the groups' sums of each (n, c).
+template <typename A>
+__global__ void __launch_bounds__(kTx * kTy) nhwc_bwd_finalize_kernel(const A* __restrict__ part, A* __restrict__ sum_g,
+                                                                      A* __restrict__ sum_gx, int64_t C, int64_t groups) {
+  __shared__ A smem[2 * kTy * kTx];
+  const int64_t n = blockIdx.z, c = int64_t(blockIdx.x) * kTx + threadIdx.x, c_load = min(c, C - 1);
+  A s[2] = {A(0), A(0)};
+  for (int64_t g = threadIdx.y; g < groups; g += kTy) {
+    s[0] += part[((n * groups + g) * 2) * C + c_load];
+    s[1] += part[((n * groups + g) * 2 + 1) * C + c_load];
+  }
+  column_sum<2>(s, smem);
+  if (threadIdx.y == 0 && c < C) {
+    sum_g[n * C + c] = s[0];
+    sum_gx[n * C + c] = s[1];
+  }
+}
+
+template <typename T, typename A, int ACT>
+__global__ void __launch_bounds__(kTx * kTy) nhwc_bwd_apply_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                                                   T* __restrict__ dx, const A* __restrict__ w,
+                                                                   const A* __restrict__ b, const A* __restrict__ mean,
+                                                                   const A* __restrict__ rstd, const A* __restrict__ sum_g,
+                                                                   const A* __restrict__ sum_gx, int64_t C, int64_t hw,
+                                                                   int64_t group_rows, A slope) {
+  const NhwcTile t = nhwc_tile(C, hw, group_rows);
+  if (!t.active) return;
+  const NhwcGrad<A, ACT> k = nhwc_grad<A, ACT>(t, C, mean, rstd, w, b, slope);
+  const A mg = sum_g[t.n * C + t.c] / A(hw), mgx = sum_gx[t.n * C + t.c] / A(hw);
+  for (int64_t r = t.r0 + threadIdx.y; r < t.r1; r += kTy) {
+    const int64_t i = (t.n * hw + r) * C + t.c;
+    A d;
+    const A g = k.g(x, dy, i, d);
+    dx[i] = static_cast<T>(grad_input(g, d * k.rstd, k.scale, mg, mgx));
+  }
+}
+
 // ---- launch helpers ---------------------------------------------------------------------------
 
 // Items per thread for the one-block-per-plane path: up to 512 threads with 4 or 8 items, else 16.
@@ -334,12 +542,78 @@ void check_grid(int64_t planes, int64_t hw) {
               "split the batch");
 }
 
-// NCHW forward: one block per plane, or chunk statistics and then the output for large planes.
+// NHWC launch geometry: pixel groups of whole batches, enough blocks to fill a large GPU.
+struct NhwcGrid {
+  dim3 tiles;     // (channel tiles, groups, images): the stats, sums and apply kernels
+  dim3 finalize;  // (channel tiles, 1, images)
+  int64_t groups, group_rows;
+};
+
+NhwcGrid nhwc_grid(const Inputs& in) {
+  constexpr int64_t kTargetBlocks = 2048;
+  const int64_t ctiles = (in.C + kTx - 1) / kTx, batches = (in.hw + kBatchRows - 1) / kBatchRows;
+  const int64_t want = std::min(batches, std::max<int64_t>(1, kTargetBlocks / (ctiles * in.N)));
+  const int64_t per_group = (batches + want - 1) / want, groups = (batches + per_group - 1) / per_group;
+  TORCH_CHECK(in.N <= 65535 && groups <= 65535 && ctiles <= std::numeric_limits<int32_t>::max(),
+              "instance_norm_act: a channels_last x of shape (", in.N, ", ", in.C, ", H, W) with H * W = ", in.hw,
+              " needs a larger CUDA grid than one launch holds; split the batch");
+  return {dim3(unsigned(ctiles), unsigned(groups), unsigned(in.N)), dim3(unsigned(ctiles), 1, unsigned(in.N)),
+          groups, per_group * kBatchRows};
+}
+
+template <typename T, int ACT>
+void launch_forward_nhwc(const Inputs& in, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, double eps,
+                         double slope, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const NhwcGrid g = nhwc_grid(in);
+  const dim3 block(kTx, kTy);
+  at::Tensor part = at::empty({in.N * g.groups * 2 * in.C}, in.x.options().dtype(in.acc));
+  nhwc_fwd_stats_kernel<T, A><<<g.tiles, block, 0, stream>>>(in.x.data_ptr<T>(), part.data_ptr<A>(), in.C, in.hw,
+                                                             g.group_rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  nhwc_fwd_finalize_kernel<A><<<g.finalize, block, 0, stream>>>(part.data_ptr<A>(), mean.data_ptr<A>(),
+                                                               rstd.data_ptr<A>(), in.C, in.hw, g.groups,
+                                                               g.group_rows, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  nhwc_fwd_apply_kernel<T, A, ACT><<<g.tiles, block, 0, stream>>>(
+      in.x.data_ptr<T>(), y.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), ptr_or_null<A>(in.w),
+      ptr_or_null<A>(in.b), in.C, in.hw, g.group_rows, A(slope));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int ACT>
+void launch_backward_nhwc(const Inputs& in, at::Tensor& dx, at::Tensor& sum_g, at::Tensor& sum_gx, double slope,
+                          cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const NhwcGrid g = nhwc_grid(in);
+  const dim3 block(kTx, kTy);
+  const T *x = in.x.data_ptr<T>(), *dy = in.dy.data_ptr<T>();
+  const A *w = ptr_or_null<A>(in.w), *b = ptr_or_null<A>(in.b);
+  const A *mean = in.mean.data_ptr<A>(), *rstd = in.rstd.data_ptr<A>();
+  at::Tensor part = at::empty({in.N * g.groups * 2 * in.C}, in.x.options().dtype(in.acc));
+  nhwc_bwd_sums_kernel<T, A, ACT><<<g.tiles, block, 0, stream>>>(dy, x, w, b, mean, rstd, part.data_ptr<A>(), in.C,
+                                                                 in.hw, g.group_rows, A(slope));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  nhwc_bwd_finalize_kernel<A><<<g.finalize, block, 0, stream>>>(part.data_ptr<A>(), sum_g.data_ptr<A>(),
+                                                               sum_gx.data_ptr<A>(), in.C, g.groups);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  nhwc_bwd_apply_kernel<T, A, ACT><<<g.tiles, block, 0, stream>>>(dy, x, dx.data_ptr<T>(), w, b, mean, rstd,
+                                                                  sum_g.data_ptr<A>(), sum_gx.data_ptr<A>(), in.C,
+                                                                  in.hw, g.group_rows, A(slope));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Forward: the NHWC kernels for a channels_last x; else NCHW, one block per plane, or chunk statistics
+// and then the output for large planes.
 template <typename T, int ACT>
 void launch_forward(const Inputs& in, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, double eps,
                     double slope, cudaStream_t stream) {
   using A = at::opmath_type<T>;
+  if (in.layout == at::MemoryFormat::ChannelsLast) {
+    return launch_forward_nhwc<T, ACT>(in, y, mean, rstd, eps, slope, stream);
+  }
   const int64_t planes = in.N * in.C, hw = in.hw;
+  check_grid(planes, hw);
   const T* x = in.x.data_ptr<T>();
   const A *w = ptr_or_null<A>(in.w), *b = ptr_or_null<A>(in.b);
   if (hw <= kMaxRegPlane) {
@@ -362,12 +636,16 @@ void launch_forward(const Inputs& in, at::Tensor& y, at::Tensor& mean, at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// NCHW backward: the same two paths; sum_g and sum_gx receive the per-plane sums of g and g * xhat.
+// Backward: the same paths; sum_g and sum_gx receive the per-plane sums of g and g * xhat.
 template <typename T, int ACT>
 void launch_backward(const Inputs& in, at::Tensor& dx, at::Tensor& sum_g, at::Tensor& sum_gx, double slope,
                      cudaStream_t stream) {
   using A = at::opmath_type<T>;
+  if (in.layout == at::MemoryFormat::ChannelsLast) {
+    return launch_backward_nhwc<T, ACT>(in, dx, sum_g, sum_gx, slope, stream);
+  }
   const int64_t planes = in.N * in.C, hw = in.hw;
+  check_grid(planes, hw);
   const T *x = in.x.data_ptr<T>(), *dy = in.dy.data_ptr<T>();
   const A *w = ptr_or_null<A>(in.w), *b = ptr_or_null<A>(in.b);
   const A *mean = in.mean.data_ptr<A>(), *rstd = in.rstd.data_ptr<A>();
@@ -401,7 +679,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x,
   at::Tensor y, mean, rstd;
   std::tie(y, mean, rstd) = forward_outputs(in);
   if (in.N * in.C == 0) return {y, mean, rstd};
-  check_grid(in.N * in.C, in.hw);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_fwd_cuda", [&] {
     dispatch_act(in.act, [&](auto a) {
@@ -417,11 +694,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     c10::string_view act, double slope) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Inputs in = backward_inputs(grad_y, x, weight, bias, mean, rstd, act);
-  at::Tensor dx = at::empty_like(in.x, at::MemoryFormat::Contiguous);
+  at::Tensor dx = at::empty_like(in.x, in.layout);
   at::Tensor sum_g = at::zeros({in.N, in.C}, in.x.options().dtype(in.acc));
   at::Tensor sum_gx = at::zeros({in.N, in.C}, in.x.options().dtype(in.acc));
   if (in.N * in.C > 0) {
-    check_grid(in.N * in.C, in.hw);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_bwd_cuda", [&] {
       dispatch_act(in.act, [&](auto a) {

@@ -13,11 +13,14 @@ Public API:
     InstanceNormAct(num_features, affine=False, eps=1e-5, act="relu", negative_slope=0.2)
     backend(device="cpu") -> "ext" | "eager"
     eager_instance_norm_act(x, ...)            the composed PyTorch ops (MELANO_OPS=eager, benchmarks)
+    kernel_layout(x) -> torch.memory_format    the layout the compiled op reads and returns for x
     build(verbose=False) -> BuildInfo          (`python -m melano.ops build`, or `make kernels`)
 
 Choices worth knowing:
-- Output layout: always NCHW-contiguous. Non-contiguous and channels_last inputs are accepted (the
-  kernel takes a contiguous copy); a channels_last input gives an NCHW-contiguous output.
+- Layout: the output has the input's memory format. A channels_last-contiguous input runs NHWC
+  kernels (SIMD or coalesced across channels) and gives a channels_last output; any other layout
+  (NCHW, transposed, strided) runs the NCHW kernels on a contiguous copy and gives an NCHW output.
+  (The eager path returns what F.instance_norm returns: NCHW.)
 - Backward: the op saves x, mean and rstd (not y) and recomputes the pre-activation from x; the
   formulas, their derivation and why x rather than y are in reference/instance_norm_act.py. The
   activation's gradient follows F.relu / F.leaky_relu: 0 (or the slope) where y_pre <= 0.
@@ -161,6 +164,14 @@ def _build_dir(parts: dict) -> Path:
     return Path(root) / f"inorm_act_{key}"
 
 
+def kernel_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout the compiled op reads and returns: channels_last for a channels_last-contiguous x
+    (NHWC kernels), else contiguous_format. The same rule as kernel_layout in csrc/instance_norm_act.h."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _register_python_parts() -> None:
     """Fake (meta) implementations for torch.compile/opcheck, and the autograd formula."""
 
@@ -170,13 +181,13 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("melano::inorm_act_fwd")
     def _fwd_fake(x, weight, bias, eps, act, negative_slope):
         n, c = x.shape[0], x.shape[1]
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        y = torch.empty_like(x, memory_format=kernel_layout(x))
         return y, x.new_empty((n, c), dtype=acc_dtype(x)), x.new_empty((n, c), dtype=acc_dtype(x))
 
     @torch.library.register_fake("melano::inorm_act_bwd")
     def _bwd_fake(grad_y, x, weight, bias, mean, rstd, act, negative_slope):
         c = x.shape[1]
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx = torch.empty_like(x, memory_format=kernel_layout(x))
         return dx, x.new_empty((c,), dtype=acc_dtype(x)), x.new_empty((c,), dtype=acc_dtype(x))
 
     def setup_context(ctx, inputs, output):

@@ -20,6 +20,10 @@ from reference import instance_norm_act as oracle
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# NCHW-contiguous input runs the NCHW kernels; channels_last input the NHWC ones.
+LAYOUTS = ["nchw", "nhwc"]
+DEVICE_LAYOUTS = [pytest.param(d, layout, marks=[pytest.mark.gpu] if d == "cuda" else [], id=f"{layout}-{d}")
+                  for d in ("cpu", "cuda") for layout in LAYOUTS]
 # Relative tolerance, scaled by the largest expected magnitude (sums such as dweight grow with H*W).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -35,6 +39,10 @@ def assert_close(actual, expected, tol, what):
     finite = expected[torch.isfinite(expected)]
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def to_layout(x, layout):
+    return x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x.contiguous()
 
 
 def make_params(c, affine, device, dtype, gen):
@@ -54,6 +62,8 @@ def check_against_oracle(x, w, b, act, slope=0.2, eps=1e-5, tol=None, positive_f
             p.grad = None
     y = ops.instance_norm_act(x, w, b, eps=eps, act=act, negative_slope=slope)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    # The output keeps a channels_last input's layout; any other input gives an NCHW output.
+    assert y.is_contiguous(memory_format=ops.kernel_layout(x)), y.stride()
     gen = torch.Generator().manual_seed(1)
     gy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
     y.backward(gy)
@@ -74,32 +84,33 @@ def check_against_oracle(x, w, b, act, slope=0.2, eps=1e-5, tol=None, positive_f
 # Values and gradients
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("act", ops.ACTS)
-@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (3, 7, 33, 65), (2, 3, 5, 4), (2, 4, 16, 16)])
-def test_matches_oracle(ext, device, dtype, affine, act, shape):
+# (3, 7, 33, 65): NHWC planes in two CPU chunks; (2, 70, 9, 7): channel groups plus a partial one.
+@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (3, 7, 33, 65), (2, 3, 5, 4), (2, 4, 16, 16), (2, 70, 9, 7)])
+def test_matches_oracle(ext, device, layout, dtype, affine, act, shape):
     gen = torch.Generator().manual_seed(sum(shape))
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(device, dtype)
+    x = to_layout((torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(device, dtype), layout)
     w, b = make_params(shape[1], affine, device, dtype, gen)
     check_against_oracle(x, w, b, act)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("act", ops.ACTS)
-def test_large_planes(ext, device, affine, act):
+def test_large_planes(ext, device, layout, affine, act):
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 2, 512, 512, generator=gen).to(device)
+    x = to_layout(torch.randn(1, 2, 512, 512, generator=gen).to(device), layout)
     w, b = make_params(2, affine, device, torch.float32, gen)
     check_against_oracle(x, w, b, act)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_weight_without_bias_and_other_slope(ext, device):
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+def test_weight_without_bias_and_other_slope(ext, device, layout):
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 3, 9, 11, generator=gen).to(device)
+    x = to_layout(torch.randn(2, 3, 9, 11, generator=gen).to(device), layout)
     w = torch.randn(3, generator=gen).to(device).requires_grad_()
     check_against_oracle(x, w, None, "leaky_relu", slope=0.05)
     b = torch.randn(3, generator=gen).to(device).requires_grad_()
@@ -107,25 +118,44 @@ def test_weight_without_bias_and_other_slope(ext, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided"])
-def test_non_contiguous_inputs(ext, device, layout):
+@pytest.mark.parametrize("layout", ["transposed", "strided", "channels_last_strided"])
+def test_other_layouts_run_nchw(ext, device, layout):
+    """Inputs neither NCHW- nor channels_last-contiguous are copied to NCHW and give an NCHW output."""
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(2, 5, 12, 18, generator=gen).to(device)
-    x = {"channels_last": base.to(memory_format=torch.channels_last),
-         "transposed": base.transpose(2, 3),
-         "strided": base[:, :, :, ::2]}[layout]
-    assert not x.is_contiguous()
+    x = {"transposed": base.transpose(2, 3),
+         "strided": base[:, :, :, ::2],
+         "channels_last_strided": base.to(memory_format=torch.channels_last)[:, :, :, ::2]}[layout]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     w, b = make_params(5, True, device, torch.float32, gen)
     y = check_against_oracle(x, w, b, "relu")
-    assert y.is_contiguous()  # documented: the output is NCHW-contiguous whatever the input layout
+    assert y.is_contiguous()
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_in_channels_last_out(ext, device):
+    """A channels_last input's output, gradient and statistics, and those of the same values in NCHW."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 20, 7, 9, generator=gen).to(device)
+    w, b = make_params(20, True, device, torch.float32, gen)
+    y, mean, rstd = torch.ops.melano.inorm_act_fwd(to_layout(x, "nhwc"), w, b, 1e-5, "leaky_relu", 0.2)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    gy = torch.randn(x.shape, generator=gen).to(device)
+    dx, dw, db = torch.ops.melano.inorm_act_bwd(gy, to_layout(x, "nhwc"), w, b, mean, rstd, "leaky_relu", 0.2)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and not dx.is_contiguous()
+    ref = torch.ops.melano.inorm_act_fwd(x, w, b, 1e-5, "leaky_relu", 0.2)
+    ref_grads = torch.ops.melano.inorm_act_bwd(gy, x, w, b, ref[1], ref[2], "leaky_relu", 0.2)
+    for mine, theirs in zip((y, mean, rstd, dx, dw, db), (*ref, *ref_grads)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 @pytest.mark.parametrize("act", ops.ACTS)
-def test_large_offset_planes(ext, device, act):
-    """Planes whose mean is 1e3 times their std: a one-pass E[x^2] - E[x]^2 in float32 fails here."""
+def test_large_offset_planes(ext, device, layout, act):
+    """Planes whose mean is 1e3 times their std: a one-pass E[x^2] - E[x]^2 in float32 fails here.
+    50 x 50 pixels: two CPU NHWC chunks, whose statistics are merged."""
     gen = torch.Generator().manual_seed(8)
-    noise = torch.randn(2, 3, 40, 40, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2, 3, 50, 50, generator=gen, dtype=torch.float64)
     std = torch.tensor([1.0, 1e-3, 50.0]).view(1, 3, 1, 1).double()
     x = (1e3 * std + noise * std).float()
     # The case is discriminating: the naive float32 formula is off by far more than our tolerance.
@@ -134,17 +164,17 @@ def test_large_offset_planes(ext, device, act):
     true_var = x.double().flatten(2).var(-1, unbiased=False)
     assert ((naive_var.double() - true_var).abs() / true_var).max() > 1e-2
     w, b = make_params(3, True, device, torch.float32, gen)
-    check_against_oracle(x.to(device), w, b, act, tol=1e-4)
+    check_against_oracle(to_layout(x.to(device), layout), w, b, act, tol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 @pytest.mark.parametrize("act", ops.ACTS)
-def test_constant_planes(ext, device, act):
+def test_constant_planes(ext, device, layout, act):
     """var = 0: xhat = 0, so the output is act(bias) and the gradient stays finite."""
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     x[:, 0], x[:, 1], x[0, 2] = 0.0, 1e3, -3.7
-    x = x.to(device)
+    x = to_layout(x.to(device), layout)
     w, b = make_params(4, True, device, torch.float32, gen)
     with torch.no_grad():
         b[0] = 0.0  # relu at exactly 0: gradient 0, as F.relu
@@ -155,14 +185,14 @@ def test_constant_planes(ext, device, act):
         assert torch.allclose(plane, expected[c].expand_as(plane), atol=1e-5), (n, c)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 @pytest.mark.parametrize("act", ops.ACTS)
-def test_nan_propagates_like_torch(ext, device, act):
+def test_nan_propagates_like_torch(ext, device, layout, act):
     """A NaN poisons its own plane's statistics (and only that plane), as with F.instance_norm + F.relu."""
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(2, 3, 6, 7, generator=gen)
     x[0, 1, 3, 4] = float("nan")
-    x = x.to(device)
+    x = to_layout(x.to(device), layout)
     w, b = make_params(3, True, device, torch.float32, gen)
     y = check_against_oracle(x, w, b, act, positive_from_output=False)
     assert torch.isnan(y[0, 1]).all() and torch.isfinite(y[1]).all() and torch.isfinite(y[0, [0, 2]]).all()
@@ -177,12 +207,12 @@ def test_nan_propagates_like_torch(ext, device, act):
         assert torch.equal(torch.isnan(mine), torch.isnan(theirs))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("act", ops.ACTS)
-def test_gradcheck(ext, device, affine, act):
+def test_gradcheck(ext, device, layout, affine, act):
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    x = to_layout(torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).to(device), layout).requires_grad_()
     w, b = make_params(3, affine, device, torch.float64, gen)
     inputs = (x, w, b) if affine else (x,)
 
@@ -193,42 +223,48 @@ def test_gradcheck(ext, device, affine, act):
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpu_instruction_set_variants(ext, monkeypatch, isa, dtype):
-    """The CPU loops are compiled for baseline x86-64, AVX2 and AVX-512; MELANO_CPU_ISA caps the pick."""
+def test_cpu_instruction_set_variants(ext, monkeypatch, isa, layout, dtype):
+    """The CPU loops are compiled for baseline x86-64, AVX2 and (NCHW) AVX-512; MELANO_CPU_ISA caps the pick."""
     if isa != "best":
         monkeypatch.setenv("MELANO_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(3)
-    x = (torch.randn(3, 5, 13, 11, generator=gen) * 2).to(dtype)  # 143 elements: vectors plus a tail
-    w, b = make_params(5, True, "cpu", dtype, gen)
+    # NCHW: 143-element planes, vectors plus a tail; NHWC: 37 channels, full and partial vectors.
+    shape = (3, 5, 13, 11) if layout == "nchw" else (2, 37, 6, 5)
+    x = to_layout((torch.randn(shape, generator=gen) * 2).to(dtype), layout)
+    w, b = make_params(shape[1], True, "cpu", dtype, gen)
     for act in ops.ACTS:
         check_against_oracle(x, w, b, act)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ops.ACTS)
 @pytest.mark.parametrize("shape", [
-    (2, 3, 45, 45),    # 2025 elements: 4 per thread, one block per plane
+    (2, 3, 45, 45),    # NCHW: 2025 elements, 4 per thread, one block per plane; NHWC: 29 idle channel lanes
     (1, 2, 64, 64),    # 4096: 8 per thread
     (1, 2, 64, 65),    # 4160: 16 per thread
     (1, 2, 128, 128),  # 16384: the largest plane kept in registers
     (1, 2, 128, 129),  # 16512: chunked, last chunk partial
     (1, 64, 256, 256),  # the generator's first layer
     (4, 3, 7, 9),
+    (2, 70, 33, 31),   # NHWC: three channel tiles, the last partial; a partial batch of pixels
 ])
-def test_cuda_dtypes_and_paths(ext, dtype, act, shape):
+def test_cuda_dtypes_and_paths(ext, layout, dtype, act, shape):
     gen = torch.Generator().manual_seed(12)
-    x = (torch.randn(shape, generator=gen) * 3 - 1).to("cuda", dtype)
+    x = to_layout((torch.randn(shape, generator=gen) * 3 - 1).to("cuda", dtype), layout)
     w, b = make_params(shape[1], True, "cuda", dtype, gen)
     check_against_oracle(x, w, b, act)
 
 
 @pytest.mark.gpu
-def test_cuda_fp32_params_with_half_input(ext):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_fp32_params_with_half_input(ext, layout):
     """Mixed precision: fp16 activations with fp32 affine parameters (their grads stay fp32)."""
     gen = torch.Generator().manual_seed(13)
-    x = torch.randn(2, 4, 32, 32, generator=gen).to("cuda", torch.float16)
+    x = to_layout(torch.randn(2, 4, 32, 32, generator=gen).to("cuda", torch.float16), layout)
     w, b = make_params(4, True, "cuda", torch.float32, gen)
     check_against_oracle(x, w, b, "leaky_relu", tol=TOL[torch.float16])
     assert w.grad.dtype == torch.float32
@@ -238,27 +274,31 @@ def test_cuda_fp32_params_with_half_input(ext):
 # Custom-op machinery: opcheck and torch.compile
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(ext, device):
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+def test_opcheck(ext, device, layout):
+    """Schemas, fake implementations (output strides included) and autograd registration, per layout."""
     ops.backend(device)  # builds and registers the op
     gen = torch.Generator().manual_seed(14)
     for dtype, affine, act in [(torch.float32, True, "relu"), (torch.float64, False, "leaky_relu"),
                                (torch.float32, False, "none")]:
-        x = torch.randn(2, 3, 6, 5, generator=gen, dtype=dtype).to(device).requires_grad_()
+        x = to_layout(torch.randn(2, 3, 6, 5, generator=gen, dtype=dtype).to(device), layout).requires_grad_()
         w, b = make_params(3, affine, device, dtype, gen)
         torch.library.opcheck(torch.ops.melano.inorm_act_fwd.default, (x, w, b, 1e-5, act, 0.2))
         y, mean, rstd = torch.ops.melano.inorm_act_fwd(x, w, b, 1e-5, act, 0.2)
-        gy = torch.randn_like(y)
+        gy = torch.randn_like(y)  # in y's layout, as autograd passes it
         wd, bd = (None, None) if w is None else (w.detach(), b.detach())  # no double backward
         torch.library.opcheck(torch.ops.melano.inorm_act_bwd.default,
                               (gy, x.detach(), wd, bd, mean.detach(), rstd.detach(), act, 0.2))
 
 
-def _compile_check(device, backend):
+def _compile_check(device, backend, layout):
     torch.manual_seed(15)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), ops.InstanceNormAct(8, affine=True, act="leaky_relu"),
                           nn.Conv2d(8, 4, 3), ops.InstanceNormAct(4, act="relu")).to(device)
     x = torch.randn(2, 3, 12, 12, device=device)
+    if layout == "nhwc":  # a channels_last model: convs and norms all stay channels_last
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y_eager = model(x)
     y_eager.square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -266,23 +306,24 @@ def _compile_check(device, backend):
     compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
     y = compiled(x)
     y.square().sum().backward()
+    assert y.stride() == y_eager.stride()
     torch.testing.assert_close(y, y_eager, atol=1e-5, rtol=1e-5)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_aot(ext, device):
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+def test_torch_compile_aot(ext, device, layout):
     """AOTAutograd traces the op with its fake impl and the registered backward."""
     torch._dynamo.reset()
-    _compile_check(device, "aot_eager")
+    _compile_check(device, "aot_eager", layout)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_inductor(ext, device):
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+def test_torch_compile_inductor(ext, device, layout):
     torch._dynamo.reset()
-    _compile_check(device, "inductor")
+    _compile_check(device, "inductor", layout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -459,3 +500,8 @@ def test_cuda_source_compiles(ext):
     assert info.cuda, info.cuda_reason
     assert torch._C._dispatch_has_kernel_for_dispatch_key("melano::inorm_act_fwd", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("melano::inorm_act_bwd", "CUDA")
+    # Every kernel, the NHWC ones included, is compiled into the library (their names are in it).
+    library = Path(info.library).read_bytes()
+    for kernel in ["fwd_plane_kernel", "bwd_chunk_apply_kernel", "nhwc_fwd_stats_kernel", "nhwc_fwd_finalize_kernel",
+                   "nhwc_fwd_apply_kernel", "nhwc_bwd_sums_kernel", "nhwc_bwd_finalize_kernel", "nhwc_bwd_apply_kernel"]:
+        assert kernel.encode() in library, kernel
