@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -46,12 +45,6 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", every
             last = now
             of = f"/{total}" if total else ""
             log.info("%s: %d%s (%.1f/s)", desc or "progress", i, of, i / (now - start))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
