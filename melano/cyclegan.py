@@ -71,6 +71,9 @@ class CycleGANConfig:
                                         "study's)", choices=("transpose", "nearest", "nearest_zero"))
     gen_act: str = option("relu", "generator activation: relu (original CycleGAN) or leaky (LeakyReLU 0.01, the "
                                   "study's label-smoothing arm)", choices=("relu", "leaky"))
+    residual: bool = option(False, "the generator learns a change to its input, tanh(atanh(x) + G(x)), with "
+                                   "its last conv zero-initialised: training starts from the identity (the "
+                                   "quick preset's; the original CycleGAN maps images directly)")
     disc: str = option("patchgan", "discriminator: patchgan (the original CycleGAN's, 70x70 patches with --n-layers 3) "
                                    "or study (4 stride-2 blocks, a 14x14 map at 224 px)", choices=("patchgan", "study"))
     init: str = option("normal", "weight init: normal (N(0, 0.02), the original CycleGAN's) or default (PyTorch's, the "
@@ -152,8 +155,9 @@ class Generator(nn.Module):
     shift of its own (the original CycleGAN's use_bias rule)."""
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose", act: str = "relu",
-                 in_ch: int = 3, out_ch: int = 3):
+                 residual: bool = False, in_ch: int = 3, out_ch: int = 3):
         super().__init__()
+        self.residual = residual
         a, slope = ("relu", 0.0) if act == "relu" else ("leaky_relu", 0.01)
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7, bias=True),
                   InstanceNormAct(ngf, act=a, negative_slope=slope)]
@@ -173,11 +177,20 @@ class Generator(nn.Module):
             else:
                 raise ValueError(f"upsample={upsample!r}: choose 'transpose', 'nearest' or 'nearest_zero'")
             layers += [InstanceNormAct(cout, act=a, negative_slope=slope)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7, bias=True), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7, bias=True)]
+        self.model = nn.Sequential(*layers, *([] if residual else [nn.Tanh()]))
+
+    def zero_last(self) -> None:
+        """Zero the last conv: a residual generator then starts as the identity."""
+        nn.init.zeros_(self.model[-1].weight)
+        nn.init.zeros_(self.model[-1].bias)
 
     def forward(self, x):
-        return self.model(x)
+        if not self.residual:
+            return self.model(x)
+        # The change is added before the tanh, so the output stays in (-1, 1); the clamp keeps
+        # atanh finite on saturated (0 or 255) pixels.
+        return torch.tanh(torch.atanh(x.clamp(-0.999, 0.999)) + self.model(x))
 
 
 class Discriminator(nn.Module):
@@ -229,11 +242,14 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 def build_models(cfg: CycleGANConfig) -> nn.ModuleDict:
     """G_A, G_B, D_A, D_B, initialised from the global torch RNG (seed it first)."""
-    g = lambda: Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act)  # noqa: E731
+    g = lambda: Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act, cfg.residual)  # noqa: E731
     d = lambda: Discriminator(cfg.ndf, cfg.n_layers) if cfg.disc == "patchgan" else StudyDiscriminator(cfg.ndf)  # noqa: E731
     models = nn.ModuleDict({"G_A": g(), "G_B": g(), "D_A": d(), "D_B": d()})
     if cfg.init == "normal":
         init_weights(models)
+    if cfg.residual:
+        models["G_A"].zero_last()
+        models["G_B"].zero_last()
     return models
 
 
@@ -569,7 +585,7 @@ def load_generator(checkpoint: str | Path, which: str = "G_A",
     """A trained generator (G_A: benign -> malignant) and the config it was trained with."""
     state = run.load_state(checkpoint, FORMAT, "melano CycleGAN checkpoint (checkpoint.pt of `melano.cyclegan train`)")
     cfg = config_from_checkpoint(state)
-    g = Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act)
+    g = Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act, cfg.residual)
     g.load_state_dict(state[which])
     return g.to(device).eval(), cfg
 

@@ -59,6 +59,36 @@ def test_generator_matches_reference_size_and_shapes(upsample):
         assert y.shape == shape and y.abs().max() <= 1  # tanh output, same size as the input
 
 
+def test_residual_generator_starts_as_the_identity_and_learns():
+    # tanh(atanh(x) + G(x)) with G's last conv zeroed: the untrained generator returns its input
+    # (up to the clamp that keeps atanh finite), and its last conv still gets a gradient
+    torch.manual_seed(0)
+    m = cg.build_models(cg.CycleGANConfig(ngf=8, ndf=8, n_blocks=1, residual=True))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = m["G_A"](x)
+    assert torch.allclose(y, x.clamp(-0.999, 0.999), atol=1e-6)
+    (y - x.flip(-1)).abs().mean().backward()
+    assert m["G_A"].model[-1].weight.grad.abs().sum() > 0
+    # ... and it is a generator like any other: the same parameters, output in (-1, 1) once trained
+    plain = cg.Generator(ngf=8, n_blocks=1)
+    assert n_params(plain) == n_params(m["G_A"])
+    with torch.no_grad():
+        m["G_A"].model[-1].weight.normal_(0, 1.0)
+    assert m["G_A"](x).abs().max() <= 1  # tanh: float32 rounds saturated values to 1
+
+
+def test_residual_generator_survives_its_checkpoint(tmp_path, tiny):
+    out = tmp_path / "run"
+    cg.train(tiny_cfg(tiny, out, n_blocks=1, max_steps=2, residual=True, device="cpu"))
+    g, cfg = cg.load_generator(out / cg.CHECKPOINT)
+    assert cfg.residual and g.residual
+    state = torch.load(out / cg.CHECKPOINT, weights_only=True)
+    fresh = cg.Generator(8, 1, residual=True)
+    fresh.load_state_dict(state["G_A"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(fresh.eval()(x), g(x))
+
+
 def test_generator_leaky_activation():
     g = cg.Generator(ngf=8, n_blocks=1, act="leaky")
     acts = {(m.act, m.negative_slope) for m in g.modules() if type(m).__name__ == "InstanceNormAct"}
