@@ -187,3 +187,47 @@ def test_study_preset_prints_its_configuration_and_deviations(capsys):
     # flags still win over the preset
     assert pipeline.main(["--preset", "study", "--gan-batch-size", "4", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan_batch_size"] == 4
+
+
+def test_stages_run_side_by_side_in_order_and_stop_at_a_failure(tmp_path):
+    import threading
+    import time
+    stages, seen = pipeline.Stages(tmp_path, []), []
+    started = threading.Barrier(2, timeout=10)
+
+    def job(i, folder, resume):
+        if i < 2:
+            started.wait()  # the first two run at the same time, or this times out
+        time.sleep(0.1 if i == 0 else 0.0)  # and the first finishes last
+        seen.append(i)
+        return {"i": i}
+
+    todo = [(f"s{i}", {"i": i}, lambda f, r, i=i: job(i, f, r)) for i in range(4)]
+    assert [r["i"] for r in stages.run_all(todo, jobs=2)] == [0, 1, 2, 3]
+    assert sorted(seen) == [0, 1, 2, 3] and seen.index(1) < seen.index(0)  # results keep their order
+
+    def fails(folder, resume):
+        raise ValueError("boom")
+    seen.clear()
+    todo = [("f0", {}, fails)] + [(f"t{i}", {"i": i}, lambda f, r, i=i: job(9, f, r)) for i in range(6)]
+    with pytest.raises(ValueError, match="boom"):
+        stages.run_all(todo, jobs=2)
+    assert len(seen) < 6  # the stages not yet started were cancelled
+    assert not (tmp_path / "f0" / "done.json").exists()
+
+
+def test_a_failing_child_stage_names_its_log(tmp_path):
+    cfg = classifier.ClassifierConfig(data=str(tmp_path / "missing"), out=str(tmp_path / "arm"), pretrained=False,
+                                      size=32, max_steps=1)
+    (tmp_path / "arm").mkdir()
+    with pytest.raises(RuntimeError, match=r"exited with code 2 .*train\.log.*missing"):
+        pipeline.train_process("melano.classifier", cfg, 1, 1, tmp_path / "arm")
+
+
+def test_smoke_training_stages_ran_in_child_processes_on_a_cpu(smoke):
+    cfg, _, out = smoke
+    if pipeline.default_jobs(None) == 1:
+        pytest.skip("one core: the stages train in the pipeline's process")
+    for name in ("gan", "gan_ls", "arm_none_0", "arm_cyclegan_1"):
+        log = (out / name / "train.log").read_text()
+        assert "train" in log and "Traceback" not in log
