@@ -21,6 +21,8 @@ def main():
     p.add_argument("--preset", default="quick", choices=sorted(pipeline.PRESETS))
     p.add_argument("--from-run", default=None, help="a finished run folder (e.g. runs/quick after `make train`) "
                                                     "to record instead of running")
+    p.add_argument("--command-seconds", type=float, default=None,
+                   help="wall time of the whole `make train` (install included), timed outside, to record beside it")
     args = p.parse_args()
     setup_logging()
     if args.from_run:
@@ -42,7 +44,31 @@ def main():
         "preset": args.preset, "stage_seconds": result["timings_s"], "wall_s": result["wall_s"],
         "budget_s": budget, "wall_over_budget": budget and result["wall_s"] / budget,
         "host_at_run_start": result.get("host"), "split_sizes": result["split_sizes"], "arms": arms,
-        "comparisons": result["comparisons"]})
+        "comparisons": result["comparisons"], "make_train_seconds": args.command_seconds,
+        "slow_host_projection": slow_host_projection(result["wall_s"])})
+
+
+# The slowest 2-core AVX2 box seen took 1.45 s for the quick-settings CycleGAN step (issue 12's
+# report); this host's time for the same step comes from bench_cyclegan.py's NCHW fused figure.
+SLOW_HOST_STEP_S = 1.45
+
+
+def slow_host_projection(wall_s: float) -> dict | None:
+    """This run's wall scaled by (slow box's GAN step / this host's), if cyclegan_cpu.json has it.
+    Valid only when cyclegan_cpu.json was measured on this host, under the same ISA caps."""
+    path = Path(__file__).resolve().parent / "results" / "cyclegan_cpu.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    quick = [r for r in saved["rows"] if (r["size"], r["batch_size"], r["ngf"], r["n_blocks"]) == (64, 4, 32, 6)]
+    if not quick:
+        return None
+    factor = SLOW_HOST_STEP_S * quick[0]["it_s"]["nchw_fused"]
+    print(f"projected on the slowest AVX2 box (x{factor:.2f}): {wall_s * factor:.0f} s")
+    return {"factor": factor, "slow_host_step_s": SLOW_HOST_STEP_S,
+            "this_host_step_s": 1 / quick[0]["it_s"]["nchw_fused"], "reference": "bench/results/cyclegan_cpu.json",
+            "machine_of_reference": saved["machine"], "projected_wall_s": wall_s * factor,
+            "note": "a projection by one benchmark's ratio, not a measurement on that box"}
 
 
 if __name__ == "__main__":
