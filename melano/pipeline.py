@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -538,6 +539,10 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
     finally:
         if sink is not None:
             sink.close()
+    if rc - 128 in (signal.SIGINT, signal.SIGTERM):  # the trainer saved its checkpoint and stopped
+        log.warning("stage %s stopped by %s after saving its checkpoint; rerun the pipeline to resume it",
+                    folder.name, signal.Signals(rc - 128).name)
+        raise run.Stopped(rc - 128)
     if rc != 0:
         where = "its log is above" if sink is None else f"the end of {folder / 'train.log'}: " + last_line(folder / "train.log")
         raise RuntimeError(f"{module} train exited with code {rc} ({where}); rerun the pipeline to resume the "

@@ -231,3 +231,20 @@ def test_smoke_training_stages_ran_in_child_processes_on_a_cpu(smoke):
     for name in ("gan", "gan_ls", "arm_none_0", "arm_cyclegan_1"):
         log = (out / name / "train.log").read_text()
         assert "train" in log and "Traceback" not in log
+
+
+def test_a_stopped_child_stage_stops_the_pipeline_as_a_signal(tmp_path, monkeypatch):
+    # a trainer stopped by SIGINT exits 130 after saving: the pipeline stops the same way (exit 130),
+    # so that a rerun resumes the stage rather than reporting a failure
+    import subprocess
+    import sys
+    from melano import run
+    real = subprocess.Popen
+    child = [sys.executable, "-c", "import sys; print('stopped by SIGINT'); sys.exit(130)"]
+    monkeypatch.setattr(pipeline.subprocess, "Popen", lambda cmd, **kw: real(child, **kw))
+    cfg = classifier.ClassifierConfig(data="d", out=str(tmp_path / "arm"), pretrained=False, size=32)
+    (tmp_path / "arm").mkdir()
+    with pytest.raises(run.Stopped) as stopped:
+        pipeline.train_process("melano.classifier", cfg, 1, 1, tmp_path / "arm")
+    assert stopped.value.exit_code == 130
+    assert "stopped by SIGINT" in (tmp_path / "arm" / "train.log").read_text()
