@@ -37,6 +37,8 @@ Choices worth knowing:
   changed source or header affects (a stamp with the hash of csrc/'s sources and headers skips even
   ninja when nothing changed). With no GPU visible the CUDA code is compiled for sm_90 only, to prove
   that it builds (TORCH_CUDA_ARCH_LIST overrides); the library's CPU ops still load and run.
+  MELANO_CUDA_BUILD=no leaves the CUDA source out (the pipeline's CLI sets it on a host with no GPU:
+  the CPU-only build takes about 33 s instead of 50 s on 2 cores, and training cannot use the rest).
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def _cuda_plan() -> tuple[bool, str, str | None, list[str]]:
     """(with_cuda, arch or reason, cuda_home, extra nvcc flags)."""
     if torch.version.cuda is None:
         return False, "torch was built without CUDA", None, []
+    if os.environ.get("MELANO_CUDA_BUILD", "auto") == "no":
+        return False, "MELANO_CUDA_BUILD=no", None, []
     cuda_home = find_cuda_home()
     if cuda_home is None or not Path(cuda_home, "bin", "nvcc").is_file():
         return False, f"nvcc not found (CUDA_HOME={cuda_home!r}); set CUDA_HOME to a CUDA toolkit", None, []
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m melano.ops", description=(
         "Build the fused InstanceNorm+activation extension into its cache and print what was built "
         "as one JSON line. Environment: MELANO_BUILD_DIR (cache root, default ~/.cache/melano), "
-        "CUDA_HOME (CUDA toolkit; default: found from nvcc on PATH), TORCH_CUDA_ARCH_LIST."))
+        "CUDA_HOME (CUDA toolkit; default: found from nvcc on PATH), TORCH_CUDA_ARCH_LIST, MELANO_CUDA_BUILD=no (CPU only)."))
     parser.add_argument("command", choices=["build"], help="build: compile (or find cached) and load")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     parser.add_argument("--require-cuda", action="store_true",

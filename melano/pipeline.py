@@ -641,7 +641,15 @@ def command(argv: list[str]) -> None:
         if cfg.preset == "study":
             print("Deviations from the study's recipe:\n" + "\n".join(f"- {d}" for d in STUDY_DEVIATIONS))
         return
-    run_experiment(cfg)
+    # No GPU here: the kernels' compile-only CUDA check would be wasted time (children inherit this).
+    unset = "MELANO_CUDA_BUILD" not in os.environ and pick_device(cfg.device).type == "cpu"
+    if unset:
+        os.environ["MELANO_CUDA_BUILD"] = "no"
+    try:
+        run_experiment(cfg)
+    finally:
+        if unset:
+            del os.environ["MELANO_CUDA_BUILD"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -505,3 +505,10 @@ def test_cuda_source_compiles(ext):
     for kernel in ["fwd_plane_kernel", "bwd_chunk_apply_kernel", "nhwc_fwd_stats_kernel", "nhwc_fwd_finalize_kernel",
                    "nhwc_fwd_apply_kernel", "nhwc_bwd_sums_kernel", "nhwc_bwd_finalize_kernel", "nhwc_bwd_apply_kernel"]:
         assert kernel.encode() in library, kernel
+
+
+def test_cuda_build_can_be_left_out(monkeypatch):
+    # MELANO_CUDA_BUILD=no (set by the pipeline's CLI on a host with no GPU) plans a CPU-only build
+    monkeypatch.setenv("MELANO_CUDA_BUILD", "no")
+    with_cuda, reason, home, flags = ops._cuda_plan()
+    assert (with_cuda, reason, home, flags) == (False, "MELANO_CUDA_BUILD=no", None, [])
