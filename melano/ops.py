@@ -439,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m melano.ops", description=(
         "Build the fused InstanceNorm+activation extension into its cache and print what was built "
         "as one JSON line. Environment: MELANO_BUILD_DIR (cache root, default ~/.cache/melano), "
-        "CUDA_HOME (CUDA toolkit; default: found from nvcc on PATH), TORCH_CUDA_ARCH_LIST, MELANO_CUDA_BUILD=no (CPU only)."))
+        "CUDA_HOME (CUDA toolkit; default: found from nvcc on PATH), TORCH_CUDA_ARCH_LIST, "
+        "MELANO_CUDA_BUILD=no (CPU only)."))
     parser.add_argument("command", choices=["build"], help="build: compile (or find cached) and load")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     parser.add_argument("--require-cuda", action="store_true",

@@ -55,7 +55,7 @@ from typing import Callable
 import numpy as np
 
 from . import classifier, cyclegan, data, efficientnet, outdir, quality, report, run, synth
-from .common import host_info, load_checkpoint, pick_device, log_config, save_json, setup_logging, to_jsonable
+from .common import host_info, load_checkpoint, log_config, pick_device, save_json, setup_logging, to_jsonable
 from .run import option
 from .translate import TranslateConfig, translate
 
@@ -139,7 +139,7 @@ class PipelineConfig:
                                     "torchrun (DDP, one process per GPU; batch sizes are per process)", min=1)
     jobs: int | None = option(None, "training stages run at once, each in its own process with cores/jobs "
                                     "threads: the two GANs, then the arm replicates. none: 2 on a CPU with 2 or "
-                                    "more cores (small models leave a second thread idle; bench_pipeline "
+                                    "more cores (small models leave a second thread idle; bench/bench_jobs.py "
                                     "measures it), else 1", min=1)
     rerun: list[str] = option(help="rerun these stages even if done, and what reads them (arm_<arm>: every "
                                    "seed)", factory=list)
@@ -169,9 +169,8 @@ PRESETS: dict[str, dict] = {
     "full": dict(synth_benign=32542, synth_malignant=584, synth_size=256, test_frac=0.15, gan_size=256, gan_ngf=64,
                  gan_ndf=64, gan_blocks=9, gan_batch_size=1, gan_epochs=100, gan_epochs_decay=100,
                  gan_max_steps=None, gan_upsample="nearest", gan_residual=False, gan_lambda_identity=0.5,
-                 gan_pairing="longest", gan_lr=2e-4, quality_images=500, quality_reference=1000, clf_size=None, clf_epochs=15,
-                 clf_batch_size=32,
-                 seeds=5),
+                 gan_pairing="longest", gan_lr=2e-4, quality_images=500, quality_reference=1000, clf_size=None,
+                 clf_epochs=15, clf_batch_size=32, seeds=5),
 }
 # sm823zw/Melanoma-Image-Augmentation-and-classification, point by point (its odd choices included,
 # not its bugs; STUDY_DEVIATIONS lists every difference). Its classifier is EfficientNet-B4 from
@@ -256,7 +255,6 @@ class Stages:
         save_json({"result": result, "seconds": self.timings[name]}, done)
         return result
 
-
     def run_all(self, todo: list[tuple[str, dict, Callable]], jobs: int) -> list[dict]:
         """Independent stages, `jobs` at a time; their results in the order given. With jobs > 1
         each stage's function starts a process and waits for it, so threads are enough here."""
@@ -271,7 +269,7 @@ class Stages:
 
 def default_jobs(device: str | None) -> int:
     """2 on a CPU host with 2 or more cores, else 1. On 2 cores two one-thread processes train the
-    quick preset's models 1.3-1.4x faster than one two-thread process (bench/bench_pipeline.py)."""
+    quick preset's models 1.3-1.4x faster than one two-thread process (bench/bench_jobs.py)."""
     return 2 if pick_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -338,8 +336,8 @@ def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, threads: int | N
 def gan_config(cfg: PipelineConfig, d: dict, cache_dir: Path, smoothing: str) -> cyclegan.CycleGANConfig:
     return cyclegan.CycleGANConfig(
         data=d["data"], split_csv=d["split_csv"], cache_dir=str(cache_dir), size=cfg.gan_size, ngf=cfg.gan_ngf,
-        ndf=cfg.gan_ndf, n_blocks=cfg.gan_blocks, upsample=cfg.gan_upsample, residual=cfg.gan_residual, label_smoothing=smoothing,
-        gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", disc=cfg.gan_disc, init=cfg.gan_init,
+        ndf=cfg.gan_ndf, n_blocks=cfg.gan_blocks, upsample=cfg.gan_upsample, residual=cfg.gan_residual,
+        label_smoothing=smoothing, gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", disc=cfg.gan_disc, init=cfg.gan_init,
         pairing=cfg.gan_pairing, augment_b=cfg.gan_augment_b, lr=cfg.gan_lr,
         lambda_identity=cfg.gan_lambda_identity, pool_size=cfg.gan_pool_size, batch_size=cfg.gan_batch_size,
         epochs=cfg.gan_epochs, epochs_decay=cfg.gan_epochs_decay, max_steps=cfg.gan_max_steps, seed=cfg.seed,
@@ -496,7 +494,8 @@ def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict
         "best_val_auc": {a: [r["best_val_auc"] for r in rs] for a, rs in arms.items()},
         "leakage_guards": guards,
         "deviations_from_study": list(STUDY_DEVIATIONS) if cfg.preset == "study" else [],
-        "timings_s": {k: timings[k] for k in stage_names(cfg) if k in timings}, "wall_s": time.monotonic() - wall0, "host": host,
+        "timings_s": {k: timings[k] for k in stage_names(cfg) if k in timings},  # in stage order
+        "wall_s": time.monotonic() - wall0, "host": host,
         "config": to_jsonable(cfg),
     }
     for a in result["arms"]:
@@ -544,7 +543,8 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
                     folder.name, signal.Signals(rc - 128).name)
         raise run.Stopped(rc - 128)
     if rc != 0:
-        where = "its log is above" if sink is None else f"the end of {folder / 'train.log'}: " + last_line(folder / "train.log")
+        log_path = folder / "train.log"
+        where = "its log is above" if sink is None else f"the end of {log_path}: {last_line(log_path)}"
         raise RuntimeError(f"{module} train exited with code {rc} ({where}); rerun the pipeline to resume the "
                            f"stage from its checkpoint")
 
