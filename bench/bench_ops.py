@@ -358,7 +358,8 @@ def measure_with_retries(n, c, h, act, args, dtype, timer, reps, compile_ok, t_s
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def arg_parser() -> argparse.ArgumentParser:
+    """The options (also read by tests/test_bench_args.py, which parses gpu_check.sh's calls)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -376,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: bench/results/ops_<device>[_bf16|_fp16].json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arg_parser().parse_args(argv)
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -91,6 +91,6 @@ step pytest-gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 # 3. GPU benchmarks. Add further GPU benchmarks here, each as one `step` line with its own cap.
 step bench-ops 120 "$PY" bench/bench_ops.py --device cuda --time-budget 45
 step bench-ops-bf16 75 "$PY" bench/bench_ops.py --device cuda --dtype bfloat16 --no-compile --reps 30
-step bench-cyclegan 100 "$PY" bench/bench_cyclegan.py --device cuda --size 256
+step bench-cyclegan 100 "$PY" bench/bench_cyclegan.py --device cuda
 
 ((${#FAILED[@]} == 0)) || exit 1
