@@ -274,6 +274,8 @@ def test_training_lowers_the_cycle_loss_and_writes_its_outputs(tiny, trained):
 
 
 def test_fused_and_reference_paths_give_the_same_losses(monkeypatch):
+    """Six steps of the fused op, in NCHW and in channels_last (its NHWC kernels and oneDNN's NHWC convs),
+    against the eager PyTorch path in NCHW, from the same weights and batches."""
     from melano import ops
     info = ops.build()
     if not info.ok:
@@ -283,21 +285,25 @@ def test_fused_and_reference_paths_give_the_same_losses(monkeypatch):
     batches = [(torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1)
                for _ in range(6)]
     losses = {}
-    for mode in ("ext", "eager"):
+    for mode, fmt in (("ext", torch.contiguous_format), ("ext", torch.channels_last), ("eager", torch.contiguous_format)):
         monkeypatch.setenv("MELANO_OPS", mode)
         assert ops.backend("cpu") == mode
         torch.manual_seed(0)
-        m = cg.build_models(cfg)
+        m = cg.build_models(cfg).to(memory_format=fmt)
         opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
         opt_D = torch.optim.Adam([*m["D_A"].parameters(), *m["D_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
         rng = torch.Generator().manual_seed(1)
         pa, pb = cg.ImagePool(2, rng), cg.ImagePool(2, rng)
-        losses[mode] = [cg.train_step(m, opt_G, opt_D, pa, pb, a, b, cfg, rng) for a, b in batches]
-    for step, (e, r) in enumerate(zip(losses["ext"], losses["eager"])):
-        assert e.keys() == r.keys()
-        for k in e:
-            assert e[k] == pytest.approx(r[k], rel=1e-3, abs=1e-5), (step, k)
-    assert losses["ext"][0] != losses["ext"][-1]  # the steps did train
+        losses[mode, str(fmt)] = [cg.train_step(m, opt_G, opt_D, pa, pb, a.contiguous(memory_format=fmt),
+                                                b.contiguous(memory_format=fmt), cfg, rng) for a, b in batches]
+        assert m["G_A"].model[1].weight.is_contiguous(memory_format=fmt)  # the steps kept the layout
+    ref = losses["eager", str(torch.contiguous_format)]
+    for key in [k for k in losses if k[0] == "ext"]:
+        for step, (e, r) in enumerate(zip(losses[key], ref)):
+            assert e.keys() == r.keys()
+            for k in e:
+                assert e[k] == pytest.approx(r[k], rel=1e-3, abs=1e-5), (key, step, k)
+        assert losses[key][0] != losses[key][-1]  # the steps did train
 
 
 @pytest.mark.gpu
@@ -342,17 +348,19 @@ def weights_and_state(ckpt):
     return s, flat
 
 
-@pytest.mark.parametrize("first", ["3", "epoch_end"])
-def test_resume_gives_identical_weights(tiny, tmp_path, first):
-    one = tiny_cfg(tiny, tmp_path / "one", max_steps=6)
+# channels_last: the pipeline's quick preset trains its GANs in NHWC (NHWC kernels, oneDNN's NHWC convs).
+@pytest.mark.parametrize("first,channels_last", [("3", False), ("epoch_end", False), ("3", True)])
+def test_resume_gives_identical_weights(tiny, tmp_path, first, channels_last):
+    cfg = lambda out, **kw: tiny_cfg(tiny, tmp_path / out, channels_last=channels_last, **kw)  # noqa: E731
+    one = cfg("one", max_steps=6)
     steps_per_epoch = cg.TrainData(one).steps_per_epoch
     assert steps_per_epoch < 6  # so the runs cross an epoch boundary (and an lr change)
     stop = 3 if first == "3" else steps_per_epoch
     s_one, w_one = weights_and_state(cg.train(one))
-    cg.train(tiny_cfg(tiny, tmp_path / "two", max_steps=stop))
+    cg.train(cfg("two", max_steps=stop))
     s_mid = load_checkpoint(tmp_path / "two" / cg.CHECKPOINT)
     assert s_mid["step"] == stop
-    s_two, w_two = weights_and_state(cg.train(tiny_cfg(tiny, tmp_path / "two", max_steps=6, resume=True)))
+    s_two, w_two = weights_and_state(cg.train(cfg("two", max_steps=6, resume=True)))
     assert s_one["step"] == s_two["step"] == 6 and s_one["epoch"] == s_two["epoch"] == 1
     assert w_one.keys() == w_two.keys()
     for k in w_one:
@@ -363,13 +371,13 @@ def test_resume_gives_identical_weights(tiny, tmp_path, first):
     l2 = drop(csv.DictReader(open(tmp_path / "two" / "losses.csv")))
     assert l1 == l2 and len(l1) == 6
     # a finished run resumes to nothing; a different config is refused
-    assert cg.train(tiny_cfg(tiny, tmp_path / "two", max_steps=6, resume=True)) == tmp_path / "two" / cg.CHECKPOINT
+    assert cg.train(cfg("two", max_steps=6, resume=True)) == tmp_path / "two" / cg.CHECKPOINT
     assert torch.equal(load_checkpoint(tmp_path / "two" / cg.CHECKPOINT)["G_A"]["model.1.weight"],
                        s_two["G_A"]["model.1.weight"])
     with pytest.raises(ValueError, match="ngf"):
-        cg.train(tiny_cfg(tiny, tmp_path / "two", max_steps=8, resume=True, ngf=16))
+        cg.train(cfg("two", max_steps=8, resume=True, ngf=16))
     with pytest.raises(ValueError, match="--resume"):
-        cg.train(tiny_cfg(tiny, tmp_path / "two", max_steps=8))
+        cg.train(cfg("two", max_steps=8))
 
 
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
