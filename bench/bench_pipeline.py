@@ -2,6 +2,9 @@
 
 Runs the preset into a fresh folder (or, with --from-run, reads a finished run's metrics.json)
 and writes bench/results/pipeline_<preset>.json with each stage's seconds and the arms' AUCs.
+With --gan-runs BEFORE AFTER, two other runs' GAN stages (e.g. --no-gan-channels-last and the default,
+each stopped once its GANs were done, run one after the other with the kernels already built) are
+recorded too, with the ratio of their wall times.
 """
 
 import argparse
@@ -23,6 +26,8 @@ def main():
                                                     "to record instead of running")
     p.add_argument("--command-seconds", type=float, default=None,
                    help="wall time of the whole `make train` (install included), timed outside, to record beside it")
+    p.add_argument("--gan-runs", nargs=2, default=None, metavar=("BEFORE", "AFTER"),
+                   help="two run folders whose finished gan and gan_ls stages to compare")
     args = p.parse_args()
     setup_logging()
     if args.from_run:
@@ -45,7 +50,25 @@ def main():
         "budget_s": budget, "wall_over_budget": budget and result["wall_s"] / budget,
         "host_at_run_start": result.get("host"), "split_sizes": result["split_sizes"], "arms": arms,
         "comparisons": result["comparisons"], "make_train_seconds": args.command_seconds,
+        "gan_stages_compared": args.gan_runs and compare_gans(*map(Path, args.gan_runs)),
         "slow_host_projection": slow_host_projection(result["wall_s"])})
+
+
+def compare_gans(before: Path, after: Path) -> dict:
+    """Two runs' GAN stages (side by side in each): their configs, seconds, and the ratio of their walls."""
+    runs = {}
+    for name, folder in (("before", before), ("after", after)):
+        seconds = {k: json.loads((folder / k / "done.json").read_text())["seconds"] for k in ("gan", "gan_ls")}
+        params = json.loads((folder / "gan" / "params.json").read_text())["params"]
+        runs[name] = {"run": str(folder), "channels_last": params["channels_last"], "stage_seconds": seconds,
+                      "wall_s": max(seconds.values()), "steps": gan_steps(folder / "gan" / "losses.csv")}
+    ratio = runs["before"]["wall_s"] / runs["after"]["wall_s"]
+    print(f"GAN stages: {runs['before']['wall_s']:.0f} s before, {runs['after']['wall_s']:.0f} s after: {ratio:.2f}x")
+    return {**runs, "wall_ratio_before_over_after": ratio}
+
+
+def gan_steps(losses_csv: Path) -> int:
+    return sum(1 for _ in losses_csv.open()) - 1  # one row per step after the header
 
 
 # The slowest 2-core AVX2 box seen took 1.45 s for the quick-settings CycleGAN step (issue 12's
