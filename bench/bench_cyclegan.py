@@ -20,6 +20,7 @@ then 64 px (batch 4, ngf 32, 6 blocks: the quick preset when issue 14 was filed)
 ngf 64, 9 blocks), 2 threads.
 
     python bench/bench_cyclegan.py                    # CPU
+    python bench/bench_cyclegan.py --profile          # CPU: where the quick preset's step spends its time
     python bench/bench_cyclegan.py --device cuda      # GPU: 256 px, batch 1, ngf 64, 9 blocks, fp32 + bf16
 """
 
@@ -145,6 +146,41 @@ def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, 
     return row
 
 
+# Groups of the profiler's ops, by the start of their names; the rest is "other".
+PROFILE_GROUPS = {"conv forward": ("aten::mkldnn_convolution",), "conv backward": ("aten::convolution_backward",),
+                  "instance norm + act": ("melano::inorm_act", "GeneratedBackwardFor_melano", "aten::native_batch_norm",
+                                          "aten::relu", "aten::leaky_relu", "aten::threshold_backward"),
+                  "reflection pad": ("aten::reflection_pad2d",), "upsample": ("aten::upsample_nearest2d",),
+                  "optimizer": ("Optimizer.step", "aten::_foreach", "aten::lerp_", "aten::addcdiv_", "aten::sqrt")}
+
+
+def profile_shape(shape: dict, threads: int, names: list[str], steps: int = 5) -> dict:
+    """Self CPU milliseconds per step, by group, of each configuration (after one warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(threads)
+    cfg = cg.CycleGANConfig(**shape)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(cfg.batch_size, 3, cfg.size, cfg.size, generator=g) * 2 - 1,
+                torch.rand(cfg.batch_size, 3, cfg.size, cfg.size, generator=g) * 2 - 1) for _ in range(steps)]
+    torch.manual_seed(cfg.seed)
+    base = cg.build_models(cfg)
+    out = {}
+    for name in names:
+        state = make_state(base, cfg, name, torch.device("cpu"), "none")
+        run_steps(name, state, batches[:1], cfg, None, False)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_steps(name, state, batches, cfg, None, False)
+        ms = {group: 0.0 for group in [*PROFILE_GROUPS, "other"]}
+        for e in prof.key_averages():
+            group = next((k for k, starts in PROFILE_GROUPS.items() if e.key.startswith(starts)), "other")
+            ms[group] += e.self_cpu_time_total / 1e3 / steps
+        out[name] = {"ms_per_step": ms, "conv_share": (ms["conv forward"] + ms["conv backward"]) / sum(ms.values())}
+        print(f"{name:>12}: " + "  ".join(f"{k} {v:.1f}" for k, v in ms.items())
+              + f"  (ms/step; convolutions {out[name]['conv_share']:.0%})", flush=True)
+    return {**shape, "threads": threads, "steps": steps, "configs": out,
+            "note": "self CPU time under torch.profiler, which inflates Python-side costs"}
+
+
 def arg_parser() -> argparse.ArgumentParser:
     """The options (also read by tests/test_bench_args.py, which parses gpu_check.sh's calls)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +191,8 @@ def arg_parser() -> argparse.ArgumentParser:
                    help="precisions (default: none on CPU; none and bf16 on CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration")
     p.add_argument("--name", default=None, help="results name (default cyclegan_cpu / cyclegan_cuda)")
+    p.add_argument("--profile", action="store_true", help="instead of timing: profile the CPU shapes' fused steps "
+                                                          "in both layouts (writes cyclegan_cpu_profile.json)")
     return p
 
 
@@ -166,6 +204,9 @@ def main(argv: list[str] | None = None):
     info = ops.build()
     if ops.backend(device) != "ext":
         sys.exit(f"the fused op is not available for {device}: {info.error or info.cuda_reason}")
+    if args.profile:
+        rows = [profile_shape(shape, threads, ["nchw_fused", "cl_fused"]) for shape, threads, _ in CPU_SHAPES[::2]]
+        return write_results("cyclegan_cpu_profile", {"unit": "self CPU ms per step", "rows": rows})
     rows = []
     print(f"{'size':>5}{'batch':>6}{'ngf':>5}{'thr':>4}{'amp':>6}" + "".join(f"{n:>12}" for n in CONFIGS)
           + f"{'cl/nchw':>9}{'cl/plain':>9}{'compiled/cl':>12}")
