@@ -105,7 +105,7 @@ class CycleGANConfig:
                                          "none: the schedule's end", min=1)
     amp: str = option("auto", "CUDA mixed precision: auto (bf16 if supported, else fp16), bf16, fp16 or none",
                       choices=run.AMP_CHOICES)
-    channels_last: bool = option(False, "NHWC memory format for models and images: on CPU about 1.2x faster "
+    channels_last: bool = option(False, "NHWC memory format for models and images: on CPU about 1.15x faster "
                                         "per step for small models (48 px, ngf 16), no faster from 64 px, ngf 32 "
                                         "up (bench/bench_cyclegan.py)")
     device: str | None = option(None, "cpu, cuda, cuda:1, ... none: CUDA when available")
