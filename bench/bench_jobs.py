@@ -37,7 +37,7 @@ else:
     cfg = cg.CycleGANConfig(size=48, batch_size=4, ngf=16, ndf=16, n_blocks=3, residual=True, upsample="nearest",
                             lambda_identity=0.0)
     torch.manual_seed(0)
-    state = make_state(cg.build_models(cfg), cfg, False, False, torch.device("cpu"), "none")
+    state = make_state(cg.build_models(cfg), cfg, "nchw_fused", torch.device("cpu"), "none")
     batch = [(torch.rand(4, 3, 48, 48) * 2 - 1, torch.rand(4, 3, 48, 48) * 2 - 1)]
     step = lambda: run_steps("nchw_fused", state, batch, cfg, None, False)
 for _ in range(3):
@@ -54,8 +54,14 @@ def workers(kind: str, steps: int, n: int, threads: int) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     root = str(Path(__file__).resolve().parent.parent)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, kind, str(steps), root], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
-    return [json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    rates = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode != 0:  # a worker's error, not a JSON error about its empty output
+            sys.exit(f"bench_jobs: a {kind} worker failed (exit {p.returncode}):\n{err[-2000:]}")
+        rates.append(json.loads(out.strip().splitlines()[-1])["steps_per_s"])
+    return rates
 
 
 def main():
