@@ -6,8 +6,8 @@
     plain_nchw, plain_cl
                   what a user would otherwise write: the same layer list with nn.InstanceNorm2d +
                   nn.ReLU / nn.LeakyReLU, in both layouts
-    cl_compiled   cl_fused with torch.compile on each of the four models (on the shapes marked
-                  `compile`; the first step's time, compilation included, is recorded apart)
+    cl_compiled   cl_fused with torch.compile on each of the four models (on the CPU shapes whose
+                  third field is True; the first step's time, compilation included, is recorded apart)
 
 Each step is one full `melano.cyclegan.train_step` (both generators and discriminators, forward
 and backward, Adam, image pools) on random images; data loading is not timed. Configurations are
@@ -59,6 +59,7 @@ CPU_SHAPES = [(quick_gan(), 1, True), (quick_gan(), 2, False),
               (dict(size=64, batch_size=4, ngf=32, ndf=32, n_blocks=6), 2, True),
               (dict(size=128, batch_size=1, ngf=64, ndf=64, n_blocks=9), 2, False)]
 CUDA_SHAPES = [(dict(size=256, batch_size=1, ngf=64, ndf=64, n_blocks=9), None, False)]
+PROFILE_SHAPES = [CPU_SHAPES[0], CPU_SHAPES[2]]  # the quick preset's GAN at 1 thread, and 64 px at 2
 
 
 def plain(module: nn.Module) -> nn.Module:
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None):
     if ops.backend(device) != "ext":
         sys.exit(f"the fused op is not available for {device}: {info.error or info.cuda_reason}")
     if args.profile:
-        rows = [profile_shape(shape, threads, ["nchw_fused", "cl_fused"]) for shape, threads, _ in CPU_SHAPES[::2]]
+        if cuda:
+            sys.exit("--profile profiles the CPU step; drop --device cuda")
+        rows = [profile_shape(shape, threads, ["nchw_fused", "cl_fused"]) for shape, threads, _ in PROFILE_SHAPES]
         return write_results("cyclegan_cpu_profile", {"unit": "self CPU ms per step", "rows": rows})
     rows = []
     print(f"{'size':>5}{'batch':>6}{'ngf':>5}{'thr':>4}{'amp':>6}" + "".join(f"{n:>12}" for n in CONFIGS)

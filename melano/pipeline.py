@@ -111,8 +111,9 @@ class PipelineConfig:
     gan_lr: float = option(4e-4, "CycleGAN Adam learning rate", min=0, min_open=True)
     gan_lambda_identity: float = option(0.0, "identity loss weight, as a fraction of the cycle weight", min=0)
     gan_pool_size: int = option(50, "image pool per discriminator (0 disables)", min=0)
-    gan_channels_last: bool = option(True, "CycleGAN in NHWC memory format (the quick preset's: its 48 px "
-                                           "step is about 1.15x faster on CPU, bench/bench_cyclegan.py)")
+    gan_channels_last: bool = option(True, "CycleGAN in NHWC memory format: on in the quick and smoke presets (the "
+                                           "quick GAN's step is about 1.15x faster on CPU, bench/bench_cyclegan.py), "
+                                           "off in full and study (not measured on a GPU)")
     synthetic_ratio: float = option(1.0, "synthetic + real malignant = ratio x benign in training", min=0,
                                     min_open=True)
     quality_images: int = option(96, "quality stage: translations, sources and benign images encoded per set",

@@ -5,16 +5,22 @@ must parse with the script's own options."""
 import importlib
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CALLS = re.findall(r'^step \S+ \d+ "\$PY" bench/(\w+)\.py(.*)$', (ROOT / "bench" / "gpu_check.sh").read_text(), re.M)
+sys.path.insert(0, str(ROOT))  # `import bench.*` under a plain `pytest` too
+SCRIPT = (ROOT / "bench" / "gpu_check.sh").read_text()
+CALLS = re.findall(r'^step \S+ \d+ "\$PY" bench/(\w+)\.py(.*)$', SCRIPT, re.M)
 
 
 def test_gpu_check_runs_the_gpu_benchmarks():
     assert {name for name, _ in CALLS} >= {"bench_ops", "bench_cyclegan"}, CALLS
+    # every line that names a benchmark is a call the pattern above parses (none written another way)
+    naming = [ln for ln in SCRIPT.splitlines() if re.search(r"bench/\w+\.py", ln) and not ln.lstrip().startswith("#")]
+    assert len(naming) == len(CALLS), naming
 
 
 @pytest.mark.parametrize("name,args", CALLS, ids=[f"{n}{a}" for n, a in CALLS])

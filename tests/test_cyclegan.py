@@ -362,6 +362,8 @@ def test_resume_gives_identical_weights(tiny, tmp_path, first, channels_last):
     assert s_mid["step"] == stop
     s_two, w_two = weights_and_state(cg.train(cfg("two", max_steps=6, resume=True)))
     assert s_one["step"] == s_two["step"] == 6 and s_one["epoch"] == s_two["epoch"] == 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # the layout was in effect
+    assert s_two["G_A"]["model.1.weight"].is_contiguous(memory_format=fmt)
     assert w_one.keys() == w_two.keys()
     for k in w_one:
         assert torch.equal(w_one[k], w_two[k]), k

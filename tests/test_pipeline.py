@@ -189,6 +189,13 @@ def test_study_preset_prints_its_configuration_and_deviations(capsys):
     assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan_batch_size"] == 4
 
 
+def test_gan_layout_per_preset():
+    """channels_last where bench_cyclegan measured it faster (the quick GAN on a CPU); NCHW in the
+    GPU presets, where nothing has measured it yet."""
+    layout = {p: pipeline.make_config(p).gan_channels_last for p in pipeline.PRESETS}
+    assert layout == {"smoke": True, "quick": True, "full": False, "study": False}
+
+
 def test_stages_run_side_by_side_in_order_and_stop_at_a_failure(tmp_path):
     import threading
     import time
