@@ -28,13 +28,16 @@ the quick preset's small models leave a second thread idle for much of each step
 
 A stage whose outputs exist and whose parameters (and those of the stages it reads) have not
 changed is skipped; a stage killed half-way resumes from its checkpoint; `--rerun STAGE` reruns
-one stage and, through the parameters, everything downstream of it.
+one stage and, through the parameters, everything downstream of it. SIGINT or SIGTERM to the
+pipeline (or to its process group) stops each running trainer after its step, with a checkpoint;
+the pipeline then exits 128 + the signal's number, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -46,11 +49,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -234,6 +238,7 @@ class Stages:
         return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
 
     def run(self, name: str, params: dict, fn: Callable[[Path, bool], dict]) -> dict:
+        CHILDREN.check()  # a signal came while a trainer was running: start nothing more
         folder = self.root / name
         params = to_jsonable(params)
         key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
@@ -377,7 +382,8 @@ def run_experiment(cfg: PipelineConfig) -> dict:
                                 f"or train/, or benign/ + malignant/), or omit --data to use the built-in synthetic set")
     if cfg.weights is None:
         efficientnet.offline_weights(cfg.arch)  # raises, saying how to get weights, before any training
-    with outdir.claim(out, "pipeline", resume=True, data=[cfg.data] if cfg.data else []) as claim:
+    data_dirs = [cfg.data] if cfg.data else []
+    with CHILDREN.handling(), outdir.claim(out, "pipeline", resume=True, data=data_dirs) as claim:
         claim.record("config.json")
         log_config(cfg, out / "config.json")
         host = host_info()  # measured at the start, so that wall times from other hosts compare
@@ -515,6 +521,103 @@ def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict
     return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")}
 
 
+# ----------------------------------------------------------------------------- signals
+
+class Children:
+    """The trainer processes this pipeline runs, and what SIGINT/SIGTERM to the pipeline does.
+
+    Python's default SIGTERM killed the pipeline alone and left its trainers running, orphaned, in
+    the run folder. Instead, the first signal is forwarded once to each running trainer, which
+    saves a checkpoint after its step and exits 128 + signum (run.StopOnSignal); the pipeline starts
+    nothing more, waits for them, and stops the same way (run.Stopped), so that a rerun resumes.
+    With no trainer running, it stops at once, as Ctrl-C does by default.
+
+    A signal to the whole process group reaches the trainers both directly and forwarded: they take
+    the copy as the same request (run.repeats), and so does this handler (`timeout` signals its
+    command, then its group). A later signal aborts at once, forwarded to the trainers too.
+    The children stay in the pipeline's process group, so that killing the group kills them all.
+    Signals belong to a process, so there is one of these per process: CHILDREN."""
+
+    def __init__(self):
+        self.signum, self.at, self.old = 0, 0.0, {}
+        self.busy: set[object] = set()  # train_process calls under way, trainer started or not
+        self.live: dict[int, subprocess.Popen] = {}
+        self.untold: dict[int, subprocess.Popen] = {}  # live, not yet sent the signal
+        os.register_at_fork(after_in_child=functools.partial(self.restore, forked=True))
+
+    def restore(self, forked: bool = False) -> None:
+        """The handlers from before `handling`. Also in a process forked from the pipeline (a
+        multiprocessing worker of an in-process stage): it is no pipeline, and Pool.terminate's
+        SIGTERM must end it as before, not raise Stopped in it. There only this handler is
+        replaced: DataLoader workers of an in-process trainer keep its StopOnSignal's, as before."""
+        for s, h in self.old.items():
+            if not forked or signal.getsignal(s) == self._handler:
+                signal.signal(s, h)
+        self.signum, self.old = 0, {}
+
+    def _handler(self, signum, frame):
+        if self.signum:
+            if run.repeats(signum, self.signum, self.at):
+                return
+            for proc in list(self.live.values()):
+                proc.send_signal(signum)
+            raise KeyboardInterrupt
+        self.signum, self.at = signum, time.monotonic()
+        log.warning("received %s: the running training stages save a checkpoint after their step and stop "
+                    "(send it again, a second later, to abort at once)", signal.Signals(signum).name)
+        self.tell()
+        if not self.busy:  # no trainer to wait for. Raising while one starts could orphan it
+            raise run.Stopped(signum)
+
+    def tell(self) -> None:
+        """Send the signal to every live trainer not yet sent it. dict.pop is atomic: of this
+        handler and a thread that has just started a trainer, exactly one sends it."""
+        for pid in list(self.untold):
+            proc = self.untold.pop(pid, None)
+            if proc is not None:
+                proc.send_signal(self.signum)
+
+    def check(self) -> None:
+        if self.signum:
+            raise run.Stopped(self.signum)
+
+    @contextlib.contextmanager
+    def start(self, cmd: list[str], **popen) -> Iterator[subprocess.Popen]:
+        """subprocess.Popen(cmd, **popen), known to the handler until the block ends; none once
+        the pipeline has been signalled."""
+        token = object()
+        self.busy.add(token)  # before the check: a signal after it finds the stage busy and leaves it to us
+        try:
+            self.check()
+            proc = subprocess.Popen(cmd, **popen)
+            self.live[proc.pid] = self.untold[proc.pid] = proc
+            if self.signum:  # it came while the trainer started
+                self.tell()
+            try:
+                yield proc
+            finally:
+                self.live.pop(proc.pid, None)
+                self.untold.pop(proc.pid, None)
+        finally:
+            self.busy.discard(token)
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """The handler for SIGINT and SIGTERM while the block runs, then the old ones. Only the
+        main thread can install one; elsewhere the signals keep their old handlers."""
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handler)
+        try:
+            yield
+        finally:
+            self.restore()  # and a later run in this process starts afresh
+
+
+CHILDREN = Children()
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder: Path) -> None:
@@ -531,19 +634,22 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
         sink = open(folder / "train.log", "w")
     log.info("running %s", " ".join(cmd))
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink and subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it checkpoint and stop
-            proc.wait()
-            raise
+        with CHILDREN.start(cmd, env=env, stdout=sink, stderr=sink and subprocess.STDOUT) as proc:
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt:  # a second signal: the trainer was told to abort too
+                proc.wait()
+                raise
     finally:
         if sink is not None:
             sink.close()
-    if rc - 128 in (signal.SIGINT, signal.SIGTERM):  # the trainer saved its checkpoint and stopped
-        log.warning("stage %s stopped by %s after saving its checkpoint; rerun the pipeline to resume it",
-                    folder.name, signal.Signals(rc - 128).name)
-        raise run.Stopped(rc - 128)
+    # 128 + n: the trainer saved its checkpoint and stopped. Any other failure after the pipeline was
+    # signalled is that signal too: a trainer still importing dies of it; torchrun exits 1
+    stopped = rc - 128 if rc - 128 in (signal.SIGINT, signal.SIGTERM) else CHILDREN.signum if rc else 0
+    if stopped:
+        log.warning("stage %s stopped by %s (exit code %d); rerun the pipeline to resume it from its checkpoint",
+                    folder.name, signal.Signals(stopped).name, rc)
+        raise run.Stopped(stopped)
     if rc != 0:
         log_path = folder / "train.log"
         where = "its log is above" if sink is None else f"the end of {log_path}: {last_line(log_path)}"

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -271,23 +272,35 @@ def epoch_order(n: int, seed: int, epoch: int, take: int | None = None) -> list[
 
 # ----------------------------------------------------------------------------- signals
 
+REPEAT_WINDOW_S = 1.0  # a repeat of the first signal within this is the same request
+
+
+def repeats(signum: int, first: int, at: float) -> bool:
+    """Whether `signum` repeats the `first` signal, received at time.monotonic() `at`, soon enough
+    to be the same request: a signal to a process group (Ctrl-C, `timeout`, kill -PGID) reaches a
+    trainer directly and again as forwarded by melano.pipeline, and `timeout` signals its command,
+    then its group. Counting those as two would abort the trainer without its checkpoint."""
+    return signum == first and time.monotonic() - at < REPEAT_WINDOW_S
+
+
 class StopOnSignal:
     """SIGINT/SIGTERM set `signum`; the loop finishes its step, saves, and raises Stopped.
-    A second signal interrupts at once, except under torchrun, which forwards the signal it got
-    and kills its workers itself after a timeout: there repeats are ignored. Handlers are
-    installed only in the main thread (elsewhere signals are not delivered to Python)."""
+    A second signal interrupts at once, unless it repeats the first within REPEAT_WINDOW_S (see
+    `repeats`), or under torchrun, which forwards the signal it got and kills its workers itself
+    after a timeout: there repeats are ignored. Handlers are installed only in the main thread
+    (elsewhere signals are not delivered to Python)."""
 
     def __init__(self):
-        self.signum, self._old = 0, {}
+        self.signum, self.at, self._old = 0, 0.0, {}
 
     def _handler(self, signum, frame):
         if self.signum:
-            if dist.world_size() > 1:
+            if dist.world_size() > 1 or repeats(signum, self.signum, self.at):
                 return
             raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("received %s: saving a checkpoint after this step (send again to abort at once)",
-                    signal.Signals(signum).name)
+        self.signum, self.at = signum, time.monotonic()
+        log.warning("received %s: saving a checkpoint after this step (send it again, a second later, to "
+                    "abort at once)", signal.Signals(signum).name)
 
     def agreed(self) -> int:
         """The signal any rank received (0 if none): all ranks stop after the same step."""
