@@ -43,6 +43,7 @@ def main():
     if budget:
         print(f"wall / 15-minute budget: {result['wall_s'] / budget:.2f}")
     arms = {a["name"]: {"auc_mean": a["auc_mean"], "auc_sd": a["auc_sd"], "steps": a.get("steps"),
+                        "operating_points_mean": a.get("operating_points_mean"),
                         "seeds": [{k: s[k] for k in ("auc", "ci_low", "ci_high", "clustered_ci")} for s in a["seeds"]]}
             for a in result["arms"]}
     write_results(f"pipeline_{args.preset}", {
@@ -51,11 +52,14 @@ def main():
         "host_at_run_start": result.get("host"), "split_sizes": result["split_sizes"], "arms": arms,
         "comparisons": result["comparisons"], "make_train_seconds": args.command_seconds,
         "gan_stages_compared": args.gan_runs and compare_gans(*map(Path, args.gan_runs)),
+        "gan_channels_last": result["config"].get("gan_channels_last"),
+        "synthetic_quality": result.get("synthetic_quality"),  # the README's quality table
         "slow_host_projection": slow_host_projection(result["wall_s"])})
 
 
 def compare_gans(before: Path, after: Path) -> dict:
-    """Two runs' GAN stages (side by side in each): their configs, seconds, and the ratio of their walls."""
+    """Two runs' GAN stages (side by side in each): their configs, seconds, and the ratio of their walls
+    (each wall taken as the longer stage's seconds: the two start together)."""
     runs = {}
     for name, folder in (("before", before), ("after", after)):
         seconds = {k: json.loads((folder / k / "done.json").read_text())["seconds"] for k in ("gan", "gan_ls")}
