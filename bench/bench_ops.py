@@ -60,6 +60,9 @@ FULL_SHAPES = [(n, c, h, act) for n in (1, 4) for c, h, act in [
 ]]
 # A quicker list: the shapes at N = 1, plus two at N = 4.
 SUBSET_SHAPES = [s for s in FULL_SHAPES if s[0] == 1] + [(4, 256, 64, "relu"), (4, 512, 16, "leaky_relu")]
+# The pipeline's quick preset (48 px, ngf = ndf = 16, batch 4): its generator's and discriminator's norm layers.
+QUICK_SHAPES = [(4, 16, 48, "relu"), (4, 32, 24, "relu"), (4, 64, 12, "relu"), (4, 32, 12, "leaky_relu"),
+                (4, 64, 11, "leaky_relu")]
 GOALS = {"cpu": {"nhwc_fwd_bwd_vs_eager_cl": 3.0, "nhwc_fwd_bwd_vs_fused_nchw": 1.0},
          "cuda": {"nhwc_fwd_bwd_vs_eager_cl": 2.0, "graph_nhwc_copy_fraction_256px": 0.7}}
 VARIANTS = ("fused_cl", "eager_cl", "fused_nchw", "eager_nchw")
@@ -364,8 +367,9 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="activation dtype (the kernels accumulate in float32)")
-    parser.add_argument("--shapes", default="full", choices=["subset", "full"],
-                        help="full: N in {1, 4} x 8 layer shapes; subset: the N=1 ones and two N=4 ones")
+    parser.add_argument("--shapes", default="full", choices=["subset", "full", "quick"],
+                        help="full: N in {1, 4} x 8 layer shapes; subset: the N=1 ones and two N=4 ones; "
+                             "quick: the quick preset's GAN layers")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case "
                         "(default: 20 on cpu, 50 on cuda)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (cuda)")
@@ -391,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if ops.backend(args.device) != "ext":
         raise SystemExit(f"the fused op is not available on {args.device}")
     dtype = getattr(torch, args.dtype)
-    shapes = {"subset": SUBSET_SHAPES, "full": FULL_SHAPES}[args.shapes]
+    shapes = {"subset": SUBSET_SHAPES, "full": FULL_SHAPES, "quick": QUICK_SHAPES}[args.shapes]
     reps = args.reps or (20 if args.device == "cpu" else 50)
     timer = Timer(args.device)
     result = {"machine": machine_info(args.device), "dtype": args.dtype, "reps": reps,
