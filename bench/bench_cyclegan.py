@@ -104,15 +104,20 @@ def run_steps(name: str, state, batches, cfg, amp_dtype, sync: bool) -> dict:
     return losses
 
 
+def random_batches(cfg, steps: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` seeded (A, B) batches of images in [-1, 1]: the same in every configuration."""
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.batch_size, 3, cfg.size, cfg.size)
+    return [(torch.rand(shape, generator=g).to(device) * 2 - 1, torch.rand(shape, generator=g).to(device) * 2 - 1)
+            for _ in range(steps)]
+
+
 def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, amp: str) -> dict:
     if threads:
         torch.set_num_threads(threads)
     cfg = cg.CycleGANConfig(**shape)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    g = torch.Generator().manual_seed(0)
-    n = cfg.batch_size
-    batches = [(torch.rand(n, 3, cfg.size, cfg.size, generator=g).to(device) * 2 - 1,
-                torch.rand(n, 3, cfg.size, cfg.size, generator=g).to(device) * 2 - 1) for _ in range(args.steps)]
+    batches = random_batches(cfg, args.steps, device)
     torch.manual_seed(cfg.seed)
     base = cg.build_models(cfg)
     names = [name for name, c in CONFIGS.items() if compiled or not c[3]]
@@ -160,9 +165,7 @@ def profile_shape(shape: dict, threads: int, names: list[str], steps: int = 5) -
     from torch.profiler import ProfilerActivity, profile
     torch.set_num_threads(threads)
     cfg = cg.CycleGANConfig(**shape)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(cfg.batch_size, 3, cfg.size, cfg.size, generator=g) * 2 - 1,
-                torch.rand(cfg.batch_size, 3, cfg.size, cfg.size, generator=g) * 2 - 1) for _ in range(steps)]
+    batches = random_batches(cfg, steps, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     base = cg.build_models(cfg)
     out = {}
