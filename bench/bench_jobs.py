@@ -32,13 +32,12 @@ if kind == "classifier":
     y = (torch.rand(32) > 0.8).float()
     step = lambda: C.train_step(m.model, m, x, y, cfg, 1e-3)
 else:
-    from bench.bench_cyclegan import make_state, run_steps
+    from bench.bench_cyclegan import make_state, quick_gan, random_batches, run_steps
     from melano import cyclegan as cg
-    cfg = cg.CycleGANConfig(size=48, batch_size=4, ngf=16, ndf=16, n_blocks=3, residual=True, upsample="nearest",
-                            lambda_identity=0.0)
+    cfg = cg.CycleGANConfig(**quick_gan())
     torch.manual_seed(0)
     state = make_state(cg.build_models(cfg), cfg, "nchw_fused", torch.device("cpu"), "none")
-    batch = [(torch.rand(4, 3, 48, 48) * 2 - 1, torch.rand(4, 3, 48, 48) * 2 - 1)]
+    batch = random_batches(cfg, 1, torch.device("cpu"))
     step = lambda: run_steps("nchw_fused", state, batch, cfg, None, False)
 for _ in range(3):
     step()
