@@ -22,9 +22,12 @@ experiment trains and tests on the same images.
 
 Bad input never becomes a silently wrong result: a ``train.csv`` that is not UTF-8 (leading
 byte-order marks are dropped, however many), missing or repeated columns, duplicate names,
-labels other than 0/1 and ``benign_malignant`` values that contradict ``target`` are errors
-that name the file and line. Nothing is ever written into a data folder. Unreadable, truncated or missing image files are skipped with a
-warning (count and first names); ``strict=True`` / ``--strict`` makes them fatal.
+labels other than 0/1, ``benign_malignant`` values that contradict ``target``, and two rows (or
+two class-folder entries) that reach one image file, however spelt (other case or extension, a
+symlink, a hard link), are errors that name the file and lines. Nothing is ever written into a
+data folder. Unreadable, truncated, missing or oversized (`MAX_PIXELS`) image files, broken
+symlinks, and images in subfolders of ``benign/`` or ``malignant/`` are skipped with a warning
+(count and first names); ``strict=True`` / ``--strict`` makes them fatal.
 
 CLI: ``python -m melano.data {check,synth,cache,split} --help``.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -44,6 +48,7 @@ import re
 import shutil
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -60,6 +65,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 REQUIRED_COLUMNS = ("image_name", "target")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when load_image changes what it produces
+# load_image refuses images with more pixels than this, before decoding them: a small file can
+# declare a huge image (a decompression bomb) whose decode takes gigabytes, in every worker at
+# once. 64 M is far above any ISIC image (ISIC 2020's largest are about 6000 x 4000 = 24 M).
+MAX_PIXELS = 64_000_000
 
 
 # ==============================================================================================
@@ -107,21 +116,83 @@ class Index:
         return [r.patient_id for r in self.records]
 
 
-def _list_images(folder: Path) -> dict[str, Path]:
-    """Map image stem -> path for the image files of one folder (one listdir, no stats).
+class _Listing(NamedTuple):
+    """The entries of one image folder that matter to the reader."""
+    folder: Path
+    files: dict[str, Path]         # stem -> path of each image file, dangling links included
+    broken: dict[str, str]         # stem -> why its link leads to no file
+    folded: dict[str, list[str]]   # case-folded stem -> the stems that fold to it
+    subdirs: list[Path]            # folders inside it (not hidden)
+
+
+def link_problem(path: str) -> str | None:
+    """Why the symlink `path` leads to no file ("broken link", "link loop"), or None if it does.
+    Only links are stat'ed here: the listing stays one listdir for ordinary files."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"broken link: {path} points to {os.readlink(path)}, which does not exist; fix or remove the link"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"link loop: {path} leads back to itself through links; fix or remove the link"
+        return f"unreachable link: {path} -> {os.readlink(path)} ({e.strerror}); fix or remove the link"
+    return None
+
+
+def _list_images(folder: Path) -> _Listing:
+    """The image files directly in one folder, by stem (one listdir; only symlinks are stat'ed).
 
     Two files with the same stem (``a.jpg`` and ``a.png``) would make a label ambiguous: error.
     """
-    found: dict[str, Path] = {}
-    for entry in os.scandir(folder):
-        stem, ext = os.path.splitext(entry.name)
-        if ext.lower() not in IMAGE_EXTS or entry.name.startswith("."):
+    files: dict[str, Path] = {}
+    broken: dict[str, str] = {}
+    subdirs: list[Path] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
             continue
-        if stem in found:
-            raise ValueError(f"duplicate image name {stem!r}: both {found[stem]} and {entry.path} exist; "
+        problem = link_problem(entry.path) if entry.is_symlink() else None  # before is_dir: a loop raises
+        if not problem and entry.is_dir():  # follows links: a linked folder is a folder too
+            subdirs.append(Path(entry.path))
+            continue
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        if stem in files:
+            raise ValueError(f"duplicate image name {stem!r}: both {files[stem]} and {entry.path} exist; "
                              f"remove one of them")
-        found[stem] = Path(entry.path)
-    return found
+        files[stem] = Path(entry.path)
+        if problem:
+            broken[stem] = problem
+    folded: dict[str, list[str]] = {}
+    for stem in files:
+        folded.setdefault(stem.casefold(), []).append(stem)
+    return _Listing(folder, files, broken, folded, subdirs)
+
+
+def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
+    """(the file an image name refers to, or None and why not).
+
+    An exact match wins. Otherwise a name that differs only in letter case is accepted when just
+    one file folds to it (hand-made CSVs and re-uploads often change the case of ISIC names); when
+    several do, which one is meant is unknowable, so none is taken.
+    """
+    if stem not in listing.files:
+        same = listing.folded.get(stem.casefold(), [])
+        if len(same) != 1:
+            why = (f"several files match it ignoring letter case ({', '.join(same)}); rename the CSV entry "
+                   f"to the exact file name" if same else "")
+            return None, why or f"not found in {listing.folder}"
+        stem = same[0]
+    if stem in listing.broken:
+        return None, listing.broken[stem]
+    return listing.files[stem], ""
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The identity of the file `path` leads to: two names (other case, other extension, a symlink,
+    a hard link) of one file give the same id, whatever the strings look like."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _parse_target(value: str, where: str) -> int:
@@ -190,8 +261,9 @@ def _csv_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[tuple[int, dic
 
 
 def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped]]:
-    files = _list_images(img_dir)
+    listing = _list_images(img_dir)
     records, skipped, seen = [], [], {}
+    owner: dict[tuple[int, int], tuple[int, str, Path]] = {}  # file id -> (line, name, path)
     no_patient = 0
     columns, reader = _csv_reader(csv_path)
     for col in REQUIRED_COLUMNS:
@@ -221,10 +293,12 @@ def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped
             no_patient += 1
             patient = name
         stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
-        path = files.get(stem)
+        path, why = _find_image(listing, stem)
         if path is None:
-            skipped.append(Skipped(name, f"listed in {csv_path.name} but not found in {img_dir}"))
+            reason = f"listed in {csv_path.name} but {why}" if why.startswith("not found") else why
+            skipped.append(Skipped(name, reason))
             continue
+        _claim_file(owner, path, line, name, csv_path)
         extra = {c: (row.get(c) or "").strip() for c in extra_cols}
         records.append(Record(name, patient, target, str(path), extra))
     if no_patient:
@@ -233,27 +307,70 @@ def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped
     return records, skipped
 
 
+def _claim_file(owner: dict, path: Path, line: int, name: str, csv_path: Path) -> None:
+    """Record that CSV `line` labels the file at `path`; ValueError naming both lines if another
+    row already labels that same file. Labels belong to files, not to spellings of names: two rows
+    for one file would give it two labels, or put it in train and in test."""
+    fid = _file_id(path)
+    if fid in owner:
+        line0, name0, path0 = owner[fid]
+        same = f"the image file {path}" if path0 == path else f"one image file ({path0} and {path} are links to it)"
+        raise ValueError(f"{csv_path}: lines {line0} ({name0!r}) and {line} ({name!r}) both name {same}; "
+                         f"an image has one label: remove one of the rows")
+    owner[fid] = (line, name, path)
+
+
+def _nested_images(root: Path, subdirs: Sequence[Path]) -> list[Skipped]:
+    """Images inside folders within benign/ or malignant/. The folder layout reads one level only
+    (what a subfolder means, another class or a copy, is unknowable), so these are counted and
+    named as skipped rather than silently ignored."""
+    found = []
+    for top in subdirs:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTS:
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), root)
+                found.append(Skipped(rel, f"in the subfolder {dirpath}/, and only images directly in "
+                                          f"{top.parent}/ are read: move it up a level into {top.parent}/"))
+    return found
+
+
 def _read_folders(root: Path) -> tuple[list[Record], list[Skipped]]:
-    records, where = [], {}
+    records, skipped, where, owner = [], [], {}, {}
     for target, sub in ((0, "benign"), (1, "malignant")):
-        for stem, path in sorted(_list_images(root / sub).items()):
+        listing = _list_images(root / sub)
+        skipped += _nested_images(root, listing.subdirs)
+        for stem, path in sorted(listing.files.items()):
+            if stem in listing.broken:
+                skipped.append(Skipped(f"{sub}/{path.name}", listing.broken[stem]))
+                continue
             if stem in where:
                 raise ValueError(f"duplicate image name {stem!r}: {where[stem]} and {path}; an image "
                                  f"cannot be both benign and malignant, remove one")
-            where[stem] = path
+            fid = _file_id(path)
+            if fid in owner:  # a hard link or symlink: one image under two names
+                both = ("an image cannot be both benign and malignant" if owner[fid].parent != path.parent
+                        else "it would count twice, and could land in both train and test")
+                raise ValueError(f"{owner[fid]} and {path} are the same file (linked); {both}: remove one")
+            where[stem], owner[fid] = path, path
             records.append(Record(stem, stem, target, str(path), {}))
     log.warning("%s: benign/ + malignant/ folders carry no patient ids; each image counts as its own "
                 "patient, so the split cannot keep a patient's images together", root)
-    return records, []
+    return records, skipped
 
 
 def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
     """Read the labelled images of an ISIC-style folder (layouts in the module docstring).
 
     Only checks that files exist; decoding is `build_cache`'s job (`verify_images` for a check).
-    Files listed in ``train.csv`` but absent are skipped with a warning, or raise with
+    A CSV name matches its file with or without extension, and in other letter case when only one
+    file matches that way. Files listed in ``train.csv`` but absent, broken symlinks, and images
+    in subfolders of benign/ or malignant/ are skipped with a warning, or raise with
     ``strict=True``. Raises ValueError for a ``train.csv`` that is not UTF-8 or not a CSV, a
-    missing or repeated column, a duplicate image name, a target other than 0/1,
+    missing or repeated column, a duplicate image name, two rows or entries that reach one file
+    (compared by device and inode), a target other than 0/1,
     ``benign_malignant`` contradicting ``target``, an unrecognised layout, or a folder without
     images; FileNotFoundError if `root` does not exist and NotADirectoryError if it is a file.
     Every message names the file (and line). Nothing is written.
@@ -285,9 +402,9 @@ def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
     else:
         raise ValueError(f"{root}: unrecognised layout. Expected train.csv + jpeg/train/ (Kaggle), "
                          f"train.csv + train/ (re-upload), or benign/ + malignant/ folders")
-    _warn_skipped(skipped, "are missing", strict)
+    _warn_skipped(skipped, "are missing" if csv_path else "were skipped", strict)
     if not records:
-        raise ValueError(f"{root}: no usable images found ({len(skipped)} listed but missing)")
+        raise ValueError(f"{root}: no usable images found ({len(skipped)} skipped)")
     index = Index(str(root), layout, records, skipped, str(csv_path) if csv_path else None)
     log.info("%s: %d images (%d malignant) of %d patients, layout %s", root, len(index),
              int(index.targets.sum()), len(set(index.patients)), layout)
@@ -297,16 +414,35 @@ def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
 # ==============================================================================================
 # Decoding one image
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image to RGB, resize its shorter side to `size`, centre-crop: (size, size, 3) uint8.
 
     Conversions: grayscale, palette, CMYK, YCbCr -> RGB; alpha is dropped (dermoscopy has no
     meaningful transparency); 16-bit grayscale is scaled by 1/257 (16-bit RGB PNGs are already
     read as 8-bit by Pillow); EXIF orientation is applied. Large JPEGs are decoded at a reduced
     DCT scale (never below twice `size`) before the antialiased bilinear resize, which makes the
-    full-resolution ISIC images about 10x faster to cache. Raises on unreadable files.
+    full-resolution ISIC images about 10x faster to cache. Raises on unreadable files, and
+    ValueError, before decoding anything, for an image of more than `max_pixels` pixels
+    (`MAX_PIXELS`; Pillow itself refuses about 179 M whatever `max_pixels` says).
     """
-    with Image.open(path) as im:
+    # melano's limit replaces Pillow's warning (at about 89 M pixels), which would only be noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return _decode(path, size, max_pixels)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{path}: refused as a possible decompression bomb ({e}); this is Pillow's own "
+                             f"limit, which --max-pixels cannot raise: if the image is real, shrink it "
+                             f"with another tool first") from None
+
+
+def _decode(path: str | os.PathLike, size: int, max_pixels: int) -> np.ndarray:
+    with Image.open(path) as im:  # lazy: only the header is read so far
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"{path}: {w} x {h} = {w * h} pixels, over the limit of {max_pixels}; it was not "
+                             f"decoded (a file this large may be a decompression bomb): shrink it, or raise "
+                             f"the limit (e.g. --max-pixels) if the image is real")
         if im.format == "JPEG":
             im.draft(None, (2 * size, 2 * size))  # no-op unless the image is at least 4x larger
         im.load()  # raises on truncated or corrupt data
@@ -349,11 +485,12 @@ def _worker_init(path: str | None, shape: tuple | None) -> None:
     _WORKER["out"] = np.memmap(path, np.uint8, "r+", shape=shape) if path else None
 
 
-def _decode_job(job: tuple[int, str, int]) -> tuple[int, str | None]:
-    """Decode job (row, path, size) into row of the cache file; return (row, error or None)."""
-    row, path, size = job
+def _decode_job(job: tuple[int, str, int, int | None]) -> tuple[int, str | None]:
+    """Decode job (row, path, size, max_pixels) into row of the cache file; return (row, error or None)."""
+    row, path, size, max_pixels = job
+    kw = {} if max_pixels is None else {"max_pixels": max_pixels}  # None: load_image's default
     try:
-        img = load_image(path, size)
+        img = load_image(path, size, **kw)
     except Exception as e:  # corrupt, truncated, unreadable: reported, and skipped or fatal
         return row, f"{type(e).__name__}: {e}"
     if _WORKER.get("out") is not None:
@@ -378,11 +515,19 @@ def check_workers(workers: int) -> int:
     return max(1, int(workers))
 
 
+def check_max_pixels(max_pixels: int | None) -> int | None:
+    """--max-pixels as given (None: `MAX_PIXELS`), validated."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
+                                   or max_pixels < 1):
+        raise ValueError(f"--max-pixels must be a whole number >= 1 (default {MAX_PIXELS}), got {max_pixels!r}")
+    return max_pixels
+
+
 def _run_decode(paths: Sequence[str], size: int, out: str | None, shape: tuple | None,
-                workers: int | None, desc: str) -> dict[int, str]:
+                workers: int | None, desc: str, max_pixels: int | None = None) -> dict[int, str]:
     """Decode every path (into `out` rows when given). Returns {row: error} for failures."""
     workers = default_workers() if workers is None else check_workers(workers)
-    jobs = [(i, p, size) for i, p in enumerate(paths)]
+    jobs = [(i, p, size, max_pixels) for i, p in enumerate(paths)]
     errors: dict[int, str] = {}
     if workers == 1 or len(jobs) < 64:  # a pool costs more than it saves on a handful of images
         _worker_init(out, shape)
@@ -403,9 +548,12 @@ def _run_decode(paths: Sequence[str], size: int, out: str | None, shape: tuple |
     return errors
 
 
-def verify_images(index: Index, workers: int | None = None, strict: bool = False) -> list[Skipped]:
-    """Decode every image of `index` (without caching it); return the ones that fail."""
-    errors = _run_decode([r.path for r in index.records], 64, None, None, workers, "verify")
+def verify_images(index: Index, workers: int | None = None, strict: bool = False,
+                  max_pixels: int | None = None) -> list[Skipped]:
+    """Decode every image of `index` (without caching it); return the ones that fail, images of
+    more than `max_pixels` pixels (default `MAX_PIXELS`) included."""
+    errors = _run_decode([r.path for r in index.records], 64, None, None, workers, "verify",
+                         check_max_pixels(max_pixels))
     bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
     _warn_skipped(bad, "could not be decoded", strict)
     return bad
@@ -485,10 +633,12 @@ class Cache:
         return f"Cache({str(self.path)!r}, n={len(self)}, size={self.size}, malignant={int(self.targets.sum())})"
 
 
-def cache_key(index: Index, size: int) -> str:
-    """Hash of what the cache depends on: version, size, and each file's name, label, patient,
-    path, byte size and modification time. Any change gives a new cache folder."""
-    h = hashlib.sha256(f"melano-cache v{CACHE_VERSION} size={size}\n".encode())
+def cache_key(index: Index, size: int, max_pixels: int | None = None) -> str:
+    """Hash of what the cache depends on: version, size, a non-default pixel limit (it decides
+    which images are skipped), and each file's name, label, patient, path, byte size and
+    modification time. Any change gives a new cache folder."""
+    limit = "" if max_pixels in (None, MAX_PIXELS) else f" max_pixels={max_pixels}"  # old keys stay valid
+    h = hashlib.sha256(f"melano-cache v{CACHE_VERSION} size={size}{limit}\n".encode())
     for r in index.records:
         st = os.stat(r.path)
         h.update(f"{r.image_name}\t{r.target}\t{r.patient_id}\t{os.path.abspath(r.path)}\t"
@@ -543,23 +693,25 @@ def _make_build_folder(cache_dir: Path, name: str) -> Path:
 
 
 def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None = None,
-                strict: bool = False) -> Cache:
+                strict: bool = False, max_pixels: int | None = None) -> Cache:
     """Decode every image of `index` once (see `load_image`) into a uint8 memmap cache; reuse it.
 
     The cache lives in ``cache_dir/<folder>-<size>-<key>/`` where key = `cache_key`: a changed,
     added or removed file gives a new cache. It is built in a temporary folder and renamed into
     place only when complete (``meta.json`` written last), so a killed build is never used; a
     later build deletes temporary folders of dead processes. Images that fail to decode are
-    skipped with a warning (count and first names); ``strict=True`` makes them, and files the
-    index lists as missing, fatal. `workers` processes decode (default: all usable cores, `default_workers`).
+    skipped with a warning (count and first names), as are images of more than `max_pixels`
+    pixels (default `MAX_PIXELS`); ``strict=True`` makes them, and files the index lists as
+    missing, fatal. `workers` processes decode (default: all usable cores, `default_workers`).
     Errors name the option: ValueError for a bad `size`/`workers` or a `cache_dir` inside the
     data folder; PermissionError or NotADirectoryError for a `cache_dir` that cannot be written.
     """
     _check_cache_args(index, size, cache_dir, workers)
+    check_max_pixels(max_pixels)
     cache_dir = Path(cache_dir)
     if strict:
         _warn_skipped(index.skipped, "are missing", strict=True)
-    key = cache_key(index, size)
+    key = cache_key(index, size, max_pixels)
     name = f"{Path(index.root).resolve().name or 'data'}-{size}-{key[:16]}"
     final = cache_dir / name
     if (final / "meta.json").is_file():
@@ -577,7 +729,8 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
         with open(data_path, "wb") as f:
             f.truncate(n * size * size * 3)
         log.info("building cache %s: %d images at %dx%d", final, n, size, size)
-        errors = _run_decode([r.path for r in index.records], size, str(data_path), shape, workers, "cache")
+        errors = _run_decode([r.path for r in index.records], size, str(data_path), shape, workers, "cache",
+                             max_pixels)
         bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
         _warn_skipped(bad, "could not be decoded", strict)
         keep = [i for i in range(n) if i not in errors]
@@ -849,7 +1002,7 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: boo
 def _check(args) -> int:
     try:
         index = read_index(args.dir, strict=False)
-        bad = verify_images(index, workers=args.workers, strict=False)
+        bad = verify_images(index, workers=args.workers, strict=False, max_pixels=args.max_pixels)
     except (ValueError, OSError) as e:
         log.error("%s", e)
         return 2
@@ -870,7 +1023,11 @@ def _check(args) -> int:
     if not ok:
         log.error("%s: no usable images", args.dir)
         return 2
-    return 1 if (args.strict and skipped) else 0
+    if args.strict and skipped:  # an input error like any other: exit 2, as the other commands do
+        log.error("%s: %d image(s) skipped (listed above); --strict makes that fatal: fix or remove them, "
+                  "or run without --strict", args.dir, len(skipped))
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -883,8 +1040,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("dir", help="folder: train.csv + jpeg/train/ or train/, or benign/ + malignant/")
     c.add_argument("--json", action="store_true",
                    help='print {"images", "malignant", "benign", "patients", "skipped": [names]} as JSON')
-    c.add_argument("--strict", action="store_true", help="exit 1 if any image was skipped")
+    c.add_argument("--strict", action="store_true", help="exit 2 if any image was skipped")
     c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    c.add_argument("--max-pixels", type=int, default=None,
+                   help=f"skip (or with --strict, fail on) images of more pixels than this, unread "
+                        f"(default {MAX_PIXELS}: above any ISIC image; guards against decompression bombs)")
 
     s = sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout")
     synth.add_arguments(s)
@@ -895,6 +1055,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("--cache-dir", default="runs/cache", help="where caches live (default runs/cache)")
     k.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     k.add_argument("--strict", action="store_true", help="fail if any image is missing or unreadable")
+    k.add_argument("--max-pixels", type=int, default=None,
+                   help=f"skip (or with --strict, fail on) images of more pixels than this, unread "
+                        f"(default {MAX_PIXELS}: above any ISIC image; guards against decompression bombs)")
 
     t = sub.add_parser("split", help="draw (or check) the patient-grouped train/val/test split")
     t.add_argument("dir", help="data folder (see check)")
@@ -916,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         index = read_index(args.dir, strict=args.strict if args.cmd == "cache" else False)
         if args.cmd == "cache":
-            cache = build_cache(index, args.size, args.cache_dir, args.workers, args.strict)
+            cache = build_cache(index, args.size, args.cache_dir, args.workers, args.strict, args.max_pixels)
             print(cache.path)
         else:
             out, root = Path(args.out).resolve(), Path(args.dir).resolve()

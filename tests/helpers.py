@@ -3,6 +3,8 @@
 import csv
 import hashlib
 import os
+import struct
+import zlib
 from pathlib import Path
 
 
@@ -63,3 +65,15 @@ def make_data(out, benign: int, malignant: int, seed: int = 3, **kw) -> Path:
     from melano import synth
     synth.generate(synth.SynthConfig(out=str(out), benign=benign, malignant=malignant, size=32, seed=seed, **kw))
     return Path(out)
+
+
+def bomb_png(path: Path, w: int, h: int) -> Path:
+    """A valid 1-bit black PNG of w x h pixels, written by hand in chunks: a few kB on disk,
+    and never w x h bytes in memory here."""
+    row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    body = b"".join(z.compress(row * 500) for _ in range(h // 500)) + z.compress(row * (h % 500)) + z.flush()
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path

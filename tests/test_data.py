@@ -454,7 +454,7 @@ def test_check_cli(odd, isic, tmp_path, capsys):
     n_pos = sum(i % 2 for i in range(len(expect)))
     assert out == {"images": len(expect), "malignant": n_pos, "benign": len(expect) - n_pos,
                    "patients": len(expect), "skipped": ["truncated", "garbage", "empty"]}
-    assert data.main(["check", str(root), "--json", "--strict", "--workers", "1"]) == 1
+    assert data.main(["check", str(root), "--json", "--strict", "--workers", "1"]) == 2
     capsys.readouterr()
     assert data.main(["check", str(isic), "--json", "--strict"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == []
