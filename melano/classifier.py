@@ -36,6 +36,7 @@ pure function of the step, so the step is all the scheduler state there is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -259,14 +260,14 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def write_predictions(path: Path, names: Sequence[str], targets: np.ndarray, probs: np.ndarray) -> None:
+def predictions_csv(names: Sequence[str], targets: np.ndarray, probs: np.ndarray) -> str:
     """image_name, target, probability: the CSV melano.report reads."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image_name", "target", "probability"])
     for n, t, p in zip(names, targets, probs):
         w.writerow([n, int(t), repr(float(p))])  # repr: every digit, so the AUC recomputes exactly
-    atomic_write_text(buf.getvalue(), path)
+    return buf.getvalue()
 
 
 def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, list[str]]) -> None:
@@ -472,7 +473,7 @@ def save_best(out: Path, meta: dict, m: Model, p: Progress, val_names: list[str]
     """best.pt and the validation predictions behind it (rank 0)."""
     run.save_state({**meta, "model": m.model.state_dict(), "step": p.step, "val_auc": p.best_auc},
                    out / "best.pt", FORMAT)
-    write_predictions(out / "val_predictions.csv", val_names, y, sigmoid(logits))
+    atomic_write_text(predictions_csv(val_names, y, sigmoid(logits)), out / "val_predictions.csv")
 
 
 def save_history(out: Path, history: list[dict]) -> None:
@@ -617,7 +618,7 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
     if dist.is_main():
         if cfg.evaluate:
             result.test = evaluate(out / "best.pt", tta=cfg.tta, device=str(device), batch_size=eval_bs,
-                                   workers=cfg.workers)
+                                   workers=cfg.workers, claim=claim)
         save_json(result, out / "result.json")
     return result
 
@@ -641,17 +642,6 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
     return model, norm, state
 
 
-def writable(folder: Path, option: str) -> None:
-    """Refuse, naming the option, a folder that cannot be written, before any work is done."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".melano-write-test-{os.getpid()}"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as e:
-        raise PermissionError(f"{option} {folder}: cannot write there ({e.strerror}); choose a writable {option}") from None
-
-
 def inference_dtype(saved_config: dict, device: torch.device) -> torch.dtype | None:
     """The autocast dtype a checkpoint's config asks for, on CUDA; full precision on CPU."""
     return run.amp_setup(saved_config.get("amp", "auto"), device)[0] if device.type == "cuda" else None
@@ -660,18 +650,23 @@ def inference_dtype(saved_config: dict, device: torch.device) -> torch.dtype | N
 def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | None = None,
              tta: bool = False, data_dir: str | None = None, split_csv: str | None = None,
              cache_dir: str | None = None, device: str | None = None, batch_size: int = 64,
-             workers: int | None = None, level: float = 0.95) -> dict:
+             workers: int | None = None, level: float = 0.95, force: bool = False,
+             claim: outdir.Claim | None = None) -> dict:
     """Score one split of the checkpoint's data folder (the same split its training used).
 
-    Writes <out_dir>/<split>_predictions.csv (image_name, target, probability) and
-    <split>_metrics.json; out_dir defaults to the checkpoint's folder. `data_dir`, `split_csv`
-    and `cache_dir` override the paths saved in the checkpoint (e.g. after moving the data).
-    Returns {"checkpoint", "split", "auc", "ci_low", "ci_high", "level", "images", "malignant",
-    "tta", "predictions", "metrics"}.
+    Writes <split>_predictions.csv (image_name, target, probability) and <split>_metrics.json
+    into `out_dir`, a folder claimed for "evaluate" (melano.outdir: refused, before any work, when
+    it holds another command's outputs or files melano did not write, unless `force`, and always
+    when it is inside the data folder or holds it), or through `claim` (the trainer's own folder).
+    `data_dir`, `split_csv` and `cache_dir` override the paths saved in the checkpoint (e.g. after
+    moving the data). Returns {"checkpoint", "split", "auc", "ci_low", "ci_high", "level",
+    "images", "malignant", "tta", "predictions", "metrics"}.
     """
     if split not in data.SPLITS:
         raise run.UsageError(f"split must be one of {data.SPLITS}, got {split!r}")
     model, norm, state = load_classifier(checkpoint, device)
+    if (out_dir is None) == (claim is None):
+        raise run.UsageError("evaluate: give one output folder (--out)")
     dev = next(model.parameters()).device
     saved = state["config"]
     cfg = ClassifierConfig(**{**saved, "data": data_dir or saved["data"],
@@ -679,20 +674,24 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     if not Path(cfg.data).is_dir():
         raise run.UsageError(f"{cfg.data}: the data folder {checkpoint} was trained on is not there; pass --data "
                              f"(and --split-csv) where it is now")
+    if claim is None:
+        outdir.check(out_dir, "evaluate", force=force, can_resume=False, data=[cfg.data])  # before any work
     cache = data.build_cache(data.read_index(cfg.data), state["image_size"], run.cache_path(cfg), workers)
     names = load_split(cfg, cache, draw=False)[split]
     loader = data.make_loader(unit_dataset(cache, names), batch_size, workers=workers)
     logits, y = infer(model, norm, loader, dev, tta=tta, amp_dtype=inference_dtype(saved, dev))
     probs = sigmoid(logits)
     auc, low, high = metrics.delong_ci(y, probs, level=level)
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent
-    pred_path, metrics_path = out_dir / f"{split}_predictions.csv", out_dir / f"{split}_metrics.json"
-    writable(out_dir, "--out")
-    write_predictions(pred_path, names, y, probs)
-    result = {"checkpoint": str(checkpoint), "split": split, "auc": auc, "ci_low": low, "ci_high": high,
-              "level": level, "images": len(names), "malignant": int(y.sum()), "tta": tta,
-              "predictions": str(pred_path), "metrics": str(metrics_path)}
-    save_json(result, metrics_path)
+    with contextlib.ExitStack() as stack:
+        if claim is None:
+            claim = stack.enter_context(outdir.claim(out_dir, "evaluate", force=force, can_resume=False,
+                                                     data=[cfg.data]))
+        pred_path = claim.write_text(f"{split}_predictions.csv", predictions_csv(names, y, probs))
+        metrics_path = claim.path(f"{split}_metrics.json")
+        result = {"checkpoint": str(checkpoint), "split": split, "auc": auc, "ci_low": low, "ci_high": high,
+                  "level": level, "images": len(names), "malignant": int(y.sum()), "tta": tta,
+                  "predictions": str(pred_path), "metrics": str(metrics_path)}
+        claim.write_json(metrics_path, result)
     log.info("%s AUC %.4f (%.0f%% DeLong CI %.4f-%.4f) on %d images, %d malignant%s", split, auc, 100 * level,
              low, high, len(names), int(y.sum()), ", TTA" if tta else "")
     return result
@@ -713,57 +712,88 @@ def score_arrays(checkpoint: str | Path, images: np.ndarray, batch_size: int = 2
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def list_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
-    """An image file, a folder (its .jpg/.jpeg/.png files, sorted, not recursive) or a list of files."""
-    if isinstance(images, (str, Path)):
-        p = Path(images)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in data.IMAGE_EXTS and f.is_file())
-            if not files:
-                raise run.UsageError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
+def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[data.Skipped]]:
+    """(image files, skipped entries) of an image file, a folder (its .jpg/.jpeg/.png files, sorted,
+    not recursive) or a list of files. A folder's links that do not resolve, or that loop, are
+    skipped and counted; a named file that is missing is an error."""
+    if isinstance(images, (str, Path)) and Path(images).is_dir():
+        p, files, skipped = Path(images), [], []
+        for f in sorted(p.iterdir()):
+            if f.suffix.lower() not in data.IMAGE_EXTS:
+                continue
+            if f.is_file():
+                files.append(f)
+            elif f.is_symlink():
+                skipped.append(data.Skipped(str(f), data.link_problem(str(f)) or "a link to a folder"))
+        if not files and not skipped:
+            raise run.UsageError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
                                  f"recursively; for a Kaggle layout pass DIR/jpeg/train)")
-            return files
-        images = [p]
-    files = [Path(f) for f in images]
+        return files, skipped
+    files = [Path(f) for f in ([images] if isinstance(images, (str, Path)) else images)]
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: no such image file")
-    return files
+            why = f.is_symlink() and (data.link_problem(str(f)) or "a link to a folder")
+            raise FileNotFoundError(f"{f}: {why or 'no such image file'}")
+    return files, []
 
 
 def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], out_csv: str | Path | None = None,
-            tta: bool = False, device: str | None = None, batch_size: int = 64) -> list[tuple[str, float]]:
+            tta: bool = False, device: str | None = None, batch_size: int = 64, strict: bool = False,
+            max_pixels: int = data.MAX_PIXELS, force: bool = False) -> list[tuple[str, float]]:
     """Malignancy probability of each image: [(path, probability), ...], also written to `out_csv`
     (columns image, probability) when given. Images go through the same decode, resize and
-    centre-crop as the training cache (melano.data.load_image), at the checkpoint's size."""
+    centre-crop as the training cache (melano.data.load_image), at the checkpoint's size.
+
+    An image that cannot be read (corrupt, truncated, empty, not an image, over `max_pixels`, a
+    broken link) is skipped: named in a log line and counted in the summary; `strict` makes the
+    first one an error. `out_csv` follows melano.outdir's rule for one file (`check_file`): checked
+    before any work, written atomically, never one of the inputs or inside the images folder, and
+    never a file predict did not write unless `force`."""
+    files, skipped = list_images(images)
+    folder = [images] if isinstance(images, (str, Path)) and Path(images).is_dir() else []
+    inputs = [checkpoint, *files]
+    if out_csv is not None:
+        outdir.check_file(out_csv, "predict", force=force, inputs=inputs, data=folder)
     model, norm, state = load_classifier(checkpoint, device)
     dev = next(model.parameters()).device
-    files = list_images(images)
-    if out_csv is not None:
-        writable(Path(out_csv).parent, "--out")
     scale = torch.tensor(1.0 / 255, dtype=torch.float32)  # as unit_dataset: pixel/255, then Normalise
+    for s in skipped:
+        skip(s, strict)
     results: list[tuple[str, float]] = []
     with torch.inference_mode():
         for i in progress(range(0, len(files), batch_size), total=-(-len(files) // batch_size), desc="predict"):
-            chunk = files[i:i + batch_size]
-            arrays = []
-            for f in chunk:
+            arrays, read = [], []
+            for f in files[i:i + batch_size]:
                 try:
-                    arrays.append(data.load_image(f, state["image_size"]))
-                except Exception as e:
-                    raise run.UsageError(f"{f}: cannot read this image ({type(e).__name__}: {e})") from e
+                    arrays.append(data.load_image(f, state["image_size"], max_pixels=max_pixels))
+                    read.append(f)
+                except Exception as e:  # corrupt, truncated, empty, not an image, too large
+                    skipped.append(data.Skipped(str(f), f"{type(e).__name__}: {e}"))
+                    skip(skipped[-1], strict)
+            if not arrays:
+                continue
             x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().mul_(scale)
             logits, _ = infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
                               amp_dtype=inference_dtype(state["config"], dev))
-            results += [(str(f), float(p)) for f, p in zip(chunk, sigmoid(logits))]
+            results += [(str(f), float(p)) for f, p in zip(read, sigmoid(logits))]
+    log.info("predict: %d image(s) scored, %d skipped", len(results), len(skipped))
+    if not results:
+        raise run.UsageError(f"{images}: none of the {len(skipped)} image(s) could be read (see the lines above)")
     if out_csv is not None:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["image", "probability"])
         w.writerows([(n, repr(p)) for n, p in results])
-        atomic_write_text(buf.getvalue(), out_csv)
+        outdir.write_file(out_csv, buf.getvalue(), "predict", force=force, inputs=inputs, data=folder)
         log.info("wrote %d probabilities to %s", len(results), out_csv)
     return results
+
+
+def skip(s: data.Skipped, strict: bool) -> None:
+    if strict:
+        raise run.UsageError(f"{s.name}: cannot read this image ({s.reason}) [--strict: fix or remove it, or run "
+                             f"without --strict to skip it]")
+    log.warning("skipped %s: %s", s.name, s.reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -773,8 +803,10 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
 @dataclass
 class EvaluateConfig:
     checkpoint: str = option(help="best.pt (or last.pt) from `train`")
+    out: str = option(help="folder for <split>_predictions.csv and <split>_metrics.json (a new or empty one, or an "
+                           "earlier evaluate's with --force); never inside the data folder")
     split: str = option("test", "which split to score", choices=data.SPLITS)
-    out: str | None = option(None, "folder for <split>_predictions.csv / _metrics.json. none: the checkpoint's")
+    force: bool = option(False, "write into --out even if it holds other files or an earlier evaluate's outputs")
     data: str | None = option(None, "data folder, if moved since training")
     split_csv: str | None = option(None, "splits.csv, if moved since training")
     cache_dir: str | None = option(None, "cache folder. none: the one used in training")
@@ -791,7 +823,13 @@ class EvaluateConfig:
 class PredictConfig:
     checkpoint: str = option(help="best.pt (or last.pt) from `train`")
     images: str = option(help="an image file (.jpg/.jpeg/.png) or a folder of them")
-    out: str | None = option(None, "CSV to write (image, probability). none: JSON lines on stdout")
+    out: str | None = option(None, "CSV to write (image, probability), atomically; an existing file only if an "
+                                   "earlier predict wrote it (else --force), never an input or a file inside --images. "
+                                   "none: JSON lines on stdout")
+    force: bool = option(False, "replace --out even if predict did not write it (never an input)")
+    strict: bool = option(False, "stop at the first image that cannot be read, instead of skipping it")
+    max_pixels: int = option(data.MAX_PIXELS, "refuse (skip) images with more pixels than this, before decoding "
+                                              "(decompression bombs); raise it for a real larger image", min=1)
     tta: bool = option(False, "average the logits of the 4 flips")
     device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
     batch_size: int = option(64, "images per forward pass", min=1)
@@ -809,13 +847,15 @@ def _train_command(args) -> None:
 def _evaluate_command(args) -> None:
     c = run.from_args(EvaluateConfig, args)
     result = evaluate(c.checkpoint, split=c.split, out_dir=c.out, tta=c.tta, data_dir=c.data, split_csv=c.split_csv,
-                      cache_dir=c.cache_dir, device=c.device, batch_size=c.batch_size, workers=c.workers)
+                      cache_dir=c.cache_dir, device=c.device, batch_size=c.batch_size, workers=c.workers,
+                      force=c.force)
     print(json.dumps(to_jsonable(result)))
 
 
 def _predict_command(args) -> None:
     c = run.from_args(PredictConfig, args)
-    rows = predict(c.checkpoint, c.images, out_csv=c.out, tta=c.tta, device=c.device, batch_size=c.batch_size)
+    rows = predict(c.checkpoint, c.images, out_csv=c.out, tta=c.tta, device=c.device, batch_size=c.batch_size,
+                   strict=c.strict, max_pixels=c.max_pixels, force=c.force)
     if c.out is None:
         for name, prob in rows:
             print(json.dumps({"image": name, "probability": prob}))

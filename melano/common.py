@@ -67,6 +67,10 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True: a checkpoint from elsewhere can never run code."""
+    kind = _not_a_checkpoint(path)
+    if kind:
+        raise ValueError(f"{path}: not a checkpoint but {kind}; pass a .pt file that melano wrote "
+                         f"(e.g. best.pt or last.pt)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -80,6 +84,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
                              f"weights_only=False unless you trust whoever made it") from None
         raise ValueError(f"{path}: not a loadable checkpoint: it is corrupt, truncated, empty or another kind of "
                          f"file ({type(e).__name__}); write it again, or pass the right file") from None
+
+
+def _not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """What the file is, when its first bytes show it is no torch.save file (a zip archive, or a
+    pickle in the legacy format); None when it may be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None  # torch.load raises these with their usual messages
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    return "another kind of file (not a PyTorch checkpoint)"
 
 
 def to_jsonable(obj: Any) -> Any:

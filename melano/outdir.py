@@ -39,24 +39,28 @@ Standard library only (no torch), so that it is cheap to import anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 log = logging.getLogger("melano.outdir")
 
 FORMAT = "melano-out/1"
 OWNER, MANIFEST, LOCK = ".melano.json", ".melano.files", ".melano.lock"
-MELANO_FILES = (OWNER, MANIFEST, LOCK)
+OUTPUTS = ".melano.outputs"  # beside single-file outputs (see `write_file`): which files melano wrote there
+MELANO_FILES = (OWNER, MANIFEST, LOCK, OUTPUTS)
 
 
 class OutputError(ValueError):
@@ -141,17 +145,10 @@ def _read_manifest(folder: Path) -> list[str]:
     return [p for p in lines[:-1] if p]  # the last piece is "" or a torn line
 
 
-def _content(folder: Path, nested_ok: bool) -> list[str]:
-    """Top-level entries of `folder` other than melano's own files (sorted). With `nested_ok`,
-    sub-folders that carry their own owner file (e.g. a pipeline's stage folders) don't count."""
-    names = []
-    for e in os.scandir(folder):
-        if e.name in MELANO_FILES:
-            continue
-        if nested_ok and e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, OWNER)):
-            continue
-        names.append(e.name)
-    return sorted(names)
+def _content(folder: Path) -> list[str]:
+    """Top-level entries of `folder` other than melano's own files (sorted). A sub-folder another
+    melano command wrote counts too: it is not this command's to write into or clear."""
+    return sorted(e.name for e in os.scandir(folder) if e.name not in MELANO_FILES)
 
 
 def _describe_data_set(entries: Sequence[str]) -> str | None:
@@ -264,6 +261,190 @@ def _repair(out: Path, command: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# What melano wrote below a folder: the one test before anything is cleared
+
+def foreign_files(folder: Path, written: Iterable[str] = (), under: str = ".") -> list[str]:
+    """Files and links under `folder`/`under` (relative to `folder`, sorted) that melano did not
+    write there.
+
+    Melano's are: `written` (paths relative to `folder`, as `Claim.written` lists them); for each
+    entry "<sub>/" among them (`Claim.record_child`), what the folder <sub>'s own manifest lists,
+    and the side folders of its staged writes; melano's hidden files; atomic-write temp files.
+    A folder that merely carries an owner file is not enough: a data set a user made with
+    `melano.data synth` has one too, and it is the user's."""
+    mine, children = set(), []
+    for w in written:
+        if w.endswith("/"):
+            children.append(Path(w.rstrip("/")))
+        else:
+            mine.add(w)
+    for c in children:
+        mine.update(f"{c.as_posix()}/{p}" for p in _read_manifest(folder / c))
+    side = [re.compile(rf"^{re.escape((c.parent / f'.{c.name}.melano-').as_posix())}(new|old)-[^/]+-\d+-[0-9a-f]{{8}}/")
+            for c in children]
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(folder / under):
+        rel_dir = os.path.relpath(dirpath, folder)
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]  # walk does not enter them
+        for f in filenames + links:
+            rel = f if rel_dir == "." else f"{rel_dir}/{f}"
+            if rel in mine or f in MELANO_FILES or _TEMP.match(f) or any(p.match(rel) for p in side):
+                continue
+            foreign.append(rel)
+    return sorted(foreign)
+
+
+def clear(folder: Path, written: Iterable[str], under: str, what: str) -> None:
+    """Delete `folder`/`under` if melano wrote every file in it (see `foreign_files`); otherwise
+    raise OutputError naming the others, and delete nothing."""
+    target = folder / under
+    if not os.path.lexists(target):
+        return
+    if os.path.islink(target) or not target.is_dir():
+        raise OutputError(f"{target} ({what}) is a link or a file that melano did not write; move it elsewhere and rerun")
+    foreign = foreign_files(folder, written, under)
+    if foreign:
+        raise OutputError(foreign_error(target, [os.path.relpath(f, under) for f in foreign], what))
+    shutil.rmtree(target)
+
+
+def foreign_error(folder: Path, foreign: Sequence[str], what: str) -> str:
+    """One line naming the files `foreign` (relative to `folder`) by their top-level entry in it:
+    "notes.txt, my_set/ (8 files)"."""
+    groups: dict[str, int] = {}
+    for rel in foreign:
+        parts = Path(rel).parts
+        key = parts[0] + ("/" if len(parts) > 1 else "")
+        groups[key] = groups.get(key, 0) + 1
+    named = [k + (f" ({n} files)" if n > 1 else "") for k, n in sorted(groups.items())]
+    more = f" and {len(named) - 4} more" if len(named) > 4 else ""
+    return (f"{folder} ({what}) holds {len(foreign)} file(s) melano did not write there ({', '.join(named[:4])}"
+            f"{more}); melano never deletes them: move them elsewhere and rerun")
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-file outputs (predict --out x.csv): the same rule for one file
+
+def check_file(path: str | os.PathLike, command: str, *, force: bool = False, inputs: Iterable = (),
+               data: Sequence = (), option: str = "--out") -> Path:
+    """The absolute path for `command`'s one output file, or OutputError naming `option` and the fix.
+
+    Refused: an empty name; a folder; one of the command's own `inputs` (always); a path inside a
+    `data` folder (always); an existing file that `command` did not write there (unless `force`).
+    Reads only; changes nothing."""
+    if not str(path).strip():
+        raise OutputError(f"{option} is empty; give a file name, e.g. {option} predictions.csv")
+    p = Path(os.path.abspath(path))
+    if p.is_dir() or str(path).endswith(("/", os.sep)):
+        raise OutputError(f"{option} {path} is a folder; give a file name inside it, e.g. {option} "
+                          f"{p / 'predictions.csv'}")
+    for i in inputs:
+        if _same_file(p, Path(i)):
+            raise OutputError(f"{option} {path} is also an input of this command ({i}); writing it would destroy "
+                              f"what is being read: choose another {option}")
+    clash = _data_clash(p, data, option)
+    if clash is not None:
+        raise clash
+    for a in p.parents:
+        if os.path.lexists(a) and not a.is_dir():
+            raise OutputError(f"{option} {path}: {a} is a file, not a folder; choose another {option}")
+    if os.path.lexists(p) and not force and not _wrote(p, command):
+        raise OutputError(f"{option} {path} exists and melano's {command} did not write it; choose a new file "
+                          f"name, or pass --force to replace it")
+    probe_writable(p.parent, option)
+    return p
+
+
+def probe_writable(folder: Path, option: str) -> None:
+    """PermissionError naming `option` if a file cannot be created in `folder`, or in the nearest
+    folder above it that exists (where it would be created): before the work, not after."""
+    while not folder.is_dir():
+        folder = folder.parent
+    probe = folder / f".melano-write-test-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise PermissionError(f"{option} {folder}: cannot write there ({e.strerror}); choose a writable {option}") from None
+    os.unlink(probe)
+
+
+def write_file(path: str | os.PathLike, content: bytes | str | Callable, command: str, *, force: bool = False,
+               inputs: Iterable = (), data: Sequence = (), option: str = "--out") -> Path:
+    """Write `command`'s one output file atomically, after `check_file` (again: the file may have
+    appeared since the command checked it before its work). The hidden file .melano.outputs beside
+    it records the content's SHA-256, so that a later run of `command` may replace the file, and
+    nothing else may: a user's file, or this one once a user has edited it, needs --force."""
+    inputs = list(inputs)
+    p = check_file(path, command, force=force, inputs=inputs, data=data, option=option)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps_of(p)
+    tmp = p.with_name(f".{p.name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:  # a complete, synced file under a temp name
+            _put(f, content)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        with _folder_lock(p.parent):
+            check_file(path, command, force=force, inputs=inputs, data=data, option=option)
+            record = _read_json(p.parent / OUTPUTS) or {}
+            files = record.get("files") if isinstance(record.get("files"), dict) else {}
+            old = files.get(p.name) or {}
+            # keep the hash of the file still in place: a kill before the rename leaves it, and it stays ours
+            keep = [_sha256(p)] if old.get("command") == command and _wrote(p, command) else []
+            files[p.name] = {"command": command, "sha256": [digest] + keep}
+            atomic_write(p.parent / OUTPUTS, json.dumps({"format": "melano-outputs/1", "files": files}, indent=1))
+            os.replace(tmp, p)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def _remove_dead_temps_of(p: Path) -> None:
+    """The temp files of earlier writes of `p` whose process was killed (this host only)."""
+    for e in os.scandir(p.parent):
+        m = _TEMP.match(e.name)
+        if m and e.name.startswith(f".{p.name}.tmp-") and m["host"] == host_tag() and not pid_alive(int(m["pid"])):
+            os.unlink(e.path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == Path(os.path.abspath(b)).resolve()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _wrote(path: Path, command: str) -> bool:
+    """Whether `command` wrote `path` and nobody changed it since (per .melano.outputs beside it)."""
+    files = (_read_json(path.parent / OUTPUTS) or {}).get("files")
+    entry = files.get(path.name) if isinstance(files, dict) else None
+    if not isinstance(entry, dict) or entry.get("command") != command or not path.is_file():
+        return False
+    return _sha256(path) in entry.get("sha256", [])
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself, so that two writers update .melano.outputs in turn."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
 # Claiming a folder
 
 class Claim:
@@ -280,6 +461,7 @@ class Claim:
         self.staged, self.writable = staged, writable
         self._lock_fds = lock_fds
         self._written = dict.fromkeys(written)  # an ordered set
+        self._record_lock = threading.Lock()  # the pipeline's stages record from several threads
         self.closed = False
         _HELD.add(self)
 
@@ -305,12 +487,22 @@ class Claim:
     def record(self, rel: str | os.PathLike) -> Path:
         """Add `rel` to the manifest (call it *before* writing the file by other means); its path."""
         self._check_writable()
-        key = self._rel(rel)
-        if key not in self._written:
-            with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
-                f.write(key + "\n")
-            self._written[key] = None
-        return self.folder / key
+        return self.folder / self._append(self._rel(rel))
+
+    def record_child(self, rel: str | os.PathLike) -> Path:
+        """Record that a melano command run by this one (a trainer, synth, translate) writes the
+        sub-folder `rel`: the files its own manifest lists count as written here (`foreign_files`).
+        Call it before the command starts. Returns the folder's path."""
+        self._check_writable()
+        return self.folder / self._append(self._rel(rel) + "/").rstrip("/")
+
+    def _append(self, key: str) -> str:
+        with self._record_lock:
+            if key not in self._written:
+                with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
+                    f.write(key + "\n")
+                self._written[key] = None
+        return key
 
     def write(self, rel: str | os.PathLike, content: bytes | str | Callable, fsync: bool = True) -> Path:
         """Record `rel` and write `content` (see `atomic_write`). In a staged folder, which no one
@@ -411,14 +603,30 @@ def _drop_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
-def _refusal(out: Path, command: str, force: bool, resume: bool, can_resume: bool,
-             data: Sequence[str | os.PathLike], option: str, check_lock: bool = True) -> OutputError | None:
-    """Why `command` must not write into `out`, or None. Reads only; changes nothing."""
+def _data_clash(out: Path, data: Sequence[str | os.PathLike], option: str) -> OutputError | None:
+    """`out` is, or lies inside, a data folder, or a data folder lies inside `out`: either way a
+    command writing `out` could overwrite or delete its own input."""
     real = out.resolve()
     for d in data:
-        if d is not None and _within(real, Path(d).resolve()):
+        if d is None:
+            continue
+        dr = Path(d).resolve()
+        if _within(real, dr):
             return OutputError(f"{option} {out} is inside the data folder {d}; melano never writes into "
                                f"its input data: choose an {option} outside it")
+        if _within(dr, real):
+            return OutputError(f"the data folder {d} is inside {option} {out}, where this command's outputs "
+                               f"could overwrite or clear it: move the data out of {out}, or choose another {option}")
+    return None
+
+
+def _refusal(out: Path, command: str, force: bool, resume: bool, can_resume: bool,
+             data: Sequence[str | os.PathLike], option: str, check_lock: bool = True,
+             can_force: bool = True) -> OutputError | None:
+    """Why `command` must not write into `out`, or None. Reads only; changes nothing."""
+    clash = _data_clash(out, data, option)
+    if clash is not None:
+        return clash
     if os.path.lexists(out) and not out.is_dir():
         return OutputError(f"{option} {out} is a file, not a folder; choose a folder for {option}")
     if not out.is_dir():
@@ -433,8 +641,9 @@ def _refusal(out: Path, command: str, force: bool, resume: bool, can_resume: boo
         if pid_alive(pid) and pid != os.getpid():
             return _in_use_error(out, f"pid={pid}, writing {side.name}")
     owner = _read_json(out / OWNER)
-    entries = _content(out, nested_ok=True)
+    entries = _content(out)
     data_set = _describe_data_set(entries)
+    or_force = ", or pass --force to write there anyway" if can_force else ""
     if owner is not None and owner.get("command") == command:
         if force or resume:
             return None
@@ -446,20 +655,30 @@ def _refusal(out: Path, command: str, force: bool, resume: bool, can_resume: boo
     if owner is not None:
         what = f"a data set ({data_set}) written by {owner.get('command')}" if data_set else \
             f"the outputs of another command ({owner.get('command')})"
-        return OutputError(f"{option} {out} holds {what}; choose another {option}, or pass --force to "
-                           f"write there anyway")
+        return OutputError(f"{option} {out} holds {what}; choose another {option}{or_force}")
     if data_set:
         return OutputError(f"{option} {out} holds a data set ({data_set}) that melano did not write there; "
-                           f"writing into it could overwrite its labels. Choose an empty or new {option}, "
-                           f"or pass --force to write there anyway")
+                           f"writing into it could overwrite its labels. Choose an empty or new {option}{or_force}")
     more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
     return OutputError(f"{option} {out} holds files melano did not write ({', '.join(entries[:3])}{more}); "
-                       f"choose an empty or new {option}, or pass --force to write there anyway")
+                       f"choose an empty or new {option}{or_force}")
+
+
+def check(out: str | os.PathLike, command: str, *, force: bool = False, resume: bool = False,
+          can_resume: bool = True, data: Sequence[str | os.PathLike] = (), option: str = "--out",
+          can_force: bool = True) -> None:
+    """Raise what `claim` would raise for these arguments (OutputError), without claiming: for a
+    command that checks its output folder before long work and claims it when it has results."""
+    out = Path(os.path.abspath(out))
+    why = _refusal(out, command, force, resume, can_resume, data, option, can_force=can_force)
+    if why is not None:
+        raise why
+    probe_writable(out, option)
 
 
 def claim(out: str | os.PathLike, command: str, *, force: bool = False, resume: bool = False,
           can_resume: bool = True, staged: bool = False, data: Sequence[str | os.PathLike] = (),
-          rank: int = 0, option: str = "--out") -> Claim:
+          rank: int = 0, option: str = "--out", can_force: bool = True) -> Claim:
     """Claim folder `out` for `command` (e.g. "synth", "cyclegan-train"): check, lock, own.
 
     Raises `OutputError` (a ValueError) naming the folder and the fix when `out` is a file, lies
@@ -467,7 +686,8 @@ def claim(out: str | os.PathLike, command: str, *, force: bool = False, resume: 
     melano did not write, or holds another command's outputs (these last two unless `force`), or
     holds this command's earlier outputs (unless `force` or `resume`); PermissionError naming
     `option` when it cannot be written. `can_resume=False` leaves --resume out of the advice;
-    `option` names the CLI flag in messages. A refusal creates and changes nothing. `rank` > 0
+    `option` names the CLI flag in messages, and `can_force=False` leaves --force out of the advice
+    (for a command without it). A refusal creates and changes nothing. `rank` > 0
     (torchrun): no checks and no lock, and the Claim refuses writes.
 
     `staged`: write a fresh folder beside `out`, swapped into place by `Claim.close` (see the
@@ -483,7 +703,7 @@ def claim(out: str | os.PathLike, command: str, *, force: bool = False, resume: 
                           f"a whole; choose a new folder for {option}, e.g. {option} data/synthetic")
     args = (out, command, force, resume, can_resume, data, option)
     _repair(out, command)
-    why = _refusal(*args)
+    why = _refusal(*args, can_force=can_force)
     if why is not None:
         raise why
     created, fds = not out.exists(), []
@@ -495,7 +715,7 @@ def claim(out: str | os.PathLike, command: str, *, force: bool = False, resume: 
             created = False
             raise _in_use_error(out, _holder(out))
         fds.append(fd)
-        why = _refusal(*args, check_lock=False)  # again, now that the folder is ours
+        why = _refusal(*args, check_lock=False, can_force=can_force)  # again, now that the folder is ours
         if why is not None:
             raise why
         _write_holder(fd, command)

@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -59,13 +58,15 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import classifier, cyclegan, data, efficientnet, outdir, quality, report, run, synth
-from .common import host_info, load_checkpoint, log_config, pick_device, save_json, setup_logging, to_jsonable
+from .common import host_info, load_checkpoint, log_config, pick_device, setup_logging, to_jsonable
 from .run import option
 from .translate import TranslateConfig, translate
 
 log = logging.getLogger("melano.pipeline")
 
 ARMS = ("none", "traditional", "oversample", "cyclegan", "cyclegan_ls")
+# what the pipeline writes at the top of its run folder
+ROOT_FILES = ("config.json", "metrics.json", "report.md", "roc.png", "gan_losses.png", "synthetic_samples.png")
 GAN_ARMS = {"cyclegan": ("gan", "synth", "none"), "cyclegan_ls": ("gan_ls", "synth_ls", "noisy")}
 PRESET_NAMES = ("smoke", "quick", "study", "full")
 
@@ -126,6 +127,8 @@ class PipelineConfig:
     # classifier
     arch: str = option("tf_efficientnet_lite0", "classifier architecture (melano.efficientnet names)")
     weights: str | None = option(None, "classifier weights (path or URL) instead of the packaged Lite0 weights")
+    pretrained: bool = option(True, "start each classifier from pretrained weights (--weights, or the packaged Lite0 "
+                                    "ones); --no-pretrained starts from random weights")
     clf_size: int | None = option(48, "classifier image side in pixels. none: the model's native resolution",
                                   min=32)
     clf_epochs: int = option(1, "classifier budget, in epochs of the real training split (every arm takes "
@@ -159,6 +162,8 @@ class PipelineConfig:
         bad = set(self.arms) - set(ARMS)
         if bad or not self.arms:
             raise run.UsageError(f"--arms {' '.join(self.arms)}: choose from {', '.join(ARMS)}")
+        if self.weights and not self.pretrained:
+            raise run.UsageError("--weights and --no-pretrained contradict each other; drop one")
 
 
 PRESETS: dict[str, dict] = {
@@ -228,11 +233,40 @@ class Stages:
     the result). Same params and done.json: skip. Same params, no done.json: the stage was killed,
     so it resumes. Different params or --rerun: the folder is cleared and the stage reruns.
 
+    Every file the pipeline writes is listed in the run folder's manifest (`claim`) before it is
+    written, and so is each folder a trainer, synth or translate writes (their own manifests list
+    their files). A stage folder is cleared only if those lists account for every file in it; a
+    folder in a stage's place that this pipeline did not write is refused before any work
+    (`check_places`).
+
     Each finished run of a stage gets a fresh `run_id`, and downstream stages list their inputs'
     run ids among their parameters: whatever reruns a stage also reruns everything that reads it."""
 
-    def __init__(self, root: Path, rerun: list[str]):
-        self.root, self.rerun, self.timings = root, set(rerun), {}
+    def __init__(self, root: Path, claim: outdir.Claim, rerun: list[str]):
+        self.root, self.claim, self.rerun, self.timings = root, claim, set(rerun), {}
+
+    def check_places(self, stages: list[str], files: list[str]) -> None:
+        """Refuse, before any work, a stage folder, cache or report file in `root` that this pipeline
+        did not write, or a stage folder holding files melano did not write."""
+        for name in stages + ["cache"]:
+            path = self.root / name
+            if not os.path.lexists(path):
+                continue
+            ours = self.claim.owns(f"{name}/params.json") or (name == "cache" and "cache/" in self.claim.written)
+            if not ours or os.path.islink(path) or not path.is_dir():
+                raise outdir.OutputError(
+                    f"{path} is where the pipeline's {name} {'cache' if name == 'cache' else 'stage'} goes, but this "
+                    f"pipeline did not write it (is it your data, or a run of an older melano?); move it out of "
+                    f"{self.root}, or choose another --out")
+            if name != "cache":
+                foreign = outdir.foreign_files(self.root, self.claim.written, name)
+                if foreign:
+                    raise outdir.OutputError(outdir.foreign_error(path, [os.path.relpath(f, name) for f in foreign],
+                                                                  f"the pipeline's {name} stage"))
+        for f in files:
+            if os.path.lexists(self.root / f) and not self.claim.owns(f):
+                raise outdir.OutputError(f"{self.root / f} is where the pipeline writes its {f}, but this pipeline did "
+                                         f"not write it; move it out of {self.root}, or choose another --out")
 
     def forced(self, name: str) -> bool:
         return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
@@ -250,16 +284,17 @@ class Stages:
             self.timings[name] = saved["seconds"]
             return saved["result"]
         resume = same and not self.forced(name)
-        if not resume and folder.exists():
-            shutil.rmtree(folder)
+        if not resume:  # only what melano wrote; anything else stops the pipeline here
+            outdir.clear(self.root, self.claim.written, name, f"the pipeline's {name} stage")
+        self.claim.record_child(folder)  # a trainer writes its files here, in its own manifest
         folder.mkdir(parents=True, exist_ok=True)
-        save_json({"key": key, "params": params}, started)
+        self.claim.write_json(started, {"key": key, "params": params})
         log.info("stage %-16s %s", name, "resuming" if resume else "running")
         t0 = time.monotonic()
         result = fn(folder, resume)
         self.timings[name] = time.monotonic() - t0
         result = {**to_jsonable(result), "run_id": uuid.uuid4().hex}
-        save_json({"result": result, "seconds": self.timings[name]}, done)
+        self.claim.write_json(done, {"result": result, "seconds": self.timings[name]})
         return result
 
     def run_all(self, todo: list[tuple[str, dict, Callable]], jobs: int) -> list[dict]:
@@ -288,17 +323,18 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
     return names + (["quality"] if set(GAN_ARMS) & set(cfg.arms) else []) + ["report"]
 
 
-def data_stage(cfg: PipelineConfig, cache_dir: Path, folder: Path, resume: bool) -> dict:
+def data_stage(cfg: PipelineConfig, cache_dir: Path, claim: outdir.Claim, folder: Path, resume: bool) -> dict:
     """The data folder (the built-in synthetic set is generated here) and the one split."""
     if cfg.data is None:
-        src = folder / "synthetic"
+        src = claim.record_child(folder / "synthetic")
         synth.generate(synth.SynthConfig(out=str(src), benign=cfg.synth_benign, malignant=cfg.synth_malignant,
                                          size=cfg.synth_size, seed=cfg.seed, difficulty=cfg.synth_difficulty,
                                          workers=data.default_workers(), force=True))  # the stage owns its folder
     else:
         src = Path(cfg.data).resolve()
     cache = data.build_cache(data.read_index(src), cfg.gan_size, cache_dir)
-    split_csv = folder / "splits.csv"
+    split_csv = claim.record(folder / "splits.csv")
+    claim.record(folder / "splits.csv.json")  # make_split's record of its seed and fractions
     try:
         split = data.make_split(cache, split_csv, cfg.val_frac, cfg.test_frac, cfg.seed)
     except ValueError as e:
@@ -314,9 +350,11 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, folder: Path, resume: bool)
     return {"data": str(src), "split_csv": str(split_csv), "split_hash": file_hash(split_csv), "split_sizes": sizes}
 
 
-def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, threads: int | None, folder: Path, resume: bool) -> dict:
+def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, threads: int | None, claim: outdir.Claim, folder: Path,
+              resume: bool) -> dict:
     run_cfg = dataclasses.replace(gan_cfg, out=str(folder), resume=resume, force=True)  # the stage owns its folder
     if nproc > 1 or threads:
+        claim.record(folder / "train.log")
         train_process("melano.cyclegan", run_cfg, nproc, threads, folder)
         ckpt = folder / cyclegan.CHECKPOINT
     else:
@@ -324,17 +362,19 @@ def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, threads: int | None,
     return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv"), "split_hash": file_hash(run.split_path(run_cfg))}
 
 
-def synth_stage(gan: dict, d: dict, cache_dir: Path, n: int, device: str | None, folder: Path, resume: bool) -> dict:
-    images = folder / "images"  # translate swaps this whole folder in; the stage's own files stay beside it
+def synth_stage(gan: dict, d: dict, cache_dir: Path, n: int, device: str | None, claim: outdir.Claim, folder: Path,
+                resume: bool) -> dict:
+    images = claim.record_child(folder / "images")  # translate swaps this whole folder in; the stage's files stay beside
     translate(TranslateConfig(checkpoint=gan["checkpoint"], data=d["data"], out=str(images), limit=n,
                               split_csv=d["split_csv"], cache_dir=str(cache_dir), device=device, force=True))
     return {"folder": str(images), "images": count_rows(images / "train.csv")}
 
 
-def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, threads: int | None, folder: Path,
-              resume: bool) -> dict:
+def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, threads: int | None, claim: outdir.Claim,
+              folder: Path, resume: bool) -> dict:
     run_cfg = dataclasses.replace(clf_cfg, out=str(folder), resume=resume, force=True)  # the stage owns its folder
     if nproc > 1 or threads:
+        claim.record(folder / "train.log")
         train_process("melano.classifier", run_cfg, nproc, threads, folder)
         return json.loads((folder / "result.json").read_text())  # what train() returns
     return dataclasses.asdict(classifier.train(run_cfg))
@@ -359,7 +399,7 @@ def arm_config(cfg: PipelineConfig, d: dict, cache_dir: Path, arm: str, k: int,
     return classifier.ClassifierConfig(
         data=d["data"], out="", extra=extra, oversample=oversample, split_csv=d["split_csv"],
         cache_dir=str(cache_dir), val_frac=cfg.val_frac, test_frac=cfg.test_frac, split_seed=cfg.seed,
-        arch=cfg.arch, pretrained=True, weights=cfg.weights, size=cfg.clf_size, epochs=cfg.clf_epochs,
+        arch=cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights, size=cfg.clf_size, epochs=cfg.clf_epochs,
         batch_size=cfg.clf_batch_size, max_steps=cfg.clf_epochs * steps_per_epoch, val_every=steps_per_epoch,
         lr=cfg.clf_lr, optimizer=cfg.clf_optimizer, schedule=cfg.clf_schedule, weight_decay=cfg.clf_weight_decay,
         warmup=cfg.clf_warmup, mean_std=cfg.clf_mean_std,
@@ -380,20 +420,30 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise FileNotFoundError(f"--data {cfg.data}: no such folder. Give an ISIC folder (train.csv + jpeg/train/ "
                                 f"or train/, or benign/ + malignant/), or omit --data to use the built-in synthetic set")
-    if cfg.weights is None:
-        efficientnet.offline_weights(cfg.arch)  # raises, saying how to get weights, before any training
+    if cfg.weights is None and cfg.pretrained:  # fail before any training, saying how to get weights
+        try:
+            efficientnet.offline_weights(cfg.arch)
+        except ValueError:
+            raise run.UsageError(f"--arch {cfg.arch}: no pretrained weights for it ship offline (only "
+                                 f"tf_efficientnet_lite0's do); pass --weights PATH_OR_URL (a checkpoint listed in "
+                                 f"melano.efficientnet's docstring), or --no-pretrained to start from random "
+                                 f"weights") from None
     data_dirs = [cfg.data] if cfg.data else []
-    with CHILDREN.handling(), outdir.claim(out, "pipeline", resume=True, data=data_dirs) as claim:
+    with CHILDREN.handling(), outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
+        stages = Stages(out, claim, cfg.rerun)
+        stages.check_places(stage_names(cfg), list(ROOT_FILES))
         claim.record("config.json")
         log_config(cfg, out / "config.json")
         host = host_info()  # measured at the start, so that wall times from other hosts compare
         log.info("host: %s", host)
-        return run_stages(cfg, out, host)
+        return run_stages(cfg, stages, host)
 
 
-def run_stages(cfg: PipelineConfig, out: Path, host: dict) -> dict:
-    """The stages, top to bottom, in the claimed run folder `out`."""
-    stages, cache_dir, wall0 = Stages(out, cfg.rerun), out / "cache", time.monotonic()
+def run_stages(cfg: PipelineConfig, stages: Stages, host: dict) -> dict:
+    """The stages, top to bottom, in the claimed run folder `stages.root`."""
+    out, wall0 = stages.root, time.monotonic()
+    cache_dir = out / "cache"
+    stages.claim.record_child(cache_dir)  # the pipeline's; build_cache only adds to it
     # the number of processes changes a training stage's result (the global batch); left out at 1
     procs = {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
     jobs = 1 if cfg.nproc_per_node > 1 else cfg.jobs or default_jobs(cfg.device)
@@ -404,7 +454,7 @@ def run_stages(cfg: PipelineConfig, out: Path, host: dict) -> dict:
     if cfg.data is None:
         data_params.update({k: getattr(cfg, k) for k in ("synth_benign", "synth_malignant", "synth_size",
                                                          "synth_difficulty")})
-    d = stages.run("data", data_params, functools.partial(data_stage, cfg, cache_dir))
+    d = stages.run("data", data_params, functools.partial(data_stage, cfg, cache_dir, stages.claim))
     n_needed = synthetic_needed(d["split_sizes"]["train"], cfg.synthetic_ratio)
     for arm in cfg.arms:  # a classifier config that cannot train fails now, not after the GANs
         classifier.check_config(arm_config(cfg, d, cache_dir, arm, 0, [], 0))
@@ -416,11 +466,11 @@ def run_stages(cfg: PipelineConfig, out: Path, host: dict) -> dict:
         if arm in cfg.arms:
             gan_cfg = gan_config(cfg, d, cache_dir, smoothing)
             todo[arm] = (gan_name, {**dataclasses.asdict(gan_cfg), "data_run": d["run_id"], "out": None, **procs},
-                         functools.partial(gan_stage, gan_cfg, cfg.nproc_per_node, threads))
+                         functools.partial(gan_stage, gan_cfg, cfg.nproc_per_node, threads, stages.claim))
     for arm, g in zip(todo, stages.run_all(list(todo.values()), jobs)):
         synth_name = GAN_ARMS[arm][1]
         s = stages.run(synth_name, {"gan_run": g["run_id"], "n": n_needed},
-                       functools.partial(synth_stage, g, d, cache_dir, n_needed, cfg.device))
+                       functools.partial(synth_stage, g, d, cache_dir, n_needed, cfg.device, stages.claim))
         gans[arm] = {**g, "synthetic": s["folder"], "synthetic_images": s["images"]}
 
     # 3. one classifier per arm and seed: same split, same test images, same steps
@@ -431,7 +481,7 @@ def run_stages(cfg: PipelineConfig, out: Path, host: dict) -> dict:
         for k in range(cfg.seeds):
             clf_cfg = arm_config(cfg, d, cache_dir, arm, k, extra, n_needed if arm == "oversample" else 0)
             todo.append((f"arm_{arm}_{k}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream, **procs},
-                         functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node, threads)))
+                         functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node, threads, stages.claim)))
     results = iter(stages.run_all(todo, jobs))
     arms = {a: [next(results) for _ in range(cfg.seeds)] for a in ARMS if a in cfg.arms}
 
@@ -442,19 +492,20 @@ def run_stages(cfg: PipelineConfig, out: Path, host: dict) -> dict:
         q = stages.run("quality", {"synth": [g["run_id"] for g in gans.values()],
                                    "scorer": scorer and scorer["run_id"], "seed": cfg.seed,
                                    "images": cfg.quality_images, "reference": cfg.quality_reference},
-                       functools.partial(quality_stage, cfg, d, gans, cache_dir, scorer and scorer["best_checkpoint"]))
+                       functools.partial(quality_stage, cfg, d, gans, cache_dir, scorer and scorer["best_checkpoint"],
+                                         stages.claim))
 
     # 5. the report
     report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}, "quality": q and q["run_id"]}
     stages.run("report", report_params, functools.partial(
-        report_stage, cfg, out, d, gans, arms, q, stages.timings, wall0, host))
+        report_stage, cfg, stages.claim, d, gans, arms, q, stages.timings, wall0, host))
     result = json.loads((out / "metrics.json").read_text())
     log.info("report: %s", out / "report.md")
     return result
 
 
-def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, scorer: str | None, folder: Path,
-                  resume: bool) -> dict:
+def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, scorer: str | None, claim: outdir.Claim,
+                  folder: Path, resume: bool) -> dict:
     """How good each GAN arm's synthetic melanomas are (melano.quality): distances with their scale,
     two-sample tests, translation success, hidden severity, memorisation, pictures. `scorer` is a
     classifier trained on real images only (the oversample arm's), or None for the stage's own."""
@@ -475,6 +526,9 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
         real[need] = classifier.score_arrays(scorer, np.asarray(cache.images)[need])
         logits = {"real": real, "synthetic": {a: classifier.score_arrays(scorer, s.images) for a, s in synthetic.items()}}
     sev = quality.hidden_severity(d["data"])
+    for arm in gans:
+        for name in quality.picture_names(arm).values():
+            claim.record(folder / name)
     result = quality.evaluate(np.asarray(cache.images), cache.targets, cache.patients, splits, synthetic,
                               severity=None if sev is None else np.array([sev[n] for n in cache.names]),
                               logits=logits, out_dir=folder,
@@ -482,13 +536,16 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
                                                         max_reference=cfg.quality_reference, seed=cfg.seed))
     result["scorer"] = (f"the oversample arm's seed-0 classifier (real images only, {scorer})" if scorer else
                         "a logistic regression on the features of real training images")
-    save_json(result, folder / "quality.json")
+    claim.write_json(folder / "quality.json", result)
     return {"quality": str(folder / "quality.json")}
 
 
-def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict[str, list[dict]], q: dict | None,
-                 timings: dict, wall0: float, host: dict, folder: Path, resume: bool) -> dict:
+def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, arms: dict[str, list[dict]],
+                 q: dict | None, timings: dict, wall0: float, host: dict, folder: Path, resume: bool) -> dict:
     """metrics.json, report.md and the figures, from the arms' saved test predictions."""
+    out = Path(cfg.out or f"runs/{cfg.preset}")
+    for name in ROOT_FILES:
+        claim.record(name)
     guards = leakage_guards(d, gans)
     preds = {a: [r["test"]["predictions"] for r in rs] for a, rs in arms.items()}
     result = {
@@ -508,7 +565,7 @@ def report_stage(cfg: PipelineConfig, out: Path, d: dict, gans: dict, arms: dict
     }
     for a in result["arms"]:
         a.update(result["budget"][a["name"]])
-    save_json(result, out / "metrics.json")
+    claim.write_json("metrics.json", result)
     report.write_report(result, out / "report.md")
     report.roc_plot({a: p[0] for a, p in preds.items()}, out / "roc.png", title=f"test ROC ({cfg.preset}, seed 0)")
     if gans:
@@ -625,12 +682,12 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
     (--standalone, K processes) when nproc > 1, else one process with `threads` CPU threads and
     its output in folder/train.log (stages running side by side would mix theirs). Raises if it
     fails. The trainer writes its outputs into run_cfg.out."""
-    train = ["-m", module, "train", *run.to_flags(run_cfg)]
-    if nproc > 1:
-        cmd, env, sink = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(nproc), *train], None, None
+    train = ["train", *run.to_flags(run_cfg)]
+    if nproc > 1:  # torchrun dies with the pipeline, and its ranks with it
+        cmd, env, sink = run.child_command("torch.distributed.run", ["--standalone", "--nproc_per_node", str(nproc),
+                                                                    "-m", module, *train]), None, None
     else:
-        cmd, env = [sys.executable, *train], {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd, env = run.child_command(module, train), {**os.environ, "OMP_NUM_THREADS": str(threads)}
         sink = open(folder / "train.log", "w")
     log.info("running %s", " ".join(cmd))
     try:

@@ -742,8 +742,14 @@ def _arm_scores(ctx: dict, arm: str) -> dict:
                       "(melanoma vs benign), trained in this stage"}
 
 
+def picture_names(arm: str) -> dict[str, str]:
+    """The files `evaluate` may write for `arm` into out_dir (the distribution is of severity or logit)."""
+    return {k: f"quality_{arm}_{k}.png" for k in ("pairs", "neighbours", "severity", "logit")}
+
+
 def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: dict, out_dir: Path) -> dict:
     d, syn, picked = ctx["d"], ctx["d"]["arms"][arm], ctx["picked"][arm]
+    names = picture_names(arm)
     real_img, src_rows = d["images"], syn.sources[picked]
     rng = np.random.default_rng([ctx["cfg"].seed, 14])
     show = _sample(np.arange(len(picked)), 16, rng)
@@ -751,13 +757,13 @@ def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: di
     what = "severity" if sev else "logit"
     pictures = {"pairs": str(tile_grid(
         [[real_img[src_rows[i]], syn.images[picked[i]]] for i in show],
-        [f"{what} {before[i]:.2f} -> {after[i]:.2f}" for i in show], out_dir / f"quality_{arm}_pairs.png",
+        [f"{what} {before[i]:.2f} -> {after[i]:.2f}" for i in show], out_dir / names["pairs"],
         title=f"{arm}: benign source | its translation, with the predicted {what} of each"
               if sev else f"{arm}: benign source | its translation, with the classifier's {what} of each"))}
     pictures["neighbours"] = str(tile_grid(
         [[real_img[src_rows[c["evaluated"]]], syn.images[c["synthetic"]], real_img[c["real_train"]]]
          for c in memo["closest"]],
-        [f"d = {c['distance']:.2f}" for c in memo["closest"]], out_dir / f"quality_{arm}_neighbours.png", cols=2,
+        [f"d = {c['distance']:.2f}" for c in memo["closest"]], out_dir / names["neighbours"], cols=2,
         title=f"{arm}: the 8 translations closest to a real training melanoma: source | translation | that melanoma"))
     if sev:
         reg_pred = ctx["severity_val_pred"]
@@ -767,7 +773,7 @@ def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: di
         labels = scores["val_labels"]
         samples = {"real benign (val)": scores["val"][labels == 0], "real melanoma (val)": scores["val"][labels == 1],
                    "sources": scores["sources"], "translations": scores["translations"]}
-    plot = distribution_plot(samples, out_dir / f"quality_{arm}_{what}.png",
+    plot = distribution_plot(samples, out_dir / names[what],
                              xlabel=f"predicted {what}" if sev else "classifier logit", title=arm)
     pictures["distribution"] = str(plot) if plot else None
     return pictures

@@ -11,6 +11,7 @@ Everything a training command needs that is not training:
     check_resume             one policy: an allow-list of fields that may change on --resume
     rng_state / set_rng_state  CPU, every CUDA device, and the trainer's own generators
     StopOnSignal             SIGINT/SIGTERM finish the step, save, and exit 128 + signal
+    child_command            a child that gets SIGTERM when its parent dies, even by SIGKILL
     agree_start              every rank resumed from the same step
     epoch_order              a seeded permutation of (seed, epoch), sharded across ranks
     cli                      expected failures become one line and exit code 2
@@ -22,9 +23,12 @@ options, run folder, resume, loop, finish.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -320,6 +324,27 @@ class StopOnSignal:
 # ----------------------------------------------------------------------------- CLI
 
 EXPECTED = (ValueError, OSError, ImportError, FloatingPointError)  # UsageError, FileNotFoundError, ...
+
+
+# Runs `python -m <module> <args>` after die_with_parent: PR_SET_PDEATHSIG survives exec and runpy.
+_LAUNCH = ("import sys, runpy; from melano.run import die_with_parent; die_with_parent(int(sys.argv.pop(1))); "
+           "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+
+
+def child_command(module: str, args: Sequence[str]) -> list[str]:
+    """The command line of `python -m module args` as a child of this process that stops (SIGTERM:
+    a trainer saves a checkpoint and exits) when this process dies, even by SIGKILL, on Linux."""
+    return [sys.executable, "-c", _LAUNCH, str(os.getpid()), module, *args]
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the parent dies; exit at once if it has died already (before
+    this process could ask). Elsewhere only the second part applies."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        sys.exit(128 + signal.SIGTERM)
 
 
 def one_line(e: BaseException) -> str:

@@ -298,9 +298,10 @@ def test_corrupt_and_foreign_checkpoints_are_one_line(root, gan_ckpt, gan_data, 
     images = clf_data / "jpeg" / "train"
     cases = [(cyclegan.main, translate_argv(f, gan_data, tmp_path / "syn"), f) for f in files.values()]
     cases += [(cyclegan.main, translate_argv(clf_run / "best.pt", gan_data, tmp_path / "syn"), clf_run / "best.pt"),
-              (classifier.main, ["evaluate", "--checkpoint", files["truncated"], "--device", "cpu"],
-               files["truncated"]),
-              (classifier.main, ["evaluate", "--checkpoint", gan_ckpt, "--device", "cpu"], gan_ckpt),
+              (classifier.main, ["evaluate", "--checkpoint", files["truncated"], "--device", "cpu", "--out",
+                                 tmp_path / "ev"], files["truncated"]),
+              (classifier.main, ["evaluate", "--checkpoint", gan_ckpt, "--device", "cpu", "--out", tmp_path / "ev"],
+               gan_ckpt),
               (classifier.main, predict_argv(gan_ckpt, images), gan_ckpt),
               (classifier.main, predict_argv(files["garbage"], images), files["garbage"])]
     gan_run = _run_folder_with(gan_ckpt.parent, tmp_path, "checkpoint.pt", bad["truncated"])
@@ -351,7 +352,7 @@ def test_a_malicious_pickle_is_refused_and_never_runs(root, gan_ckpt, gan_data, 
     clf_copy = _run_folder_with(clf_run, tmp_path, "last.pt", payload)
     images = clf_data / "jpeg" / "train"
     cases = [(cyclegan.main, translate_argv(evil, gan_data, tmp_path / "syn"), evil),
-             (classifier.main, ["evaluate", "--checkpoint", evil, "--device", "cpu"], evil),
+             (classifier.main, ["evaluate", "--checkpoint", evil, "--device", "cpu", "--out", tmp_path / "ev"], evil),
              (classifier.main, predict_argv(evil, images), evil),
              (cyclegan.main, gan_train_argv(gan_data, gan_run, max_steps=4, resume=True, cache_dir=root / "cache"),
               gan_run / "checkpoint.pt"),
@@ -427,11 +428,12 @@ def test_an_unwritable_folder_is_one_line_naming_the_option(case, read_only, roo
     assert list(read_only.iterdir()) == [] and tree(clf_run) == before
 
 
-def test_evaluate_after_the_data_moved_says_to_pass_data(clf_run, clf_data, caplog):
+def test_evaluate_after_the_data_moved_says_to_pass_data(clf_run, clf_data, caplog, tmp_path):
     moved = clf_data.with_name("clf_data_moved")
     clf_data.rename(moved)
     try:
-        argv = ["evaluate", "--checkpoint", clf_run / "best.pt", "--device", "cpu", "--workers", "0"]
+        argv = ["evaluate", "--checkpoint", clf_run / "best.pt", "--device", "cpu", "--workers", "0", "--out",
+                tmp_path / "ev"]
         assert call(classifier.main, argv) == 2
         refused(caplog, clf_data, "--data")
         assert call(classifier.main, argv + ["--data", moved]) == 0  # and the advice works

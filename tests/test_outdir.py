@@ -77,7 +77,7 @@ def test_fresh_folder_is_claimed_and_owned(tmp_path):
     assert (out / outdir.MANIFEST).read_text() == "config.json\nsub/last.pt\n"
     assert (out / "sub" / "last.pt").read_bytes() == b"\0" * 10
     # no temp files left behind by the atomic writes
-    assert sorted(p.name for p in out.rglob("*")) == sorted([*outdir.MELANO_FILES, "config.json", "sub", "last.pt"])
+    assert sorted(p.name for p in out.rglob("*")) == sorted([outdir.OWNER, outdir.MANIFEST, outdir.LOCK, "config.json", "sub", "last.pt"])
     empty = tmp_path / "empty"
     empty.mkdir()
     outdir.claim(empty, "trainer").close()  # an existing empty folder is fine too

@@ -169,7 +169,7 @@ def test_given_weights_are_used_by_every_arm(tmp_path):
 
 def test_unavailable_weights_fail_before_any_gan_training(tmp_path):
     cfg = pipeline.make_config("smoke", out=str(tmp_path), arch="efficientnet_b0")
-    with pytest.raises(ValueError, match="no offline pretrained weights"):
+    with pytest.raises(ValueError, match="no pretrained weights for it ship offline.*--no-pretrained"):
         pipeline.run_experiment(cfg)
     assert not (tmp_path / "gan").exists()
 
@@ -199,7 +199,8 @@ def test_gan_layout_per_preset():
 def test_stages_run_side_by_side_in_order_and_stop_at_a_failure(tmp_path):
     import threading
     import time
-    stages, seen = pipeline.Stages(tmp_path, []), []
+    from melano import outdir
+    stages, seen = pipeline.Stages(tmp_path, outdir.claim(tmp_path, "pipeline"), []), []
     started = threading.Barrier(2, timeout=10)
 
     def job(i, folder, resume):
