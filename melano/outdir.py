@@ -7,10 +7,11 @@
 
 The rule (design.md, "Outputs"):
   - A command writes only into its own folder. It refuses a folder that holds a data set, files
-    melano did not write, or another command's outputs, unless ``force``; its own earlier
-    outputs need ``force`` (write over them) or ``resume`` (continue them). An empty or absent
-    folder is fine. A folder that is, or lies inside, one of the command's ``data`` folders is
-    refused even with ``force``: nothing is ever written into ``--data``.
+    melano did not write, or another command's outputs (a sub-folder another melano command wrote
+    included), unless ``force``; its own earlier outputs need ``force`` (write over them) or
+    ``resume`` (continue them). An empty or absent folder is fine. A folder that is, or lies
+    inside, one of the command's ``data`` folders, or that holds one, is refused even with
+    ``force``: nothing is ever written into ``--data``, nor where clearing outputs could reach it.
   - A refused claim changes nothing on disk. (One repair comes first: the leftovers of a swap
     that was killed half-way are put back, see ``staged``.)
   - One process per folder: ``.melano.lock`` is held with ``flock`` for the command's lifetime.
@@ -19,7 +20,13 @@ The rule (design.md, "Outputs"):
     children (Pool and DataLoader workers) drop their copies of the lock at once, so an orphaned
     worker never keeps a folder locked; they may not write. Under torchrun only rank 0 claims;
     the other ranks get a read-only `Claim` and never contend.
-  - It deletes only files its manifest says this command wrote (`Claim.remove_stale`).
+  - It deletes only files its manifest says this command wrote (`Claim.remove_stale`). A command
+    that runs others in sub-folders (the pipeline) records each with `Claim.record_child`; then
+    `foreign_files` lists what no manifest accounts for, and `clear` deletes a sub-folder only
+    when that list is empty.
+  - A single-file output (``predict --out x.csv``) has the same rule, per file: `check_file`
+    before the work, `write_file` after it (atomic; ``.melano.outputs`` beside it records what
+    the command wrote, by SHA-256, so that only its own unedited output is replaced without force).
   - ``staged=True`` (synth): the command writes a fresh folder beside the target, and leaving
     the ``with`` block swaps it into place with two renames. A killed run leaves the old folder
     or the new one, never a mix; if the kill falls between the two renames, the next claim puts
@@ -378,6 +385,7 @@ def write_file(path: str | os.PathLike, content: bytes | str | Callable, command
     p = check_file(path, command, force=force, inputs=inputs, data=data, option=option)
     p.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temps_of(p)
+    _remove_dead_temps_of(p.parent / OUTPUTS)
     tmp = p.with_name(f".{p.name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "xb") as f:  # a complete, synced file under a temp name

@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import logging
 import os
 import struct
 import zlib
@@ -11,6 +12,24 @@ from pathlib import Path
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def call(main, argv) -> int:
+    """`main(argv)`'s exit code (argparse's own refusals, a SystemExit, included)."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def refused(caplog, *names) -> str:
+    """The one error line logged, which must name each of `names`."""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "\n" not in errors[0], errors[0]
+    for n in names:
+        assert str(n) in errors[0], (n, errors[0])
+    return errors[0]
 
 
 def tree(root) -> dict[str, str]:

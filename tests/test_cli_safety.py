@@ -10,7 +10,6 @@ fast); the last one runs the CLIs as real processes, to see what a user sees on 
 
 import csv
 import errno
-import logging
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import clf_train_argv, gan_train_argv, make_data, read_csv, tree
+from helpers import call, clf_train_argv, gan_train_argv, make_data, read_csv, refused, tree
 from melano import classifier, cyclegan, pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,24 +31,6 @@ CUDA = torch.cuda.is_available()
 no_cuda_only = pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def call(main, argv) -> int:
-    """`main(argv)`'s exit code (argparse's own refusals, a SystemExit, included)."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-
-
-def refused(caplog, *names) -> str:
-    """The one error line logged, which must name each of `names`."""
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, errors
-    assert "\n" not in errors[0], errors[0]
-    for n in names:
-        assert str(n) in errors[0], (n, errors[0])
-    return errors[0]
 
 
 def translate_argv(ckpt, data, out, *more) -> list:

@@ -83,9 +83,10 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def command(module: str, argv: list, out: Path, kill_after: float | None = None,
-            aimed: tuple[str, int] | None = None) -> int:
+            aimed: tuple[str, int] | None = None, alone: bool = False) -> int:
     """Run `python -m module argv`, which claims folder `out`. `kill_after`: SIGKILL its session that
-    many seconds after the claim; `aimed` = (event, n): it kills itself there (see AIMED).
+    many seconds after the claim (`alone`: the command's process only; then what it started must
+    stop by itself within 60 s); `aimed` = (event, n): it kills itself there (see AIMED).
     Returns its exit code, -9 if killed."""
     argv = [str(a) for a in argv]
     cmd = [sys.executable, "-m", module, *argv] if aimed is None else \
@@ -100,10 +101,12 @@ def command(module: str, argv: list, out: Path, kill_after: float | None = None,
         if claimed is None and lock.exists() and lock.read_bytes().startswith(mine):
             claimed = time.time()
         if claimed is not None and kill_after is not None and time.time() - claimed >= kill_after:
-            os.killpg(p.pid, signal.SIGKILL)
+            os.kill(p.pid, signal.SIGKILL) if alone else os.killpg(p.pid, signal.SIGKILL)
             break
         time.sleep(0.003)
     rc = p.wait()
+    if alone:
+        assert session_ends(p.pid, 60), f"processes {module} started outlived it by 60 s"
     try:
         os.killpg(p.pid, signal.SIGKILL)  # anything of its session still alive
     except ProcessLookupError:
@@ -113,6 +116,18 @@ def command(module: str, argv: list, out: Path, kill_after: float | None = None,
         TALLY["finished before the kill"] += rc == 0
     assert rc in (0, -signal.SIGKILL), f"{module} exited with {rc}: {log.read_text()[-3000:]}"
     return rc
+
+
+def session_ends(sid: int, seconds: float) -> bool:
+    """Whether every process of session (and group) `sid` is gone within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(sid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def call(main, argv) -> int:
@@ -478,8 +493,21 @@ def metrics(out: Path) -> dict:
     return {k: v for k, v in m.items() if k not in ("timings_s", "wall_s", "host")}
 
 
+def place_users_files(out: Path, data: Path) -> dict:
+    """A user's own files among the pipeline's stages: a data set melano wrote (it has an owner
+    file), a folder in the place of a stage of another configuration, and notes. Their tree."""
+    shutil.copytree(data, out / "my_lesions")
+    (out / "arm_traditional_0").mkdir()
+    (out / "arm_traditional_0" / "plan.txt").write_text("run this arm next week")
+    (out / "notes.txt").write_text("the first run was killed")
+    return {p: tree(out / p) for p in ("my_lesions", "arm_traditional_0")} | {"notes": (out / "notes.txt").read_text()}
+
+
 @pytest.mark.slow
-def test_pipeline_killed_at_random_points(tmp_path):
+def test_pipeline_killed_at_random_points(clf_data, tmp_path):
+    # Issue 26: a user's files sit beside the stages from the first kill on, and half the kills
+    # reach the pipeline's process alone: its trainers must stop by themselves, and nothing the
+    # user made may change
     ref = tmp_path / "ref"
     seconds = ref_run("melano.pipeline", pipeline_argv(ref), ref, plots=True)
     want = metrics(ref)
@@ -488,11 +516,75 @@ def test_pipeline_killed_at_random_points(tmp_path):
     for c in range(3):
         out = tmp_path / f"case{c}"
         TALLY["cases tried"] += 1
-        for _ in range(2 if c else 1):
-            command("melano.pipeline", pipeline_argv(out), out, kill_after=draw(rng, seconds))
+        users = None
+        for k in range(2 if c else 1):
+            alone = bool(rng.integers(2))
+            command("melano.pipeline", pipeline_argv(out), out, kill_after=draw(rng, seconds), alone=alone)
+            TALLY["pipeline kills of its process alone"] += alone
             check_killed_pipeline(out)
+            if users is None and (out / ".melano.json").exists():  # a run folder the pipeline owns
+                users = place_users_files(out, clf_data)
         command("melano.pipeline", pipeline_argv(out), out)
+        if users is not None:
+            TALLY["pipeline cases with a user's files beside the stages"] += 1
+            assert {p: tree(out / p) for p in ("my_lesions", "arm_traditional_0")} | \
+                {"notes": (out / "notes.txt").read_text()} == users
         got = metrics(out)
         aucs = lambda m: [s["auc"] for a in m["arms"] for s in a["seeds"]]  # noqa: E731
         assert aucs(got) == aucs(want)
         assert got == want
+
+
+# ----------------------------------------------------------------------------- predict
+
+def predict_argv(ckpt, images, out, *more) -> list:
+    return ["predict", "--checkpoint", ckpt, "--images", images, "--out", out, "--device", "cpu", *more]
+
+
+def run_killed(argv: list, kill_after: float | None = None, aimed: tuple[str, int] | None = None) -> int:
+    """`python -m melano.classifier argv`, SIGKILLed `kill_after` seconds after it starts, or at an
+    AIMED event. Its exit code (-9 if killed)."""
+    cmd = [sys.executable, "-m", "melano.classifier", *map(str, argv)] if aimed is None else \
+        [sys.executable, "-c", AIMED, "melano.classifier", aimed[0], str(aimed[1]), *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=kill_after if kill_after is not None else 120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]
+    TALLY["predict kills injected"] += p.returncode == -signal.SIGKILL
+    return p.returncode
+
+
+@pytest.mark.slow
+def test_predict_killed_mid_write_leaves_every_file_whole(clf_data, tmp_path):
+    # Issue 26: predict --out is written atomically beside a user's files, over its own earlier
+    # output; a kill at any point leaves the earlier output or the new one, whole, and the user's
+    # files as they were; the rerun needs no --force (the file is still predict's)
+    run = tmp_path / "clf"
+    assert call(classifier.main, clf_argv(clf_data, run, evaluate=False)) == 0
+    images, folder = clf_data / "jpeg" / "train", tmp_path / "results"
+    folder.mkdir()
+    (folder / "my_scores.csv").write_text("image,probability\nmine.jpg,0.7\n")
+    out, ref = folder / "scores.csv", tmp_path / "ref.csv"
+    t0 = time.monotonic()
+    assert run_killed(predict_argv(run / "best.pt", images, ref)) == 0
+    seconds, want = time.monotonic() - t0, ref.read_bytes()
+    assert run_killed(predict_argv(run / "best.pt", images, out, "--tta")) == 0  # an earlier, other output
+    earlier = out.read_bytes()
+    assert earlier != want
+    mine = (folder / "my_scores.csv").read_bytes()
+    rng = np.random.default_rng(26)
+    kills = [dict(aimed=("replace:scores.csv", 1)), dict(aimed=("replace:.melano.outputs", 1))] + \
+        [dict(kill_after=float(rng.uniform(0.5, 1.1 * seconds))) for _ in range(4)]
+    for kill in kills:
+        run_killed(predict_argv(run / "best.pt", images, out), **kill)
+        assert (folder / "my_scores.csv").read_bytes() == mine, kill
+        assert out.read_bytes() in (earlier, want), kill
+        if out.read_bytes() == want:  # finished before the kill: start again from the earlier output
+            assert run_killed(predict_argv(run / "best.pt", images, out, "--tta")) == 0
+    assert run_killed(predict_argv(run / "best.pt", images, out)) == 0
+    assert out.read_bytes() == want and (folder / "my_scores.csv").read_bytes() == mine
+    assert sorted(p.name for p in folder.iterdir()) == [".melano.outputs", "my_scores.csv", "scores.csv"]

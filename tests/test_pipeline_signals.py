@@ -113,6 +113,34 @@ def test_sigterm_to_the_pipeline_alone_stops_its_trainers_and_a_rerun_resumes(tm
     assert (out / "report.md").is_file()
 
 
+def test_sigkill_to_the_pipeline_alone_stops_its_trainers_and_a_rerun_resumes(tmp_path):
+    # issue 26: after kill -9 of the pipeline both trainers kept running, reparented to PID 1. Now
+    # each asked Linux for SIGTERM when its parent dies (PR_SET_PDEATHSIG): it saves and stops
+    out, log = tmp_path / "run", tmp_path / "pipeline.log"
+    p, kids = start_and_wait_for_training(out, log)
+    try:
+        os.kill(p.pid, signal.SIGKILL)  # the pipeline only: it can neither forward nor clean up
+        assert p.wait(timeout=60) == -signal.SIGKILL
+        deadline = time.monotonic() + 60
+        while any(alive(k, t) for k, t in kids.items()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [k for k, t in kids.items() if alive(k, t)]
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert left == [], f"children {left} of the killed pipeline were still running 60 s later"
+    for a in ARMS:
+        assert "stopped by SIGTERM" in (out / a / "train.log").read_text()
+        assert torch.load(out / a / "last.pt", weights_only=True)["step"] > 0
+    again = subprocess.run(pipeline_cmd(out), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for a in ARMS:
+        assert "resumed at step" in (out / a / "train.log").read_text()
+
+
 def test_sigint_to_the_process_group_stops_each_trainer_once(tmp_path):
     # Ctrl-C reaches the pipeline and its trainers alike; the pipeline passes it on too, and a trainer
     # takes the two copies as one request: it saves its checkpoint rather than aborting

@@ -15,27 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import bomb_png, clf_train_argv, make_data, read_csv, tree
+from helpers import bomb_png, call, clf_train_argv, make_data, read_csv, refused, tree
 from melano import classifier, outdir, pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def call(main, argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-
-
-def refused(caplog, *names) -> str:
-    """The one error line logged, which must name each of `names`."""
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, errors
-    assert "\n" not in errors[0], errors[0]
-    for n in names:
-        assert str(n) in errors[0], (n, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
