@@ -80,7 +80,9 @@ def build(work: Path) -> dict:
         draw = np.random.default_rng([SEED, 1, r["_index"]])
         synth.severity(draw, False, synth.DEFAULT_DIFFICULTY)
         s = synth.severity(np.random.default_rng([SEED, 4, r["_index"]]), True, synth.DEFAULT_DIFFICULTY)
-        full.append(synth.render(draw, DATA_SIZE, s, r["_patient"]))
+        les = synth.lesions.draw(draw, s, True)
+        acq = synth.acquisition(SEED, r["_index"], False, 0, 0.0)
+        full.append(synth.render(draw, DATA_SIZE, les, r["_patient"], acq))
         img = Image.fromarray(full[-1])  # shrunk as data.load_image shrinks the real files
         raw.append(np.asarray(img.resize((GAN_SIZE, GAN_SIZE), Image.Resampling.BILINEAR, box=(0, 0, DATA_SIZE, DATA_SIZE))))
     paths = {r.image_name: r.path for r in index.records}

@@ -290,7 +290,11 @@ def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) 
     if l2 <= 0:
         raise ValueError(f"l2 must be > 0, got {l2}")
     mean, scale = x.mean(0), x.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant feature stays 0, not NaN
+    # a feature (nearly) constant in training, such as the block mean of a corner that the scope
+    # blacks out, must not be blown up by standardising: a new image where it varies would get an
+    # arbitrary prediction. Its scale is floored at 1% of the median feature's.
+    floor = 0.01 * float(np.median(scale[scale > 0])) if (scale > 0).any() else 1.0
+    scale = np.maximum(scale, floor)  # a constant feature stays 0, not NaN
     xs, yt = torch.from_numpy((x - mean) / scale), torch.from_numpy(y)
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -403,28 +407,11 @@ def translation_success(val_logits, val_labels, translation_logits, source_logit
 # Ground truth: the hidden severity that melano.synth drew for each real image
 
 def hidden_severity(data_dir) -> dict[str, float] | None:
-    """{image_name: severity} for a folder written by `melano.synth.generate`, recomputed from its
-    synth.json with `synth.plan` and `synth.latent_severity`; None for any other folder (real ISIC).
-    ValueError if train.csv lists images that the recorded plan did not draw."""
-    root = Path(data_dir)
-    cfg_path = root / "synth.json"
-    if not cfg_path.is_file():
-        return None
-    cfg = json.loads(cfg_path.read_text())
-    keys = ("benign", "malignant", "seed", "difficulty", "images_per_patient")
-    if not isinstance(cfg, dict) or not all(k in cfg for k in keys):
-        return None
-    rows = synth.plan(cfg["benign"], cfg["malignant"], cfg["seed"], cfg["difficulty"], cfg["images_per_patient"])
-    sev = synth.latent_severity(rows, cfg["seed"], cfg["difficulty"])
-    planned = {r["image_name"]: r for r in rows}
-    with open(root / "train.csv", newline="", encoding="utf-8-sig") as f:
-        for line, r in enumerate(csv.DictReader(f), start=2):
-            p = planned.get(r.get("image_name", ""))
-            if p is None or p["target"] != r.get("target", "").strip() or p["patient_id"] != r.get("patient_id"):
-                raise ValueError(f"{root / 'train.csv'}, line {line}: image {r.get('image_name')!r} is not the "
-                                 f"one {cfg_path} planned; the folder was changed after melano.synth wrote it, "
-                                 f"so its hidden severities are unknown (regenerate it)")
-    return {r["image_name"]: float(s) for r, s in zip(rows, sev)}
+    """{image_name: severity} for a folder written by `melano.synth.generate`, from the hidden
+    truth it wrote beside train.csv (synth_criteria.csv); None for any other folder: real data has
+    no hidden truth. ValueError if train.csv lists images the truth file does not describe."""
+    truth = synth.read_truth(data_dir)
+    return None if truth is None else {name: float(t["s"]) for name, t in truth.items()}
 
 
 class Ridge(NamedTuple):
@@ -446,7 +433,11 @@ def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0
     if x.ndim != 2 or y.shape != (len(x),) or len(x) < 3:
         raise ValueError(f"fit_ridge: need x (n, d) and y (n,) with n >= 3, got {x.shape} and {y.shape}")
     mean, scale = x.mean(0), x.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
+    # a feature (nearly) constant in training, such as the block mean of a corner that the scope
+    # blacks out, must not be blown up by standardising: a new image where it varies would get an
+    # arbitrary prediction. Its scale is floored at 1% of the median feature's.
+    floor = 0.01 * float(np.median(scale[scale > 0])) if (scale > 0).any() else 1.0
+    scale = np.maximum(scale, floor)
     with one_thread():
         u, s, vt = (t.numpy() for t in torch.linalg.svd(_t((x - mean) / scale), full_matrices=False))
     yc = y - y.mean()

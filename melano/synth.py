@@ -1,41 +1,38 @@
-"""Synthetic dermoscopy: the embedded default data set.
+"""Synthetic dermoscopy: the built-in data set.
 
-No real ISIC images exist on the machines melano is developed on, so this module writes a
-folder in the ISIC 2020 Kaggle layout (``train.csv`` with all 8 columns plus
-``jpeg/train/<image_name>.jpg``) that `melano.data` reads exactly like the real thing.
+No real ISIC images exist on the machines melano is developed on, so this module writes a folder
+in the ISIC 2020 Kaggle layout (``train.csv`` with its 8 columns plus
+``jpeg/train/<image_name>.jpg``) that `melano.data` reads exactly like the real thing, and beside
+it ``synth_criteria.csv``: the hidden truth of every image.
 
-What an image is made of (numpy float32 in [0, 1], Pillow for resampling and lines, then JPEG):
-  skin      a per-patient skin tone, low-frequency illumination, fine skin texture;
-  lesion    a pigmented blob whose shape, border, colours, structures and size follow the
-            ABCD rule (Asymmetry, Border, Colour, Diameter) used by dermatologists;
-  hairs     dark curved lines crossing some images;
-  scope     the dark circular vignette of the dermoscope's contact plate.
+What decides an image (all drawn before a pixel is painted, so the truth is cheap to recompute):
+  lesion       melano.lesions: a hidden severity ``s`` (Beta(2, 6) for nevi, Beta(6, 2) for
+               melanomas; ``difficulty`` swaps a share), a phenotype (reticular, globular,
+               homogeneous and dysplastic nevi, seborrhoeic keratosis, solar lentigo; melanoma),
+               the 7-point checklist's criteria, each with an intensity and a place (eccentric in
+               asymmetric lesions), Stolz's colours and structures, diameter and contour;
+  patient      Fitzpatrick skin type I-VI (mostly light, as in ISIC), blood, hairiness, sex, age;
+  acquisition  hairs, gel bubbles, ruler marks, ink, glare, the scope's black corners, JPEG
+               quality, defocus, noise, illumination fall-off and white balance, by `centre`
+               (two clinics); independent of the label unless `artefact_bias` > 0.
 
-How the classes differ. Every lesion has one hidden *severity* ``s`` in [0, 1]. Benign nevi draw
-``s ~ Beta(2, 6)``, melanomas ``s ~ Beta(6, 2)``. Each ABCD feature (and the dermoscopic
-structures) is ``s`` plus its own noise, so no single feature decides the class. ``difficulty``
-is the probability that a lesion draws its severity from the *other* class's distribution:
-atypical nevi (benign, but asymmetric and multicoloured) and featureless small melanomas
-(malignant, but small, round and brown). 0 leaves only the natural overlap of the two Beta
-distributions; 0.5 makes the classes identical.
+How it is painted (numpy float32, Pillow for resampling and strokes, then JPEG): colour comes from
+chromophores (reflectance = skin x exp(-sum of amount x absorbance) per channel): epidermal
+melanin light brown to black, dermal melanin blue-grey, haemoglobin red, and a whitish haze for
+veil and regression scars. The pigment network is a Worley (cellular) mesh: thin, regular and
+fading at the edge in nevi, thick, broken and uneven where the atypical network sits. Skin has
+furrows, pores and grain at fixed fractions of the field of view. Each phenotype pattern and
+each criterion paints from a random stream of its own, so a lesion drawn with one criterion more
+or less differs only by that criterion.
 
-Calibration of the default (`DEFAULT_DIFFICULTY` = 0.04), measured by
-``bench/bench_data.py --calibrate`` (``bench/results/data_calibration.json``), 2 x 2500 images:
-  - the hidden severity itself scores ROC AUC 0.949: an upper bound for any classifier, since
-    an image depends on its label only through ``s``;
-  - a small 8-layer CNN trained for 8 epochs on 4000 balanced 64x64 images scores 0.885 on the
-    other 1000 (the severity scores 0.933 on the same 1000); a pretrained EfficientNet on more
-    data should land between, i.e. in the 0.90-0.95 the experiment wants;
-  - logistic regression on the mean RGB colour scores 0.56 (tested: < 0.65).
+Calibration: ``bench/bench_data.py --calibrate`` (``bench/results/data_calibration.json``) and the
+README give each criterion's AUC alone, the 7-point and TDS scores, the oracle, a small CNN,
+Lite0 at 64 px, the lesion-replaced-by-skin control and texture statistics; the targets and
+sources are in melano.lesions.
 
-Trivial statistics do not give the class away: skin tone, exposure and the scope vignette vary
-far more between images than the lesion moves the mean colour, and melanomas are lighter brown
-under their dark and light blotches (black, blue-grey, red, white regression). Their larger size
-still shows a little: the mean colour of the central quarter scores AUC 0.67 and mean plus
-standard deviation of the colour 0.66 (calibration file above).
-
-Determinism: image ``i`` is drawn from ``numpy.random.default_rng([seed, 1, i])`` and patient
-``p`` from ``default_rng([seed, 2, p])``, so the output is identical byte for byte for the same
+Determinism: image ``i`` is drawn from ``numpy.random.default_rng([seed, 1, i])`` (lesion and
+paint), ``[seed, 5, i]`` (acquisition) and patient ``p`` from ``[seed, 2, p]``; textures shared
+between images come from fixed seeds. The output is identical byte for byte for the same
 arguments (and the same Pillow/libjpeg), whatever the number of worker processes.
 """
 
@@ -51,9 +48,9 @@ import multiprocessing as mp
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
-from melano import outdir
+from melano import lesions, outdir
 from melano.common import log_config, progress
 
 log = logging.getLogger("melano.synth")
@@ -61,24 +58,34 @@ log = logging.getLogger("melano.synth")
 DEFAULT_DIFFICULTY = 0.04  # calibrated: see the module docstring
 CSV_COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
                "diagnosis", "benign_malignant", "target"]
+CRITERIA_CSV = "synth_criteria.csv"  # the hidden truth, beside train.csv
+ARTEFACTS = ("hair", "bubbles", "ruler", "ink", "glare", "corners")
 
 # Anatomic sites and their ISIC 2020 frequencies (the 527 missing values become "").
 _SITES = ["torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital", ""]
 _SITE_P = np.array([16845, 8417, 4983, 1855, 375, 124, 527], np.float64)
 _SITE_P /= _SITE_P.sum()
 
-# Reference colours, linear-ish RGB in [0, 1]. Lesion colours act as transmittances relative to
-# _REF_SKIN, so a lesion on darker skin is darker too (pigment absorbs light; it is not paint).
-_REF_SKIN = np.array([0.93, 0.76, 0.67], np.float32)
-_LIGHT_SKIN = np.array([0.95, 0.78, 0.70], np.float32)
-_DARK_SKIN = np.array([0.70, 0.50, 0.38], np.float32)
-_LIGHT_BROWN = np.array([0.62, 0.42, 0.30], np.float32)
-_DARK_BROWN = np.array([0.30, 0.17, 0.11], np.float32)
-_BLACK = np.array([0.13, 0.09, 0.09], np.float32)
-_BLUE_GREY = np.array([0.42, 0.46, 0.56], np.float32)
-_RED = np.array([0.80, 0.38, 0.38], np.float32)
-_WHITE = np.array([0.93, 0.90, 0.89], np.float32)
-_HAIR = np.array([0.16, 0.11, 0.09], np.float32)
+# Colour from chromophores: reflectance = base * exp(-sum(amount * absorbance)), per RGB channel.
+# Epidermal melanin absorbs blue most (light brown to black); dermal melanin, seen through the
+# epidermis, is blue-grey (Tyndall scattering: red absorbed most); haemoglobin absorbs green.
+_BASE_SKIN = np.array([0.97, 0.86, 0.80], np.float32)
+_K_MELANIN = np.array([0.9, 1.35, 1.8], np.float32)
+_K_DERMAL = np.array([1.25, 1.0, 0.62], np.float32)
+_K_BLOOD = np.array([0.25, 1.5, 1.1], np.float32)
+_HAZE = np.array([0.90, 0.92, 0.97], np.float32)  # the whitish scatter of veil and regression scars
+# Fitzpatrick types I-VI: epidermal melanin of the skin, and their shares (mostly light, as in ISIC)
+_FITZPATRICK_MELANIN = np.array([0.05, 0.15, 0.3, 0.6, 1.0, 1.6], np.float32)
+_FITZPATRICK_P = np.array([0.22, 0.38, 0.25, 0.09, 0.04, 0.02])
+_HAIR_COLOURS = np.array([[0.10, 0.07, 0.06], [0.22, 0.15, 0.10], [0.45, 0.40, 0.38], [0.70, 0.58, 0.40]],
+                         np.float32)
+_INK = np.array([0.45, 0.25, 0.60], np.float32)  # gentian-violet marker
+# Two acquisition centres: white balance, how often the scope's black corners show, JPEG quality,
+# and the rates of bubbles, rulers, ink and glare
+_CENTRES = ({"gain": (1.0, 1.0, 1.0), "corners": 0.25, "jpeg": (82, 96), "bubbles": 0.15, "ruler": 0.06,
+             "ink": 0.05, "glare": 0.20, "hair": 0.45},
+            {"gain": (1.06, 0.98, 0.88), "corners": 0.60, "jpeg": (60, 80), "bubbles": 0.35, "ruler": 0.15,
+             "ink": 0.02, "glare": 0.05, "hair": 0.45})
 
 
 @dataclasses.dataclass
@@ -90,6 +97,8 @@ class SynthConfig:
     seed: int = 0
     difficulty: float = DEFAULT_DIFFICULTY
     images_per_patient: float = 5.0      # mean; ISIC 2020 has ~16, small sets need more patients
+    centre: int = 0                      # acquisition centre (0 or 1): a second clinic's look
+    artefact_bias: float = 0.0           # > 0: rulers and ink marks more often on melanomas
     workers: int = 1                     # >1: render in a process pool (same bytes as 1 worker)
     force: bool = False                  # replace what `out` holds (a data set, other outputs)
 
@@ -106,6 +115,11 @@ def check_config(cfg: SynthConfig) -> None:
     if not (math.isfinite(cfg.images_per_patient) and cfg.images_per_patient >= 1):
         raise ValueError(f"--images-per-patient is a mean number of images per patient, so at least 1, "
                          f"got {cfg.images_per_patient}")
+    if cfg.centre not in (0, 1):
+        raise ValueError(f"--centre must be 0 or 1 (two acquisition centres), got {cfg.centre}")
+    if not 0 <= cfg.artefact_bias <= 1:
+        raise ValueError(f"--artefact-bias must be in [0, 1] (0: artefacts independent of the label), "
+                         f"got {cfg.artefact_bias}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
 
@@ -140,185 +154,385 @@ def _over(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Patients and lesions
+# Patients, lesions and acquisitions: all drawn before any pixel, so the truth is known cheaply
 
 def _patient(seed: int, pid: int) -> dict:
-    """Per-patient attributes: skin tone, hairiness, sex, age."""
+    """Per-patient attributes: skin type (Fitzpatrick I-VI) and blood, hairiness, sex, age."""
     rng = np.random.default_rng([seed, 2, pid])
-    tone = float(rng.beta(2.0, 4.0))
+    ftype = int(rng.choice(6, p=_FITZPATRICK_P))
+    melanin = float(_FITZPATRICK_MELANIN[ftype] * rng.lognormal(0, 0.15))
     sex = ["male", "female", ""][int(rng.choice(3, p=[0.515, 0.483, 0.002]))]
     age = int(np.clip(np.round(rng.normal(49, 14.4) / 5) * 5, 0, 90))
-    return {"tone": tone, "hairy": float(rng.beta(1.2, 2.5)), "sex": sex, "age": age,
-            "hue": rng.normal(0, 0.03, 3).astype(np.float32)}
+    return {"fitzpatrick": ftype + 1, "melanin": melanin, "blood": float(rng.uniform(0.03, 0.2)),
+            "hairy": float(rng.beta(1.2, 2.5)), "sex": sex, "age": age}
 
 
 def severity(rng: np.random.Generator, malignant: bool, difficulty: float) -> float:
-    """The hidden severity of one lesion (see the module docstring)."""
-    swapped = rng.random() < difficulty
-    looks_malignant = malignant != swapped
-    return float(rng.beta(6, 2) if looks_malignant else rng.beta(2, 6))
+    """The hidden severity of one lesion (melano.lesions.severity)."""
+    return lesions.severity(rng, malignant, difficulty)
 
 
-class _Lesion(NamedTuple):
-    """Where a lesion lies: its bounding box (rows ys, columns xs) and, inside it, the image
-    coordinates Xb, Yb, the soft mask, and rn (0 at the centre, 1 at the border)."""
+def lesion_of(seed: int, index: int, malignant: bool, difficulty: float) -> tuple[np.random.Generator, lesions.Lesion]:
+    """Image `index`'s lesion, and the generator its rendering continues with."""
+    rng = np.random.default_rng([seed, 1, index])
+    s = lesions.severity(rng, malignant, difficulty)
+    return rng, lesions.draw(rng, s, malignant)
+
+
+def acquisition(seed: int, index: int, malignant: bool, centre: int, bias: float) -> dict:
+    """Which artefacts image `index` shows, its JPEG quality and optics: independent of the label
+    unless `bias` > 0 (then rulers and ink marks come more often with melanomas)."""
+    rng = np.random.default_rng([seed, 5, index])
+    c = _CENTRES[centre]
+    tilt = 1 + bias * (1 if malignant else -1)
+    p = {"hair": c["hair"], "bubbles": c["bubbles"], "ruler": min(1.0, c["ruler"] * tilt),
+         "ink": min(1.0, c["ink"] * tilt), "glare": c["glare"], "corners": c["corners"]}
+    found = {a: bool(rng.random() < p[a]) for a in ARTEFACTS}
+    return {**found, "jpeg": int(rng.integers(*c["jpeg"])), "blur": float(rng.uniform(0, 2.5)),
+            "noise": float(rng.uniform(0.008, 0.025)), "falloff": float(rng.uniform(0.05, 0.3)),
+            "exposure": float(rng.lognormal(0, 0.08)), "gain": np.array(c["gain"], np.float32),
+            "fov_mm": float(rng.uniform(14, 20))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering: skin, the lesion's pigment maps, colour, then what the dermoscope adds
+
+class _Geometry(NamedTuple):
+    """The lesion's bounding box (rows ys, columns xs) and, inside it: image coordinates X, Y
+    (in [-1, 1]), the soft mask, rn (0 at the centre, 1 at the border), the angle, and the
+    centre and mean radius in image units."""
     ys: slice
     xs: slice
-    Xb: np.ndarray
-    Yb: np.ndarray
+    X: np.ndarray
+    Y: np.ndarray
+    mask: np.ndarray
+    rn: np.ndarray
+    theta: np.ndarray
     cx: float
     cy: float
     R: float
-    mask: np.ndarray
-    rn: np.ndarray
 
 
-def render(rng: np.random.Generator, size: int, s: float, patient: dict) -> np.ndarray:
-    """One dermoscopy-like image (size, size, 3) uint8 for a lesion of severity s.
+def render(rng: np.random.Generator, size: int, les: lesions.Lesion, patient: dict, acq: dict,
+           show_lesion: bool = True) -> np.ndarray:
+    """One dermoscopy image (size, size, 3) uint8 of lesion `les`. The parts draw from `rng` in a
+    fixed order (skin, shape, pigment, artefacts): keep it, or every seed's images change.
+    `show_lesion=False` leaves the skin where the lesion would be (a control: what the skin and
+    the artefacts alone tell a classifier)."""
+    S = size
+    img, skin_tex = _skin(rng, S, patient)
+    geo = _shape(rng, S, les, acq)
+    if show_lesion:
+        E, D, H, W = _pigment(rng, S, les, geo)
+        ys, xs = geo.ys, geo.xs
+        absorb = E[..., None] * _K_MELANIN + D[..., None] * _K_DERMAL + H[..., None] * _K_BLOOD
+        img[ys, xs] *= np.exp(-absorb)
+        img[ys, xs] = _over(img[ys, xs], _HAZE, W)
+    img *= skin_tex[..., None]
+    img = _artefacts(rng, img, geo, patient, acq)
+    return _optics(rng, img, acq)
 
-    The parts below draw from `rng` in a fixed order (skin, shape, colour, opacity, hairs,
-    scope): keep it, or the images of every seed change."""
-    feat = lambda sd=0.18: float(np.clip(s + rng.normal(0, sd), 0, 1))  # noisy view of s
-    a_asym, a_border, a_colour, a_diam, a_struct = feat(), feat(), feat(), feat(), feat()
-    img = _skin(rng, size, patient)
-    lesion = _lesion_shape(rng, size, a_asym, a_border, a_diam)
-    les = _lesion_colour(rng, size, lesion, a_asym, a_colour, a_struct)
-    opacity = rng.uniform(0.75, 0.95)
-    ys, xs = lesion.ys, lesion.xs
-    img[ys, xs] *= 1 + (opacity * lesion.mask)[..., None] * (les / _REF_SKIN - 1)  # pigment absorbs: multiply
-    img = _hairs(rng, img, patient)
-    img = _scope(rng, img)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+def _skin(rng: np.random.Generator, S: int, patient: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Skin colour from its melanin and blood, with erythema patches; and its texture (furrows,
+    pores, fine grain) as a multiplier: one of `_skin_textures`, shifted and flipped."""
+    blood = patient["blood"] * (1 + 0.4 * np.maximum(_fields(rng, S, 5, 1)[0], 0))
+    img = _BASE_SKIN * np.exp(-(patient["melanin"] * _K_MELANIN + blood[..., None] * _K_BLOOD))
+    bank = _skin_textures(S)
+    tex = np.roll(bank[int(rng.integers(len(bank)))], tuple(rng.integers(0, S, 2)), axis=(0, 1))
+    tex = tex[::-1] if rng.random() < 0.5 else tex
+    return img.astype(np.float32), (tex.T if rng.random() < 0.5 else tex)
 
 
-def _skin(rng: np.random.Generator, S: int, patient: dict) -> np.ndarray:
-    """Skin: patient tone, per-image exposure/white balance, illumination, texture, erythema."""
+@functools.lru_cache(maxsize=4)
+def _skin_textures(S: int, n: int = 12) -> np.ndarray:
+    """n skin textures of side S, from a fixed seed (the same in every worker): the polygonal
+    furrow mesh, pores and fine grain. Their frequencies are fixed fractions of the field of view,
+    band-limited to the pixels there are, so the skin looks the same at any output size."""
+    rng = np.random.default_rng([20261206, S])
+    out = []
+    for _ in range(n):
+        furrows = _cells(rng, S, max(4, min(S // 6, 28)), jitter=0.9)
+        pores = _smoothstep((_fields(rng, S, min(S // 2, 160), 1)[0] - 2.2) * 2) * min(1, S / 320)
+        grain = _fields(rng, S, min(S // 2, 384), 1)[0] * min(1, S / 768)  # finer than a pixel: averaged
+        mottle = _fields(rng, S, max(4, min(S // 16, 64)), 1)[0]
+        out.append(1 - 0.12 * (1 - _smoothstep(furrows / 0.08)) - 0.15 * pores + 0.13 * grain + 0.04 * mottle)
+    return np.stack(out).astype(np.float32)
+
+
+def _cells(rng: np.random.Generator, S: int, k: int, jitter: float) -> np.ndarray:
+    """Worley's cellular pattern over the image: F2 - F1, the distance from each pixel to the
+    nearest border between k x k jittered cells (0 on the border), in cell units. Periodic, so a
+    shifted copy has no seam."""
     X, Y = _grid(S)
-    skin = (_LIGHT_SKIN * (1 - patient["tone"]) + _DARK_SKIN * patient["tone"]) * (1 + patient["hue"])
-    skin = skin * np.float32(rng.lognormal(0, 0.14)) * (1 + rng.normal(0, 0.025, 3).astype(np.float32))
-    low, tex, red = _fields(rng, S, 4, 1)[0], _fields(rng, S, max(S // 4, 8), 1)[0], _fields(rng, S, 6, 1)[0]
-    shade = 1 + 0.05 * low + 0.025 * tex - 0.10 * (X * X + Y * Y)
-    img = skin[None, None, :] * shade[..., None]
-    img = _over(img, _RED * skin / _REF_SKIN, 0.12 * _smoothstep(red * 0.7) * rng.random())  # erythema
-    return img
+    u, v = (X + 1) * np.float32(k / 2), (Y + 1) * np.float32(k / 2)
+    iu, iv = np.floor(u).astype(np.int32), np.floor(v).astype(np.int32)
+    fu, fv = u - iu, v - iv
+    pu, pv = rng.uniform(0.5 - jitter / 2, 0.5 + jitter / 2, (2, k * k)).astype(np.float32)
+    f1 = np.full(u.shape, np.inf, np.float32)
+    f2 = np.full(u.shape, np.inf, np.float32)
+    for dv in (-1, 0, 1):
+        for du in (-1, 0, 1):
+            c = ((iv + dv) % k) * k + (iu + du) % k
+            d = (fu - (du + pu[c])) ** 2 + (fv - (dv + pv[c])) ** 2
+            f2 = np.minimum(f2, np.maximum(f1, d))
+            f1 = np.minimum(f1, d)
+    return np.sqrt(f2) - np.sqrt(f1)
 
 
-def _lesion_shape(rng: np.random.Generator, S: int, a_asym: float, a_border: float, a_diam: float) -> _Lesion:
-    """Centre, orientation, elongation, and a radius R(theta) shaped by A (asymmetry),
-    B (border) and D (diameter)."""
+@functools.lru_cache(maxsize=16)
+def _cell_bank(S: int, k: int, jitter: float, n: int = 6) -> np.ndarray:
+    """n periodic cellular patterns of side S, from a fixed seed: the same in every worker."""
+    rng = np.random.default_rng([20261206, S, k, int(jitter * 100)])
+    return np.stack([_cells(rng, S, k, jitter) for _ in range(n)])
+
+
+def _pattern(rng: np.random.Generator, S: int, k: int, jitter: float, ys: slice, xs: slice) -> np.ndarray:
+    """A cellular pattern (`_cells`) over the rows ys and columns xs: one of the bank's, shifted."""
+    bank = _cell_bank(S, k, jitter)
+    oy, ox = rng.integers(0, S, 2)
+    return bank[int(rng.integers(len(bank)))][np.ix_((np.arange(ys.start, ys.stop) + oy) % S,
+                                                     (np.arange(xs.start, xs.stop) + ox) % S)]
+
+
+def _shape(rng: np.random.Generator, S: int, les: lesions.Lesion, acq: dict) -> _Geometry:
+    """Outline: an ellipse, bent by low harmonics only when the contour is asymmetric; a moth-eaten
+    border for lentigines; a sharp edge on the eighths of the border with an abrupt cut-off."""
     X, Y = _grid(S)
-    zoom = rng.lognormal(0, 0.2)
-    R = (0.24 + 0.24 * a_diam) * zoom
-    cx, cy = rng.normal(0, 0.07, 2)
-    phi = rng.uniform(0, np.pi)
-    elong = 1 + rng.uniform(0.0, 0.35)
-
+    R = float(np.clip(les.diameter_mm / acq["fov_mm"], 0.12, 0.8))  # radius in [-1, 1] units
+    cx, cy = rng.normal(0, 0.06, 2)
+    phi, elong = rng.uniform(0, np.pi), 1 + rng.uniform(0, 0.3)
     T = 256
     t = np.linspace(-np.pi, np.pi, T, endpoint=False)
     radius = np.ones(T)
-    for k in (1, 2, 3):  # A: low harmonics bend the shape off-symmetric
-        radius += (0.01 + 0.12 * a_asym) / k * rng.normal() * np.cos(k * t + rng.uniform(0, 6.3))
-    ks = np.arange(4, 33)[:, None]  # B: a rough spectrum makes the border ragged
-    coef = rng.normal(0, 1, (len(ks), 2)) * ((0.002 + 0.09 * a_border ** 1.5) / ks ** 0.9)
+    bend = 0.10 if les.contour_asymmetric else 0.015
+    for k in (1, 2, 3):
+        radius += bend / k * rng.normal() * np.cos(k * t + rng.uniform(0, 6.3))
+    ks = np.arange(4, 25)[:, None]
+    ragged = 0.05 if les.phenotype == "solar_lentigo" else 0.012
+    coef = rng.normal(0, ragged, (len(ks), 2)) / ks ** 0.8
     radius += (coef[:, :1] * np.cos(ks * t) + coef[:, 1:] * np.sin(ks * t)).sum(0)
-    for _ in range(rng.poisson(3 * a_border ** 2)):  # B: notches
-        d = np.angle(np.exp(1j * (t - rng.uniform(-np.pi, np.pi))))
-        radius -= rng.uniform(0.08, 0.25) * np.exp(-0.5 * (d / rng.uniform(0.08, 0.2)) ** 2)
-    radius = R * np.clip(radius, 0.35, None)
-    edge = (0.05 - 0.035 * a_border) * R + 0.5 / S  # blurry regular border vs. abrupt cut-off
-
-    # Everything lesion-shaped is computed inside the lesion's bounding box only (much cheaper).
-    reach = (radius.max() + edge) * elong  # in [-1, 1] image units
+    radius = R * np.clip(radius, 0.5, None)
+    abrupt = np.zeros(8, bool)
+    abrupt[rng.permutation(8)[:les.border_abrupt]] = True
+    sharp = les.phenotype == "seborrhoeic_keratosis"
+    edge8 = np.where(abrupt | sharp, 0.015, rng.uniform(0.08, 0.16)) * R + 0.6 / S
+    reach = (radius.max() * 1.25 + edge8.max()) * elong  # streaks reach past the border
     lo = lambda c: max(int(np.floor((c - reach + 1) / 2 * S)) - 1, 0)
     hi = lambda c: min(int(np.ceil((c + reach + 1) / 2 * S)) + 1, S)
     ys, xs = slice(lo(cy), max(hi(cy), lo(cy) + 1)), slice(lo(cx), max(hi(cx), lo(cx) + 1))
     Xb, Yb = X[ys, xs], Y[ys, xs]
     u = ((Xb - cx) * np.cos(phi) + (Yb - cy) * np.sin(phi)) / elong
     v = -(Xb - cx) * np.sin(phi) + (Yb - cy) * np.cos(phi)
-    rho = np.sqrt(u * u + v * v)
-    theta = np.arctan2(v, u)
+    rho, theta = np.sqrt(u * u + v * v), np.arctan2(v, u)
     idx = ((theta + np.pi) * (T / (2 * np.pi))).astype(np.int32) % T
     r_pix = radius.astype(np.float32)[idx]
+    edge = edge8.astype(np.float32)[idx * 8 // T]
     mask = _smoothstep((r_pix - rho) / (2 * edge) + 0.5)
-    rn = np.clip(rho / r_pix, 0, 1)  # 0 at the centre, 1 at the border
-    return _Lesion(ys, xs, Xb, Yb, cx, cy, R, mask, rn)
+    return _Geometry(ys, xs, Xb, Yb, mask, np.clip(rho / r_pix, 0, 1.5), theta, cx, cy, R)
 
 
-def _lesion_colour(rng: np.random.Generator, S: int, lesion: _Lesion, a_asym: float, a_colour: float,
-                   a_struct: float) -> np.ndarray:
-    """The lesion's colour in its bounding box: a brown base with an asymmetric gradient (A),
-    a pigment network, colour blotches (C) and dots."""
-    ys, xs, Xb, Yb, cx, cy, R, mask, rn = lesion
-    base_dark = float(np.clip(rng.normal(0.65 - 0.45 * a_colour, 0.18), 0, 1))
-    centre_dark = float(np.clip(base_dark + rng.normal(0.12, 0.12), 0, 1))
-    prof = base_dark + (centre_dark - base_dark) * (1 - rn * rn)
-    ga = rng.uniform(0, 2 * np.pi)
-    prof = prof + 0.35 * a_asym * (np.cos(ga) * (Xb - cx) + np.sin(ga) * (Yb - cy)) / R * mask
-    prof = np.clip(prof, 0, 1)[..., None]
-    les = _LIGHT_BROWN * (1 - prof) + _DARK_BROWN * prof
+def _region(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, k: int = 6) -> np.ndarray:
+    """A soft, irregular area of the lesion around `place` (weights in [0, 1])."""
+    px = geo.cx + place.offset * geo.R * math.cos(place.angle)
+    py = geo.cy + place.offset * geo.R * math.sin(place.angle)
+    d2 = ((geo.X - px) ** 2 + (geo.Y - py) ** 2) / (place.spread * geo.R) ** 2
+    noise = _fields(rng, geo.X.shape[0], k, 1)[0] if geo.X.shape[0] == geo.X.shape[1] else \
+        _fields(rng, max(geo.X.shape), k, 1)[0][:geo.X.shape[0], :geo.X.shape[1]]
+    return _smoothstep(1.1 - 0.6 * d2 + 0.8 * noise) * geo.mask
 
-    # a pigment network: zero crossings of a fine field; regular for nevi, patchy and thick for
-    # melanomas (structure feature)
-    fine = _fields(rng, S, max(S // 8, 8), 2)[:, ys, xs]
-    patch = _fields(rng, S, 5, 1)[0, ys, xs]
-    width = np.maximum(0.3 + 0.3 * a_struct * (1 + 0.8 * patch), 0.05)
-    strength = rng.uniform(0.3, 0.6) * (1 - a_struct * 0.7 * _smoothstep(patch + 0.5))
-    lines = np.minimum(np.abs(fine[0]), np.abs(fine[1]))  # two sets of contour lines: a mesh
-    net = (1 - _smoothstep(lines / width)) * strength * (1 - rn)
-    les = _over(les, _DARK_BROWN * 0.7, net)
 
-    # C: extra colours as blotches. Melanomas get more of them, including light ones (red, white
-    # regression) that keep their mean colour close to a nevus's.
-    blobs = _fields(rng, S, 6, 5)[:, ys, xs]
-    palette = (_BLACK, _BLUE_GREY, _RED, _WHITE, _DARK_BROWN)
-    p_colour = (0.03 + 0.9 * a_colour ** 1.5) * np.array([0.8, 0.8, 0.7, 0.8, 0.9])
-    for i in np.flatnonzero(rng.random(5) < p_colour):
-        thr = rng.uniform(0.3, 1.2)
-        alpha = _smoothstep((blobs[i] - thr) * 1.5) * rng.uniform(0.5, 0.9) * (1 - 0.5 * rn)
-        les = _over(les, palette[i], alpha)
-    # dots/globules: sparse peaks of a fine field; central for nevi, peripheral for melanomas
-    dots = _smoothstep((fine[0] - 2.0) * 3) * (rn if rng.random() < a_struct else (1 - rn))
-    les = _over(les, _BLACK * 1.5, 0.7 * dots)
-    return les
+def _dots(rng: np.random.Generator, shape: tuple, where: np.ndarray, n: int, radius: float,
+          size_sd: float = 0.3) -> np.ndarray:
+    """n round dots with volume (a soft, dome-shaped profile), placed with density `where`."""
+    h, w = shape
+    out = np.zeros(shape, np.float32)
+    p = where.ravel().astype(np.float64)
+    if n == 0 or p.sum() <= 0:
+        return out
+    picks = rng.choice(p.size, n, p=p / p.sum())
+    yy, xx = np.divmod(picks, w)
+    radii = np.maximum(radius * rng.lognormal(0, size_sd, n), 0.7)
+    for y, x, r in zip(yy, xx, radii):
+        k = int(math.ceil(r * 1.6))
+        y0, y1, x0, x1 = max(y - k, 0), min(y + k + 1, h), max(x - k, 0), min(x + k + 1, w)
+        gy, gx = np.ogrid[y0 - y:y1 - y, x0 - x:x1 - x]
+        dome = np.clip(1 - (gy * gy + gx * gx) / (r * r), 0, None) ** 0.7
+        out[y0:y1, x0:x1] = np.maximum(out[y0:y1, x0:x1], dome)
+    return out
+
+
+# The pattern of each phenotype and each criterion draws from a stream of its own, so that a
+# lesion rendered with one criterion more or less differs only by that criterion (tests use this).
+_PATTERNS = ("network", "globular_nevus", "seborrhoeic_keratosis", "inflamed", *lesions.SEVEN_POINT)
+
+
+def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geometry):
+    """The lesion's chromophore maps in its bounding box: epidermal melanin E, dermal melanin D,
+    blood H, and whitish haze W. The phenotype sets the pattern; each criterion adds its own
+    structure at its own place."""
+    g = dict(zip(_PATTERNS, rng.spawn(len(_PATTERNS))))
+    h, w = geo.mask.shape
+    m, rn, c, ph = geo.mask, geo.rn, les.criteria, les.phenotype
+    px = geo.R * S / 2  # the radius in pixels
+    base = (0.4 + 0.8 * les.base_dark) * (0.75 + 0.25 * np.clip(1 - rn * rn, 0, 1))
+    E = base * m * (0.45 if ph == "solar_lentigo" else 1.0)
+    D = les.dermal * 1.1 * m
+    H = np.zeros_like(m)
+    W = np.zeros_like(m)
+    cell_k = 15 if S >= 96 else max(3, S // 7)  # a network hole is ~1/30 of the field of view, >= 3.5 px
+    if les.structures["network"]:  # typical: thin, regular, fading towards the border
+        lines = 1 - _smoothstep(_pattern(g["network"], S, cell_k * 2, 0.5, geo.ys, geo.xs) / 0.18)
+        E = E + 0.55 * lines * m * np.clip(1.2 - rn, 0, 1) * (0.8 + 0.4 * les.base_dark)
+    if ph == "globular_nevus":  # regular brown globules over the whole lesion
+        r = g[ph]
+        E = E + 1.1 * _dots(r, (h, w), m * (rn < 0.85), int(r.integers(12, 30)), max(px / 9, 1.0), 0.15)
+    if ph == "seborrhoeic_keratosis":  # milia-like cysts (white) and comedo-like openings (dark plugs)
+        r = g[ph]
+        W = np.maximum(W, 0.75 * _dots(r, (h, w), m, int(r.integers(4, 12)), max(px / 14, 0.8)))
+        E = E + 1.4 * _dots(r, (h, w), m, int(r.integers(3, 10)), max(px / 12, 0.8))
+        E = E + 0.3 * (1 - _smoothstep(_pattern(r, S, cell_k, 0.9, geo.ys, geo.xs) / 0.3)) * m
+    if les.colours["red"] and "atypical_vessels" not in c:  # an inflamed lesion: diffuse redness
+        r = g["inflamed"]
+        H = H + r.uniform(0.4, 0.8) * _region(r, geo, lesions.Place(r.uniform(0, 6.3), 0.2, 0.7))
+    if "atypical_network" in c:  # broken, thick, dark, irregular cells, where it sits
+        r, i = g["atypical_network"], c["atypical_network"]
+        area = _region(r, geo, les.places["atypical_network"])
+        f = _pattern(r, S, max(3, cell_k), 1.0, geo.ys, geo.xs) / r.uniform(0.8, 1.2)  # larger, uneven holes
+        broken = _smoothstep(_fields(r, S, 9, 1)[0][geo.ys, geo.xs] * 2 + 1.0)
+        E = E + (1.2 + 1.0 * i) * (1 - _smoothstep(f / (0.35 + 0.3 * i))) * np.minimum(area * 1.5, 1) * broken
+    if "irregular_blotches" in c:  # structureless black or dark brown, off-centre
+        r, i = g["irregular_blotches"], c["irregular_blotches"]
+        E = E + (1.2 + 1.6 * i) * _smoothstep(_region(r, geo, les.places["irregular_blotches"]) * 2.2 - 0.4)
+    if "blue_white_veil" in c:  # confluent blue-grey (dermal melanin) under a whitish haze
+        r, i = g["blue_white_veil"], c["blue_white_veil"]
+        area = _smoothstep(_region(r, geo, les.places["blue_white_veil"]) * 1.6 - 0.3)
+        mottle = 0.8 + 0.4 * _fields(r, max(h, w), max(4, int(px / 4)), 1)[0][:h, :w]
+        D = D + (0.9 + 0.8 * i) * area * mottle
+        E = E * (1 - 0.8 * area)
+        W = np.maximum(W, (0.12 + 0.14 * i) * area)
+    if "regression" in c:  # white scar-like depigmentation with blue-grey peppering
+        r, i = g["regression"], c["regression"]
+        area = _smoothstep(_region(r, geo, les.places["regression"]) * 1.6 - 0.4)
+        W = np.maximum(W, (0.35 + 0.3 * i) * area)
+        E = E * (1 - 0.9 * area)
+        D = D + 0.9 * _dots(r, (h, w), area, int(10 + 30 * i), max(px / 30, 0.6), 0.2)
+    if "irregular_dots" in c:  # black dots and brown globules of mixed sizes, off-centre or peripheral
+        r, i = g["irregular_dots"], c["irregular_dots"]
+        area = _region(r, geo, les.places["irregular_dots"]) * (0.3 + rn)
+        E = E + (2.0 + 1.2 * i) * _dots(r, (h, w), area, int(6 + 14 * i), max(px / 8, 1.1), 0.4)
+    if "irregular_streaks" in c:  # pseudopods and radial streaming in one sector, past the border
+        E = E + _streaks(g["irregular_streaks"], geo, les.places["irregular_streaks"], c["irregular_streaks"], S)
+    if "atypical_vessels" in c:  # red dotted and irregular linear vessels
+        r, i = g["atypical_vessels"], c["atypical_vessels"]
+        area = _region(r, geo, les.places["atypical_vessels"])
+        H = H + (2.0 + 1.0 * i) * _dots(r, (h, w), area, int(8 + 20 * i), max(px / 18, 0.9), 0.25)
+        H = H + (1.6 + 0.8 * i) * (1 - _smoothstep(_pattern(r, S, cell_k, 1.0, geo.ys, geo.xs) / 0.15)) * area
+        E = E * (1 - 0.85 * area)  # vessels show where the pigment thins
+    return E, D, H, W * m
+
+
+def _streaks(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, i: float, S: int) -> np.ndarray:
+    """Radial dark lines bulging past the border within one sector around `place.angle`."""
+    width = rng.uniform(0.5, 1.2)
+    d = np.angle(np.exp(1j * (geo.theta - place.angle)))
+    sector = np.exp(-0.5 * (d / width) ** 2)
+    n = int(rng.integers(5, 12))
+    wobble = rng.normal(0, 0.15, 64).cumsum()[((geo.theta + np.pi) * (63 / (2 * np.pi))).astype(np.int32)]
+    comb = np.cos(geo.theta * n * 2 * np.pi / width + wobble + rng.uniform(0, 6.3))
+    reach = 1.05 + 0.2 * rng.random(64)[((geo.theta + np.pi) * (63 / (2 * np.pi))).astype(np.int32)]
+    radial = _smoothstep((geo.rn - 0.75) / 0.15) * (1 - _smoothstep((geo.rn - reach) / 0.06))
+    return (0.9 + 0.9 * i) * sector * radial * _smoothstep(comb * 2.5 - 1.0)
+
+
+def _artefacts(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, patient: dict, acq: dict) -> np.ndarray:
+    """What the dermoscope and the clinic add: hairs, gel bubbles, ruler marks, ink, glare."""
+    S = img.shape[0]
+    if acq["hair"]:
+        img = _hairs(rng, img, patient)
+    if acq["bubbles"]:
+        X, Y = _grid(S)
+        for _ in range(int(rng.integers(1, 5))):
+            bx, by, br = rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.9), rng.uniform(0.03, 0.15)
+            d = np.sqrt((X - bx) ** 2 + (Y - by) ** 2) / br
+            ring = np.exp(-((d - 1) / 0.06) ** 2)
+            img = img * (1 - 0.15 * ring[..., None]) + 0.35 * np.exp(-((d - 0.8) / 0.05) ** 2)[..., None]
+    if acq["ruler"]:
+        layer = Image.new("L", (S, S), 0)
+        draw, y0 = ImageDraw.Draw(layer), int(S * rng.uniform(0.86, 0.96))
+        for j, x in enumerate(np.arange(rng.uniform(0, S / 24), S, S / 24)):
+            draw.line([(x, y0), (x, y0 - S * (0.06 if j % 5 == 0 else 0.03))], fill=230, width=max(1, S // 200))
+        img = _over(img, np.array([0.1, 0.1, 0.1], np.float32), np.asarray(layer, np.float32) / 255)
+    if acq["ink"]:
+        X, Y = _grid(S)
+        a = rng.uniform(0, 2 * np.pi)
+        ix, iy, ir = geo.cx + 1.3 * geo.R * math.cos(a), geo.cy + 1.3 * geo.R * math.sin(a), rng.uniform(0.02, 0.05)
+        img = _over(img, _INK, 0.8 * _smoothstep(1.5 - np.sqrt((X - ix) ** 2 + (Y - iy) ** 2) / ir))
+    if acq["glare"]:
+        X, Y = _grid(S)
+        for _ in range(int(rng.integers(1, 4))):
+            gx, gy, gr = rng.uniform(-0.7, 0.7), rng.uniform(-0.7, 0.7), rng.uniform(0.01, 0.04)
+            img = _over(img, np.ones(3, np.float32), 0.9 * np.exp(-((X - gx) ** 2 + (Y - gy) ** 2) / gr ** 2))
+    return img
 
 
 def _hairs(rng: np.random.Generator, img: np.ndarray, patient: dict) -> np.ndarray:
-    """Dark curves drawn into a mask with Pillow."""
+    """Curved hairs of varying thickness and colour, drawn at twice the size and reduced: anti-aliased."""
     S = img.shape[0]
-    n_hairs = rng.poisson(8 * patient["hairy"] ** 2) if rng.random() < 0.6 else 0
-    if n_hairs:
-        layer = Image.new("L", (S, S), 0)
-        draw = ImageDraw.Draw(layer)
-        for _ in range(n_hairs):
-            p0, p2 = rng.uniform(-0.2, 1.2, 2) * S, rng.uniform(-0.2, 1.2, 2) * S
-            p1 = (p0 + p2) / 2 + rng.normal(0, 0.15, 2) * S
-            tt = np.linspace(0, 1, 12)[:, None]
-            pts = (1 - tt) ** 2 * p0 + 2 * (1 - tt) * tt * p1 + tt ** 2 * p2
-            draw.line([tuple(p) for p in pts], fill=int(rng.uniform(150, 255)),
-                      width=max(1, int(round(S / 128 * rng.uniform(0.6, 1.8)))))
-        img = _over(img, _HAIR, np.asarray(layer, np.float32) / 255)
-    return img
+    n = 1 + rng.poisson(10 * patient["hairy"] ** 2)
+    layer = Image.new("L", (2 * S, 2 * S), 0)
+    draw = ImageDraw.Draw(layer)
+    colour = _HAIR_COLOURS[int(rng.choice(4, p=[0.45, 0.35, 0.1, 0.1]))]
+    for _ in range(n):
+        p0, p2 = rng.uniform(-0.2, 1.2, 2) * 2 * S, rng.uniform(-0.2, 1.2, 2) * 2 * S
+        p1 = (p0 + p2) / 2 + rng.normal(0, 0.15, 2) * 2 * S
+        tt = np.linspace(0, 1, 16)[:, None]
+        pts = (1 - tt) ** 2 * p0 + 2 * (1 - tt) * tt * p1 + tt ** 2 * p2
+        draw.line([tuple(p) for p in pts], fill=int(rng.uniform(170, 255)),
+                  width=max(1, int(round(2 * S / 160 * rng.uniform(0.5, 2.0)))))
+    alpha = np.asarray(layer.resize((S, S), Image.Resampling.BOX), np.float32) / 255
+    return _over(img, colour, alpha)
 
 
-def _scope(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """The dark circle of the dermoscope around a bright field, sometimes outside the frame."""
-    X, Y = _grid(img.shape[0])
-    vr = rng.uniform(0.9, 1.6)
-    vx, vy = rng.normal(0, 0.05, 2)
-    d = np.sqrt((X - vx) ** 2 + (Y - vy) ** 2)
-    scope = 1 - 0.95 * _smoothstep((d - vr) / 0.08 + 0.5)
-    img *= scope[..., None]
-    return img
+def _optics(rng: np.random.Generator, img: np.ndarray, acq: dict) -> np.ndarray:
+    """Illumination fall-off, the scope's black corners, white balance, defocus, sensor noise."""
+    S = img.shape[0]
+    r2, r = _radius(S)
+    light = (1 - np.float32(acq["falloff"]) * r2) * np.float32(acq["exposure"])
+    if acq["corners"]:
+        light *= 1 - 0.97 * _smoothstep((r - np.float32(rng.uniform(1.0, 1.3))) / 0.05 + 0.5)
+    img *= light[..., None]
+    img *= acq["gain"] * 255
+    out = Image.fromarray((np.clip(img, 0, 255) + 0.5).astype(np.uint8))
+    # defocus and sensor noise are the camera's, at its ~1024 px: smaller images average them away
+    if acq["blur"] * S / 1024 > 0.3:
+        out = out.filter(ImageFilter.GaussianBlur(acq["blur"] * S / 1024))
+    grain = np.roll(_noise_bank(S)[int(rng.integers(4))], int(rng.integers(S * S)))  # sensor noise
+    noisy = np.asarray(out, np.float32) + grain * np.float32(acq["noise"] * 255 * max(S / 1024, 0.1))
+    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _noise_bank(S: int) -> np.ndarray:
+    """Four fields of unit Gaussian noise (S, S, 3) from a fixed seed; a shifted one is each image's."""
+    return np.random.default_rng([20261206, 3, S]).standard_normal((4, S, S, 3), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _radius(S: int) -> tuple[np.ndarray, np.ndarray]:
+    """The squared distance from the image centre, and the distance, in [-1, 1] units."""
+    X, Y = _grid(S)
+    r2 = (X * X + Y * Y).astype(np.float32)
+    return r2, np.sqrt(r2)
 
 
 def _render_one(job: tuple) -> bytes:
     """Render image i and return its JPEG bytes. A top-level function so a Pool can run it."""
-    seed, i, size, malignant, difficulty, patient, quality = job
-    rng = np.random.default_rng([seed, 1, i])
-    s = severity(rng, malignant, difficulty)
-    img = render(rng, size, s, patient)
+    seed, i, size, malignant, difficulty, patient, centre, bias, show_lesion = job
+    rng, les = lesion_of(seed, i, malignant, difficulty)
+    acq = acquisition(seed, i, malignant, centre, bias)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=quality)
+    Image.fromarray(render(rng, size, les, patient, acq, show_lesion)).save(buf, "JPEG", quality=acq["jpeg"])
     return buf.getvalue()
 
 
@@ -360,18 +574,33 @@ def latent_severity(rows: list[dict], seed: int, difficulty: float) -> np.ndarra
     Its ROC AUC against ``target`` is an upper bound for any classifier of these images, because
     an image depends on its label only through its severity.
     """
+    return np.array([lesions.severity(np.random.default_rng([seed, 1, r["_index"]]), r["target"] == "1", difficulty)
+                     for r in rows])
+
+
+def truth(rows: list[dict], seed: int, difficulty: float, centre: int = 0, bias: float = 0.0) -> list[dict]:
+    """The hidden truth of each planned row, as `CRITERIA_CSV` writes it: the lesion's severity,
+    phenotype and criteria (melano.lesions.truth_row), and the artefacts its image shows."""
     out = []
     for r in rows:
-        rng = np.random.default_rng([seed, 1, r["_index"]])
-        out.append(severity(rng, r["target"] == "1", difficulty))
-    return np.array(out)
+        mal = r["target"] == "1"
+        _, les = lesion_of(seed, r["_index"], mal, difficulty)
+        acq = acquisition(seed, r["_index"], mal, centre, bias)
+        out.append({"image_name": r["image_name"], **lesions.truth_row(les),
+                    "fitzpatrick": str(r["_patient"]["fitzpatrick"]), "centre": str(centre),
+                    **{f"artefact_{a}": str(int(acq[a])) for a in ARTEFACTS}})
+    return out
 
 
-def render_rows(rows: list[dict], size: int, seed: int, difficulty: float,
-                workers: int = 1) -> Iterator[bytes]:
-    """Yield the JPEG bytes (size x size) of each row of `plan(..., seed, difficulty)`, in order."""
-    jobs = [(seed, r["_index"], size, r["target"] == "1", difficulty, r["_patient"],
-             int(np.random.default_rng([seed, 3, r["_index"]]).integers(80, 96))) for r in rows]
+TRUTH_COLUMNS = ["image_name", *lesions.TRUTH_COLUMNS, "fitzpatrick", "centre", *(f"artefact_{a}" for a in ARTEFACTS)]
+
+
+def render_rows(rows: list[dict], size: int, seed: int, difficulty: float, workers: int = 1,
+                centre: int = 0, bias: float = 0.0, show_lesion: bool = True) -> Iterator[bytes]:
+    """Yield the JPEG bytes (size x size) of each row of `plan(..., seed, difficulty)`, in order
+    (`show_lesion=False`: the same images with skin where the lesion is, see `render`)."""
+    jobs = [(seed, r["_index"], size, r["target"] == "1", difficulty, r["_patient"], centre, bias, show_lesion)
+            for r in rows]
     if workers <= 1:
         yield from map(_render_one, jobs)
         return
@@ -382,28 +611,55 @@ def render_rows(rows: list[dict], size: int, seed: int, difficulty: float,
 def generate(cfg: SynthConfig) -> list[dict]:
     """Write a synthetic ISIC-2020-style folder at cfg.out and return its CSV rows.
 
-    Layout: ``train.csv`` (the 8 ISIC columns), ``jpeg/train/<image_name>.jpg`` and
-    ``synth.json`` (the config). An `out` that holds anything but an earlier synthetic set is
-    refused unless ``cfg.force`` (`melano.outdir.OutputError`), and so is an earlier set.
-    The set is written into a temp folder beside `out` and swapped into place when complete,
-    so a killed run leaves the old folder or the new one, never a mix of the two.
+    Layout: ``train.csv`` (the 8 ISIC columns), ``jpeg/train/<image_name>.jpg``,
+    ``synth_criteria.csv`` (the hidden truth of every image: `truth`) and ``synth.json`` (the
+    config). An `out` that holds anything but an earlier synthetic set is refused unless
+    ``cfg.force`` (`melano.outdir.OutputError`), and so is an earlier set. The set is written
+    into a temp folder beside `out` and swapped into place when complete, so a killed run leaves
+    the old folder or the new one, never a mix of the two.
     """
     check_config(cfg)
     rows = plan(cfg.benign, cfg.malignant, cfg.seed, cfg.difficulty, cfg.images_per_patient)
     log_config(cfg)
     with outdir.claim(cfg.out, "synth", force=cfg.force, staged=True, can_resume=False) as out:
         out.write_json("synth.json", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "force"})
-        stream = render_rows(rows, cfg.size, cfg.seed, cfg.difficulty, cfg.workers)
+        stream = render_rows(rows, cfg.size, cfg.seed, cfg.difficulty, cfg.workers, cfg.centre, cfg.artefact_bias)
         for r, data in progress(zip(rows, stream), total=len(rows), desc="synth"):
             out.write_bytes(f"jpeg/train/{r['image_name']}.jpg", data)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        out.write_text("train.csv", buf.getvalue())
+        out.write_text("train.csv", _csv(rows, CSV_COLUMNS))
+        out.write_text(CRITERIA_CSV, _csv(truth(rows, cfg.seed, cfg.difficulty, cfg.centre, cfg.artefact_bias),
+                                          TRUTH_COLUMNS))
     n_pat = len({r["patient_id"] for r in rows})
     log.info("wrote %d images (%d malignant) of %d patients to %s", len(rows), cfg.malignant, n_pat, cfg.out)
     return rows
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def read_truth(data_dir) -> dict[str, dict[str, str]] | None:
+    """{image_name: its row of synth_criteria.csv} for a folder melano.synth wrote; None for any
+    other folder (real data has no hidden truth). ValueError naming the line if train.csv lists
+    an image the truth file does not, or with another label."""
+    from pathlib import Path
+    root = Path(data_dir)
+    if not (root / CRITERIA_CSV).is_file():
+        return None
+    with open(root / CRITERIA_CSV, newline="", encoding="utf-8") as f:
+        found = {r["image_name"]: r for r in csv.DictReader(f)}
+    with open(root / "train.csv", newline="", encoding="utf-8-sig") as f:
+        for line, r in enumerate(csv.DictReader(f), start=2):
+            t = found.get(r.get("image_name", ""))
+            if t is None or (t["phenotype"] == "melanoma") != (r.get("target", "").strip() == "1"):
+                raise ValueError(f"{root / 'train.csv'}, line {line}: image {r.get('image_name')!r} is not the one "
+                                 f"{root / CRITERIA_CSV} describes; the folder was changed after melano.synth wrote "
+                                 f"it, so its hidden criteria are unknown (regenerate it)")
+    return found
 
 
 def add_arguments(p) -> None:
@@ -419,6 +675,13 @@ def add_arguments(p) -> None:
                         f"default {DEFAULT_DIFFICULTY}")
     p.add_argument("--images-per-patient", type=float, default=5.0,
                    help="mean number of images per patient (default 5)")
+    p.add_argument("--centre", type=int, default=0,
+                   help="acquisition centre, 0 or 1: white balance, scope, JPEG quality and artefact rates "
+                        "(a second clinic; default 0)")
+    p.add_argument("--artefact-bias", type=float, default=0.0,
+                   help="in [0, 1]: rulers and ink marks come (1 + bias) times as often with melanomas and "
+                        "(1 - bias) times with nevi, for spurious-correlation experiments (default 0: "
+                        "artefacts independent of the label)")
     p.add_argument("--workers", type=int, default=1,
                    help="render in this many processes (default 1; output is identical)")
     p.add_argument("--force", action="store_true",
@@ -428,6 +691,6 @@ def add_arguments(p) -> None:
 
 def run_from_args(args) -> None:
     cfg = SynthConfig(out=args.out, benign=args.benign, malignant=args.malignant, size=args.size,
-                      seed=args.seed, difficulty=args.difficulty,
-                      images_per_patient=args.images_per_patient, workers=args.workers, force=args.force)
+                      seed=args.seed, difficulty=args.difficulty, images_per_patient=args.images_per_patient,
+                      centre=args.centre, artefact_bias=args.artefact_bias, workers=args.workers, force=args.force)
     generate(cfg)

@@ -175,9 +175,9 @@ def test_hidden_severity_recovers_the_generator_and_skips_other_folders(tmp_path
     got = quality.hidden_severity(tmp_path / "s")
     expected = synth.latent_severity(rows, 5, synth.DEFAULT_DIFFICULTY)
     assert [got[r["image_name"]] for r in rows] == expected.tolist()
-    # the same images without synth.json, as a real ISIC folder would be: no ground truth
+    # the same images without the truth file, as a real ISIC folder would be: no ground truth
     shutil.copytree(tmp_path / "s", tmp_path / "isic")
-    (tmp_path / "isic" / "synth.json").unlink()
+    (tmp_path / "isic" / synth.CRITERIA_CSV).unlink()
     assert quality.hidden_severity(tmp_path / "isic") is None
     # a folder edited after generation (a label flipped) is refused, not silently mismatched
     csv_path = tmp_path / "s" / "train.csv"
@@ -257,7 +257,7 @@ def test_pixel_features_are_block_means_of_pixels_and_detail():
 
 # ----------------------------------------------------------------------------- evaluate, end to end
 
-SEED, BENIGN, MALIGNANT, SIZE = 2, 320, 130, 48
+SEED, BENIGN, MALIGNANT, SIZE = 2, 480, 240, 48
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,8 @@ def built_in(tmp_path_factory):
         r = plan[cache.names[row]]
         draw = np.random.default_rng([SEED, 1, r["_index"]])
         synth.severity(draw, False, synth.DEFAULT_DIFFICULTY)  # the source's own draw, then its lesion
-        raw.append(synth.render(draw, SIZE, float(rng.beta(6, 2)), r["_patient"]))
+        les = synth.lesions.draw(draw, float(rng.beta(6, 2)), True)
+        raw.append(synth.render(draw, SIZE, les, r["_patient"], synth.acquisition(SEED, r["_index"], False, 0, 0.0)))
         path = encode.save_like(Image.fromarray(raw[-1]), paths[r["image_name"]], root / "syn" / r["image_name"])
         oracle.append(data.load_image(path, SIZE))
     images = np.array(cache.images)
@@ -302,7 +303,10 @@ def encoder():
     return quality.Encoder(resolution=96)  # smaller than 224 to keep the test quick
 
 
-CFG = quality.QualityConfig(max_images=60, kid_subsets=20, fd_draws=3, folds=4, seed=0)
+# The built-in lesions differ by dermoscopic structures, not by size: the severity regressor needs
+# about 300 training images to see them at 48 px (validation R^2 0.14; with the 138 that
+# max_images=60 gave it, -0.09)
+CFG = quality.QualityConfig(max_images=150, kid_subsets=20, fd_draws=3, folds=4, seed=0)
 
 
 def test_evaluate_built_in_data(built_in, encoder, tmp_path):
@@ -315,7 +319,8 @@ def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     oracle, identity, copies = (res["arms"][a] for a in ("oracle", "identity", "copies"))
     assert res["severity_regressor"]["r2_val"] > 0.1
     # the oracle raised severity and the scorer sees it; identity changed nothing
-    assert oracle["severity"]["predicted_shift"]["mean"] > 0.15
+    shift = oracle["severity"]["predicted_shift"]  # a rise of 0.5 in truth, seen at >= 3 standard errors
+    assert shift["mean"] > 3 * shift["sd"] / np.sqrt(shift["n"])
     assert oracle["severity"]["fraction_translations_above_benign_median"] > \
         oracle["severity"]["fraction_sources_above_benign_median"] + 0.2
     ts = oracle["translation_success"]
@@ -327,7 +332,8 @@ def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     assert kid(oracle, "synthetic_vs_real_mel_train") < kid(oracle, "sources_vs_real_mel_train")
     assert identity["distances"]["synthetic_vs_real_mel_train"] == identity["distances"]["sources_vs_real_mel_train"]
     assert identity["two_sample"]["features"]["synthetic"] == identity["two_sample"]["features"]["sources"]
-    assert res["reference"]["two_sample"]["real_benign_val_vs_real_mel_train"]["features"]["auc"] > 0.7
+    ref = res["reference"]["two_sample"]["real_benign_val_vs_real_mel_train"]["features"]
+    assert ref["auc"] > 0.6 and ref["n_a"] > 80 and ref["n_b"] > 80  # ~3 standard errors above chance
     # memorisation: copies of training melanomas are found, with their originals
     assert copies["memorisation"]["fraction_below_real_percentile"] == 1.0
     first = copies["memorisation"]["closest"][0]
