@@ -46,8 +46,8 @@ BENIGN_PHENOTYPES = {"reticular_nevus": 0.30, "globular_nevus": 0.14, "homogeneo
 # Presence: sigmoid(a + b (s - 0.5)) per criterion, calibrated (bench/bench_data.py --calibrate)
 # so that nevi (s ~ Beta(2, 6)) and melanomas (s ~ Beta(6, 2)) show each at about the rates in the
 # comments (benign, melanoma); the phenotypes add to the benign rates.
-_PRESENCE = {"atypical_network": (0.0, 4.0),     # ~0.25, 0.70
-             "blue_white_veil": (-1.0, 5.6),     # ~0.10, 0.52
+_PRESENCE = {"atypical_network": (0.1, 4.8),     # ~0.25, 0.75
+             "blue_white_veil": (-0.9, 6.4),     # ~0.12, 0.60
              "atypical_vessels": (-2.2, 3.3),    # ~0.05, 0.19
              "irregular_streaks": (-1.5, 3.2),   # ~0.11, 0.33
              "irregular_dots": (-0.5, 1.3),      # ~0.33, 0.45
@@ -156,8 +156,8 @@ def _colours(les: Lesion, rng: np.random.Generator) -> dict[str, bool]:
     """Stolz's C: the colours the lesion shows, from its pigment and criteria."""
     c = les.criteria
     dark = les.base_dark > 0.45 or "irregular_blotches" in c or "atypical_network" in c
-    return {"white": "regression" in c or "blue_white_veil" in c or les.phenotype == "seborrhoeic_keratosis",
-            "red": "atypical_vessels" in c or bool(rng.random() < 0.15),  # or inflamed, in any lesion
+    return {"white": "regression" in c or c.get("blue_white_veil", 0) > 0.6 or les.phenotype == "seborrhoeic_keratosis",
+            "red": "atypical_vessels" in c or bool(rng.random() < 0.23),  # or inflamed, in any lesion
             "light_brown": les.base_dark < 0.75 or les.phenotype == "solar_lentigo",
             "dark_brown": dark,
             "blue_grey": "blue_white_veil" in c or "regression" in c or les.dermal > 0,

@@ -188,7 +188,7 @@ def acquisition(seed: int, index: int, malignant: bool, centre: int, bias: float
     p = {"hair": c["hair"], "bubbles": c["bubbles"], "ruler": min(1.0, c["ruler"] * tilt),
          "ink": min(1.0, c["ink"] * tilt), "glare": c["glare"], "corners": c["corners"]}
     found = {a: bool(rng.random() < p[a]) for a in ARTEFACTS}
-    return {**found, "jpeg": int(rng.integers(*c["jpeg"])), "blur": float(rng.uniform(0, 2.5)),
+    return {**found, "jpeg": int(rng.integers(*c["jpeg"])), "blur": float(rng.uniform(0, 1.5)),
             "noise": float(rng.uniform(0.008, 0.025)), "falloff": float(rng.uniform(0.05, 0.3)),
             "exposure": float(rng.lognormal(0, 0.08)), "gain": np.array(c["gain"], np.float32),
             "fov_mm": float(rng.uniform(14, 20))}
@@ -227,7 +227,8 @@ def render(rng: np.random.Generator, size: int, les: lesions.Lesion, patient: di
         ys, xs = geo.ys, geo.xs
         absorb = E[..., None] * _K_MELANIN + D[..., None] * _K_DERMAL + H[..., None] * _K_BLOOD
         img[ys, xs] *= np.exp(-absorb)
-        img[ys, xs] = _over(img[ys, xs], _HAZE, W)
+        if W.any():  # veil, regression, milia
+            img[ys, xs] = _over(img[ys, xs], _HAZE, W)
     img *= skin_tex[..., None]
     img = _artefacts(rng, img, geo, patient, acq)
     return _optics(rng, img, acq)
@@ -408,9 +409,9 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
         r, i = g["blue_white_veil"], c["blue_white_veil"]
         area = _smoothstep(_region(r, geo, les.places["blue_white_veil"]) * 1.6 - 0.3)
         mottle = 0.8 + 0.4 * _fields(r, max(h, w), max(4, int(px / 4)), 1)[0][:h, :w]
-        D = D + (0.9 + 0.8 * i) * area * mottle
-        E = E * (1 - 0.8 * area)
-        W = np.maximum(W, (0.12 + 0.14 * i) * area)
+        D = D + (1.0 + 0.8 * i) * area * mottle
+        E = E * (1 - 0.95 * area)
+        W = np.maximum(W, (0.08 + 0.5 * max(i - 0.55, 0)) * area)  # whitish only when strong (lesions.py)
     if "regression" in c:  # white scar-like depigmentation with blue-grey peppering
         r, i = g["regression"], c["regression"]
         area = _smoothstep(_region(r, geo, les.places["regression"]) * 1.6 - 0.4)
@@ -420,7 +421,7 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
     if "irregular_dots" in c:  # black dots and brown globules of mixed sizes, off-centre or peripheral
         r, i = g["irregular_dots"], c["irregular_dots"]
         area = _region(r, geo, les.places["irregular_dots"]) * (0.3 + rn)
-        E = E + (2.0 + 1.2 * i) * _dots(r, (h, w), area, int(6 + 14 * i), max(px / 8, 1.1), 0.4)
+        E = E + (2.0 + 1.2 * i) * _dots(r, (h, w), area, int(6 + 14 * i), max(px / 7, 1.2), 0.4)
     if "irregular_streaks" in c:  # pseudopods and radial streaming in one sector, past the border
         E = E + _streaks(g["irregular_streaks"], geo, les.places["irregular_streaks"], c["irregular_streaks"], S)
     if "atypical_vessels" in c:  # red dotted and irregular linear vessels
