@@ -107,7 +107,7 @@ def _sigmoid(x: float) -> float:
 def _place(rng: np.random.Generator, axis: float, asymmetry: int) -> Place:
     """Eccentric around a shared axis when the lesion is asymmetric, else central and even."""
     if asymmetry:
-        return Place(axis + rng.normal(0, 0.5), rng.uniform(0.25, 0.55) + 0.1 * asymmetry, rng.uniform(0.35, 0.55))
+        return Place(axis + rng.normal(0, 0.5), rng.uniform(0.2, 0.45) + 0.05 * asymmetry, rng.uniform(0.35, 0.55))
     return Place(rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.12), rng.uniform(0.55, 0.85))
 
 

@@ -236,17 +236,15 @@ def render(rng: np.random.Generator, size: int, les: lesions.Lesion, patient: di
 
 def _skin(rng: np.random.Generator, S: int, patient: dict) -> tuple[np.ndarray, np.ndarray]:
     """Skin colour from its melanin and blood, with erythema patches; and its texture (furrows,
-    pores, fine grain) as a multiplier: one of `_skin_textures`, shifted and flipped."""
+    pores, fine grain) as a multiplier: one of `_skin_textures`."""
     blood = patient["blood"] * (1 + 0.4 * np.maximum(_fields(rng, S, 5, 1)[0], 0))
     img = _BASE_SKIN * np.exp(-(patient["melanin"] * _K_MELANIN + blood[..., None] * _K_BLOOD))
     bank = _skin_textures(S)
-    tex = np.roll(bank[int(rng.integers(len(bank)))], tuple(rng.integers(0, S, 2)), axis=(0, 1))
-    tex = tex[::-1] if rng.random() < 0.5 else tex
-    return img.astype(np.float32), (tex.T if rng.random() < 0.5 else tex)
+    return img.astype(np.float32), bank[int(rng.integers(len(bank)))]
 
 
 @functools.lru_cache(maxsize=4)
-def _skin_textures(S: int, n: int = 12) -> np.ndarray:
+def _skin_textures(S: int, n: int = 24) -> np.ndarray:
     """n skin textures of side S, from a fixed seed (the same in every worker): the polygonal
     furrow mesh, pores and fine grain. Their frequencies are fixed fractions of the field of view,
     band-limited to the pixels there are, so the skin looks the same at any output size."""
@@ -340,7 +338,8 @@ def _region(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, k: i
     d2 = ((geo.X - px) ** 2 + (geo.Y - py) ** 2) / (place.spread * geo.R) ** 2
     noise = _fields(rng, geo.X.shape[0], k, 1)[0] if geo.X.shape[0] == geo.X.shape[1] else \
         _fields(rng, max(geo.X.shape), k, 1)[0][:geo.X.shape[0], :geo.X.shape[1]]
-    return _smoothstep(1.1 - 0.6 * d2 + 0.8 * noise) * geo.mask
+    area = _smoothstep(1.1 - 0.6 * d2 + 0.8 * noise) * geo.mask
+    return area / max(float(area.max()), 0.5, 1e-6) if area.max() < 1 else area  # a core wherever it sits
 
 
 def _dots(rng: np.random.Generator, shape: tuple, where: np.ndarray, n: int, radius: float,

@@ -25,7 +25,7 @@ def blue_grey(img) -> int:
     """Pixels bluer than they are red and neither black nor white: dermal melanin, not skin or brown."""
     r, g, b = _rgb(img)
     v = (r + g + b) / 3
-    return int(((b > r + 0.02) & (v > 0.15) & (v < 0.8)).sum())
+    return int(((b > r + 0.02) & (v > 0.08) & (v < 0.8)).sum())
 
 
 def dark_detail(img) -> float:
