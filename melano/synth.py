@@ -71,9 +71,9 @@ _SITE_P /= _SITE_P.sum()
 # epidermis, is blue-grey (Tyndall scattering: red absorbed most); haemoglobin absorbs green.
 _BASE_SKIN = np.array([0.97, 0.86, 0.80], np.float32)
 _K_MELANIN = np.array([0.9, 1.35, 1.8], np.float32)
-_K_DERMAL = np.array([1.25, 1.0, 0.62], np.float32)
+_K_DERMAL = np.array([1.45, 1.05, 0.55], np.float32)
 _K_BLOOD = np.array([0.25, 1.5, 1.1], np.float32)
-_HAZE = np.array([0.90, 0.92, 0.97], np.float32)  # the whitish scatter of veil and regression scars
+_HAZE = np.array([0.86, 0.91, 0.98], np.float32)  # the whitish scatter of veil and regression scars
 # Fitzpatrick types I-VI: epidermal melanin of the skin, and their shares (mostly light, as in ISIC)
 _FITZPATRICK_MELANIN = np.array([0.05, 0.15, 0.3, 0.6, 1.0, 1.6], np.float32)
 _FITZPATRICK_P = np.array([0.22, 0.38, 0.25, 0.09, 0.04, 0.02])
@@ -130,10 +130,26 @@ def check_config(cfg: SynthConfig) -> None:
 # multi-threaded BLAS that spins on these tiny products and runs ~10x slower on a busy machine.
 
 def _fields(rng: np.random.Generator, size: int, k: int, n: int) -> np.ndarray:
-    """n smooth fields of shape (size, size), about unit variance, about k bumps per side."""
-    g = rng.standard_normal((n, k, k), dtype=np.float32)
+    """n smooth fields of shape (size, size), about unit variance, about k bumps per side.
+
+    Coarse fields are drawn on a 2k grid and smoothed there with a [1, 4, 6, 4, 1] binomial
+    before the bicubic upsampling: white noise upsampled directly shows square blocks."""
+    if 8 * k > size:  # bumps of a few pixels: no block to see
+        g = rng.standard_normal((n, k, k), dtype=np.float32)
+    else:
+        b = _binomial(2 * k)
+        g = b @ rng.standard_normal((n, 2 * k, 2 * k), dtype=np.float32) @ b.T
     return np.stack([np.asarray(Image.fromarray(gi, "F").resize((size, size), Image.Resampling.BICUBIC))
                      for gi in g])
+
+
+@functools.lru_cache(maxsize=64)
+def _binomial(m: int) -> np.ndarray:
+    """The (m, m) circulant [1, 4, 6, 4, 1] / 16 smoothing, scaled to keep white noise's variance."""
+    b = np.zeros((m, m), np.float32)
+    for d, w in zip((-2, -1, 0, 1, 2), (1, 4, 6, 4, 1)):
+        b[np.arange(m), (np.arange(m) + d) % m] += w / 16
+    return b / np.float32(np.sqrt(70 / 256))
 
 
 @functools.lru_cache(maxsize=16)
@@ -394,7 +410,7 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
         E = E + 0.3 * (1 - _smoothstep(_pattern(r, S, cell_k, 0.9, geo.ys, geo.xs) / 0.3)) * m
     if les.colours["red"] and "atypical_vessels" not in c:  # an inflamed lesion: diffuse redness
         r = g["inflamed"]
-        H = H + r.uniform(0.4, 0.8) * _region(r, geo, lesions.Place(r.uniform(0, 6.3), 0.2, 0.7))
+        H = H + r.uniform(0.15, 0.35) * _region(r, geo, lesions.Place(r.uniform(0, 6.3), 0.2, 0.7))
     if "atypical_network" in c:  # broken, thick, dark, irregular cells, where it sits
         r, i = g["atypical_network"], c["atypical_network"]
         area = _region(r, geo, les.places["atypical_network"])
@@ -406,7 +422,7 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
         E = E + (1.2 + 1.6 * i) * _smoothstep(_region(r, geo, les.places["irregular_blotches"]) * 2.2 - 0.4)
     if "blue_white_veil" in c:  # confluent blue-grey (dermal melanin) under a whitish haze
         r, i = g["blue_white_veil"], c["blue_white_veil"]
-        area = _smoothstep(_region(r, geo, les.places["blue_white_veil"]) * 1.6 - 0.3)
+        area = _smoothstep(_region(r, geo, les.places["blue_white_veil"]) * 2.2 - 0.2)
         mottle = 0.8 + 0.4 * _fields(r, max(h, w), max(4, int(px / 4)), 1)[0][:h, :w]
         D = D + (1.0 + 0.8 * i) * area * mottle
         E = E * (1 - 0.95 * area)
