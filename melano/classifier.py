@@ -43,7 +43,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass

@@ -29,10 +29,8 @@ Use (the real images as the GAN saw them, e.g. its cache):
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time

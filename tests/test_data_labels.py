@@ -7,7 +7,6 @@ sit in subfolders, what size a PNG header declares) and a spy on Pillow's decode
 
 import csv
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
