@@ -301,9 +301,9 @@ def foreign_files(folder: Path, written: Iterable[str] = (), under: str = ".") -
     return sorted(foreign)
 
 
-def clear(folder: Path, written: Iterable[str], under: str, what: str) -> None:
-    """Delete `folder`/`under` if melano wrote every file in it (see `foreign_files`); otherwise
-    raise OutputError naming the others, and delete nothing."""
+def check_clearable(folder: Path, written: Iterable[str], under: str, what: str) -> None:
+    """OutputError, naming them, if `folder`/`under` holds anything melano did not write (see
+    `foreign_files`), or is a link or a file; nothing if it is absent. Reads only."""
     target = folder / under
     if not os.path.lexists(target):
         return
@@ -312,7 +312,15 @@ def clear(folder: Path, written: Iterable[str], under: str, what: str) -> None:
     foreign = foreign_files(folder, written, under)
     if foreign:
         raise OutputError(foreign_error(target, [os.path.relpath(f, under) for f in foreign], what))
-    shutil.rmtree(target)
+
+
+def clear(folder: Path, written: Iterable[str], under: str, what: str) -> None:
+    """Delete `folder`/`under` if melano wrote every file in it (`check_clearable`); otherwise raise
+    OutputError naming the others, and delete nothing."""
+    written = list(written)
+    check_clearable(folder, written, under, what)
+    if os.path.lexists(folder / under):
+        shutil.rmtree(folder / under)
 
 
 def foreign_error(folder: Path, foreign: Sequence[str], what: str) -> str:

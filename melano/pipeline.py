@@ -258,11 +258,8 @@ class Stages:
                     f"{path} is where the pipeline's {name} {'cache' if name == 'cache' else 'stage'} goes, but this "
                     f"pipeline did not write it (is it your data, or a run of an older melano?); move it out of "
                     f"{self.root}, or choose another --out")
-            if name != "cache":
-                foreign = outdir.foreign_files(self.root, self.claim.written, name)
-                if foreign:
-                    raise outdir.OutputError(outdir.foreign_error(path, [os.path.relpath(f, name) for f in foreign],
-                                                                  f"the pipeline's {name} stage"))
+            if name != "cache":  # the cache is only ever added to
+                outdir.check_clearable(self.root, self.claim.written, name, f"the pipeline's {name} stage")
         for f in files:
             if os.path.lexists(self.root / f) and not self.claim.owns(f):
                 raise outdir.OutputError(f"{self.root / f} is where the pipeline writes its {f}, but this pipeline did "
