@@ -300,13 +300,13 @@ def test_fused_kernels_under_ddp_and_amp_on_cuda(tmp_path, monkeypatch, amp):
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
     from melano import cyclegan as cg
-    from melano import ops
+    from melano import ops, run
     monkeypatch.setenv("MELANO_OPS", "ext")
     if ops.backend("cuda") != "ext":
         pytest.skip("no CUDA kernel built")
     cfg = cg.CycleGANConfig(size=64, ngf=8, ndf=8, n_blocks=2, batch_size=2, amp=amp, device="cuda", pool_size=4,
                             label_smoothing="noisy")
-    dtype, _ = cg._amp_setup(cfg, torch.device("cuda"))
+    dtype, _ = run.amp_setup(cfg.amp, torch.device("cuda"))
     g = torch.Generator().manual_seed(0)
     batches = [tuple(torch.rand(2, 3, 64, 64, generator=g).cuda() * 2 - 1 for _ in "AB") for _ in range(3)]
     tdist.init_process_group("nccl", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
