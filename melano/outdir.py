@@ -152,6 +152,13 @@ def _read_manifest(folder: Path) -> list[str]:
     return [p for p in lines[:-1] if p]  # the last piece is "" or a torn line
 
 
+def manifest(folder: str | os.PathLike, command: str) -> list[str]:
+    """What `command` recorded in `folder`'s manifest; [] if another command (or none) owns it."""
+    folder = Path(folder)
+    owner = _read_json(folder / OWNER) if folder.is_dir() else None
+    return _read_manifest(folder) if owner is not None and owner.get("command") == command else []
+
+
 def _content(folder: Path) -> list[str]:
     """Top-level entries of `folder` other than melano's own files (sorted). A sub-folder another
     melano command wrote counts too: it is not this command's to write into or clear."""

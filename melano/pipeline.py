@@ -246,24 +246,7 @@ class Stages:
         self.root, self.claim, self.rerun, self.timings = root, claim, set(rerun), {}
 
     def check_places(self, stages: list[str], files: list[str]) -> None:
-        """Refuse, before any work, a stage folder, cache or report file in `root` that this pipeline
-        did not write, or a stage folder holding files melano did not write."""
-        for name in stages + ["cache"]:
-            path = self.root / name
-            if not os.path.lexists(path):
-                continue
-            ours = self.claim.owns(f"{name}/params.json") or (name == "cache" and "cache/" in self.claim.written)
-            if not ours or os.path.islink(path) or not path.is_dir():
-                raise outdir.OutputError(
-                    f"{path} is where the pipeline's {name} {'cache' if name == 'cache' else 'stage'} goes, but this "
-                    f"pipeline did not write it (is it your data, or a run of an older melano?); move it out of "
-                    f"{self.root}, or choose another --out")
-            if name != "cache":  # the cache is only ever added to
-                outdir.check_clearable(self.root, self.claim.written, name, f"the pipeline's {name} stage")
-        for f in files:
-            if os.path.lexists(self.root / f) and not self.claim.owns(f):
-                raise outdir.OutputError(f"{self.root / f} is where the pipeline writes its {f}, but this pipeline did "
-                                         f"not write it; move it out of {self.root}, or choose another --out")
+        check_places(self.root, self.claim.written, stages, files)
 
     def forced(self, name: str) -> bool:
         return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
@@ -304,6 +287,28 @@ class Stages:
             return [f.result() for f in [pool.submit(self.run, *t) for t in todo]]
         finally:  # a failure or Ctrl-C starts nothing more; the stages already running finish or stop
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_places(root: Path, written: list[str], stages: list[str], files: list[str]) -> None:
+    """Refuse, before any work, a stage folder, cache or report file in `root` that the pipeline
+    whose manifest is `written` did not write, or a stage folder holding files melano did not
+    write. Reads only."""
+    for name in stages + ["cache"]:
+        path = root / name
+        if not os.path.lexists(path):
+            continue
+        ours = f"{name}/params.json" in written or (name == "cache" and "cache/" in written)
+        if not ours or os.path.islink(path) or not path.is_dir():
+            raise outdir.OutputError(
+                f"{path} is where the pipeline's {name} {'cache' if name == 'cache' else 'stage'} goes, but this "
+                f"pipeline did not write it (is it your data, or a run of an older melano?); move it out of "
+                f"{root}, or choose another --out")
+        if name != "cache":  # the cache is only ever added to
+            outdir.check_clearable(root, written, name, f"the pipeline's {name} stage")
+    for f in files:
+        if os.path.lexists(root / f) and f not in written:
+            raise outdir.OutputError(f"{root / f} is where the pipeline writes its {f}, but this pipeline did "
+                                     f"not write it; move it out of {root}, or choose another --out")
 
 
 def default_jobs(device: str | None) -> int:
@@ -426,6 +431,8 @@ def run_experiment(cfg: PipelineConfig) -> dict:
                                  f"melano.efficientnet's docstring), or --no-pretrained to start from random "
                                  f"weights") from None
     data_dirs = [cfg.data] if cfg.data else []
+    # before the claim, which rewrites the run folder's owner and lock files: a refusal changes nothing
+    check_places(out, outdir.manifest(out, "pipeline"), stage_names(cfg), list(ROOT_FILES))
     with CHILDREN.handling(), outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
         stages = Stages(out, claim, cfg.rerun)
         stages.check_places(stage_names(cfg), list(ROOT_FILES))

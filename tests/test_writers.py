@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +61,10 @@ def test_a_data_set_where_a_stage_goes_is_refused_and_kept(tmp_path, caplog):
 def test_a_folder_in_a_stage_place_of_an_earlier_run_is_refused_and_kept(tmp_path, caplog):
     # the same in a folder the pipeline owns already: its `--out` check let the stage clear it
     run = tmp_path / "earlier"
-    with outdir.claim(run, "pipeline"):
-        pass
+    # an earlier run's folder, claimed by another process: a claim by this one would rewrite the owner
+    # and lock files with its own pid, so the trees below also check that the refusal comes first
+    subprocess.run([sys.executable, "-c", f"from melano import outdir; outdir.claim({str(run)!r}, 'pipeline').close()"],
+                   check=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     make_data(run / "gan_ls", 10, 6)  # written by melano (synth), but not by this pipeline
     (run / "arm_none_1").mkdir()
     (run / "arm_none_1" / "my_notes.txt").write_text("mine")
