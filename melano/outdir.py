@@ -232,16 +232,7 @@ def _side_folders(out: Path, kind: str) -> list[tuple[Path, int]]:
 
 def _foreign_files(folder: Path, command: str) -> list[str]:
     """Files in `folder` (recursively) that `command` did not write there, per its manifest."""
-    owner = _read_json(folder / OWNER) or {}
-    mine = set(_read_manifest(folder)) if owner.get("command") == command else set()
-    foreign = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        rel_dir = os.path.relpath(dirpath, folder)
-        for f in filenames:
-            rel = f if rel_dir == "." else f"{rel_dir}/{f}"
-            if rel not in mine and rel not in MELANO_FILES:
-                foreign.append(rel)
-    return foreign
+    return foreign_files(folder, manifest(folder, command))
 
 
 def _dispose(old: Path, out: Path, command: str) -> None:
@@ -412,9 +403,10 @@ def write_file(path: str | os.PathLike, content: bytes | str | Callable, command
             check_file(path, command, force=force, inputs=inputs, data=data, option=option)
             record = _read_json(p.parent / OUTPUTS) or {}
             files = record.get("files") if isinstance(record.get("files"), dict) else {}
-            old = files.get(p.name) or {}
-            # keep the hash of the file still in place: a kill before the rename leaves it, and it stays ours
-            keep = [_sha256(p)] if old.get("command") == command and _wrote(p, command) else []
+            old = files.get(p.name) if isinstance(files.get(p.name), dict) else {}
+            # keep the hash of the file still in place if it is ours: a kill before the rename leaves it
+            current = _sha256(p) if old.get("command") == command and p.is_file() else None
+            keep = [current] if current is not None and current in old.get("sha256", []) else []
             files[p.name] = {"command": command, "sha256": [digest] + keep}
             atomic_write(p.parent / OUTPUTS, json.dumps({"format": "melano-outputs/1", "files": files}, indent=1))
             os.replace(tmp, p)
