@@ -49,7 +49,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine as host_machine  # noqa: E402
 from melano import data, lesions, synth  # noqa: E402
-from melano.common import save_json, setup_logging  # noqa: E402
+from melano.infra.cli import setup_logging  # noqa: E402
+from melano.infra.files import atomic_write, json_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -511,11 +512,11 @@ def main(argv=None) -> None:
         res = run_calibration(args)
         print_calibration(res)
         name = "data_calibration_quick" if args.quick else "data_calibration"
-        save_json({"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": host_machine(), **res},
-                  RESULTS / f"{name}.json")
+        atomic_write(RESULTS / f"{name}.json", json_text(
+            {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": host_machine(), **res}))
         print(f"wrote {RESULTS / f'{name}.json'}")
     else:
-        save_json(run_bench(args), RESULTS / "data.json")
+        atomic_write(RESULTS / "data.json", json_text(run_bench(args)))
 
 
 if __name__ == "__main__":

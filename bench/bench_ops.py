@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from melano import ops  # noqa: E402
-from melano.common import save_json, setup_logging  # noqa: E402
+from melano.infra.cli import setup_logging  # noqa: E402
+from melano.infra.files import atomic_write, json_text  # noqa: E402
 
 log = logging.getLogger("bench_ops")
 
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result, rows, args.device)
     suffix = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}[args.dtype]
     out = args.out or ROOT / "bench" / "results" / f"ops_{args.device}{suffix}.json"
-    save_json(result, out)
+    atomic_write(out, json_text(result))
     log.info("wrote %s", out)
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
 from melano import pipeline  # noqa: E402
-from melano.common import setup_logging  # noqa: E402
+from melano.infra.cli import setup_logging  # noqa: E402
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
     write_results(f"pipeline_{args.preset}", {
         "preset": args.preset, "stage_seconds": result["timings_s"], "wall_s": result["wall_s"],
         "budget_s": budget, "wall_over_budget": budget and result["wall_s"] / budget,
-        "host_at_run_start": result.get("host"), "split_sizes": result["split_sizes"], "arms": arms,
+        "split_sizes": result["split_sizes"], "arms": arms,
         "comparisons": result["comparisons"], "make_train_seconds": args.command_seconds,
         "gan_stages_compared": args.gan_runs and compare_gans(*map(Path, args.gan_runs)),
         "gan_channels_last": result["config"].get("gan_channels_last"),

@@ -3,7 +3,7 @@
     python -m melano.classifier train --data DIR --out DIR [--extra DIR ...] [--arch NAME] ...
     python -m melano.classifier evaluate --checkpoint OUT/best.pt [--tta]
     python -m melano.classifier predict --checkpoint PATH --images IMAGE_OR_DIR [--out CSV]
-    torchrun --nproc-per-node K -m melano.classifier train ...   # K processes (GPUs); see melano.dist
+    torchrun --nproc-per-node K -m melano.classifier train ...   # K processes (GPUs); see melano.infra.dist
 
 `train` reads top to bottom: setup (data, model, optimiser), resume, the loop of `train_step`s
 with a `validate` pass after each epoch (or every --val-every steps), finish. The model has one
@@ -53,11 +53,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data, dist, metrics, outdir, run
-from .common import atomic_write_text, log_config, pick_device, progress, save_json, setup_logging, to_jsonable
+from . import augment, data, metrics
 from .efficientnet import config as model_config
 from .efficientnet import efficientnet
-from .run import option
+from .infra import checkpoints, cli, dist, options, outdir, precision, signals
+from .infra.cli import log_config, progress, setup_logging
+from .infra.dist import pick_device
+from .infra.files import atomic_write, json_text, to_jsonable
+from .infra.options import option
 
 log = logging.getLogger("melano.classifier")
 
@@ -115,7 +118,7 @@ class ClassifierConfig:
     evaluate: bool = option(True, "score best.pt on the test split after training")
     channels_last: bool = option(True, "NHWC memory format (faster on CPU and GPU)")
     amp: str = option("auto", "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none",
-                      choices=run.AMP_CHOICES)
+                      choices=precision.AMP_CHOICES)
     device: str | None = option(None, "cpu, cuda, cuda:1 ... none: CUDA when available")
     workers: int | None = option(None, "DataLoader workers. none: 0 on <= 4 cores", min=0)
     threads: int | None = option(None, "torch CPU threads. none: torch's choice", min=1)
@@ -125,12 +128,12 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         self.extra = [str(e) for e in (self.extra or [])]
         self.pos_weight = str(self.pos_weight)
-        run.check_options(self)
+        options.check_options(self)
         parse_pos_weight(self.pos_weight, 1, 1)
         if self.weights and not self.pretrained:
-            raise run.UsageError("--weights and --no-pretrained contradict each other; drop one")
+            raise cli.UsageError("--weights and --no-pretrained contradict each other; drop one")
         if self.val_frac + self.test_frac >= 1:
-            raise run.UsageError(f"--val-frac {self.val_frac} + --test-frac {self.test_frac} leave no training images")
+            raise cli.UsageError(f"--val-frac {self.val_frac} + --test-frac {self.test_frac} leave no training images")
 
 
 
@@ -184,14 +187,14 @@ def parse_pos_weight(value: str, n_pos: int, n_neg: int) -> float | None:
         return None
     if value == "auto":
         if n_pos == 0:
-            raise run.UsageError("--pos-weight auto: the training set has no malignant images")
+            raise cli.UsageError("--pos-weight auto: the training set has no malignant images")
         return n_neg / n_pos
     try:
         w = float(value)
     except ValueError:
-        raise run.UsageError(f"--pos-weight must be 'none', 'auto' or a positive number, got {value!r}") from None
+        raise cli.UsageError(f"--pos-weight must be 'none', 'auto' or a positive number, got {value!r}") from None
     if not w > 0 or not math.isfinite(w):
-        raise run.UsageError(f"--pos-weight must be a positive number, got {value!r}")
+        raise cli.UsageError(f"--pos-weight must be a positive number, got {value!r}")
     return w
 
 
@@ -288,7 +291,7 @@ def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, l
                          f"{held_patients[r.patient_id]} split")
     if leaks:
         more = f" (and {len(leaks) - 5} more)" if len(leaks) > 5 else ""
-        raise run.UsageError(f"--extra {extra.root}: {len(leaks)} image(s) leak the held-out splits into training: "
+        raise cli.UsageError(f"--extra {extra.root}: {len(leaks)} image(s) leak the held-out splits into training: "
                          f"{'; '.join(leaks[:5])}{more}. Extra images must derive from training-split images "
                          f"only: regenerate them from the training split (cyclegan translate --split train).")
     if extra.records and LEAK_COLUMN not in extra.records[0].extra:
@@ -311,14 +314,14 @@ def check_config(cfg: ClassifierConfig) -> None:
                              f"writes one)")
     for d in cfg.extra:
         if not Path(d).is_dir():
-            raise run.UsageError(f"--extra {d}: no such folder")
+            raise cli.UsageError(f"--extra {d}: no such folder")
     model_config(cfg.arch)  # raises with the list of known names
 
 
 def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> dict[str, list[str]]:
     """The experiment's split: read cfg's split file, or draw it there (patient-grouped) if absent
     and `draw`. Evaluation never draws: a new split could put training images into the test set."""
-    split_csv = run.split_path(cfg)
+    split_csv = data.split_path(cfg)
     if not draw and not split_csv.is_file():
         raise FileNotFoundError(f"{split_csv}: the split this model was trained with is missing; pass the "
                                 f"splits.csv of its training run (--split-csv), so that the test images are "
@@ -327,7 +330,7 @@ def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> d
     for s in ("val", "test"):
         y = cache.targets[cache.rows(split[s])]
         if len(split[s]) == 0 or y.min() == y.max():
-            raise run.UsageError(f"{split_csv}: the {s} split has {len(split[s])} images and {int(y.sum())} "
+            raise cli.UsageError(f"{split_csv}: the {s} split has {len(split[s])} images and {int(y.sum())} "
                                  f"malignant; its AUC needs both classes. Add malignant images, or raise --{s}-frac "
                                  f"and draw a new split into another --out")
     return split
@@ -350,26 +353,26 @@ def oversampled(cache: data.Cache, train_names: list[str], n: int, seed: int) ->
     rows = cache.rows(train_names)
     mal = rows[cache.targets[rows] == 1]
     if n and len(mal) == 0:
-        raise run.UsageError("--oversample: the training split has no melanomas to resample")
+        raise cli.UsageError("--oversample: the training split has no melanomas to resample")
     return np.random.default_rng([seed, 7]).choice(mal, size=n, replace=True).tolist() if n else []
 
 
 def prepare_data(cfg: ClassifierConfig, size: int, eval_bs: int) -> Data:
     """Caches, the split, and the datasets; one process per node builds caches and draws the split."""
     with dist.local_main_first():
-        cache = data.build_cache(data.read_index(cfg.data), size, run.cache_path(cfg), cfg.workers)
+        cache = data.build_cache(data.read_index(cfg.data), size, data.cache_path(cfg), cfg.workers)
         split = load_split(cfg, cache)
         sets = [unit_dataset(cache, split["train"])]
         for d in cfg.extra:
             index = data.read_index(d)
             check_extra_leakage(index, cache, split)
-            extra_cache = data.build_cache(index, size, run.cache_path(cfg), cfg.workers)
+            extra_cache = data.build_cache(index, size, data.cache_path(cfg), cfg.workers)
             sets.append(unit_dataset(extra_cache, range(len(extra_cache))))
         if cfg.oversample:
             sets.append(unit_dataset(cache, oversampled(cache, split["train"], cfg.oversample, cfg.seed)))
     train_set = torch.utils.data.ConcatDataset(sets)
     if len(train_set) < 2:
-        raise run.UsageError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs 2")
+        raise cli.UsageError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs 2")
     val_set = unit_dataset(cache, split["val"])
     # each rank scores its DistributedSampler share of the validation split (padded to equal shares)
     val_index = list(torch.utils.data.DistributedSampler(val_set, dist.world_size(), dist.rank(), shuffle=False))
@@ -408,7 +411,7 @@ def build_training(cfg: ClassifierConfig, device: torch.device, pos_weight: floa
     aug_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
     if dist.rank() > 0:  # and draws its own dropout masks (rank 0 keeps the single-process stream)
         torch.manual_seed(dist.rank_seed(cfg.seed))
-    amp_dtype, scaler = run.amp_setup(cfg.amp, device)
+    amp_dtype, scaler = precision.amp_setup(cfg.amp, device)
     return Model(model, norm, opt, pw, aug_gen, amp_dtype, scaler)
 
 
@@ -470,24 +473,24 @@ def validate(m: Model, d: Data, p: Progress, steps_per_epoch: int) -> tuple[np.n
 
 def save_best(out: Path, meta: dict, m: Model, p: Progress, val_names: list[str], logits, y) -> None:
     """best.pt and the validation predictions behind it (rank 0)."""
-    run.save_state({**meta, "model": m.model.state_dict(), "step": p.step, "val_auc": p.best_auc},
+    checkpoints.save_state({**meta, "model": m.model.state_dict(), "step": p.step, "val_auc": p.best_auc},
                    out / "best.pt", FORMAT)
-    atomic_write_text(predictions_csv(val_names, y, sigmoid(logits)), out / "val_predictions.csv")
+    atomic_write(out / "val_predictions.csv", predictions_csv(val_names, y, sigmoid(logits)))
 
 
 def save_history(out: Path, history: list[dict]) -> None:
     lines = ["step,epoch,lr,train_loss,val_loss,val_auc"]
     lines += [f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},"
               f"{h['val_auc']:.6f}" for h in history]
-    atomic_write_text("\n".join(lines) + "\n", out / "history.csv")
+    atomic_write(out / "history.csv", "\n".join(lines) + "\n")
 
 
 def save_last(path: Path, meta: dict, m: Model, p: Progress, total: int) -> None:
     """last.pt: what --resume needs. Collective: every rank's streams and loss sums are kept."""
-    own = {"rng": run.rng_state(m.aug_gen), "loss_sum": float(p.loss_sum)}
+    own = {"rng": checkpoints.rng_state(m.aug_gen), "loss_sum": float(p.loss_sum)}
     ranks = dist.all_gather_object(own)
     if dist.is_main():
-        run.save_state({**meta, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+        checkpoints.save_state({**meta, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
                         "scaler": m.scaler.state_dict() if m.scaler is not None else {},
                         **dataclasses.asdict(p), **own, "total_steps": total, "world_size": dist.world_size(),
                         **({"ranks": ranks} if dist.world_size() > 1 else {})}, path, FORMAT)
@@ -496,11 +499,11 @@ def save_last(path: Path, meta: dict, m: Model, p: Progress, total: int) -> None
 
 def resumable_state(path: Path, cfg: ClassifierConfig) -> dict:
     """last.pt, checked against cfg (read only: a refused resume changes nothing)."""
-    state = run.load_state(path, FORMAT, "melano classifier training checkpoint")
+    state = checkpoints.load_state(path, FORMAT, "melano classifier training checkpoint")
     if "optimizer" not in state:
-        raise run.UsageError(f"{path}: a best.pt, not the last.pt that --resume needs")
-    run.check_resume(state["config"], cfg, RESUMABLE, path)
-    run.check_world(state, path)
+        raise cli.UsageError(f"{path}: a best.pt, not the last.pt that --resume needs")
+    checkpoints.check_resume(state["config"], cfg, RESUMABLE, path)
+    checkpoints.check_world(state, path)
     return state
 
 
@@ -511,7 +514,7 @@ def load_last(state: dict, m: Model, total: int) -> Progress:
     m.opt.load_state_dict(state["optimizer"])
     if m.scaler is not None and state.get("scaler"):
         m.scaler.load_state_dict(state["scaler"])
-    run.set_rng_state(own["rng"], m.aug_gen)
+    checkpoints.set_rng_state(own["rng"], m.aug_gen)
     if state["total_steps"] != total:
         log.warning("resuming with %d total steps instead of %d: the LR schedule changes from here",
                     total, state["total_steps"])
@@ -528,16 +531,16 @@ def load_last(state: dict, m: Model, total: int) -> Progress:
 def train(cfg: ClassifierConfig) -> TrainResult:
     """Fine-tune, keep the best validation AUC, optionally evaluate best.pt on the test split.
 
-    Raises run.Stopped after saving last.pt when stopped by SIGINT/SIGTERM; rerun with resume=True.
-    An earlier run's folder is refused without --resume or --force (see melano.outdir), and so is a
-    folder another process is writing. Under torchrun (see melano.dist) the model is wrapped in
+    Raises signals.Stopped after saving last.pt when stopped by SIGINT/SIGTERM; rerun with resume=True.
+    An earlier run's folder is refused without --resume or --force (see melano.infra.outdir), and so is a
+    folder another process is writing. Under torchrun (see melano.infra.dist) the model is wrapped in
     DDP, cfg.batch_size is per process, each rank trains on its shard of every epoch's order with
     its own augmentation and dropout, and the validation predictions are gathered (each image once)
     before the AUC. Only rank 0 writes files and evaluates on the test split."""
     # ---- setup and resume: everything is checked before anything is written
     check_config(cfg)
     device = dist.init_from_env(cfg.device)
-    cfg = dataclasses.replace(cfg, split_csv=str(run.split_path(cfg).resolve()), cache_dir=str(run.cache_path(cfg).resolve()))
+    cfg = dataclasses.replace(cfg, split_csv=str(data.split_path(cfg).resolve()), cache_dir=str(data.cache_path(cfg).resolve()))
     last = Path(cfg.out) / "last.pt"
     state = resumable_state(last, cfg) if cfg.resume and last.exists() else None
     if cfg.threads:
@@ -557,7 +560,7 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
     pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, len(d.targets) - n_pos)
     batch = min(cfg.batch_size, len(d.train_set) // world)  # per process
     if batch < 2:
-        raise run.UsageError(f"{len(d.train_set)} training images cannot give each of {world} processes a batch "
+        raise cli.UsageError(f"{len(d.train_set)} training images cannot give each of {world} processes a batch "
                              f"of 2 (BatchNorm needs 2); use fewer processes")
     steps_per_epoch = len(d.train_set) // (batch * world)  # the remainder is dropped: BatchNorm needs 2
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
@@ -565,7 +568,7 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
     m = build_training(cfg, device, pos_weight)
     meta = checkpoint_meta(cfg, *mean_std(cfg))
     p = load_last(state, m, total) if state is not None else Progress()
-    run.agree_start(p.step > 0, p.step, last)
+    checkpoints.agree_start(p.step > 0, p.step, last)
     if dist.is_main():
         for rel in ("config.json", "last.pt", "best.pt", "history.csv", "val_predictions.csv", "result.json",
                     "test_predictions.csv", "test_metrics.json"):
@@ -578,10 +581,10 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
     # sees exactly the batches it would have seen
     t0, start_step, val_seconds, stopped = time.perf_counter(), p.step, 0.0, 0
     m.model.train()
-    with run.StopOnSignal() as stop:
+    with signals.StopOnSignal() as stop:
         while p.step < total and not stopped:
             epoch, done = divmod(p.step, steps_per_epoch)
-            order = run.epoch_order(len(d.train_set), cfg.seed, epoch, take=steps_per_epoch * batch * world)
+            order = dist.epoch_order(len(d.train_set), cfg.seed, epoch, take=steps_per_epoch * batch * world)
             loader = data.make_loader(d.train_set, batch, sampler=order[done * batch:], workers=cfg.workers,
                                       drop_last=True)
             bar = progress(loader, total=min(steps_per_epoch - done, total - p.step), desc=f"epoch {epoch + 1}")
@@ -604,7 +607,7 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
                     break
         if stopped:
             save_last(last, meta, m, p, total)
-            raise run.Stopped(stopped, f"{last} (at step {p.step})")
+            raise signals.Stopped(stopped, f"{last} (at step {p.step})")
     # ---- finish: the result, and the test split scored once, by rank 0
     seconds = time.perf_counter() - t0
     trained = (p.step - start_step) * batch * world
@@ -618,7 +621,7 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
         if cfg.evaluate:
             result.test = evaluate(out / "best.pt", tta=cfg.tta, device=str(device), batch_size=eval_bs,
                                    workers=cfg.workers, claim=claim)
-        save_json(result, out / "result.json")
+        atomic_write(out / "result.json", json_text(result))
     return result
 
 
@@ -626,9 +629,9 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
                     ) -> tuple[torch.nn.Module, Normalise, dict]:
     """(model in eval mode, its Normalise, the checkpoint dict) from a best.pt or last.pt."""
     path = Path(checkpoint)
-    state = run.load_state(path, FORMAT, "melano classifier checkpoint (best.pt or last.pt of `melano.classifier train`)")
+    state = checkpoints.load_state(path, FORMAT, "melano classifier checkpoint (best.pt or last.pt of `melano.classifier train`)")
     if state.get("version") != VERSION:
-        raise run.UsageError(f"{path}: classifier checkpoint version {state.get('version')}, this code reads "
+        raise cli.UsageError(f"{path}: classifier checkpoint version {state.get('version')}, this code reads "
                          f"{VERSION}; retrain with this version of melano")
     device = pick_device(device if device is None else str(device))
     model = efficientnet(state["arch"], num_classes=state["num_classes"])
@@ -643,7 +646,7 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
 
 def inference_dtype(saved_config: dict, device: torch.device) -> torch.dtype | None:
     """The autocast dtype a checkpoint's config asks for, on CUDA; full precision on CPU."""
-    return run.amp_setup(saved_config.get("amp", "auto"), device)[0] if device.type == "cuda" else None
+    return precision.amp_setup(saved_config.get("amp", "auto"), device)[0] if device.type == "cuda" else None
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | None = None,
@@ -654,7 +657,7 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     """Score one split of the checkpoint's data folder (the same split its training used).
 
     Writes <split>_predictions.csv (image_name, target, probability) and <split>_metrics.json
-    into `out_dir`, a folder claimed for "evaluate" (melano.outdir: refused, before any work, when
+    into `out_dir`, a folder claimed for "evaluate" (melano.infra.outdir: refused, before any work, when
     it holds another command's outputs or files melano did not write, unless `force`, and always
     when it is inside the data folder or holds it), or through `claim` (the trainer's own folder).
     `data_dir`, `split_csv` and `cache_dir` override the paths saved in the checkpoint (e.g. after
@@ -662,20 +665,20 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     "images", "malignant", "tta", "predictions", "metrics"}.
     """
     if split not in data.SPLITS:
-        raise run.UsageError(f"split must be one of {data.SPLITS}, got {split!r}")
+        raise cli.UsageError(f"split must be one of {data.SPLITS}, got {split!r}")
     model, norm, state = load_classifier(checkpoint, device)
     if (out_dir is None) == (claim is None):
-        raise run.UsageError("evaluate: give one output folder (--out)")
+        raise cli.UsageError("evaluate: give one output folder (--out)")
     dev = next(model.parameters()).device
     saved = state["config"]
     cfg = ClassifierConfig(**{**saved, "data": data_dir or saved["data"],
                               "split_csv": split_csv or saved["split_csv"], "cache_dir": cache_dir or saved["cache_dir"]})
     if not Path(cfg.data).is_dir():
-        raise run.UsageError(f"{cfg.data}: the data folder {checkpoint} was trained on is not there; pass --data "
+        raise cli.UsageError(f"{cfg.data}: the data folder {checkpoint} was trained on is not there; pass --data "
                              f"(and --split-csv) where it is now")
     if claim is None:
         outdir.check(out_dir, "evaluate", force=force, can_resume=False, data=[cfg.data])  # before any work
-    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], run.cache_path(cfg), workers)
+    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], data.cache_path(cfg), workers)
     names = load_split(cfg, cache, draw=False)[split]
     loader = data.make_loader(unit_dataset(cache, names), batch_size, workers=workers)
     logits, y = infer(model, norm, loader, dev, tta=tta, amp_dtype=inference_dtype(saved, dev))
@@ -725,7 +728,7 @@ def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[Path], 
             elif f.is_symlink():
                 skipped.append(data.Skipped(str(f), data.link_problem(str(f)) or "a link to a folder"))
         if not files and not skipped:
-            raise run.UsageError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
+            raise cli.UsageError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
                                  f"recursively; for a Kaggle layout pass DIR/jpeg/train)")
         return files, skipped
     files = [Path(f) for f in ([images] if isinstance(images, (str, Path)) else images)]
@@ -745,7 +748,7 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
 
     An image that cannot be read (corrupt, truncated, empty, not an image, over `max_pixels`, a
     broken link) is skipped: named in a log line and counted in the summary; `strict` makes the
-    first one an error. `out_csv` follows melano.outdir's rule for one file (`check_file`): checked
+    first one an error. `out_csv` follows melano.infra.outdir's rule for one file (`check_file`): checked
     before any work, written atomically, never one of the inputs or inside the images folder, and
     never a file predict did not write unless `force`."""
     files, skipped = list_images(images)
@@ -777,7 +780,7 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
             results += [(str(f), float(p)) for f, p in zip(read, sigmoid(logits))]
     log.info("predict: %d image(s) scored, %d skipped", len(results), len(skipped))
     if not results:
-        raise run.UsageError(f"{images}: none of the {len(skipped)} image(s) could be read (see the lines above)")
+        raise cli.UsageError(f"{images}: none of the {len(skipped)} image(s) could be read (see the lines above)")
     if out_csv is not None:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -790,7 +793,7 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
 
 def skip(s: data.Skipped, strict: bool) -> None:
     if strict:
-        raise run.UsageError(f"{s.name}: cannot read this image ({s.reason}) [--strict: fix or remove it, or run "
+        raise cli.UsageError(f"{s.name}: cannot read this image ({s.reason}) [--strict: fix or remove it, or run "
                              f"without --strict to skip it]")
     log.warning("skipped %s: %s", s.name, s.reason)
 
@@ -815,7 +818,7 @@ class EvaluateConfig:
     workers: int | None = option(None, "DataLoader workers", min=0)
 
     def __post_init__(self):
-        run.check_options(self)
+        options.check_options(self)
 
 
 @dataclass
@@ -834,17 +837,17 @@ class PredictConfig:
     batch_size: int = option(64, "images per forward pass", min=1)
 
     def __post_init__(self):
-        run.check_options(self)
+        options.check_options(self)
 
 
 def _train_command(args) -> None:
-    result = train(run.from_args(ClassifierConfig, args))
+    result = train(options.from_args(ClassifierConfig, args))
     if dist.is_main():
         print(json.dumps(to_jsonable(result)))
 
 
 def _evaluate_command(args) -> None:
-    c = run.from_args(EvaluateConfig, args)
+    c = options.from_args(EvaluateConfig, args)
     result = evaluate(c.checkpoint, split=c.split, out_dir=c.out, tta=c.tta, data_dir=c.data, split_csv=c.split_csv,
                       cache_dir=c.cache_dir, device=c.device, batch_size=c.batch_size, workers=c.workers,
                       force=c.force)
@@ -852,7 +855,7 @@ def _evaluate_command(args) -> None:
 
 
 def _predict_command(args) -> None:
-    c = run.from_args(PredictConfig, args)
+    c = options.from_args(PredictConfig, args)
     rows = predict(c.checkpoint, c.images, out_csv=c.out, tta=c.tta, device=c.device, batch_size=c.batch_size,
                    strict=c.strict, max_pixels=c.max_pixels, force=c.force)
     if c.out is None:
@@ -871,11 +874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "malignancy probability of image files; prints JSON lines or writes CSV")}
     for name, (cls, _, help_text) in commands.items():
         s = sub.add_parser(name, help=help_text)
-        run.add_options(s, cls, required=("data", "out") if name == "train" else ())
-        run.add_debug(s)
+        options.add_options(s, cls, required=("data", "out") if name == "train" else ())
+        cli.add_debug(s)
     args = p.parse_args(argv)
     setup_logging()
-    return run.cli(lambda: commands[args.cmd][1](args), args.debug)
+    return cli.cli(lambda: commands[args.cmd][1](args), args.debug)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 One file, top to bottom: config, models, losses and label smoothing, image pool, learning-rate
 schedule, the training step (`train_step`), data order, checkpoints, the trainer (`train`), CLI.
 Translation into a synthetic data set is `melano.translate`; the loss log and plots are in
-`melano.report`; run plumbing (options, resume, signals, RNG) is `melano.run`.
+`melano.report`; run plumbing (options, resume, signals, RNG) is `melano.infra`.
 
 The models follow the original CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet
 generator and a 70x70 PatchGAN discriminator with InstanceNorm(affine=False) and biased convs.
@@ -20,7 +20,7 @@ gives the same weights, bit for bit, as one `--max-steps 6` run.
 
     python -m melano.cyclegan train --data DIR --out DIR [--size 128] [--max-steps N] [--resume] ...
     python -m melano.cyclegan translate --checkpoint PATH --data DIR --out DIR [--limit N]
-    torchrun --nproc-per-node K -m melano.cyclegan train ...   # K processes (GPUs); see melano.dist
+    torchrun --nproc-per-node K -m melano.cyclegan train ...   # K processes (GPUs); see melano.infra.dist
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as mdata
-from . import dist, outdir, report, run
-from .common import log_config, progress, setup_logging
+from . import report
 from .ops import InstanceNormAct
-from .run import option
+from .infra import checkpoints, cli, dist, options, outdir, precision, signals
+from .infra.cli import log_config, progress, setup_logging
+from .infra.options import option
 
 log = logging.getLogger("melano.cyclegan")
 
@@ -104,7 +105,7 @@ class CycleGANConfig:
     max_steps: int | None = option(None, "stop after this many steps in total, counting steps before --resume. "
                                          "none: the schedule's end", min=1)
     amp: str = option("auto", "CUDA mixed precision: auto (bf16 if supported, else fp16), bf16, fp16 or none",
-                      choices=run.AMP_CHOICES)
+                      choices=precision.AMP_CHOICES)
     channels_last: bool = option(False, "NHWC memory format for models and images: on CPU about 1.15x faster "
                                         "per step for small models (48 px, ngf 16), no faster from 64 px, ngf 32 "
                                         "up (bench/bench_cyclegan.py)")
@@ -120,11 +121,11 @@ class CycleGANConfig:
     force: bool = option(False, "write into an --out that holds an earlier run or other files (starts afresh)")
 
     def __post_init__(self):
-        run.check_options(self)
+        options.check_options(self)
         if self.size % 4:
-            raise run.UsageError(f"--size {self.size}: the generator needs a multiple of 4 (>= 32 px)")
+            raise cli.UsageError(f"--size {self.size}: the generator needs a multiple of 4 (>= 32 px)")
         if self.epochs + self.epochs_decay < 1:
-            raise run.UsageError("--epochs + --epochs-decay must be at least 1")
+            raise cli.UsageError("--epochs + --epochs-decay must be at least 1")
         if self.n_blocks is None:
             self.n_blocks = 9 if self.size >= 256 else 6
 
@@ -359,7 +360,7 @@ def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.opti
     step = scaler.step if scaler is not None else (lambda opt: opt.step())
 
     # ---- generators: fool the (frozen) discriminators, cycle back, keep identity --------------
-    # Under DDP (see melano.dist) each generator runs several forwards here (G_A on real_A, fake_A
+    # Under DDP (see melano.infra.dist) each generator runs several forwards here (G_A on real_A, fake_A
     # and, for identity, real_B) and one backward covers them all: DDP all-reduces each parameter's
     # summed gradient once (tests/test_dist.py checks it against one process on the whole batch).
     # The frozen discriminators run unwrapped: nothing of theirs is to be all-reduced in this step,
@@ -467,7 +468,7 @@ def augment_study(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 class TrainData:
     """Training-split benign (A) and malignant (B) images, in an order that can be resumed.
 
-    Epoch e visits A in `run.epoch_order(seed, e)`; melano.data's UnpairedDataset pairs each with
+    Epoch e visits A in `dist.epoch_order(seed, e)`; melano.data's UnpairedDataset pairs each with
     a B drawn through its own (seed, e) permutation. Nothing depends on how many batches were drawn
     before, so `batches(e, skip=k)` after a restart yields exactly what an uninterrupted run would
     have yielded after its first k batches of epoch e. Under torchrun each rank takes its shard,
@@ -475,12 +476,12 @@ class TrainData:
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
-        _, self.cache, split = load_split_data(cfg.data, cfg.size, run.cache_path(cfg), run.split_path(cfg), cfg.seed)
+        _, self.cache, split = load_split_data(cfg.data, cfg.size, mdata.cache_path(cfg), mdata.split_path(cfg), cfg.seed)
         rows = self.cache.rows(split["train"])
         t = self.cache.targets[rows]
         self.rows_A, self.rows_B = rows[t == 0], rows[t == 1]
         if len(self.rows_A) == 0 or len(self.rows_B) == 0:
-            raise run.UsageError(f"{cfg.data}: the training split of {run.split_path(cfg)} has {len(self.rows_A)} "
+            raise cli.UsageError(f"{cfg.data}: the training split of {mdata.split_path(cfg)} has {len(self.rows_A)} "
                                  f"benign and {len(self.rows_B)} malignant images; CycleGAN needs both")
         self.n_A, self.n_B = len(self.rows_A), len(self.rows_B)
         pairs = MalignantPairs if cfg.pairing == "malignant" else mdata.UnpairedDataset
@@ -490,7 +491,7 @@ class TrainData:
     def batches(self, epoch: int, skip: int = 0):
         """(real_A, real_B) batches of `epoch`, after the first `skip` batches."""
         self.dataset.set_epoch(epoch)
-        order = run.epoch_order(len(self.dataset), self.cfg.seed, epoch)[skip * self.cfg.batch_size:]
+        order = dist.epoch_order(len(self.dataset), self.cfg.seed, epoch)[skip * self.cfg.batch_size:]
         loader = mdata.make_loader(self.dataset, self.cfg.batch_size, sampler=order,
                                    workers=self.cfg.workers, seed=self.cfg.seed)
         for item in loader:
@@ -547,10 +548,10 @@ def set_lr(gan: GAN, cfg: CycleGANConfig, epoch: int) -> None:
 def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: GAN, pos: Position) -> None:
     """Collective: every rank's pools and streams are gathered, so a resumed run continues them
     all; rank 0 writes. No rank goes on before the checkpoint is complete."""
-    own = {"pool_A": gan.pool_A.state_dict(), "pool_B": gan.pool_B.state_dict(), "rng": run.rng_state(gan.rng)}
+    own = {"pool_A": gan.pool_A.state_dict(), "pool_B": gan.pool_B.state_dict(), "rng": checkpoints.rng_state(gan.rng)}
     ranks = dist.all_gather_object(own)
     if dist.is_main():
-        run.save_state({"config": dataclasses.asdict(cfg), **{k: v.state_dict() for k, v in gan.models.items()},
+        checkpoints.save_state({"config": dataclasses.asdict(cfg), **{k: v.state_dict() for k, v in gan.models.items()},
                         "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(),
                         "scaler": gan.scaler.state_dict() if gan.scaler is not None else {},
                         **own, **dataclasses.asdict(pos), "world_size": dist.world_size(),
@@ -560,9 +561,9 @@ def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: GAN, pos: Position) ->
 
 def load_training_state(path: Path, cfg: CycleGANConfig, gan: GAN, device: torch.device) -> Position:
     """Restore `gan` from a checkpoint of the same config; return where to go on."""
-    state = run.load_state(path, FORMAT, "melano CycleGAN checkpoint")
-    run.check_resume(state["config"], cfg, RESUMABLE, path)
-    run.check_world(state, path)
+    state = checkpoints.load_state(path, FORMAT, "melano CycleGAN checkpoint")
+    checkpoints.check_resume(state["config"], cfg, RESUMABLE, path)
+    checkpoints.check_world(state, path)
     for k, model in gan.models.items():
         model.load_state_dict(state[k])
     gan.opt_G.load_state_dict(state["opt_G"])
@@ -572,7 +573,7 @@ def load_training_state(path: Path, cfg: CycleGANConfig, gan: GAN, device: torch
     own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
     gan.pool_A.load_state_dict(own["pool_A"], device)
     gan.pool_B.load_state_dict(own["pool_B"], device)
-    run.set_rng_state(own["rng"], gan.rng)
+    checkpoints.set_rng_state(own["rng"], gan.rng)
     log.info("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])
     return Position(state["step"], state["epoch"], state["epoch_step"])
 
@@ -585,7 +586,7 @@ def config_from_checkpoint(state: dict) -> CycleGANConfig:
 def load_generator(checkpoint: str | Path, which: str = "G_A",
                    device: torch.device | str = "cpu") -> tuple[Generator, CycleGANConfig]:
     """A trained generator (G_A: benign -> malignant) and the config it was trained with."""
-    state = run.load_state(checkpoint, FORMAT, "melano CycleGAN checkpoint (checkpoint.pt of `melano.cyclegan train`)")
+    state = checkpoints.load_state(checkpoint, FORMAT, "melano CycleGAN checkpoint (checkpoint.pt of `melano.cyclegan train`)")
     cfg = config_from_checkpoint(state)
     g = Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act, cfg.residual)
     g.load_state_dict(state[which])
@@ -596,7 +597,7 @@ def absolute_paths(cfg: CycleGANConfig) -> CycleGANConfig:
     """Paths made absolute (and defaults under --out made explicit), so that a checkpoint names
     the very split and cache it was trained with, whatever folder a later command runs from."""
     return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()),
-                               split_csv=str(run.split_path(cfg).resolve()), cache_dir=str(run.cache_path(cfg).resolve()))
+                               split_csv=str(mdata.split_path(cfg).resolve()), cache_dir=str(mdata.cache_path(cfg).resolve()))
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -606,9 +607,9 @@ def train(cfg: CycleGANConfig) -> Path:
 
     Writes into cfg.out: config.json, losses.csv, losses.png, samples/step_*.png, checkpoint.pt
     (every cfg.checkpoint_every steps, at the end, and on SIGINT/SIGTERM, which then raise
-    run.Stopped), and splits.csv and cache/ unless given elsewhere. With cfg.resume it continues
+    signals.Stopped), and splits.csv and cache/ unless given elsewhere. With cfg.resume it continues
     from checkpoint.pt; an earlier run's folder is refused without --resume or --force (see
-    melano.outdir), and so is a folder another process is writing. Returns the checkpoint path.
+    melano.infra.outdir), and so is a folder another process is writing. Returns the checkpoint path.
     Under torchrun each process trains on its shard of every step with its own pools and label
     noise; DDP averages the gradients; only rank 0 writes files."""
     # ---- setup and resume: everything is checked before anything is written
@@ -617,11 +618,11 @@ def train(cfg: CycleGANConfig) -> Path:
     cfg = absolute_paths(cfg)
     ckpt = Path(cfg.out) / CHECKPOINT
     if not Path(cfg.data).is_dir():
-        raise run.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
-    amp_dtype, scaler = run.amp_setup(cfg.amp, device)
+        raise cli.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
+    amp_dtype, scaler = precision.amp_setup(cfg.amp, device)
     gan = new_gan(cfg, device, scaler)
     pos = load_training_state(ckpt, cfg, gan, device) if cfg.resume and ckpt.exists() else Position()
-    run.agree_start(pos.step > 0, pos.step, ckpt)
+    checkpoints.agree_start(pos.step > 0, pos.step, ckpt)
     with outdir.claim(cfg.out, "cyclegan-train", force=cfg.force, resume=cfg.resume, data=[cfg.data],
                       rank=dist.rank()) as claim:
         return train_loop(cfg, gan, pos, claim, device, amp_dtype)
@@ -652,7 +653,7 @@ def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim
     gan.models.train()
     t0, saved, stopped = time.monotonic(), pos.step, 0
     bar = progress(range(pos.step, total), total=total - pos.step, desc="cyclegan") if main else iter(())
-    with run.StopOnSignal() as stop:
+    with signals.StopOnSignal() as stop:
         while pos.step < total and not stopped:
             if pos.epoch_step >= data.steps_per_epoch:  # epoch done: next learning rate
                 pos.epoch, pos.epoch_step = pos.epoch + 1, 0
@@ -689,7 +690,7 @@ def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim
         bar.close()
         report.plot_losses(out / "losses.csv", out / "losses.png")
     if stopped:
-        raise run.Stopped(stopped, ckpt)
+        raise signals.Stopped(stopped, ckpt)
     log.info("done: %d steps; checkpoint %s", pos.step, ckpt)
     return ckpt
 
@@ -702,17 +703,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m melano.cyclegan", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on the training split: benign (A) -> malignant (B)")
-    run.add_options(t, CycleGANConfig, required=("data", "out"))
-    run.add_debug(t)
+    options.add_options(t, CycleGANConfig, required=("data", "out"))
+    cli.add_debug(t)
     tr = sub.add_parser("translate", help="G_A over training-split benign images -> synthetic malignant "
                                           "images in the ISIC layout")
-    run.add_options(tr, translate.TranslateConfig)
-    run.add_debug(tr)
+    options.add_options(tr, translate.TranslateConfig)
+    cli.add_debug(tr)
     args = p.parse_args(argv)
     setup_logging()
     if args.command == "train":
-        return run.cli(lambda: train(run.from_args(CycleGANConfig, args)), args.debug)
-    return run.cli(lambda: translate.translate(run.from_args(translate.TranslateConfig, args)), args.debug)
+        return cli.cli(lambda: train(options.from_args(CycleGANConfig, args)), args.debug)
+    return cli.cli(lambda: translate.translate(options.from_args(translate.TranslateConfig, args)), args.debug)
 
 
 if __name__ == "__main__":

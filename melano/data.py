@@ -50,14 +50,15 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from .infra.cli import progress, setup_logging
+from .infra.files import to_jsonable
+from .infra.files import atomic_write, host_tag, pid_alive
 
-from melano.common import progress, setup_logging, to_jsonable
-from melano.outdir import atomic_write, host_tag, pid_alive
 
 log = logging.getLogger("melano.data")
 
@@ -857,6 +858,16 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
     return split
 
 
+def split_path(cfg: Any) -> Path:
+    """A trainer's split file: --split-csv, or splits.csv in its --out (never in --data)."""
+    return Path(cfg.split_csv) if cfg.split_csv else Path(cfg.out) / "splits.csv"
+
+
+def cache_path(cfg: Any) -> Path:
+    """A trainer's image-cache folder: --cache-dir, or cache/ in its --out."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
+
+
 def load_split(csv_path: str | os.PathLike, data=None) -> dict[str, list[str]]:
     """Read a ``splits.csv`` (image_name, patient_id, target, split). With `data` (an Index or
     Cache), check that it lists exactly those images with the same labels and patients, and
@@ -1072,7 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     # Expected failures (bad options, bad files, permissions, a refused --out) are one line, exit 2.
     # OSError covers missing files, a --data file, and read-only folders; ValueError the rest,
-    # including undecodable CSV text and melano.outdir.OutputError.
+    # including undecodable CSV text and melano.infra.outdir.OutputError.
     try:
         if args.cmd == "synth":
             synth.run_from_args(args)

@@ -75,8 +75,9 @@ from typing import Any, Mapping, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .infra.checkpoints import load_checkpoint
+from .infra.cli import setup_logging
 
-from melano.common import load_checkpoint, setup_logging
 
 log = logging.getLogger("melano.efficientnet")
 

@@ -59,8 +59,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .infra.files import atomic_write
 
-from .common import atomic_write_text
 
 log = logging.getLogger("melano.ops")
 
@@ -282,7 +282,7 @@ def build(verbose: bool = False) -> BuildInfo:
                     build_directory=str(build_dir), with_cuda=with_cuda, is_python_module=False,
                     verbose=verbose))
                 # Atomic: another rank of a torchrun job may be reading it right now.
-                atomic_write_text(json.dumps(dict(parts, source_hash=source_hash), indent=1) + "\n", stamp)
+                atomic_write(stamp, json.dumps(dict(parts, source_hash=source_hash), indent=1) + "\n")
             _register_python_parts()
             _build_info = BuildInfo(True, with_cuda, cuda_reason, str(library), str(build_dir),
                                     time.monotonic() - t0, cached, cuda_home)
@@ -434,7 +434,7 @@ class InstanceNormAct(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from melano.common import setup_logging
+    from melano.infra.cli import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m melano.ops", description=(
         "Build the fused InstanceNorm+activation extension into its cache and print what was built "

@@ -57,10 +57,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import classifier, cyclegan, data, efficientnet, outdir, quality, report, run, synth
-from .common import host_info, load_checkpoint, log_config, pick_device, setup_logging, to_jsonable
-from .run import option
+from . import classifier, cyclegan, data, efficientnet, quality, report, synth
 from .translate import TranslateConfig, translate
+from .infra import cli, options, outdir, signals
+from .infra.checkpoints import load_checkpoint
+from .infra.cli import log_config, setup_logging
+from .infra.dist import pick_device
+from .infra.files import to_jsonable
+from .infra.options import option
 
 log = logging.getLogger("melano.pipeline")
 
@@ -154,16 +158,16 @@ class PipelineConfig:
                                    "seed)", factory=list)
 
     def __post_init__(self):
-        run.check_options(self)
+        options.check_options(self)
         if self.gan_size % 4:
-            raise run.UsageError(f"--gan-size {self.gan_size}: the generator needs a multiple of 4")
+            raise cli.UsageError(f"--gan-size {self.gan_size}: the generator needs a multiple of 4")
         if self.val_frac + self.test_frac >= 1:
-            raise run.UsageError("--val-frac + --test-frac must leave images for training")
+            raise cli.UsageError("--val-frac + --test-frac must leave images for training")
         bad = set(self.arms) - set(ARMS)
         if bad or not self.arms:
-            raise run.UsageError(f"--arms {' '.join(self.arms)}: choose from {', '.join(ARMS)}")
+            raise cli.UsageError(f"--arms {' '.join(self.arms)}: choose from {', '.join(ARMS)}")
         if self.weights and not self.pretrained:
-            raise run.UsageError("--weights and --no-pretrained contradict each other; drop one")
+            raise cli.UsageError("--weights and --no-pretrained contradict each other; drop one")
 
 
 PRESETS: dict[str, dict] = {
@@ -340,13 +344,13 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, claim: outdir.Claim, folder
     try:
         split = data.make_split(cache, split_csv, cfg.val_frac, cfg.test_frac, cfg.seed)
     except ValueError as e:
-        raise run.UsageError(f"{src}: cannot split it for the experiment: {e}. Give a folder with more malignant "
+        raise cli.UsageError(f"{src}: cannot split it for the experiment: {e}. Give a folder with more malignant "
                              f"images (each of validation and test needs some), or change --val-frac/--test-frac"
                              ) from e
     sizes = split_sizes(cache, split)
     for s in ("val", "test"):
         if sizes[s]["malignant"] == 0 or sizes[s]["malignant"] == sizes[s]["images"]:
-            raise run.UsageError(f"the {s} split of {src} has {sizes[s]['malignant']} malignant of "
+            raise cli.UsageError(f"the {s} split of {src} has {sizes[s]['malignant']} malignant of "
                                  f"{sizes[s]['images']} images, so its AUC is undefined; give more images or a "
                                  f"larger --{s.replace('val', 'val')}-frac")
     return {"data": str(src), "split_csv": str(split_csv), "split_hash": file_hash(split_csv), "split_sizes": sizes}
@@ -361,7 +365,7 @@ def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, threads: int | None,
         ckpt = folder / cyclegan.CHECKPOINT
     else:
         ckpt = cyclegan.train(run_cfg)
-    return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv"), "split_hash": file_hash(run.split_path(run_cfg))}
+    return {"checkpoint": str(ckpt), "losses": str(folder / "losses.csv"), "split_hash": file_hash(data.split_path(run_cfg))}
 
 
 def synth_stage(gan: dict, d: dict, cache_dir: Path, n: int, device: str | None, claim: outdir.Claim, folder: Path,
@@ -417,7 +421,7 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out or f"runs/{cfg.preset}")
     unknown = {f for f in cfg.rerun if f not in stage_names(cfg) and f not in {f"arm_{a}" for a in ARMS}}
     if unknown:
-        raise run.UsageError(f"--rerun {' '.join(sorted(unknown))}: not a stage; stages are "
+        raise cli.UsageError(f"--rerun {' '.join(sorted(unknown))}: not a stage; stages are "
                              f"{', '.join(stage_names(cfg))} (arm_<arm> for every seed of an arm)")
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise FileNotFoundError(f"--data {cfg.data}: no such folder. Give an ISIC folder (train.csv + jpeg/train/ "
@@ -426,7 +430,7 @@ def run_experiment(cfg: PipelineConfig) -> dict:
         try:
             efficientnet.offline_weights(cfg.arch)
         except ValueError:
-            raise run.UsageError(f"--arch {cfg.arch}: no pretrained weights for it ship offline (only "
+            raise cli.UsageError(f"--arch {cfg.arch}: no pretrained weights for it ship offline (only "
                                  f"tf_efficientnet_lite0's do); pass --weights PATH_OR_URL (a checkpoint listed in "
                                  f"melano.efficientnet's docstring), or --no-pretrained to start from random "
                                  f"weights") from None
@@ -438,12 +442,10 @@ def run_experiment(cfg: PipelineConfig) -> dict:
         stages.check_places(stage_names(cfg), list(ROOT_FILES))
         claim.record("config.json")
         log_config(cfg, out / "config.json")
-        host = host_info()  # measured at the start, so that wall times from other hosts compare
-        log.info("host: %s", host)
-        return run_stages(cfg, stages, host)
+        return run_stages(cfg, stages)
 
 
-def run_stages(cfg: PipelineConfig, stages: Stages, host: dict) -> dict:
+def run_stages(cfg: PipelineConfig, stages: Stages) -> dict:
     """The stages, top to bottom, in the claimed run folder `stages.root`."""
     out, wall0 = stages.root, time.monotonic()
     cache_dir = out / "cache"
@@ -502,7 +504,7 @@ def run_stages(cfg: PipelineConfig, stages: Stages, host: dict) -> dict:
     # 5. the report
     report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}, "quality": q and q["run_id"]}
     stages.run("report", report_params, functools.partial(
-        report_stage, cfg, stages.claim, d, gans, arms, q, stages.timings, wall0, host))
+        report_stage, cfg, stages.claim, d, gans, arms, q, stages.timings, wall0))
     result = json.loads((out / "metrics.json").read_text())
     log.info("report: %s", out / "report.md")
     return result
@@ -545,7 +547,7 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
 
 
 def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, arms: dict[str, list[dict]],
-                 q: dict | None, timings: dict, wall0: float, host: dict, folder: Path, resume: bool) -> dict:
+                 q: dict | None, timings: dict, wall0: float, folder: Path, resume: bool) -> dict:
     """metrics.json, report.md and the figures, from the arms' saved test predictions."""
     out = Path(cfg.out or f"runs/{cfg.preset}")
     for name in ROOT_FILES:
@@ -564,7 +566,7 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
         "leakage_guards": guards,
         "deviations_from_study": list(STUDY_DEVIATIONS) if cfg.preset == "study" else [],
         "timings_s": {k: timings[k] for k in stage_names(cfg) if k in timings},  # in stage order
-        "wall_s": time.monotonic() - wall0, "host": host,
+        "wall_s": time.monotonic() - wall0,
         "config": to_jsonable(cfg),
     }
     for a in result["arms"]:
@@ -589,12 +591,12 @@ class Children:
 
     Python's default SIGTERM killed the pipeline alone and left its trainers running, orphaned, in
     the run folder. Instead, the first signal is forwarded once to each running trainer, which
-    saves a checkpoint after its step and exits 128 + signum (run.StopOnSignal); the pipeline starts
-    nothing more, waits for them, and stops the same way (run.Stopped), so that a rerun resumes.
+    saves a checkpoint after its step and exits 128 + signum (signals.StopOnSignal); the pipeline starts
+    nothing more, waits for them, and stops the same way (signals.Stopped), so that a rerun resumes.
     With no trainer running, it stops at once, as Ctrl-C does by default.
 
     A signal to the whole process group reaches the trainers both directly and forwarded: they take
-    the copy as the same request (run.repeats), and so does this handler (`timeout` signals its
+    the copy as the same request (signals.repeats), and so does this handler (`timeout` signals its
     command, then its group). A later signal aborts at once, forwarded to the trainers too.
     The children stay in the pipeline's process group, so that killing the group kills them all.
     Signals belong to a process, so there is one of these per process: CHILDREN."""
@@ -618,7 +620,7 @@ class Children:
 
     def _handler(self, signum, frame):
         if self.signum:
-            if run.repeats(signum, self.signum, self.at):
+            if signals.repeats(signum, self.signum, self.at):
                 return
             for proc in list(self.live.values()):
                 proc.send_signal(signum)
@@ -628,7 +630,7 @@ class Children:
                     "(send it again, a second later, to abort at once)", signal.Signals(signum).name)
         self.tell()
         if not self.busy:  # no trainer to wait for. Raising while one starts could orphan it
-            raise run.Stopped(signum)
+            raise signals.Stopped(signum)
 
     def tell(self) -> None:
         """Send the signal to every live trainer not yet sent it. dict.pop is atomic: of this
@@ -640,7 +642,7 @@ class Children:
 
     def check(self) -> None:
         if self.signum:
-            raise run.Stopped(self.signum)
+            raise signals.Stopped(self.signum)
 
     @contextlib.contextmanager
     def start(self, cmd: list[str], **popen) -> Iterator[subprocess.Popen]:
@@ -686,12 +688,12 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
     (--standalone, K processes) when nproc > 1, else one process with `threads` CPU threads and
     its output in folder/train.log (stages running side by side would mix theirs). Raises if it
     fails. The trainer writes its outputs into run_cfg.out."""
-    train = ["train", *run.to_flags(run_cfg)]
+    train = ["train", *options.to_flags(run_cfg)]
     if nproc > 1:  # torchrun dies with the pipeline, and its ranks with it
-        cmd, env, sink = run.child_command("torch.distributed.run", ["--standalone", "--nproc_per_node", str(nproc),
+        cmd, env, sink = signals.child_command("torch.distributed.run", ["--standalone", "--nproc_per_node", str(nproc),
                                                                     "-m", module, *train]), None, None
     else:
-        cmd, env = run.child_command(module, train), {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd, env = signals.child_command(module, train), {**os.environ, "OMP_NUM_THREADS": str(threads)}
         sink = open(folder / "train.log", "w")
     log.info("running %s", " ".join(cmd))
     try:
@@ -710,7 +712,7 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
     if stopped:
         log.warning("stage %s stopped by %s (exit code %d); rerun the pipeline to resume it from its checkpoint",
                     folder.name, signal.Signals(stopped).name, rc)
-        raise run.Stopped(stopped)
+        raise signals.Stopped(stopped)
     if rc != 0:
         log_path = folder / "train.log"
         where = "its log is above" if sink is None else f"the end of {log_path}: {last_line(log_path)}"
@@ -778,7 +780,7 @@ def leakage_guards(d: dict, gans: dict) -> dict[str, bool]:
         gan_cfg = cyclegan.config_from_checkpoint(load_checkpoint(g["checkpoint"]))
         seen = cyclegan.TrainData(gan_cfg)  # the images this GAN's trainer draws from
         names = {seen.cache.names[i] for i in np.concatenate([seen.rows_A, seen.rows_B])}
-        same_split = g["split_hash"] == d["split_hash"] == file_hash(run.split_path(gan_cfg))
+        same_split = g["split_hash"] == d["split_hash"] == file_hash(data.split_path(gan_cfg))
         gan_ok &= same_split and not names & held_out
     if gans:
         guards["synthetic images derive only from training-split benign images"] = synth_ok
@@ -792,8 +794,8 @@ def parse_config(argv: list[str] | None) -> tuple[PipelineConfig, argparse.Names
     """Flags over the preset's values: every flag defaults to 'not given' (None here)."""
     p = argparse.ArgumentParser(prog="python -m melano.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_options(p, PipelineConfig)
-    run.add_debug(p)
+    options.add_options(p, PipelineConfig)
+    cli.add_debug(p)
     p.add_argument("--dry-run", action="store_true", help="print the full configuration and exit")
     for action in p._actions:
         if action.dest not in ("help", "preset", "debug", "dry_run"):
@@ -824,7 +826,7 @@ def command(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run.cli(functools.partial(command, argv), debug="--debug" in argv)
+    return cli.cli(functools.partial(command, argv), debug="--debug" in argv)
 
 
 if __name__ == "__main__":

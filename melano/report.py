@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from . import metrics, stats
-from .common import atomic_write_bytes, atomic_write_text
+from .infra.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def image_grid(rows: list[list[np.ndarray]], path: str | Path, pad: int = 2) -> 
     grid.save(buf, format="PNG")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(buf.getvalue(), path)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -199,7 +199,7 @@ class LossLog:
         w = csv.DictWriter(buf, self.columns, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-        atomic_write_text(buf.getvalue(), path)  # header plus the rows still valid
+        atomic_write(path, buf.getvalue())  # header plus the rows still valid
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
@@ -433,5 +433,5 @@ def markdown_report(result: dict) -> str:
 
 
 def write_report(result: dict, path: str | Path) -> Path:
-    atomic_write_text(markdown_report(result), path)
+    atomic_write(path, markdown_report(result))
     return Path(path)

@@ -50,8 +50,9 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from melano import lesions, outdir
-from melano.common import log_config, progress
+from melano import lesions
+from .infra import outdir
+from .infra.cli import log_config, progress
 
 log = logging.getLogger("melano.synth")
 
@@ -630,7 +631,7 @@ def generate(cfg: SynthConfig) -> list[dict]:
     Layout: ``train.csv`` (the 8 ISIC columns), ``jpeg/train/<image_name>.jpg``,
     ``synth_criteria.csv`` (the hidden truth of every image: `truth`) and ``synth.json`` (the
     config). An `out` that holds anything but an earlier synthetic set is refused unless
-    ``cfg.force`` (`melano.outdir.OutputError`), and so is an earlier set. The set is written
+    ``cfg.force`` (`melano.infra.outdir.OutputError`), and so is an earlier set. The set is written
     into a temp folder beside `out` and swapped into place when complete, so a killed run leaves
     the old folder or the new one, never a mix of the two.
     """

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cyclegan, encode, outdir, run
+from . import cyclegan, encode
 from . import data as mdata
-from .common import pick_device, progress
-from .run import option
+from .infra import options, outdir, precision
+from .infra.cli import progress
+from .infra.dist import pick_device
+from .infra.options import option
 
 log = logging.getLogger("melano.translate")
 
@@ -49,7 +51,7 @@ class TranslateConfig:
     force: bool = option(False, "write into an --out that holds an earlier translation or other files")
 
     def __post_init__(self):
-        run.check_options(self)
+        options.check_options(self)
 
 
 def sample_benign(names: list[str], targets: np.ndarray, limit: int | None, seed: int) -> list[str]:
@@ -75,11 +77,11 @@ def synthetic_row(name: str, src: mdata.Record) -> dict:
 def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: cyclegan.CycleGANConfig, split_csv: Path,
                        device: torch.device, claim: outdir.Claim) -> list[dict]:
     """G_A over the chosen benign images, each written like its source; then train.csv."""
-    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or run.cache_path(gcfg), split_csv)
+    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or mdata.cache_path(gcfg), split_csv)
     records = {r.image_name: r for r in index.records}
     split_names = splits[cfg.split]
     names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
-    amp_dtype, _ = run.amp_setup("auto", device)
+    amp_dtype, _ = precision.amp_setup("auto", device)
     log.info("translating %d %s-split benign images of %s with %s on %s", len(names), cfg.split, cfg.data,
              cfg.checkpoint, device)
     (claim.folder / "jpeg" / "train").mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ def translate(cfg: TranslateConfig) -> Path:
     G, gcfg = cyclegan.load_generator(cfg.checkpoint, "G_A", device)
     if Path(cfg.data).resolve() != Path(gcfg.data).resolve():
         log.warning("translating %s, but %s was trained on %s", cfg.data, cfg.checkpoint, gcfg.data)
-    split_csv = Path(cfg.split_csv) if cfg.split_csv else run.split_path(gcfg)
+    split_csv = Path(cfg.split_csv) if cfg.split_csv else mdata.split_path(gcfg)
     if not split_csv.is_file():
         raise FileNotFoundError(f"split file {split_csv} (from {cfg.checkpoint}) does not exist; pass the "
                                 f"splits.csv the model was trained with (--split-csv)")

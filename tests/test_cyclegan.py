@@ -20,10 +20,10 @@ from PIL import Image
 
 from helpers import read_csv
 from melano import cyclegan as cg
-from melano import run
+from melano.infra import precision
 from melano.translate import TranslateConfig
 from melano.translate import translate as run_translate
-from melano.common import load_checkpoint
+from melano.infra.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -314,7 +314,7 @@ def test_cuda_fused_and_reference_agree_under_amp(monkeypatch, amp):
     if ops.backend("cuda") != "ext":
         pytest.skip("no CUDA kernel built")
     cfg = cg.CycleGANConfig(size=64, ngf=8, ndf=8, n_blocks=2, batch_size=2, amp=amp, device="cuda")
-    dtype, _ = run.amp_setup(cfg.amp, torch.device("cuda"))
+    dtype, _ = precision.amp_setup(cfg.amp, torch.device("cuda"))
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(2, 3, 64, 64, generator=g).cuda() * 2 - 1, torch.rand(2, 3, 64, 64, generator=g).cuda() * 2 - 1)
                for _ in range(3)]

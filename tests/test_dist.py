@@ -1,4 +1,4 @@
-"""melano.dist and the trainers under torchrun: 2 CPU processes with gloo, on loopback only.
+"""melano.infra.dist and the trainers under torchrun: 2 CPU processes with gloo, on loopback only.
 
 Oracles: one process on the whole batch (DDP's averaged gradients of a CycleGAN step with its
 several forwards per module), torch's DistributedSampler (how shards and padding are laid out),
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from helpers import read_csv
-from melano import dist
+from melano.infra import dist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,8 +73,8 @@ def built_ops():
 
 
 def files_under(folder: Path) -> list[str]:
-    """The run's own files (not melano.outdir's owner, manifest and lock files)."""
-    from melano import outdir
+    """The run's own files (not melano.infra.outdir's owner, manifest and lock files)."""
+    from melano.infra import outdir
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in outdir.MELANO_FILES)
 
 
@@ -192,7 +192,7 @@ def gan_run(gan_data):
 
 def test_cyclegan_two_processes(gan_data, gan_run):
     from melano import cyclegan as cg
-    from melano.common import load_checkpoint
+    from melano.infra.checkpoints import load_checkpoint
     out, probe, log = gan_run
     # parameters are equal on both ranks, and equal to the one checkpoint rank 0 wrote
     ranks = [torch.load(probe / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in range(2)]
@@ -224,7 +224,7 @@ def test_cyclegan_two_processes(gan_data, gan_run):
 
 def test_cyclegan_two_processes_resume_exactly(gan_data, gan_run):
     from melano import cyclegan as cg
-    from melano.common import load_checkpoint
+    from melano.infra.checkpoints import load_checkpoint
     out = gan_data / "two_resumed"
     torchrun(2, "-m", "melano.cyclegan", "train", *gan_args(gan_data, out, "--max-steps", "4"))
     torchrun(2, "-m", "melano.cyclegan", "train", *gan_args(gan_data, out, "--max-steps", "6", "--resume"))
@@ -245,12 +245,12 @@ def test_cyclegan_two_processes_resume_exactly(gan_data, gan_run):
 
 def test_torchrun_with_one_process_equals_the_plain_run(gan_data, tmp_path):
     from melano import cyclegan as cg
-    from melano.common import load_checkpoint
+    from melano.infra.checkpoints import load_checkpoint
     torchrun(1, "-m", "melano.cyclegan", "train", *gan_args(gan_data, tmp_path / "torchrun", "--max-steps", "3"))
-    from melano import run
+    from melano.infra import options
     args = argparse.ArgumentParser()
-    run.add_options(args, cg.CycleGANConfig)
-    cfg = run.from_args(cg.CycleGANConfig, args.parse_args(gan_args(gan_data, tmp_path / "plain", "--max-steps", "3")))
+    options.add_options(args, cg.CycleGANConfig)
+    cfg = options.from_args(cg.CycleGANConfig, args.parse_args(gan_args(gan_data, tmp_path / "plain", "--max-steps", "3")))
     a, b = load_checkpoint(tmp_path / "torchrun" / cg.CHECKPOINT), load_checkpoint(cg.train(cfg))
     for net in ("G_A", "G_B", "D_A", "D_B"):
         for k in a[net]:
@@ -260,7 +260,7 @@ def test_torchrun_with_one_process_equals_the_plain_run(gan_data, tmp_path):
 
 def test_sigterm_to_torchrun_saves_one_checkpoint(gan_data, tmp_path):
     from melano import cyclegan as cg
-    from melano.common import load_checkpoint
+    from melano.infra.checkpoints import load_checkpoint
     out = tmp_path / "sig"
     cmd, env = torchrun_cmd(2, "-m", "melano.cyclegan", "train",
                             *gan_args(gan_data, out, "--epochs", "1000", "--sample-every", "1000"))
@@ -300,13 +300,14 @@ def test_fused_kernels_under_ddp_and_amp_on_cuda(tmp_path, monkeypatch, amp):
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
     from melano import cyclegan as cg
-    from melano import ops, run
+    from melano import ops
+    from melano.infra import precision
     monkeypatch.setenv("MELANO_OPS", "ext")
     if ops.backend("cuda") != "ext":
         pytest.skip("no CUDA kernel built")
     cfg = cg.CycleGANConfig(size=64, ngf=8, ndf=8, n_blocks=2, batch_size=2, amp=amp, device="cuda", pool_size=4,
                             label_smoothing="noisy")
-    dtype, _ = run.amp_setup(cfg.amp, torch.device("cuda"))
+    dtype, _ = precision.amp_setup(cfg.amp, torch.device("cuda"))
     g = torch.Generator().manual_seed(0)
     batches = [tuple(torch.rand(2, 3, 64, 64, generator=g).cuda() * 2 - 1 for _ in "AB") for _ in range(3)]
     tdist.init_process_group("nccl", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
@@ -403,7 +404,7 @@ def test_classifier_two_processes(cls_data):
 def test_pipeline_runs_its_training_stages_under_torchrun(tmp_path, monkeypatch):
     from sklearn.metrics import roc_auc_score
     from melano import pipeline
-    from melano.common import load_checkpoint
+    from melano.infra.checkpoints import load_checkpoint
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if Path("/sys/class/net/lo").exists():
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
@@ -426,7 +427,8 @@ def test_pipeline_passes_configs_to_torchrun_unchanged():
     # --nproc-per-node K runs each training stage as `torchrun ... -m MODULE train FLAGS`: the flags
     # must parse back, through each module's own parser, into exactly the config of the in-process call
     import argparse
-    from melano import classifier, cyclegan, pipeline, run
+    from melano import classifier, cyclegan, pipeline
+    from melano.infra import options
     gan = cyclegan.CycleGANConfig(data="d", out="o", split_csv="s.csv", size=64, n_blocks=3, max_steps=None,
                                   label_smoothing="noisy", lr=3e-4, resume=True, device="cuda")
     clf = classifier.ClassifierConfig(data="d", out="o", extra=["x", "y"], split_csv="s.csv", pretrained=False,
@@ -434,8 +436,8 @@ def test_pipeline_passes_configs_to_torchrun_unchanged():
                                       channels_last=False, amp="none", tta=True, resume=True, pos_weight="auto")
     for cfg in (gan, clf, dataclasses.replace(clf, extra=[], size=48, resume=False)):
         p = argparse.ArgumentParser()
-        run.add_options(p, type(cfg))
-        assert run.from_args(type(cfg), p.parse_args(run.to_flags(cfg))) == cfg
+        options.add_options(p, type(cfg))
+        assert options.from_args(type(cfg), p.parse_args(options.to_flags(cfg))) == cfg
     assert pipeline.PipelineConfig().nproc_per_node == 1
 
 

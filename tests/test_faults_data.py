@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from melano import data, outdir, synth
+from melano import data, synth
+from melano.infra import outdir
 
 try:
-    from tqdm.auto import tqdm  # melano.common.progress draws its bars with it when it is installed
+    from tqdm.auto import tqdm  # melano.infra.cli.progress draws its bars with it when it is installed
 except ImportError:
     tqdm = None
 

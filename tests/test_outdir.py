@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from melano import outdir
-from melano.outdir import OutputError
+from melano.infra import outdir
+from melano.infra.outdir import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def spawn_holder(folder: Path, command: str = "trainer") -> subprocess.Popen:
     """Another process that claims `folder` and holds it until killed; returns once it holds it."""
     code = textwrap.dedent(f"""
         import sys, time
-        from melano import outdir
+        from melano.infra import outdir
         c = outdir.claim({str(folder)!r}, {command!r}, force=True)
         c.write_text("x.txt", "held")
         print("held", flush=True)

@@ -199,7 +199,7 @@ def test_gan_layout_per_preset():
 def test_stages_run_side_by_side_in_order_and_stop_at_a_failure(tmp_path):
     import threading
     import time
-    from melano import outdir
+    from melano.infra import outdir
     stages, seen = pipeline.Stages(tmp_path, outdir.claim(tmp_path, "pipeline"), []), []
     started = threading.Barrier(2, timeout=10)
 
@@ -246,13 +246,13 @@ def test_a_stopped_child_stage_stops_the_pipeline_as_a_signal(tmp_path, monkeypa
     # so that a rerun resumes the stage rather than reporting a failure
     import subprocess
     import sys
-    from melano import run
+    from melano.infra import signals
     real = subprocess.Popen
     child = [sys.executable, "-c", "import sys; print('stopped by SIGINT'); sys.exit(130)"]
     monkeypatch.setattr(pipeline.subprocess, "Popen", lambda cmd, **kw: real(child, **kw))
     cfg = classifier.ClassifierConfig(data="d", out=str(tmp_path / "arm"), pretrained=False, size=32)
     (tmp_path / "arm").mkdir()
-    with pytest.raises(run.Stopped) as stopped:
+    with pytest.raises(signals.Stopped) as stopped:
         pipeline.train_process("melano.classifier", cfg, 1, 1, tmp_path / "arm")
     assert stopped.value.exit_code == 130
     assert "stopped by SIGINT" in (tmp_path / "arm" / "train.log").read_text()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melano import run
+from melano.infra import signals
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 25  # 4 steps an epoch on the smoke split: ~15 s per arm on 2 cores, time to signal mid-training
@@ -157,14 +157,14 @@ def test_sigint_to_the_process_group_stops_each_trainer_once(tmp_path):
 
 
 def test_a_repeated_signal_is_one_request_and_a_later_one_aborts(monkeypatch):
-    with run.StopOnSignal() as s:
+    with signals.StopOnSignal() as s:
         try:
             signal.raise_signal(signal.SIGTERM)
             signal.raise_signal(signal.SIGTERM)  # a group signal and its forwarded copy
         except KeyboardInterrupt:
             pytest.fail("a copy of the first signal aborted the trainer")
         assert s.signum == signal.SIGTERM
-        monkeypatch.setattr(run, "REPEAT_WINDOW_S", 0.0)
+        monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 0.0)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGTERM)  # sent again, later: abort at once
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -16,7 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import cross_val_predict
 
-from melano import data, outdir, synth
+from melano import data, synth
+from melano.infra import outdir
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Issue 26: nothing a user made is lost. The pipeline's stages, `predict` and `evaluate` follow
-melano.outdir's rule like the trainers: they write only into their own --out, delete only what
+melano.infra.outdir's rule like the trainers: they write only into their own --out, delete only what
 their manifests say they wrote, never write into (or around) --data, and change nothing when they
 refuse. Each test here failed on the code before the issue. Folder names are the tests' own.
 (Labels that belong to files, nested images and `check --strict` are in test_data_labels.py.)"""
@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from helpers import bomb_png, call, clf_train_argv, make_data, read_csv, refused, tree
-from melano import classifier, outdir, pipeline
+from melano import classifier, pipeline
+from melano.infra import outdir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +64,7 @@ def test_a_folder_in_a_stage_place_of_an_earlier_run_is_refused_and_kept(tmp_pat
     run = tmp_path / "earlier"
     # an earlier run's folder, claimed by another process: a claim by this one would rewrite the owner
     # and lock files with its own pid, so the trees below also check that the refusal comes first
-    subprocess.run([sys.executable, "-c", f"from melano import outdir; outdir.claim({str(run)!r}, 'pipeline').close()"],
+    subprocess.run([sys.executable, "-c", f"from melano.infra import outdir; outdir.claim({str(run)!r}, 'pipeline').close()"],
                    check=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     make_data(run / "gan_ls", 10, 6)  # written by melano (synth), but not by this pipeline
     (run / "arm_none_1").mkdir()

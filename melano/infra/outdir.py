@@ -62,6 +62,8 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from .files import _TEMP, _put, atomic_write, host_tag, json_text, pid_alive, remove_dead_temp_files
+
 log = logging.getLogger("melano.outdir")
 
 FORMAT = "melano-out/1"
@@ -75,63 +77,11 @@ class OutputError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic files
-
-def atomic_write(path: str | os.PathLike, content: bytes | str | Callable, fsync: bool = True) -> Path:
-    """Write `content` (bytes, str as UTF-8, or a function called with the open binary file) to a
-    temp file beside `path`, then ``os.replace`` it: a kill leaves the old file or the new one.
-
-    The file gets the usual mode for new files (0666 less the umask, 0644 typically), not the
-    0600 of `tempfile.mkstemp`. Creates missing parent folders.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _put(f, content)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _put(f, content: bytes | str | Callable) -> None:
-    if callable(content):
-        content(f)
-    else:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
-
-
-# ----------------------------------------------------------------------------------------------
 # Small helpers
-
-def host_tag() -> str:
-    """This host's name without "-", so that it can sit between "-" separators in a file name."""
-    return socket.gethostname().replace("-", "_") or "host"
 
 
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (a PID of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_json(path: Path) -> dict | None:
@@ -537,8 +487,7 @@ class Claim:
         return self.write(rel, text)
 
     def write_json(self, rel: str | os.PathLike, obj) -> Path:
-        from melano.common import to_jsonable  # dataclasses, Paths and numpy scalars too
-        return self.write(rel, json.dumps(to_jsonable(obj), indent=2) + "\n")
+        return self.write(rel, json_text(obj))
 
     @property
     def written(self) -> list[str]:
@@ -764,24 +713,6 @@ def _write_holder(fd: int, command: str) -> None:
 def _owner_json(command: str, created: str) -> str:
     return json.dumps({"format": FORMAT, "command": command, "pid": os.getpid(), "host": socket.gethostname(),
                        "created": created, "started": _now()}, indent=2) + "\n"
-
-
-_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def remove_dead_temp_files(folder: Path) -> list[Path]:
-    """Delete the temp files of `atomic_write`s whose process, on this host, was killed: they are
-    never renamed into place, so nothing else would remove them."""
-    removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            m = _TEMP.match(name)
-            if m and m["host"] == host_tag() and not pid_alive(int(m["pid"])):
-                os.unlink(os.path.join(root, name))
-                removed.append(Path(root) / name)
-    if removed:
-        log.info("%s: removed %d temp file(s) of killed writes", folder, len(removed))
-    return removed
 
 
 def _take_ownership(out: Path, command: str) -> list[str]:

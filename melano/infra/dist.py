@@ -30,7 +30,6 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from .common import pick_device
 
 log = logging.getLogger("melano.dist")
 
@@ -202,3 +201,30 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     if world_size() > 1:
         for b in model.buffers():
             tdist.broadcast(b, src=0)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The device named by --device (checked: CUDA must be there), or CUDA when available."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: melano runs on cpu or cuda")
+    return dev
+
+
+def epoch_order(n: int, seed: int, epoch: int, take: int | None = None) -> list[int]:
+    """This rank's order of the n items in `epoch`: a permutation seeded by (seed, epoch) alone,
+    cut to its first `take` items, sharded across ranks as DistributedSampler does. Being a pure
+    function of (seed, epoch), it lets a resumed run skip exactly the batches it has done."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return shard(order[:take].tolist() if take is not None else order.tolist())

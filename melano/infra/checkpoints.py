@@ -1,0 +1,123 @@
+"""Checkpoints: atomic, weights-only, with a format marker; the resume policy; RNG streams.
+
+One protocol for both trainers:
+    save_state(state, path, fmt)      atomically, marked with its format
+    load_state(path, fmt, what)       weights-only; a wrong format or file names what it is
+    check_resume(saved, cfg, may_change, path)   an allow-list of fields that may change on --resume
+    check_world(saved, path)          the same number of processes
+    rng_state / set_rng_state         CPU, every CUDA device, and the trainer's own generators
+    agree_start                       every rank resumed from the same step
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import dist
+from .cli import UsageError
+from .files import atomic_write, to_jsonable
+from .options import flag_name
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True: a checkpoint from elsewhere can never run code."""
+    kind = _not_a_checkpoint(path)
+    if kind:
+        raise ValueError(f"{path}: not a checkpoint but {kind}; pass a .pt file that melano wrote "
+                         f"(e.g. best.pt or last.pt)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # UnpicklingError, RuntimeError on a truncated zip, EOFError, ...
+        text = " ".join(str(e).split())
+        if "weights_only" in text or "Unsupported global" in text:  # torch's advice to retry unsafely: dropped
+            raise ValueError(f"{path}: not a loadable checkpoint, refused: it holds Python objects other than "
+                             f"tensors and plain containers. "
+                             f"melano never unpickles arbitrary objects; do not load this file with "
+                             f"weights_only=False unless you trust whoever made it") from None
+        raise ValueError(f"{path}: not a loadable checkpoint: it is corrupt, truncated, empty or another kind of "
+                         f"file ({type(e).__name__}); write it again, or pass the right file") from None
+
+
+def _not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """What the file is, when its first bytes show it is no torch.save file (a zip archive, or a
+    pickle in the legacy format); None when it may be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None  # torch.load raises these with their usual messages
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    return "another kind of file (not a PyTorch checkpoint)"
+
+
+def save_state(state: dict, path: str | Path, fmt: str) -> None:
+    """Write a checkpoint atomically, marked with its format (e.g. 'melano.cyclegan')."""
+    atomic_write(path, lambda f: torch.save({**state, "format": fmt}, f))
+
+
+def load_state(path: str | Path, fmt: str, what: str) -> dict:
+    """Load a checkpoint weights-only and check its format marker; errors say what it is instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UsageError(f"{path}: not a {what} (its format is {found!r}, not {fmt!r})")
+    return state
+
+
+def check_resume(saved: dict, cfg: Any, may_change: set[str], path: str | Path) -> None:
+    """Refuse to resume with a config that differs from the saved one in any field outside
+    `may_change`: that would silently continue a different experiment."""
+    now = to_jsonable(cfg)
+    diff = [f"{flag_name(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in may_change and saved.get(k) != now[k]]
+    if diff:
+        raise UsageError(f"{path} was trained with other options ({'; '.join(diff)}): resume with the same "
+                         f"ones, or start a new run in another --out")
+
+
+def check_world(saved: dict, path: str | Path) -> None:
+    n, now = saved.get("world_size", 1), dist.world_size()
+    if n != now:
+        raise UsageError(f"{path} was trained by {n} process(es), this run has {now}: the data order and the "
+                         f"per-process random streams depend on it; resume with the same number of processes")
+
+
+def rng_state(*generators: torch.Generator) -> dict:
+    """The global CPU stream, every visible CUDA device's, and the given generators', as tensors
+    (so a checkpoint holding them loads weights-only)."""
+    state = {"cpu": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, *generators: torch.Generator) -> None:
+    torch.set_rng_state(state["cpu"])
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def agree_start(resumed: bool, step: int, path: str | Path) -> None:
+    """Every rank must start from the same checkpoint (also a barrier after reading it)."""
+    starts = dist.all_gather_object((resumed, step))
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read "
+                           f"the same {path}; on several nodes, put --out on a filesystem they all share")

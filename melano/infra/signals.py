@@ -1,0 +1,98 @@
+"""Signals: a trainer finishes its step, saves and exits 128 + signal; children die with their parent."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import dist
+
+log = logging.getLogger("melano.signals")
+
+
+class Stopped(KeyboardInterrupt):
+    """A trainer stopped by SIGINT/SIGTERM after saving its checkpoint. The process exits
+    128 + signum, the shell's convention for a signal."""
+
+    def __init__(self, signum: int, checkpoint: str | Path | None = None):
+        name = signal.Signals(signum).name
+        saved = f"; {checkpoint} is saved, rerun with --resume to continue" if checkpoint else ""
+        super().__init__(f"stopped by {name}{saved}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+REPEAT_WINDOW_S = 1.0  # a repeat of the first signal within this is the same request
+
+
+def repeats(signum: int, first: int, at: float) -> bool:
+    """Whether `signum` repeats the `first` signal, received at time.monotonic() `at`, soon enough
+    to be the same request: a signal to a process group (Ctrl-C, `timeout`, kill -PGID) reaches a
+    trainer directly and again as forwarded by melano.pipeline, and `timeout` signals its command,
+    then its group. Counting those as two would abort the trainer without its checkpoint."""
+    return signum == first and time.monotonic() - at < REPEAT_WINDOW_S
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM set `signum`; the loop finishes its step, saves, and raises Stopped.
+    A second signal interrupts at once, unless it repeats the first within REPEAT_WINDOW_S (see
+    `repeats`), or under torchrun, which forwards the signal it got and kills its workers itself
+    after a timeout: there repeats are ignored. Handlers are installed only in the main thread
+    (elsewhere signals are not delivered to Python)."""
+
+    def __init__(self):
+        self.signum, self.at, self._old = 0, 0.0, {}
+
+    def _handler(self, signum, frame):
+        if self.signum:
+            if dist.world_size() > 1 or repeats(signum, self.signum, self.at):
+                return
+            raise KeyboardInterrupt
+        self.signum, self.at = signum, time.monotonic()
+        log.warning("received %s: saving a checkpoint after this step (send it again, a second later, to "
+                    "abort at once)", signal.Signals(signum).name)
+
+    def agreed(self) -> int:
+        """The signal any rank received (0 if none): all ranks stop after the same step."""
+        return dist.max_int(self.signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# Runs `python -m <module> <args>` after die_with_parent: PR_SET_PDEATHSIG survives exec and runpy.
+_LAUNCH = ("import sys, runpy; from melano.infra.signals import die_with_parent; die_with_parent(int(sys.argv.pop(1))); "
+           "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+
+
+def child_command(module: str, args: Sequence[str]) -> list[str]:
+    """The command line of `python -m module args` as a child of this process that stops (SIGTERM:
+    a trainer saves a checkpoint and exits) when this process dies, even by SIGKILL, on Linux."""
+    return [sys.executable, "-c", _LAUNCH, str(os.getpid()), module, *args]
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the parent dies; exit at once if it has died already (before
+    this process could ask). Elsewhere only the second part applies."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        sys.exit(128 + signal.SIGTERM)
