@@ -289,7 +289,8 @@ def efficientnet_auc(x: np.ndarray, y: np.ndarray, test: np.ndarray, epochs: int
     """Fine-tune the packaged ImageNet EfficientNet-Lite0 (one logit) at the images' size, as
     melano.classifier builds and normalises it: AdamW (no decay on biases and BatchNorm), one-cycle
     LR, flips and quarter turns; return its test AUC."""
-    from melano.efficientnet import config, efficientnet
+    from melano.efficientnet import config
+    from melano.pretrained import efficientnet
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

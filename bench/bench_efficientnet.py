@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
-from melano.efficientnet import efficientnet, load_pretrained  # noqa: E402
+from melano.efficientnet import efficientnet  # noqa: E402
+from melano.pretrained import load_pretrained  # noqa: E402
 
 
 def cpu_model() -> str:

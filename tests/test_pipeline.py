@@ -158,7 +158,7 @@ def test_rerun_a_stage_and_everything_downstream(smoke):
 
 
 def test_given_weights_are_used_by_every_arm(tmp_path):
-    from melano.efficientnet import offline_weights
+    from melano.pretrained import offline_weights
 
     cfg = pipeline.make_config("smoke", out=str(tmp_path), arms=["none", "traditional"], seeds=1,
                                weights=offline_weights("tf_efficientnet_lite0"))

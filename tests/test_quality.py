@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from PIL import Image
 
 from melano import data, encode, quality, synth
-from melano.efficientnet import efficientnet
+from melano.pretrained import efficientnet
 from reference import kid as kid_ref
 
 
