@@ -3,7 +3,7 @@ and the format shortcut before and after `melano.encode.save_like`.
 
 1. encoder   ImageNet Lite0 features at 224 px: the plain model vs quality.Encoder (BatchNorm folded
              into the convolutions, channels_last); images/s of wall time and per CPU-second.
-2. stage     quality.evaluate on data shaped like the quick preset (the built-in set at 96 px, 4000
+2. stage     quality_stage.evaluate on data shaped like the quick preset (the built-in set at 96 px, 4000
              benign / 400 malignant, cached at 64 px, split 70/15/15) with two arms of translations
              as many as the pipeline makes (one arm the benign sources redrawn as melanomas, one the
              sources themselves); wall time per part.
@@ -31,14 +31,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
-from melano import data, encode, quality, synth  # noqa: E402
+from melano import data, encode, quality, quality_stage, synth  # noqa: E402
 from melano.pretrained import efficientnet  # noqa: E402
 
 BENIGN, MALIGNANT, DATA_SIZE, GAN_SIZE, SEED = 4000, 400, 96, 64, 0
 
 
 def encoder_speed(images: np.ndarray) -> dict:
-    enc = quality.Encoder()
+    enc = quality_stage.imagenet_encoder()
     plain = efficientnet("tf_efficientnet_lite0", pretrained=True).eval()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     x = torch.nn.functional.interpolate((x - 127.0) / 128.0, size=(224, 224), mode="bilinear", align_corners=False)
@@ -88,7 +88,7 @@ def build(work: Path) -> dict:
     paths = {r.image_name: r.path for r in index.records}
     return {"cache": cache, "labels": labels, "splits": splits, "sources": sources, "raw": np.stack(raw),
             "full": np.stack(full),
-            "source_paths": [paths[cache.names[i]] for i in sources], "severity": quality.hidden_severity(root)}
+            "source_paths": [paths[cache.names[i]] for i in sources], "severity": quality_stage.hidden_severity(root)}
 
 
 def _written(img: Image.Image, path: Path, **settings) -> np.ndarray:
@@ -150,13 +150,13 @@ def main():
     result = {"encoder": encoder_speed(np.array(b["cache"].images[:64]))}
     cache = b["cache"]
     if not args.skip_stage:
-        arms = {"redrawn": quality.Synthetic(b["raw"], b["sources"]),
-                "identity": quality.Synthetic(np.array(cache.images[b["sources"]]), b["sources"])}
+        arms = {"redrawn": quality_stage.Synthetic(b["raw"], b["sources"]),
+                "identity": quality_stage.Synthetic(np.array(cache.images[b["sources"]]), b["sources"])}
         sev = np.array([b["severity"][n] for n in cache.names])
         quality.fit_logistic(np.eye(4), np.array([0, 0, 1, 1]))  # torch.optim's one-off import, paid earlier in a pipeline
         t = time.perf_counter()
-        res = quality.evaluate(cache.images, b["labels"], cache.patients, b["splits"], arms, severity=sev,
-                               out_dir=work / "pictures")
+        res = quality_stage.evaluate(cache.images, b["labels"], cache.patients, b["splits"], arms, severity=sev,
+                                     out_dir=work / "pictures")
         wall = time.perf_counter() - t
         print(f"stage: {wall:.1f} s ({res['timings_s']['features']:.1f} s encoding {res['sets']['encoded_images']} "
               f"images at {res['timings_s']['images_per_s']:.1f}/s)")
@@ -170,7 +170,7 @@ def main():
                                     for a, v in res["arms"].items()}}
         (work / "stage_result.json").write_text(json.dumps(res, indent=1))
     if not args.skip_format:
-        result["format"] = format_shortcut(b, work, quality.Encoder())
+        result["format"] = format_shortcut(b, work, quality_stage.imagenet_encoder())
     result["load_average_1min"] = float(open("/proc/loadavg").read().split()[0])
     write_results("quality", result)
 

@@ -57,7 +57,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import classifier, cyclegan, data, pretrained, quality, report, synth
+from . import classifier, cyclegan, data, pretrained, quality_stage as qstage, report, synth
 from .translate import TranslateConfig, translate
 from .infra import cli, options, outdir, signals
 from .infra.checkpoints import load_checkpoint
@@ -524,22 +524,22 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
         index = data.read_index(g["synthetic"])
         source_of = {r.image_name: r.extra["source_image"] for r in index.records}
         syn = data.build_cache(index, cfg.gan_size, cache_dir)  # decoded exactly as the real images
-        synthetic[arm] = quality.Synthetic(np.asarray(syn.images), np.array([row[source_of[n]] for n in syn.names]))
+        synthetic[arm] = qstage.Synthetic(np.asarray(syn.images), np.array([row[source_of[n]] for n in syn.names]))
     logits = None
     if scorer is not None:  # score what the stage needs: validation images, sources, translations
         need = (splits == "val") | np.isin(np.arange(len(splits)), np.concatenate([s.sources for s in synthetic.values()]))
         real = np.full(len(splits), np.nan)
         real[need] = classifier.score_arrays(scorer, np.asarray(cache.images)[need])
         logits = {"real": real, "synthetic": {a: classifier.score_arrays(scorer, s.images) for a, s in synthetic.items()}}
-    sev = quality.hidden_severity(d["data"])
+    sev = qstage.hidden_severity(d["data"])
     for arm in gans:
-        for name in quality.picture_names(arm).values():
+        for name in qstage.picture_names(arm).values():
             claim.record(folder / name)
-    result = quality.evaluate(np.asarray(cache.images), cache.targets, cache.patients, splits, synthetic,
-                              severity=None if sev is None else np.array([sev[n] for n in cache.names]),
-                              logits=logits, out_dir=folder,
-                              cfg=quality.QualityConfig(max_images=cfg.quality_images,
-                                                        max_reference=cfg.quality_reference, seed=cfg.seed))
+    result = qstage.evaluate(np.asarray(cache.images), cache.targets, cache.patients, splits, synthetic,
+                             severity=None if sev is None else np.array([sev[n] for n in cache.names]),
+                             logits=logits, out_dir=folder,
+                             cfg=qstage.QualityConfig(max_images=cfg.quality_images,
+                                                      max_reference=cfg.quality_reference, seed=cfg.seed))
     result["scorer"] = (f"the oversample arm's seed-0 classifier (real images only, {scorer})" if scorer else
                         "a logistic regression on the features of real training images")
     claim.write_json(folder / "quality.json", result)
@@ -578,7 +578,8 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
         first = next(iter(gans.values()))
         if report.plot_losses(first["losses"], out / "gan_losses.png") is None:
             log.info("no loss plot")
-        report.sample_grid(synthetic_pairs(d["data"], Path(first["synthetic"])), out / "synthetic_samples.png")
+        report.image_grid(synthetic_pairs(d["data"], Path(first["synthetic"])), out / "synthetic_samples.png",
+                          pad=4, cols=4, cell=128, col_gap=8)
     if not all(guards.values()):
         raise RuntimeError(f"a leakage guard failed: {guards}; see {out / 'metrics.json'}")
     return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md")}

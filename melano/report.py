@@ -11,9 +11,10 @@ import csv
 import io
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import metrics, stats
 from .infra.files import atomic_write
@@ -128,7 +129,7 @@ def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str 
 
 def roc_plot(predictions: dict[str, str | Path], path: str | Path, title: str = "") -> Path | None:
     """Every arm's ROC curve on one plot; None (and a log line) when matplotlib is absent."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
@@ -146,36 +147,31 @@ def roc_plot(predictions: dict[str, str | Path], path: str | Path, title: str = 
     return Path(path)
 
 
-def sample_grid(pairs: list[tuple[Image.Image, Image.Image]], path: str | Path, cols: int = 4,
-                cell: int = 128) -> Path:
-    """Pairs (benign source, synthetic malignant) side by side, `cols` pairs per row."""
-    rows = max(1, -(-len(pairs) // cols))
-    gap = 4
-    grid = Image.new("RGB", (cols * (2 * cell + 3 * gap), rows * (cell + gap) + gap), "white")
-    for i, (src, fake) in enumerate(pairs):
-        x0 = (i % cols) * (2 * cell + 3 * gap) + gap
-        y0 = (i // cols) * (cell + gap) + gap
-        grid.paste(src.convert("RGB").resize((cell, cell)), (x0, y0))
-        grid.paste(fake.convert("RGB").resize((cell, cell)), (x0 + cell + gap, y0))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return Path(path)
+def image_grid(tiles: Sequence[Sequence], path: str | Path, pad: int = 2, *, cols: int = 1,
+               cell: int | None = None, gap: int | None = None, col_gap: int | None = None,
+               captions: Sequence[str] = (), title: str = "") -> Path:
+    """The one grid painter (CycleGAN samples, synthetic pairs, the quality pictures), a PNG on white.
 
-
-def image_grid(rows: list[list[np.ndarray]], path: str | Path, pad: int = 2) -> Path:
-    """A PNG grid of (H, W, 3) uint8 tiles, one list per row, on white."""
-    h, w = rows[0][0].shape[:2]
-    ncol = max(len(r) for r in rows)
-    grid = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            grid.paste(Image.fromarray(tile), (pad + j * (w + pad), pad + i * (h + pad)))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
-    return path
+    Each tile is a row of images (H, W, 3) uint8 arrays or RGB PIL images, `pad` apart, resized to
+    `cell` px squares (None: to the first image's size), with its caption under it. `cols` tiles a
+    row, `gap` apart and from the edges (default pad; `col_gap` between columns, default gap)."""
+    h, w = (cell, cell) if cell else np.asarray(tiles[0][0]).shape[:2]
+    gap = pad if gap is None else gap
+    col_gap = gap if col_gap is None else col_gap
+    n = max(len(t) for t in tiles)
+    tw, th, top = n * w + (n - 1) * pad, h + (14 if captions else 0), 18 if title else 0
+    rows = -(-len(tiles) // cols)
+    grid = Image.new("RGB", (2 * gap + cols * tw + (cols - 1) * col_gap, top + gap + rows * (th + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((gap, 3), title, fill="black")
+    for k, tile in enumerate(tiles):
+        x0, y0 = gap + (k % cols) * (tw + col_gap), top + gap + (k // cols) * (th + gap)
+        for j, img in enumerate(tile):
+            img = Image.fromarray(np.asarray(img)).resize((w, h), Image.Resampling.BICUBIC)
+            grid.paste(img, (x0 + j * (w + pad), y0))
+        if captions:
+            draw.text((x0 + 2, y0 + h + 1), captions[k], fill="black")
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- CycleGAN losses
@@ -224,7 +220,7 @@ def _moving_average(y: np.ndarray, smooth: int) -> tuple[np.ndarray, int]:
 def plot_losses(csv_path: str | Path, png_path: str | Path, smooth: int = 50) -> Path | None:
     """Loss curves (generator terms left, discriminators right), with a moving average of `smooth`
     steps. Returns None when matplotlib is not installed or there is nothing to plot."""
-    plt = _pyplot()
+    plt = pyplot()
     d = read_losses(csv_path)
     if plt is None or not d or len(d["step"]) == 0:
         return None
@@ -242,7 +238,7 @@ def plot_losses(csv_path: str | Path, png_path: str | Path, smooth: int = 50) ->
     return Path(png_path)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot with the file-only Agg backend, or None (logged) when not installed."""
     try:
         import matplotlib

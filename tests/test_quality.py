@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from PIL import Image
 
-from melano import data, encode, quality, synth
+from melano import data, encode, quality, quality_stage, synth
 from melano.pretrained import efficientnet
 from reference import kid as kid_ref
 
@@ -172,13 +172,13 @@ def test_translation_success_threshold_and_fractions():
 
 def test_hidden_severity_recovers_the_generator_and_skips_other_folders(tmp_path):
     rows = synth.generate(synth.SynthConfig(out=str(tmp_path / "s"), benign=30, malignant=10, size=16, seed=5))
-    got = quality.hidden_severity(tmp_path / "s")
+    got = quality_stage.hidden_severity(tmp_path / "s")
     expected = synth.latent_severity(rows, 5, synth.DEFAULT_DIFFICULTY)
     assert [got[r["image_name"]] for r in rows] == expected.tolist()
     # the same images without the truth file, as a real ISIC folder would be: no ground truth
     shutil.copytree(tmp_path / "s", tmp_path / "isic")
     (tmp_path / "isic" / synth.CRITERIA_CSV).unlink()
-    assert quality.hidden_severity(tmp_path / "isic") is None
+    assert quality_stage.hidden_severity(tmp_path / "isic") is None
     # a folder edited after generation (a label flipped) is refused, not silently mismatched
     csv_path = tmp_path / "s" / "train.csv"
     lines = csv_path.read_text().splitlines()
@@ -187,7 +187,7 @@ def test_hidden_severity_recovers_the_generator_and_skips_other_folders(tmp_path
     cells[-2] = "malignant" if cells[-1] == "1" else "benign"
     csv_path.write_text("\n".join([lines[0], ",".join(cells)] + lines[2:]) + "\n")
     with pytest.raises(ValueError, match="not the one"):
-        quality.hidden_severity(tmp_path / "s")
+        quality_stage.hidden_severity(tmp_path / "s")
 
 
 def test_ridge_matches_sklearn_ridgecv():
@@ -227,7 +227,7 @@ def test_memorisation_finds_copies():
 def test_encoder_is_lite0_features_at_its_resolution(one_thread):
     rng = np.random.default_rng(12)
     images = rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
-    enc = quality.Encoder(resolution=64, batch_size=2)
+    enc = quality_stage.imagenet_encoder(resolution=64, batch_size=2)
     f = enc(images)
     assert f.shape == (5, 1280) and f.dtype == np.float64
     assert np.allclose(enc(images.transpose(0, 3, 1, 2)), f)  # NCHW input, same features
@@ -238,7 +238,7 @@ def test_encoder_is_lite0_features_at_its_resolution(one_thread):
     with torch.no_grad():
         expected = model.forward_features(x).double().numpy()
     assert np.allclose(f, expected, rtol=1e-4, atol=1e-4)
-    assert quality.Encoder().resolution == 224  # the weights' native size by default
+    assert quality_stage.imagenet_encoder().resolution == 224  # the weights' native size by default
     with pytest.raises(ValueError, match="uint8"):
         enc(images.astype(np.float32))
 
@@ -289,10 +289,11 @@ def built_in(tmp_path_factory):
         oracle.append(data.load_image(path, SIZE))
     images = np.array(cache.images)
     mel_train = np.flatnonzero((labels == 1) & (splits == "train"))
-    arms = {"oracle": quality.Synthetic(np.stack(oracle), sources), "raw": quality.Synthetic(np.stack(raw), sources),
-            "identity": quality.Synthetic(images[sources], sources),
-            "copies": quality.Synthetic(images[mel_train[:20]], sources[:20])}
-    sev = quality.hidden_severity(root / "data")
+    arms = {"oracle": quality_stage.Synthetic(np.stack(oracle), sources),
+            "raw": quality_stage.Synthetic(np.stack(raw), sources),
+            "identity": quality_stage.Synthetic(images[sources], sources),
+            "copies": quality_stage.Synthetic(images[mel_train[:20]], sources[:20])}
+    sev = quality_stage.hidden_severity(root / "data")
     return {"images": images, "labels": labels, "patients": cache.patients, "splits": splits, "arms": arms,
             "names": cache.names,
             "severity": np.array([sev[n] for n in cache.names]), "mel_train": mel_train, "root": root}
@@ -300,19 +301,19 @@ def built_in(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return quality.Encoder(resolution=96)  # smaller than 224 to keep the test quick
+    return quality_stage.imagenet_encoder(resolution=96)  # smaller than 224 to keep the test quick
 
 
 # The built-in lesions differ by dermoscopic structures, not by size: the severity regressor needs
 # about 300 training images to see them at 48 px (validation R^2 0.14; with the 138 that
 # max_images=60 gave it, -0.09)
-CFG = quality.QualityConfig(max_images=150, kid_subsets=20, fd_draws=3, folds=4, seed=0)
+CFG = quality_stage.QualityConfig(max_images=150, kid_subsets=20, fd_draws=3, folds=4, seed=0)
 
 
 def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     b = built_in
-    res = quality.evaluate(b["images"], b["labels"], b["patients"], b["splits"], b["arms"], severity=b["severity"],
-                           out_dir=tmp_path, cfg=CFG, encoder=encoder)
+    res = quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], b["arms"], severity=b["severity"],
+                                 out_dir=tmp_path, cfg=CFG, encoder=encoder)
     json.dumps(res)  # JSON-able as it is
     assert set(res) == {"encoder", "sets", "reference", "severity_regressor", "arms", "timings_s", "config"}
     assert "ImageNet" in res["encoder"]["note"]
@@ -358,9 +359,9 @@ def test_evaluate_without_ground_truth_and_with_given_logits(built_in, encoder):
     rng = np.random.default_rng(1)
     real_logits = np.where(b["splits"] == "test", np.nan, b["labels"] * 2.0 + rng.normal(size=len(b["labels"])))
     syn_logits = rng.normal(size=len(arms["oracle"].images)) + 1
-    res = quality.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms, severity=None,
-                           logits={"real": real_logits, "synthetic": {"oracle": syn_logits}}, cfg=CFG,
-                           encoder=encoder)
+    res = quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms, severity=None,
+                                 logits={"real": real_logits, "synthetic": {"oracle": syn_logits}}, cfg=CFG,
+                                 encoder=encoder)
     assert "skipped" in res["severity_regressor"] and "skipped" in res["arms"]["oracle"]["severity"]
     ts = res["arms"]["oracle"]["translation_success"]
     val = b["splits"] == "val"
@@ -368,8 +369,8 @@ def test_evaluate_without_ground_truth_and_with_given_logits(built_in, encoder):
                                            real_logits[arms["oracle"].sources])
     assert ts["scorer"] == "given classifier logits" and {k: ts[k] for k in expected} == expected
     with pytest.raises(ValueError, match="logits"):
-        quality.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms,
-                         logits={"real": real_logits}, cfg=CFG, encoder=encoder)
+        quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms,
+                               logits={"real": real_logits}, cfg=CFG, encoder=encoder)
 
 
 def test_load_translations_reads_a_translate_folder(built_in, tmp_path):
@@ -386,18 +387,18 @@ def test_load_translations_reads_a_translate_folder(built_in, tmp_path):
                          tmp_path / "jpeg" / "train" / f"syn_{src}")
         lines.append(f"syn_{src},{b['patients'][row]},1,{src}")
     (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
-    syn = quality.load_translations(tmp_path, SIZE, names)
+    syn = quality_stage.load_translations(tmp_path, SIZE, names)
     assert syn.images.shape == (5, SIZE, SIZE, 3) and syn.sources.tolist() == rows.tolist()
     assert np.abs(syn.images.astype(float) - b["arms"]["oracle"].images[:5]).mean() < 3  # the JPEG's loss
     with pytest.raises(ValueError, match="source_image"):
-        quality.load_translations(tmp_path, SIZE, names[:1])
+        quality_stage.load_translations(tmp_path, SIZE, names[:1])
 
 
 def test_evaluate_refuses_bad_input(built_in, encoder):
     b = built_in
-    bad_sources = {"x": quality.Synthetic(b["arms"]["copies"].images, b["mel_train"][:20])}
+    bad_sources = {"x": quality_stage.Synthetic(b["arms"]["copies"].images, b["mel_train"][:20])}
     with pytest.raises(ValueError, match="not benign"):
-        quality.evaluate(b["images"], b["labels"], b["patients"], b["splits"], bad_sources, cfg=CFG, encoder=encoder)
+        quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], bad_sources, cfg=CFG, encoder=encoder)
     with pytest.raises(ValueError, match="real_splits"):
-        quality.evaluate(b["images"], b["labels"], b["patients"], ["training"] * len(b["labels"]), b["arms"],
-                         cfg=CFG, encoder=encoder)
+        quality_stage.evaluate(b["images"], b["labels"], b["patients"], ["training"] * len(b["labels"]), b["arms"],
+                               cfg=CFG, encoder=encoder)

@@ -99,6 +99,6 @@ def test_report_files(arms, tmp_path):
     png = report.roc_plot({a: p[0] for a, p in arms.items()}, tmp_path / "roc.png")
     assert Image.open(png).size[0] > 100
     pairs = [(Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 40), "blue"))] * 5
-    grid = Image.open(report.sample_grid(pairs, tmp_path / "grid.png", cols=2, cell=16))
+    grid = Image.open(report.image_grid(pairs, tmp_path / "grid.png", pad=4, cols=2, cell=16, col_gap=8))
     assert grid.size == (2 * (2 * 16 + 12), 3 * 20 + 4)
     assert grid.getpixel((4, 4)) == (255, 0, 0) and grid.getpixel((4 + 16 + 4, 4)) == (0, 0, 255)
