@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
 from melano import cyclegan as cg  # noqa: E402
 from melano import ops, pipeline  # noqa: E402
+from melano.infra import kernels  # noqa: E402
 
 EAGER = "eager"
 # name: (MELANO_OPS, channels_last, plain nn.InstanceNorm2d modules, torch.compile)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.steps = args.steps or (20 if cuda else 3)
-    info = ops.build()
+    info = kernels.build()
     if ops.backend(device) != "ext":
         sys.exit(f"the fused op is not available for {device}: {info.error or info.cuda_reason}")
     if args.profile:

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from melano import ops  # noqa: E402
+from melano.infra import kernels  # noqa: E402
 from melano.infra.cli import setup_logging  # noqa: E402
 from melano.infra.files import atomic_write, json_text  # noqa: E402
 
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     os.environ.setdefault("MELANO_OPS", "ext")  # time the kernel, never a silent fallback
+    kernels.load()
     if ops.backend(args.device) != "ext":
         raise SystemExit(f"the fused op is not available on {args.device}")
     dtype = getattr(torch, args.dtype)

@@ -277,7 +277,8 @@ def test_fused_and_reference_paths_give_the_same_losses(monkeypatch):
     """Six steps of the fused op, in NCHW and in channels_last (its NHWC kernels and oneDNN's NHWC convs),
     against the eager PyTorch path in NCHW, from the same weights and batches."""
     from melano import ops
-    info = ops.build()
+    from melano.infra import kernels
+    info = kernels.build()
     if not info.ok:
         pytest.skip(f"fused extension unavailable: {info.error}")
     cfg = cg.CycleGANConfig(size=32, ngf=8, ndf=8, n_blocks=2, batch_size=2, label_smoothing="noisy", pool_size=2)
@@ -310,7 +311,9 @@ def test_fused_and_reference_paths_give_the_same_losses(monkeypatch):
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_fused_and_reference_agree_under_amp(monkeypatch, amp):
     from melano import ops
+    from melano.infra import kernels
     monkeypatch.setenv("MELANO_OPS", "ext")
+    kernels.load()
     if ops.backend("cuda") != "ext":
         pytest.skip("no CUDA kernel built")
     cfg = cg.CycleGANConfig(size=64, ngf=8, ndf=8, n_blocks=2, batch_size=2, amp=amp, device="cuda")
@@ -321,6 +324,7 @@ def test_cuda_fused_and_reference_agree_under_amp(monkeypatch, amp):
     losses = {}
     for mode in ("ext", "eager"):
         monkeypatch.setenv("MELANO_OPS", mode)
+        assert ops.backend("cuda") == mode
         torch.manual_seed(0)
         m = cg.build_models(cfg).cuda()
         opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
@@ -383,8 +387,8 @@ def test_resume_gives_identical_weights(tiny, tmp_path, first, channels_last):
 
 
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
-    from melano import ops
-    ops.build()  # a first build (minutes) happens here, in the cache, not inside the timed child
+    from melano.infra import kernels
+    kernels.build()  # a first build (minutes) happens here, in the cache, not inside the timed child
     out = tmp_path / "sig"
     cmd = [sys.executable, "-m", "melano.cyclegan", "train", "--data", str(tiny / "data"), "--out", str(out),
            "--split-csv", str(tiny / "splits.csv"), "--cache-dir", str(tiny / "cache"), "--size", "32",

@@ -68,8 +68,8 @@ def worker_cmd(mode: str, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def built_ops():
-    from melano import ops
-    ops.build()  # compile (or find) the fused op once, not in two racing children
+    from melano.infra import kernels
+    kernels.build()  # compile (or find) the fused op once, not in two racing children
 
 
 def files_under(folder: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """melano.ops: the fused InstanceNorm+activation op against the float64 oracle in reference/.
 
-The first run builds the extension (about a minute with nvcc); later runs use the cache.
+The first run builds the extension (about a minute with nvcc; melano.infra.kernels.load() in the
+`loaded` fixture: melano.ops never builds); later runs use the cache.
 CUDA cases carry the `gpu` marker and are skipped without a GPU.
 """
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from melano import ops
+from melano.infra import kernels
 from reference import instance_norm_act as oracle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +30,19 @@ DEVICE_LAYOUTS = [pytest.param(d, layout, marks=[pytest.mark.gpu] if d == "cuda"
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(scope="module")
+def loaded():
+    """Build (or find in the cache) and load the compiled library once; a failed build raises here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MELANO_OPS", "ext")
+        kernels.load()
+
+
 @pytest.fixture
-def ext(monkeypatch):
+def ext(monkeypatch, loaded):
     """Force the compiled op: a failed build fails the test instead of falling back."""
     monkeypatch.setenv("MELANO_OPS", "ext")
+    assert ops.backend("cpu") == "ext"
 
 
 def assert_close(actual, expected, tol, what):
@@ -277,7 +288,7 @@ def test_cuda_fp32_params_with_half_input(ext, layout):
 @pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 def test_opcheck(ext, device, layout):
     """Schemas, fake implementations (output strides included) and autograd registration, per layout."""
-    ops.backend(device)  # builds and registers the op
+    assert ops.backend(device) == "ext"  # also registers the op's fake and autograd parts
     gen = torch.Generator().manual_seed(14)
     for dtype, affine, act in [(torch.float32, True, "relu"), (torch.float64, False, "leaky_relu"),
                                (torch.float32, False, "none")]:
@@ -389,7 +400,7 @@ def test_double_backward_is_refused(ext):
 
 def test_op_checks_direct_calls(ext):
     """torch.ops.melano.* called directly (no Python checks) still refuses bad input."""
-    ops.backend("cpu")
+    assert ops.backend("cpu") == "ext"
     with pytest.raises(RuntimeError, match="floating"):
         torch.ops.melano.inorm_act_fwd(torch.ones(1, 2, 3, 3, dtype=torch.int32), None, None, 1e-5, "relu", 0.0)
     with pytest.raises(RuntimeError, match="more than one element"):
@@ -404,7 +415,7 @@ def test_op_checks_direct_calls(ext):
 # Backend selection, the build, finding CUDA
 
 
-def test_melano_ops_selects_the_path(monkeypatch):
+def test_melano_ops_selects_the_path(monkeypatch, loaded):
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     monkeypatch.setenv("MELANO_OPS", "eager")
     assert ops.backend("cpu") == "eager"
@@ -422,31 +433,42 @@ def test_melano_ops_selects_the_path(monkeypatch):
 
 
 def test_failed_build_falls_back_once_or_fails_loudly(tmp_path):
-    """A build that cannot work (no C++ compiler): auto warns once and uses PyTorch; ext raises."""
+    """A build that cannot work (no C++ compiler): auto warns once and uses PyTorch; ext raises.
+    melano.ops itself never builds: before kernels.load() it warns once that nothing is loaded."""
     script = textwrap.dedent("""
         import logging, os, torch
         logging.basicConfig(level=logging.WARNING)
         from melano import ops
+        from melano.infra import kernels
         x = torch.randn(2, 3, 5, 5)
+        assert ops.backend("cpu") == "eager" and not os.listdir(os.environ["MELANO_BUILD_DIR"])
+        kernels.load()
+        kernels.load()
         assert ops.backend("cpu") == "eager"
         for _ in range(3):
             torch.testing.assert_close(ops.instance_norm_act(x), torch.relu(torch.nn.functional.instance_norm(x)))
         os.environ["MELANO_OPS"] = "ext"
         try:
-            ops.instance_norm_act(x)
+            kernels.load()
         except RuntimeError as e:
             print("EXT_RAISED", "failed to build" in str(e))
+        try:
+            ops.instance_norm_act(x)
+        except RuntimeError as e:
+            print("OPS_RAISED", "kernels.load()" in str(e))
     """)
     env = dict(os.environ, MELANO_OPS="auto", MELANO_BUILD_DIR=str(tmp_path), CXX="/bin/false",
                CUDA_HOME=str(tmp_path / "no-cuda"), PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("did not build") == 1, r.stderr
+    assert r.stderr.count("library is not loaded") == 1, r.stderr
     assert "EXT_RAISED True" in r.stdout
+    assert "OPS_RAISED True" in r.stdout
 
 
 def test_build_cli_reports_the_cached_build(ext):
-    info = ops.build()
+    info = kernels.build()
     assert info.ok, info.error
     r = subprocess.run([sys.executable, "-m", "melano.ops", "build"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -458,15 +480,15 @@ def test_build_cli_reports_the_cached_build(ext):
 
 def test_the_header_is_in_the_build_hash(ext, tmp_path):
     """The stamp that lets a cached build skip ninja hashes csrc/'s header too: editing only it rebuilds."""
-    info = ops.build()
+    info = kernels.build()
     assert info.ok, info.error
     stamp = json.loads((Path(info.build_dir) / "melano_build.json").read_text())
-    sources = [ops.CSRC / n for n in stamp["sources"]]
-    headers = [ops.CSRC / h for h in ops.HEADERS]
-    assert stamp["source_hash"] == ops._source_hash(sources + headers)
+    sources = [kernels.CSRC / n for n in stamp["sources"]]
+    headers = [kernels.CSRC / h for h in kernels.HEADERS]
+    assert stamp["source_hash"] == kernels._source_hash(sources + headers)
     edited = tmp_path / headers[0].name
     edited.write_bytes(headers[0].read_bytes() + b"// edited\n")
-    assert ops._source_hash(sources + [edited]) != stamp["source_hash"]
+    assert kernels._source_hash(sources + [edited]) != stamp["source_hash"]
 
 
 def test_cuda_home_follows_a_wrapper_script(monkeypatch, tmp_path):
@@ -483,19 +505,19 @@ def test_cuda_home_follows_a_wrapper_script(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(wrappers))
-    assert ops.find_cuda_home() == str(toolkit)
+    assert kernels.find_cuda_home() == str(toolkit)
     monkeypatch.setenv("CUDA_HOME", "/opt/explicit-cuda")
-    assert ops.find_cuda_home() == "/opt/explicit-cuda"
+    assert kernels.find_cuda_home() == "/opt/explicit-cuda"
 
 
 def test_cuda_source_compiles(ext):
     """CI has nvcc but no GPU: the default build includes the .cu, compiled for sm_90 to prove it builds."""
     if torch.version.cuda is None:
         pytest.skip("torch is built without CUDA: the .cu cannot be compiled against it")
-    home = ops.find_cuda_home()
+    home = kernels.find_cuda_home()
     if home is None or not Path(home, "bin", "nvcc").is_file():
         pytest.skip(f"nvcc not found (CUDA_HOME={home!r}): cannot compile the CUDA source here")
-    info = ops.build()
+    info = kernels.build()
     assert info.ok, info.error
     assert info.cuda, info.cuda_reason
     assert torch._C._dispatch_has_kernel_for_dispatch_key("melano::inorm_act_fwd", "CUDA")
@@ -510,5 +532,5 @@ def test_cuda_source_compiles(ext):
 def test_cuda_build_can_be_left_out(monkeypatch):
     # MELANO_CUDA_BUILD=no (set by the pipeline's CLI on a host with no GPU) plans a CPU-only build
     monkeypatch.setenv("MELANO_CUDA_BUILD", "no")
-    with_cuda, reason, home, flags = ops._cuda_plan()
+    with_cuda, reason, home, flags = kernels._cuda_plan()
     assert (with_cuda, reason, home, flags) == (False, "MELANO_CUDA_BUILD=no", None, [])
