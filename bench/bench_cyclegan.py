@@ -38,6 +38,8 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
 from melano import cyclegan as cg  # noqa: E402
+from melano import gan  # noqa: E402
+from melano.infra.precision import Precision  # noqa: E402
 from melano import ops, pipeline  # noqa: E402
 from melano.infra import kernels  # noqa: E402
 
@@ -86,20 +88,17 @@ def make_state(base: nn.ModuleDict, cfg, name: str, device, amp: str):
     opt_G, opt_D = adam("G_A", "G_B"), adam("D_A", "D_B")
     if compiled:  # the optimisers hold the same parameters: compile wraps, it does not copy
         models = nn.ModuleDict({k: torch.compile(v) for k, v in models.items()})
-    pools = (cg.ImagePool(cfg.pool_size, torch.Generator().manual_seed(1)),
-             cg.ImagePool(cfg.pool_size, torch.Generator().manual_seed(2)))
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    return [models, opt_G, opt_D, pools, torch.Generator().manual_seed(3), scaler]
+    pools = (gan.ImagePool(cfg.pool_size, torch.Generator().manual_seed(1)),
+             gan.ImagePool(cfg.pool_size, torch.Generator().manual_seed(2)))
+    return gan.GAN(models, opt_G, opt_D, *pools, torch.Generator().manual_seed(3), Precision(amp, device))
 
 
-def run_steps(name: str, state, batches, cfg, amp_dtype, sync: bool) -> dict:
+def run_steps(name: str, state, batches, cfg, sync: bool) -> dict:
     mode, channels_last, _, _ = CONFIGS[name]
     os.environ["MELANO_OPS"] = mode
-    models, opt_G, opt_D, pools, rng, scaler = state
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for a, b in batches:
-        losses = cg.train_step(models, opt_G, opt_D, pools[0], pools[1], a.contiguous(memory_format=fmt),
-                               b.contiguous(memory_format=fmt), cfg, rng, scaler, amp_dtype)
+        losses = gan.train_step(state, (a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)), cfg)
     if sync:
         torch.cuda.synchronize()
     return losses
@@ -117,17 +116,16 @@ def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, 
     if threads:
         torch.set_num_threads(threads)
     cfg = cg.CycleGANConfig(**shape)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     batches = random_batches(cfg, args.steps, device)
     torch.manual_seed(cfg.seed)
-    base = cg.build_models(cfg)
+    base = gan.build_models(cfg)
     names = [name for name, c in CONFIGS.items() if compiled or not c[3]]
     states = {name: make_state(base, cfg, name, device, amp) for name in names}
     sync = device.type == "cuda"
     first, first_s = {}, {}
     for name in names:  # the first step: warm-up, and for cl_compiled the compilation
         t = time.perf_counter()
-        first[name] = run_steps(name, states[name], batches[:1], cfg, amp_dtype, sync)
+        first[name] = run_steps(name, states[name], batches[:1], cfg, sync)
         first_s[name] = time.perf_counter() - t
     ref = first["nchw_eager"]
     # Relative, with a floor: the residual generator starts as the identity, so its cycle losses start near 0.
@@ -138,7 +136,7 @@ def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, 
     for _ in range(args.rounds):
         for name in states:  # alternate, so that load changes hit every configuration
             t = time.perf_counter()
-            run_steps(name, states[name], batches, cfg, amp_dtype, sync)
+            run_steps(name, states[name], batches, cfg, sync)
             times[name].append((time.perf_counter() - t) / len(batches))
     it_s = {name: 1 / statistics.median(v) for name, v in times.items()}
     row = {**shape, "threads": torch.get_num_threads(), "amp": amp, "steps_per_round": args.steps,
@@ -168,13 +166,13 @@ def profile_shape(shape: dict, threads: int, names: list[str], steps: int = 5) -
     cfg = cg.CycleGANConfig(**shape)
     batches = random_batches(cfg, steps, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
-    base = cg.build_models(cfg)
+    base = gan.build_models(cfg)
     out = {}
     for name in names:
         state = make_state(base, cfg, name, torch.device("cpu"), "none")
-        run_steps(name, state, batches[:1], cfg, None, False)
+        run_steps(name, state, batches[:1], cfg, False)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run_steps(name, state, batches, cfg, None, False)
+            run_steps(name, state, batches, cfg, False)
         ms = {group: 0.0 for group in [*PROFILE_GROUPS, "other"]}
         for e in prof.key_averages():
             group = next((k for k, starts in PROFILE_GROUPS.items() if e.key.startswith(starts)), "other")

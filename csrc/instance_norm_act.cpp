@@ -3,7 +3,7 @@
 //   y = act((x - mean) * rstd * w + b),   mean/var over each (n, c) plane of x (N, C, H, W),
 //   rstd = 1 / sqrt(var + eps), biased variance, act in {none, relu, leaky_relu}.
 //
-// Ops (namespace "melano"; melano/ops.py adds the fake and autograd registrations; the activation,
+// Ops (namespace "melano"; melano/ops/__init__.py adds the fake and autograd registrations; the activation,
 // dx formula and argument checks shared with the CUDA file are in instance_norm_act.h):
 //   inorm_act_fwd(x, weight?, bias?, eps, act, slope) -> (y, mean, rstd)
 //   inorm_act_bwd(grad_y, x, weight?, bias?, mean, rstd, act, slope) -> (grad_x, grad_weight, grad_bias)

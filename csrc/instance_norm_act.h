@@ -147,7 +147,7 @@ inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
 }
 
 // The layout the kernels read and write: NHWC for a channels_last-contiguous x, else NCHW (any other
-// layout is copied to NCHW). melano/ops.py's fake implementations follow the same rule.
+// layout is copied to NCHW). melano/ops/__init__.py's fake implementations follow the same rule.
 inline at::MemoryFormat kernel_layout(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                                 : at::MemoryFormat::Contiguous;

@@ -104,3 +104,12 @@ def traditional(x: torch.Tensor, generator: torch.Generator | None = None,
         return x.clone()
     params = sample_params(x.shape[0], generator, cfg)
     return apply_affine(x, affine_matrices(params), cfg.mode, cfg.padding)
+
+
+def study(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """The study's augmentation of CycleGAN's malignant images: a random horizontal and a random
+    vertical flip, then a 90-degree rotation of every image (torchvision's RandomRotation((90, 90)))."""
+    h, v = (torch.rand(len(x), generator=rng).lt(0.5).view(-1, 1, 1, 1).to(x.device) for _ in range(2))
+    x = torch.where(h, x.flip(3), x)
+    x = torch.where(v, x.flip(2), x)
+    return x.rot90(1, dims=(2, 3))

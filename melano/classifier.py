@@ -53,7 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, data, metrics
+from . import data, metrics
+from .detector import Model, Normalise, infer, sigmoid, train_step
 from .efficientnet import config as model_config
 from .efficientnet import efficientnet
 from .pretrained import efficientnet as pretrained_efficientnet
@@ -62,6 +63,8 @@ from .infra.cli import log_config, progress, setup_logging
 from .infra.dist import pick_device
 from .infra.files import atomic_write, json_text, to_jsonable
 from .infra.options import option
+from .pixels import to_tensor
+from .schedules import set_lr, warmup_cosine
 
 log = logging.getLogger("melano.classifier")
 
@@ -137,7 +140,6 @@ class ClassifierConfig:
             raise cli.UsageError(f"--val-frac {self.val_frac} + --test-frac {self.test_frac} leave no training images")
 
 
-
 # Config fields that may change between a run and its --resume; every other field must match.
 RESUMABLE = {"resume", "force", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
              "eval_batch_size", "out"}
@@ -167,18 +169,6 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of the training loop
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
-    """Multiplier of the peak LR for optimiser step `step` (0-based): linear warm-up from
-    1/warmup_steps to 1 over `warmup_steps` steps, then a half cosine down to 0 at `total_steps`
-    ("cosine") or 1 to the end ("constant")."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def parse_pos_weight(value: str, n_pos: int, n_neg: int) -> float | None:
@@ -221,46 +211,6 @@ def build_model(cfg: ClassifierConfig) -> torch.nn.Module:
 def unit_dataset(cache: data.Cache, items) -> data.ClassifierDataset:
     """Images as float pixel/255 in [0, 1]: augmentation runs on the batch before normalisation."""
     return data.ClassifierDataset(cache, items, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-class Normalise(torch.nn.Module):
-    """[0, 1] images -> (x - mean) / std with the weights' statistics, in the model's memory format."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
-@torch.inference_mode()
-def infer(model: torch.nn.Module, norm: Normalise, loader, device: torch.device, tta: bool = False,
-          amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, targets) of every image the loader yields, in its order; float64 numpy arrays.
-
-    Logits stay on the device until the end (no per-batch sync). With `tta` the logit is the mean
-    over the identity, horizontal, vertical and both flips."""
-    was_training = model.training
-    model.eval()
-    logits, targets = [], []
-    for x, y in loader:
-        x = norm(x.to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if tta:
-                z = torch.stack([model(x.flip(dims)).float() for dims in ((), (3,), (2,), (2, 3))]).mean(0)
-            else:
-                z = model(x).float()
-        logits.append(z.squeeze(1))
-        targets.append(y)
-    model.train(was_training)
-    return (torch.cat(logits).double().cpu().numpy(), torch.cat(targets).double().numpy())
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def predictions_csv(names: Sequence[str], targets: np.ndarray, probs: np.ndarray) -> str:
@@ -382,18 +332,6 @@ def prepare_data(cfg: ClassifierConfig, size: int, eval_bs: int) -> Data:
                 val_loader)
 
 
-@dataclass
-class Model:
-    """The model and what trains it: normalisation, optimiser, loss weight, streams, precision."""
-    model: torch.nn.Module
-    norm: Normalise
-    opt: torch.optim.Optimizer
-    pos_weight: torch.Tensor | None
-    aug_gen: torch.Generator
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
-
-
 def build_training(cfg: ClassifierConfig, device: torch.device, pos_weight: float | None) -> Model:
     """Model, normalisation and optimiser (no weight decay on biases and BatchNorm, as usual)."""
     torch.manual_seed(cfg.seed)
@@ -412,29 +350,7 @@ def build_training(cfg: ClassifierConfig, device: torch.device, pos_weight: floa
     aug_gen = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
     if dist.rank() > 0:  # and draws its own dropout masks (rank 0 keeps the single-process stream)
         torch.manual_seed(dist.rank_seed(cfg.seed))
-    amp_dtype, scaler = precision.amp_setup(cfg.amp, device)
-    return Model(model, norm, opt, pw, aug_gen, amp_dtype, scaler)
-
-
-def train_step(net: torch.nn.Module, m: Model, x: torch.Tensor, y: torch.Tensor, cfg: ClassifierConfig,
-               lr: float) -> torch.Tensor:
-    """One optimiser step on one batch; returns the loss (on the device: no sync)."""
-    for g in m.opt.param_groups:
-        g["lr"] = lr
-    if cfg.augment == "traditional":
-        x = augment.traditional(x, m.aug_gen)
-    with torch.autocast(x.device.type, dtype=m.amp_dtype, enabled=m.amp_dtype is not None):
-        logits = net(m.norm(x)).squeeze(1).float()
-    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=m.pos_weight)
-    m.opt.zero_grad(set_to_none=True)
-    if m.scaler is not None:
-        m.scaler.scale(loss).backward()
-        m.scaler.step(m.opt)
-        m.scaler.update()
-    else:
-        loss.backward()
-        m.opt.step()
-    return loss.detach()
+    return Model(model, norm, opt, pw, aug_gen, precision.Precision(cfg.amp, device))
 
 
 @dataclass
@@ -453,7 +369,7 @@ def validate(m: Model, d: Data, p: Progress, steps_per_epoch: int) -> tuple[np.n
     """Score the whole validation split, append to p.history, track the best AUC.
     Returns (logits, targets, improved)."""
     dist.broadcast_buffers(m.model)  # every rank scores with rank 0's BatchNorm statistics
-    logits, y = infer(m.model, m.norm, d.val_loader, next(m.model.parameters()).device, amp_dtype=m.amp_dtype)
+    logits, y = infer(m.model, m.norm, d.val_loader, next(m.model.parameters()).device, amp_dtype=m.amp.dtype)
     logits, y = dist.gather_shards(d.val_index, len(d.val_set), logits, y)  # each image once, in split order
     if not np.isfinite(logits).all():
         raise FloatingPointError(f"training diverged by step {p.step}: the model's validation logits are NaN or "
@@ -492,7 +408,7 @@ def save_last(path: Path, meta: dict, m: Model, p: Progress, total: int) -> None
     ranks = dist.all_gather_object(own)
     if dist.is_main():
         checkpoints.save_state({**meta, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
-                        "scaler": m.scaler.state_dict() if m.scaler is not None else {},
+                        "scaler": m.amp.state_dict(),
                         **dataclasses.asdict(p), **own, "total_steps": total, "world_size": dist.world_size(),
                         **({"ranks": ranks} if dist.world_size() > 1 else {})}, path, FORMAT)
     dist.barrier()  # no rank goes on (or returns) before last.pt is complete
@@ -513,8 +429,7 @@ def load_last(state: dict, m: Model, total: int) -> Progress:
     own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
     m.model.load_state_dict(state["model"])
     m.opt.load_state_dict(state["optimizer"])
-    if m.scaler is not None and state.get("scaler"):
-        m.scaler.load_state_dict(state["scaler"])
+    m.amp.load_state_dict(state.get("scaler"))
     checkpoints.set_rng_state(own["rng"], m.aug_gen)
     if state["total_steps"] != total:
         log.warning("resuming with %d total steps instead of %d: the LR schedule changes from here",
@@ -577,7 +492,7 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
         log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch}, out / "config.json")
     log.info("training on %d images (%d malignant, %d added to the real split), validating on %d; %d steps; "
              "pos_weight %s", len(d.train_set), n_pos, len(d.train_set) - d.n_real, len(d.val_set), total, pos_weight)
-    net = dist.wrap_ddp(m.model, device)  # what training runs; m.model is validated and saved
+    m.net = dist.wrap_ddp(m.model, device)  # what training runs; m.model is validated and saved
     # ---- loop: epoch e's order is a permutation seeded by (seed, e), so a run resumed mid-epoch
     # sees exactly the batches it would have seen
     t0, start_step, val_seconds, stopped = time.perf_counter(), p.step, 0.0, 0
@@ -591,8 +506,8 @@ def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim,
             bar = progress(loader, total=min(steps_per_epoch - done, total - p.step), desc=f"epoch {epoch + 1}")
             for x, y in bar if dist.is_main() else loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                lr = cfg.lr * lr_factor(p.step, warmup, total, cfg.schedule)
-                p.loss_sum = p.loss_sum + train_step(net, m, x, y, cfg, lr)  # on the device: no sync
+                set_lr(cfg.lr * warmup_cosine(p.step, warmup, total, cfg.schedule), m.opt)
+                p.loss_sum = p.loss_sum + train_step(m, (x, y), cfg)  # on the device: no sync
                 p.step, p.loss_count = p.step + 1, p.loss_count + 1
                 stopped = stop.agreed()
                 if p.step == total or p.step % (cfg.val_every or steps_per_epoch) == 0:
@@ -708,7 +623,7 @@ def score_arrays(checkpoint: str | Path, images: np.ndarray, batch_size: int = 2
     dev, size = next(model.parameters()).device, state["image_size"]
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        x = to_tensor(np.array(images[i:i + batch_size]))
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(infer(model, norm, [(x, torch.zeros(len(x)))], dev, amp_dtype=inference_dtype(state["config"], dev))[0])
@@ -759,7 +674,6 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
         outdir.check_file(out_csv, "predict", force=force, inputs=inputs, data=folder)
     model, norm, state = load_classifier(checkpoint, device)
     dev = next(model.parameters()).device
-    scale = torch.tensor(1.0 / 255, dtype=torch.float32)  # as unit_dataset: pixel/255, then Normalise
     for s in skipped:
         skip(s, strict)
     results: list[tuple[str, float]] = []
@@ -775,7 +689,7 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
                     skip(skipped[-1], strict)
             if not arrays:
                 continue
-            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().mul_(scale)
+            x = to_tensor(np.stack(arrays))  # as unit_dataset: pixel/255, then Normalise
             logits, _ = infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
                               amp_dtype=inference_dtype(state["config"], dev))
             results += [(str(f), float(p)) for f, p in zip(read, sigmoid(logits))]

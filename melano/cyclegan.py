@@ -1,17 +1,8 @@
-"""CycleGAN: turn benign lesions (domain A) into malignant ones (domain B).
+"""The CycleGAN trainer: benign lesions (domain A) into malignant ones (domain B).
 
-One file, top to bottom: config, models, losses and label smoothing, image pool, learning-rate
-schedule, the training step (`train_step`), data order, checkpoints, the trainer (`train`), CLI.
-Translation into a synthetic data set is `melano.translate`; the loss log and plots are in
-`melano.report`; run plumbing (options, resume, signals, RNG) is `melano.infra`.
-
-The models follow the original CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet
-generator and a 70x70 PatchGAN discriminator with InstanceNorm(affine=False) and biased convs.
-Every InstanceNorm (+ activation) is melano.ops.InstanceNormAct, the fused op; MELANO_OPS=eager
-selects the plain PyTorch path for the same module.
-
-Naming follows the original CycleGAN: G_A maps A -> B and D_A judges B images (real B vs G_A's fakes);
-G_B maps B -> A and D_B judges A images.
+Top to bottom: config, sample grids, data order, checkpoints, the trainer (`train`), CLI. The
+models, losses and the training step are melano.gan; translation into a synthetic data set is
+melano.translate; the loss log and plots are in melano.report; run plumbing is melano.infra.
 
 Resuming is exact: a checkpoint holds the four models, both Adam states, the image pools, the RNG
 states (torch tensors only, so it loads with weights_only=True) and the position in the data order,
@@ -37,18 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import augment, gan as G, report, translate
 from . import data as mdata
-from . import report
-from .ops import InstanceNormAct
-from .infra import checkpoints, cli, dist, options, outdir, precision, signals
+from .infra import checkpoints, cli, dist, kernels, options, outdir, precision, signals
+from .pixels import to_uint8
+from .schedules import linear_decay, set_lr
 from .infra.cli import log_config, progress, setup_logging
 from .infra.options import option
 
 log = logging.getLogger("melano.cyclegan")
 
-FORMAT = "melano.cyclegan"    # the format marker of every checkpoint written here
+FORMAT = G.FORMAT
 CHECKPOINT = "checkpoint.pt"  # the latest checkpoint in a run folder; --resume reads it
 
 
@@ -106,9 +97,7 @@ class CycleGANConfig:
                                          "none: the schedule's end", min=1)
     amp: str = option("auto", "CUDA mixed precision: auto (bf16 if supported, else fp16), bf16, fp16 or none",
                       choices=precision.AMP_CHOICES)
-    channels_last: bool = option(False, "NHWC memory format for models and images: on CPU about 1.15x faster "
-                                        "per step for small models (48 px, ngf 16), no faster from 64 px, ngf 32 "
-                                        "up (bench/bench_cyclegan.py)")
+    channels_last: bool = option(False, "NHWC memory format for models and images (measured in bench/README.md)")
     device: str | None = option(None, "cpu, cuda, cuda:1, ... none: CUDA when available")
     seed: int = option(0, "seed for init, data order, label noise and image pools")
     workers: int | None = option(None, "DataLoader worker processes. none: 0 on <= 4 cores, else up to 8", min=0)
@@ -130,292 +119,17 @@ class CycleGANConfig:
             self.n_blocks = 9 if self.size >= 256 else 6
 
 
-
 # Fields that may change between a run and its --resume; every other one must match.
 RESUMABLE = {"max_steps", "device", "workers", "sample_every", "checkpoint_every", "n_samples", "resume", "force"}
 
 
-# ----------------------------------------------------------------------------- models
-
-class ResnetBlock(nn.Module):
-    """x + (pad, conv3x3, IN+act, pad, conv3x3, IN). The second norm has no activation."""
-
-    def __init__(self, dim: int, act: str, slope: float):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True),
-            InstanceNormAct(dim, act=act, negative_slope=slope),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True),
-            InstanceNormAct(dim, act="none"))
-
-    def forward(self, x):
-        return x + self.block(x)
-
-
-class Generator(nn.Module):
-    """ResNet generator: 7x7 stem, two stride-2 downsamplings, n_blocks residual blocks, two
-    upsamplings, 7x7 conv, tanh. Convs have bias=True because InstanceNorm(affine=False) has no
-    shift of its own (the original CycleGAN's use_bias rule)."""
-
-    def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose", act: str = "relu",
-                 residual: bool = False, in_ch: int = 3, out_ch: int = 3):
-        super().__init__()
-        self.residual = residual
-        a, slope = ("relu", 0.0) if act == "relu" else ("leaky_relu", 0.01)
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7, bias=True),
-                  InstanceNormAct(ngf, act=a, negative_slope=slope)]
-        for mult in (1, 2):  # downsample: ngf -> 2 ngf -> 4 ngf
-            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=True),
-                       InstanceNormAct(ngf * mult * 2, act=a, negative_slope=slope)]
-        layers += [ResnetBlock(ngf * 4, a, slope) for _ in range(n_blocks)]
-        for mult in (4, 2):  # upsample: 4 ngf -> 2 ngf -> ngf
-            cin, cout = ngf * mult, ngf * mult // 2
-            if upsample == "transpose":
-                layers += [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=True)]
-            elif upsample == "nearest":  # no checkerboard artefacts; same parameter count
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
-                           nn.Conv2d(cin, cout, 3, bias=True)]
-            elif upsample == "nearest_zero":  # the study's: zero padding darkens the borders a little
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1, bias=True)]
-            else:
-                raise ValueError(f"upsample={upsample!r}: choose 'transpose', 'nearest' or 'nearest_zero'")
-            layers += [InstanceNormAct(cout, act=a, negative_slope=slope)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7, bias=True)]
-        self.model = nn.Sequential(*layers, *([] if residual else [nn.Tanh()]))
-
-    def zero_last(self) -> None:
-        """Zero the last conv: a residual generator then starts as the identity."""
-        nn.init.zeros_(self.model[-1].weight)
-        nn.init.zeros_(self.model[-1].bias)
-
-    def forward(self, x):
-        if not self.residual:
-            return self.model(x)
-        # The change is added before the tanh, so the output stays in (-1, 1); the clamp keeps
-        # atanh finite on saturated (0 or 255) pixels.
-        return torch.tanh(torch.atanh(x.clamp(-0.999, 0.999)) + self.model(x))
-
-
-class Discriminator(nn.Module):
-    """PatchGAN: 4x4 convs, LeakyReLU(0.2), no norm on the first layer, logits out (no sigmoid).
-    n_layers=3 gives each output a 70x70 receptive field."""
-
-    def __init__(self, ndf: int = 64, n_layers: int = 3, in_ch: int = 3):
-        super().__init__()
-        layers = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-        mult = 1
-        for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
-            stride = 2 if n < n_layers else 1  # the last norm layer keeps the resolution
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=True),
-                       InstanceNormAct(ndf * mult, act="leaky_relu", negative_slope=0.2)]
-        layers += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
-        self.model = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.model(x)
-
-
-class StudyDiscriminator(nn.Module):
-    """The study's PatchGAN: four 4x4 stride-2 blocks (64, 128, 256, 512 channels; no norm in the
-    first; LeakyReLU 0.2), a one-pixel zero pad on the top and left, and a 4x4 conv to one logit
-    map: size / 16 per side, 14x14 at 224 px (a 94x94 receptive field)."""
-
-    def __init__(self, ndf: int = 64, in_ch: int = 3):
-        super().__init__()
-        layers = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-        for mult in (1, 2, 4):
-            layers += [nn.Conv2d(ndf * mult, ndf * mult * 2, 4, stride=2, padding=1),
-                       InstanceNormAct(ndf * mult * 2, act="leaky_relu", negative_slope=0.2)]
-        layers += [nn.ZeroPad2d((1, 0, 1, 0)), nn.Conv2d(ndf * 8, 1, 4, padding=1)]
-        self.model = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.model(x)
-
-
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """N(0, 0.02) conv weights and zero biases, as the original CycleGAN's 'normal' init."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def build_models(cfg: CycleGANConfig) -> nn.ModuleDict:
-    """G_A, G_B, D_A, D_B, initialised from the global torch RNG (seed it first)."""
-    g = lambda: Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act, cfg.residual)  # noqa: E731
-    d = lambda: Discriminator(cfg.ndf, cfg.n_layers) if cfg.disc == "patchgan" else StudyDiscriminator(cfg.ndf)  # noqa: E731
-    models = nn.ModuleDict({"G_A": g(), "G_B": g(), "D_A": d(), "D_B": d()})
-    if cfg.init == "normal":
-        init_weights(models)
-    if cfg.residual:
-        models["G_A"].zero_last()
-        models["G_B"].zero_last()
-    return models
-
-
-# ----------------------------------------------------------------------------- losses
-
-def gan_loss(logits: torch.Tensor, target: torch.Tensor, mode: str) -> torch.Tensor:
-    """LSGAN: mean squared error to the target. Vanilla: binary cross-entropy with logits."""
-    target = target.expand_as(logits).to(logits.dtype)
-    if mode == "lsgan":
-        return F.mse_loss(logits, target)
-    return F.binary_cross_entropy_with_logits(logits, target)
-
-
-def make_targets(shape: torch.Size | tuple, mode: str, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Targets for one iteration: (D on real, D on fake, G's adversarial "this is real").
-
-    - "none": 1, 0, 1.
-    - "one-sided": 0.9, 0, 1. One-sided label smoothing (Salimans et al. 2016, "Improved
-      techniques for training GANs"): only the discriminator's real targets are softened; the
-      generator still aims at 1.
-    - "noisy": what the study called "label smoothing". Each iteration draws real targets
-      1 + 0.3 N(0, 1) and fake targets 0 + 0.3 N(0, 1), one value per discriminator output
-      (per patch), and the same real draw is the generator's target. This is NOT the label
-      smoothing of Salimans et al.: it is noisy labels, symmetric and unbounded (targets above 1
-      and below 0 occur), which also perturbs the generator's objective. With gan_mode="vanilla"
-      (BCE) targets outside [0, 1] make the loss unbounded below; use it with LSGAN.
-    """
-    if mode == "none":
-        real, fake = torch.ones(shape), torch.zeros(shape)
-    elif mode == "one-sided":
-        real, fake = torch.full(shape, 0.9), torch.zeros(shape)
-    elif mode == "noisy":
-        real = 1.0 + 0.3 * torch.randn(shape, generator=generator)
-        fake = 0.0 + 0.3 * torch.randn(shape, generator=generator)
-    else:
-        raise ValueError(f"label_smoothing={mode!r}: choose 'none', 'one-sided' or 'noisy'")
-    g_real = real if mode == "noisy" else torch.ones(shape)
-    return real.to(device), fake.to(device), g_real.to(device)
-
-
-# ----------------------------------------------------------------------------- image pool
-
-class ImagePool:
-    """History of generated images (Shrivastava et al. 2017), as in the original CycleGAN: until the pool is
-    full, each image is stored and returned; after that, with probability 1/2 the image is swapped
-    with a random stored one, which is returned instead. Randomness comes from `generator` (a CPU
-    torch.Generator) so the pool's choices are part of the checkpointed RNG state."""
-
-    def __init__(self, size: int, generator: torch.Generator):
-        self.size, self.generator, self.images = size, generator, []
-
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        if self.size == 0:
-            return images
-        out = []
-        for img in images.detach():
-            if len(self.images) < self.size:
-                self.images.append(img.clone())
-                out.append(img)
-            elif torch.rand((), generator=self.generator).item() > 0.5:
-                i = int(torch.randint(self.size, (), generator=self.generator))
-                out.append(self.images[i])
-                self.images[i] = img.clone()
-            else:
-                out.append(img)
-        return torch.stack(out)
-
-    def state_dict(self) -> dict:
-        # a plain tensor, so checkpoints load with weights_only=True
-        return {"images": torch.stack(self.images).cpu() if self.images else torch.empty(0)}
-
-    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
-        imgs = state["images"]
-        self.images = [t.to(device) for t in imgs.unbind(0)] if imgs.numel() else []
-
-
-# ----------------------------------------------------------------------------- lr schedule
-
-def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
-    """Constant for `epochs` epochs, then linear decay towards zero over `epochs_decay` epochs.
-    The original CycleGAN's 'linear' rule: epoch e (0-based) gets 1 - max(0, e + 1 - epochs) / (epochs_decay + 1),
-    so the last epoch runs at 1/(epochs_decay + 1) of the base rate and the next would be at zero."""
-    return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
-
-
-# ----------------------------------------------------------------------------- training step
-
-def set_requires_grad(modules, flag: bool) -> None:
-    for m in modules:
-        for p in m.parameters():
-            p.requires_grad_(flag)
-
-
-def train_step(m: nn.ModuleDict, opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer,
-               pool_A: ImagePool, pool_B: ImagePool, real_A: torch.Tensor, real_B: torch.Tensor,
-               cfg: CycleGANConfig, rng: torch.Generator, scaler: torch.amp.GradScaler | None = None,
-               amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One CycleGAN iteration, in the original CycleGAN's order: the generators step with both
-    discriminators frozen, then the discriminators step on real images and pooled fakes.
-
-    Returns the losses as floats (weighted, as they enter the totals)."""
-    autocast = torch.autocast(real_A.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scale = scaler.scale if scaler is not None else (lambda loss: loss)  # fp16: scaled backward
-    step = scaler.step if scaler is not None else (lambda opt: opt.step())
-
-    # ---- generators: fool the (frozen) discriminators, cycle back, keep identity --------------
-    # Under DDP (see melano.infra.dist) each generator runs several forwards here (G_A on real_A, fake_A
-    # and, for identity, real_B) and one backward covers them all: DDP all-reduces each parameter's
-    # summed gradient once (tests/test_dist.py checks it against one process on the whole batch).
-    # The frozen discriminators run unwrapped: nothing of theirs is to be all-reduced in this step,
-    # and changing requires_grad after DDP wrapped a module is outside DDP's documented use
-    # (find_unused_parameters=True would instead cost a graph traversal every step).
-    set_requires_grad([m["D_A"], m["D_B"]], False)
-    opt_G.zero_grad(set_to_none=True)
-    with autocast:
-        fake_B = m["G_A"](real_A)       # A -> B
-        rec_A = m["G_B"](fake_B)        # A -> B -> A
-        fake_A = m["G_B"](real_B)       # B -> A
-        rec_B = m["G_A"](fake_A)        # B -> A -> B
-        pred_fake_B, pred_fake_A = dist.unwrap(m["D_A"])(fake_B), dist.unwrap(m["D_B"])(fake_A)
-        t_real, t_fake, t_gen = make_targets(pred_fake_B.shape, cfg.label_smoothing, rng, real_A.device)
-        loss = {"G_A": gan_loss(pred_fake_B, t_gen, cfg.gan_mode),
-                "G_B": gan_loss(pred_fake_A, t_gen, cfg.gan_mode),
-                "cycle_A": F.l1_loss(rec_A, real_A) * cfg.lambda_cycle,
-                "cycle_B": F.l1_loss(rec_B, real_B) * cfg.lambda_cycle}
-        if cfg.lambda_identity > 0:  # G_A fed a B image should leave it alone, and vice versa
-            w = cfg.lambda_cycle * cfg.lambda_identity
-            loss["idt_A"] = F.l1_loss(m["G_A"](real_B), real_B) * w
-            loss["idt_B"] = F.l1_loss(m["G_B"](real_A), real_A) * w
-        loss_G = sum(loss.values())
-    scale(loss_G).backward()
-    step(opt_G)
-
-    # ---- discriminators: real vs pooled fakes, each loss halved ------------------------------
-    set_requires_grad([m["D_A"], m["D_B"]], True)
-    opt_D.zero_grad(set_to_none=True)
-    pooled_B, pooled_A = pool_B.query(fake_B.detach()), pool_A.query(fake_A.detach())
-    with autocast:
-        loss["D_A"] = 0.5 * (gan_loss(m["D_A"](real_B), t_real, cfg.gan_mode)
-                             + gan_loss(m["D_A"](pooled_B), t_fake, cfg.gan_mode))
-        loss["D_B"] = 0.5 * (gan_loss(m["D_B"](real_A), t_real, cfg.gan_mode)
-                             + gan_loss(m["D_B"](pooled_A), t_fake, cfg.gan_mode))
-    scale(loss["D_A"] + loss["D_B"]).backward()
-    step(opt_D)
-    if scaler is not None:
-        scaler.update()
-    return {k: float(v.detach()) for k, v in loss.items()}
-
-
 # ----------------------------------------------------------------------------- outputs
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
-def save_samples(m: nn.ModuleDict, A: torch.Tensor, B: torch.Tensor, path: Path,
-                 amp_dtype: torch.dtype | None) -> None:
+def save_samples(m: nn.ModuleDict, A: torch.Tensor, B: torch.Tensor, path: Path, amp: precision.Precision) -> None:
     """One grid row per sample: real A | fake B | rec A | real B | fake A | rec B."""
-    with torch.autocast(A.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with amp.autocast():
         fake_B, fake_A = m["G_A"](A), m["G_B"](B)
         rec_A, rec_B = m["G_B"](fake_B), m["G_A"](fake_A)
     tiles = [to_uint8(t) for t in (A, fake_B, rec_A, B, fake_A, rec_B)]
@@ -423,21 +137,6 @@ def save_samples(m: nn.ModuleDict, A: torch.Tensor, B: torch.Tensor, path: Path,
 
 
 # ----------------------------------------------------------------------------- data
-
-def load_split_data(data_dir: str | Path, size: int, cache_dir: str | Path, split_csv: str | Path,
-                    seed: int = 0) -> tuple[mdata.Index, mdata.Cache, dict[str, list[str]]]:
-    """The folder's index, its uint8 cache at `size`, and its patient-grouped split.
-
-    An existing `split_csv` is used as is (melano.data checks that it lists exactly the cached
-    images), so every stage of an experiment sees the same split; otherwise a split is drawn with
-    melano.data's default fractions, seeded by `seed`, and written there."""
-    index = mdata.read_index(data_dir)
-    cache = mdata.build_cache(index, size, cache_dir)
-    if Path(split_csv).exists():
-        split = mdata.load_split(split_csv, cache)
-    else:
-        split = mdata.make_split(cache, split_csv, seed=seed)
-    return index, cache, split
 
 
 class MalignantPairs(mdata.UnpairedDataset):
@@ -456,15 +155,6 @@ class MalignantPairs(mdata.UnpairedDataset):
         return {"A": self._image(a), "B": self._image(b), "a_row": a, "b_row": b}
 
 
-def augment_study(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """The study's malignant-image augmentation: a random horizontal and a random vertical flip,
-    then a 90-degree rotation of every image (torchvision's RandomRotation((90, 90)))."""
-    h, v = (torch.rand(len(x), generator=rng).lt(0.5).view(-1, 1, 1, 1).to(x.device) for _ in range(2))
-    x = torch.where(h, x.flip(3), x)
-    x = torch.where(v, x.flip(2), x)
-    return x.rot90(1, dims=(2, 3))
-
-
 class TrainData:
     """Training-split benign (A) and malignant (B) images, in an order that can be resumed.
 
@@ -476,7 +166,7 @@ class TrainData:
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
-        _, self.cache, split = load_split_data(cfg.data, cfg.size, mdata.cache_path(cfg), mdata.split_path(cfg), cfg.seed)
+        _, self.cache, split = mdata.load_split_data(cfg.data, cfg.size, mdata.cache_path(cfg), mdata.split_path(cfg), cfg.seed)
         rows = self.cache.rows(split["train"])
         t = self.cache.targets[rows]
         self.rows_A, self.rows_B = rows[t == 0], rows[t == 1]
@@ -507,17 +197,6 @@ class TrainData:
 
 # ----------------------------------------------------------------------------- training state
 
-@dataclass
-class GAN:
-    """Everything a checkpoint holds besides the position: models, optimisers, pools, streams."""
-    models: nn.ModuleDict
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    pool_A: ImagePool
-    pool_B: ImagePool
-    rng: torch.Generator  # label noise and the image pools: each rank has its own stream
-
 
 @dataclass
 class Position:
@@ -526,26 +205,7 @@ class Position:
     epoch_step: int = 0
 
 
-def new_gan(cfg: CycleGANConfig, device: torch.device, scaler) -> GAN:
-    torch.manual_seed(cfg.seed)  # model init: the same on every rank
-    m = build_models(cfg).to(device)
-    if cfg.channels_last:
-        m = m.to(memory_format=torch.channels_last)
-    adam = lambda a, b: torch.optim.Adam([*m[a].parameters(), *m[b].parameters()], lr=cfg.lr,  # noqa: E731
-                                         betas=(cfg.beta1, cfg.beta2))
-    rng = torch.Generator().manual_seed(dist.rank_seed(cfg.seed + 1))
-    return GAN(m, adam("G_A", "G_B"), adam("D_A", "D_B"), scaler, ImagePool(cfg.pool_size, rng),
-               ImagePool(cfg.pool_size, rng), rng)
-
-
-def set_lr(gan: GAN, cfg: CycleGANConfig, epoch: int) -> None:
-    """The schedule is a function of the epoch alone."""
-    lr = cfg.lr * lr_factor(epoch, cfg.epochs, cfg.epochs_decay)
-    for group in (*gan.opt_G.param_groups, *gan.opt_D.param_groups):
-        group["lr"] = lr
-
-
-def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: GAN, pos: Position) -> None:
+def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: G.GAN, pos: Position) -> None:
     """Collective: every rank's pools and streams are gathered, so a resumed run continues them
     all; rank 0 writes. No rank goes on before the checkpoint is complete."""
     own = {"pool_A": gan.pool_A.state_dict(), "pool_B": gan.pool_B.state_dict(), "rng": checkpoints.rng_state(gan.rng)}
@@ -553,13 +213,13 @@ def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: GAN, pos: Position) ->
     if dist.is_main():
         checkpoints.save_state({"config": dataclasses.asdict(cfg), **{k: v.state_dict() for k, v in gan.models.items()},
                         "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(),
-                        "scaler": gan.scaler.state_dict() if gan.scaler is not None else {},
+                        "scaler": gan.amp.state_dict(),
                         **own, **dataclasses.asdict(pos), "world_size": dist.world_size(),
                         **({"ranks": ranks} if dist.world_size() > 1 else {})}, path, FORMAT)
     dist.barrier()
 
 
-def load_training_state(path: Path, cfg: CycleGANConfig, gan: GAN, device: torch.device) -> Position:
+def load_training_state(path: Path, cfg: CycleGANConfig, gan: G.GAN, device: torch.device) -> Position:
     """Restore `gan` from a checkpoint of the same config; return where to go on."""
     state = checkpoints.load_state(path, FORMAT, "melano CycleGAN checkpoint")
     checkpoints.check_resume(state["config"], cfg, RESUMABLE, path)
@@ -568,8 +228,7 @@ def load_training_state(path: Path, cfg: CycleGANConfig, gan: GAN, device: torch
         model.load_state_dict(state[k])
     gan.opt_G.load_state_dict(state["opt_G"])
     gan.opt_D.load_state_dict(state["opt_D"])
-    if gan.scaler is not None and state.get("scaler"):
-        gan.scaler.load_state_dict(state["scaler"])
+    gan.amp.load_state_dict(state.get("scaler"))
     own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
     gan.pool_A.load_state_dict(own["pool_A"], device)
     gan.pool_B.load_state_dict(own["pool_B"], device)
@@ -581,16 +240,6 @@ def load_training_state(path: Path, cfg: CycleGANConfig, gan: GAN, device: torch
 def config_from_checkpoint(state: dict) -> CycleGANConfig:
     names = {f.name for f in dataclasses.fields(CycleGANConfig)}
     return CycleGANConfig(**{k: v for k, v in state["config"].items() if k in names})
-
-
-def load_generator(checkpoint: str | Path, which: str = "G_A",
-                   device: torch.device | str = "cpu") -> tuple[Generator, CycleGANConfig]:
-    """A trained generator (G_A: benign -> malignant) and the config it was trained with."""
-    state = checkpoints.load_state(checkpoint, FORMAT, "melano CycleGAN checkpoint (checkpoint.pt of `melano.cyclegan train`)")
-    cfg = config_from_checkpoint(state)
-    g = Generator(cfg.ngf, cfg.n_blocks, cfg.upsample, cfg.gen_act, cfg.residual)
-    g.load_state_dict(state[which])
-    return g.to(device).eval(), cfg
 
 
 def absolute_paths(cfg: CycleGANConfig) -> CycleGANConfig:
@@ -614,22 +263,22 @@ def train(cfg: CycleGANConfig) -> Path:
     noise; DDP averages the gradients; only rank 0 writes files."""
     # ---- setup and resume: everything is checked before anything is written
     setup_logging()
+    kernels.load()  # the fused InstanceNorm (MELANO_OPS=eager: the PyTorch path)
     device = dist.init_from_env(cfg.device)
     cfg = absolute_paths(cfg)
     ckpt = Path(cfg.out) / CHECKPOINT
     if not Path(cfg.data).is_dir():
         raise cli.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
-    amp_dtype, scaler = precision.amp_setup(cfg.amp, device)
-    gan = new_gan(cfg, device, scaler)
+    torch.manual_seed(cfg.seed)  # model init: the same on every rank
+    gan = G.new_gan(cfg, device, precision.Precision(cfg.amp, device), dist.rank_seed(cfg.seed + 1), cfg.channels_last)
     pos = load_training_state(ckpt, cfg, gan, device) if cfg.resume and ckpt.exists() else Position()
     checkpoints.agree_start(pos.step > 0, pos.step, ckpt)
     with outdir.claim(cfg.out, "cyclegan-train", force=cfg.force, resume=cfg.resume, data=[cfg.data],
                       rank=dist.rank()) as claim:
-        return train_loop(cfg, gan, pos, claim, device, amp_dtype)
+        return train_loop(cfg, gan, pos, claim, device)
 
 
-def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim, device: torch.device,
-               amp_dtype: torch.dtype | None) -> Path:
+def train_loop(cfg: CycleGANConfig, gan: G.GAN, pos: Position, claim: outdir.Claim, device: torch.device) -> Path:
     """The training loop of `train`, in a claimed run folder; from `pos` to the schedule's end."""
     # ---- data, config, logs
     out, main, world = Path(cfg.out), dist.is_main(), dist.world_size()
@@ -642,8 +291,8 @@ def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim
         log_config({**dataclasses.asdict(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
                    out / "config.json")
     log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d x %d processes; "
-             "device %s, amp %s", data.n_A, data.n_B, data.steps_per_epoch, cfg.batch_size, world, device, amp_dtype)
-    net = nn.ModuleDict({k: dist.wrap_ddp(v, device) for k, v in gan.models.items()})  # what train_step runs
+             "device %s, amp %s", data.n_A, data.n_B, data.steps_per_epoch, cfg.batch_size, world, device, gan.amp.dtype)
+    gan.net = nn.ModuleDict({k: dist.wrap_ddp(v, device) for k, v in gan.models.items()})  # what train_step runs
     total = (cfg.epochs + cfg.epochs_decay) * data.steps_per_epoch
     total = min(total, cfg.max_steps or total)
     losses = report.LossLog(out / "losses.csv", pos.step) if main else None
@@ -657,15 +306,14 @@ def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim
         while pos.step < total and not stopped:
             if pos.epoch_step >= data.steps_per_epoch:  # epoch done: next learning rate
                 pos.epoch, pos.epoch_step = pos.epoch + 1, 0
-            set_lr(gan, cfg, pos.epoch)
+            set_lr(cfg.lr * linear_decay(pos.epoch, cfg.epochs, cfg.epochs_decay), gan.opt_G, gan.opt_D)
             for real_A, real_B in data.batches(pos.epoch, skip=pos.epoch_step):
                 real_A = real_A.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 real_B = real_B.to(device, non_blocking=True)
                 if cfg.augment_b == "study":
-                    real_B = augment_study(real_B, gan.rng)
+                    real_B = augment.study(real_B, gan.rng)
                 real_B = real_B.contiguous(memory_format=fmt)
-                loss = dist.mean(train_step(net, gan.opt_G, gan.opt_D, gan.pool_A, gan.pool_B, real_A, real_B,
-                                            cfg, gan.rng, gan.scaler, amp_dtype))  # the global batch's losses
+                loss = dist.mean(G.train_step(gan, (real_A, real_B), cfg))  # the global batch's losses
                 pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
                 next(bar, None)
                 if main:
@@ -673,7 +321,7 @@ def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim
                                    "seconds": round(time.monotonic() - t0, 3), **loss})
                 if pos.step % cfg.sample_every == 0 and main:
                     grid = claim.record(f"samples/step_{pos.step:07d}.png")
-                    save_samples(gan.models, *samples, grid, amp_dtype)
+                    save_samples(gan.models, *samples, grid, gan.amp)
                     log.info("step %d/%d, epoch %d: %s", pos.step, total, pos.epoch,
                              "  ".join(f"{k} {v:.3f}" for k, v in loss.items()))
                 if pos.step % cfg.checkpoint_every == 0:
@@ -698,8 +346,6 @@ def train_loop(cfg: CycleGANConfig, gan: GAN, pos: Position, claim: outdir.Claim
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    from . import translate  # translate imports this module
-
     p = argparse.ArgumentParser(prog="python -m melano.cyclegan", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on the training split: benign (A) -> malignant (B)")

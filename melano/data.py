@@ -55,9 +55,10 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
 from .infra.cli import progress, setup_logging
-from .infra.files import to_jsonable
-from .infra.files import atomic_write, host_tag, pid_alive
+from .infra.files import atomic_write, host_tag, pid_alive, to_jsonable
+from .pixels import to_tensor
 
 
 log = logging.getLogger("melano.data")
@@ -858,6 +859,22 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
     return split
 
 
+def load_split_data(data_dir: str | Path, size: int, cache_dir: str | Path, split_csv: str | Path,
+                    seed: int = 0) -> tuple[Index, Cache, dict[str, list[str]]]:
+    """The folder's index, its uint8 cache at `size`, and its patient-grouped split.
+
+    An existing `split_csv` is used as is (melano.data checks that it lists exactly the cached
+    images), so every stage of an experiment sees the same split; otherwise a split is drawn with
+    melano.data's default fractions, seeded by `seed`, and written there."""
+    index = read_index(data_dir)
+    cache = build_cache(index, size, cache_dir)
+    if Path(split_csv).exists():
+        split = load_split(split_csv, cache)
+    else:
+        split = make_split(cache, split_csv, seed=seed)
+    return index, cache, split
+
+
 def split_path(cfg: Any) -> Path:
     """A trainer's split file: --split-csv, or splits.csv in its --out (never in --data)."""
     return Path(cfg.split_csv) if cfg.split_csv else Path(cfg.out) / "splits.csv"
@@ -971,8 +988,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         return max(len(self.rows_a), len(self.rows_b))
 
     def _image(self, row: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.cache.images[row])).permute(2, 0, 1)
-        return x.float().mul_(2 / 255).sub_(1)
+        return to_tensor(np.array(self.cache.images[row]), -1, 1)
 
     def __getitem__(self, i: int) -> dict:
         a = int(self.rows_a[i % len(self.rows_a)])

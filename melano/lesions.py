@@ -20,9 +20,9 @@ Sources (facts and weights reused, not code):
     strongest single cues; dots/globules the weakest. Here the criteria's presence rates are set
     so that their single-criterion AUCs follow that order, none above 0.80.
   - Size and contour are weak cues: in a large series of melanomas about a third were under 6 mm
-    and about a third had a symmetric contour (melano's design notes; the issue cites it). Here
-    about 30% of melanomas are under 6 mm, about 35% have a symmetric contour, and diameter alone
-    scores about AUC 0.6.
+    and about a third had a symmetric contour (no primary source is cited here: treat it as a
+    design assumption). Here about 30% of melanomas are under 6 mm, about 35% have a symmetric
+    contour, and diameter alone scores about AUC 0.6.
   - Benign mimics: seborrhoeic keratosis (milia-like cysts, comedo-like openings, sharp border)
     and solar lentigo (light brown, homogeneous, moth-eaten border); reticular, globular and
     homogeneous nevi; dysplastic nevi that carry one or two criteria.

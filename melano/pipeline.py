@@ -59,7 +59,7 @@ import numpy as np
 
 from . import classifier, cyclegan, data, pretrained, quality_stage as qstage, report, synth
 from .translate import TranslateConfig, translate
-from .infra import cli, options, outdir, signals
+from .infra import cli, kernels, options, outdir, signals
 from .infra.checkpoints import load_checkpoint
 from .infra.cli import log_config, setup_logging
 from .infra.dist import pick_device
@@ -120,9 +120,8 @@ class PipelineConfig:
     gan_lr: float = option(4e-4, "CycleGAN Adam learning rate", min=0, min_open=True)
     gan_lambda_identity: float = option(0.0, "identity loss weight, as a fraction of the cycle weight", min=0)
     gan_pool_size: int = option(50, "image pool per discriminator (0 disables)", min=0)
-    gan_channels_last: bool = option(True, "CycleGAN in NHWC memory format: on in the quick and smoke presets (the "
-                                           "quick GAN's step is about 1.15x faster on CPU, bench/bench_cyclegan.py), "
-                                           "off in full and study (not measured on a GPU)")
+    gan_channels_last: bool = option(True, "CycleGAN in NHWC memory format: on in the quick and smoke presets, "
+                                           "off in full and study (bench/README.md)")
     synthetic_ratio: float = option(1.0, "synthetic + real malignant = ratio x benign in training", min=0,
                                     min_open=True)
     quality_images: int = option(96, "quality stage: translations, sources and benign images encoded per set",
@@ -152,8 +151,7 @@ class PipelineConfig:
                                     "torchrun (DDP, one process per GPU; batch sizes are per process)", min=1)
     jobs: int | None = option(None, "training stages run at once, each in its own process with cores/jobs "
                                     "threads: the two GANs, then the arm replicates. none: 2 on a CPU with 2 or "
-                                    "more cores (small models leave a second thread idle; bench/bench_jobs.py "
-                                    "measures it), else 1", min=1)
+                                    "more cores, else 1 (bench/README.md)", min=1)
     rerun: list[str] = option(help="rerun these stages even if done, and what reads them (arm_<arm>: every "
                                    "seed)", factory=list)
 
@@ -818,6 +816,7 @@ def command(argv: list[str]) -> None:
     if unset:
         os.environ["MELANO_CUDA_BUILD"] = "no"
     try:
+        kernels.load()  # once, here: the stages' processes then find the build cached
         run_experiment(cfg)
     finally:
         if unset:

@@ -22,12 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cyclegan, encode
+from types import SimpleNamespace
+
+from . import encode, gan
 from . import data as mdata
-from .infra import options, outdir, precision
+from .infra import checkpoints, kernels, options, outdir, precision
 from .infra.cli import progress
 from .infra.dist import pick_device
 from .infra.options import option
+from .pixels import to_tensor, to_uint8
 
 log = logging.getLogger("melano.translate")
 
@@ -74,25 +77,24 @@ def synthetic_row(name: str, src: mdata.Record) -> dict:
 
 
 @torch.no_grad()
-def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: cyclegan.CycleGANConfig, split_csv: Path,
+def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: SimpleNamespace, split_csv: Path,
                        device: torch.device, claim: outdir.Claim) -> list[dict]:
     """G_A over the chosen benign images, each written like its source; then train.csv."""
-    index, cache, splits = cyclegan.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or mdata.cache_path(gcfg), split_csv)
+    index, cache, splits = mdata.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or mdata.cache_path(gcfg), split_csv)
     records = {r.image_name: r for r in index.records}
     split_names = splits[cfg.split]
     names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)
-    amp_dtype, _ = precision.amp_setup("auto", device)
+    amp = precision.Precision("auto", device)
     log.info("translating %d %s-split benign images of %s with %s on %s", len(names), cfg.split, cfg.data,
              cfg.checkpoint, device)
     (claim.folder / "jpeg" / "train").mkdir(parents=True, exist_ok=True)
     rows = []
     batches = [names[i:i + cfg.batch_size] for i in range(0, len(names), cfg.batch_size)]
     for batch in progress(batches, total=len(batches), desc="translate"):
-        x = torch.from_numpy(np.stack([cache.images[cache.row(n)] for n in batch])).to(device)
-        x = x.permute(0, 3, 1, 2).float().mul_(2 / 255).sub_(1)  # uint8 -> [-1, 1], as UnpairedDataset
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        x = to_tensor(np.stack([cache.images[cache.row(n)] for n in batch]), -1, 1, device)  # as in training
+        with amp.autocast():
             y = G(x)
-        for name, img in zip(batch, cyclegan.to_uint8(y)):
+        for name, img in zip(batch, to_uint8(y)):
             row, src = synthetic_row(name, records[name]), records[name].path
             rel = f"jpeg/train/{row['image_name']}{encode.suffix_like(src)}"
             encode.save_like(Image.fromarray(img), src, claim.record(rel))  # no format shortcut
@@ -115,8 +117,11 @@ def translate(cfg: TranslateConfig) -> Path:
     old translation or the new one; an --out holding anything but an earlier translation is
     refused without --force.
     Returns the output folder."""
+    kernels.load()
     device = pick_device(cfg.device)
-    G, gcfg = cyclegan.load_generator(cfg.checkpoint, "G_A", device)
+    state = checkpoints.load_state(cfg.checkpoint, gan.FORMAT, "melano CycleGAN checkpoint (checkpoint.pt of "
+                                   "`melano.cyclegan train`)")
+    G, gcfg = gan.load_generator(state).to(device), SimpleNamespace(**state["config"])
     if Path(cfg.data).resolve() != Path(gcfg.data).resolve():
         log.warning("translating %s, but %s was trained on %s", cfg.data, cfg.checkpoint, gcfg.data)
     split_csv = Path(cfg.split_csv) if cfg.split_csv else mdata.split_path(gcfg)

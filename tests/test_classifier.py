@@ -18,7 +18,8 @@ from sklearn.metrics import roc_auc_score
 
 from helpers import read_csv
 from melano import classifier
-from melano.classifier import ClassifierConfig, evaluate, lr_factor, predict, train
+from melano.classifier import ClassifierConfig, evaluate, predict, train
+from melano.schedules import warmup_cosine as lr_factor
 from melano.synth import SynthConfig, generate
 
 SIZE = 32

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from helpers import read_csv
+from melano import augment, gan, schedules
 from melano import cyclegan as cg
-from melano.infra import precision
+from melano.infra import checkpoints, precision
+from melano.pixels import to_uint8
 from melano.translate import TranslateConfig
 from melano.translate import translate as run_translate
 from melano.infra.checkpoints import load_checkpoint
@@ -44,7 +46,7 @@ def n_params(m: nn.Module) -> int:
 def test_generator_matches_reference_size_and_shapes(upsample):
     # The reference ResnetGenerator(ngf=64, n_blocks=9, InstanceNorm) has 11,378,179 parameters;
     # nearest+conv upsampling swaps each ConvTranspose2d for a Conv2d of the same size.
-    g = cg.Generator(ngf=64, n_blocks=9, upsample=upsample)
+    g = gan.Generator(ngf=64, n_blocks=9, upsample=upsample)
     assert n_params(g) == 11_378_179
     # norm layers carry no parameters (affine=False), every conv has a bias
     norms = [m for m in g.modules() if type(m).__name__ == "InstanceNormAct"]
@@ -53,7 +55,7 @@ def test_generator_matches_reference_size_and_shapes(upsample):
     convs = [m for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     assert all(c.bias is not None for c in convs)
     assert sum(isinstance(c, nn.ConvTranspose2d) for c in convs) == (2 if upsample == "transpose" else 0)
-    small = cg.Generator(ngf=8, n_blocks=2, upsample=upsample, act="leaky")
+    small = gan.Generator(ngf=8, n_blocks=2, upsample=upsample, act="leaky")
     for shape in [(2, 3, 32, 32), (1, 3, 48, 64)]:
         y = small(torch.randn(shape))
         assert y.shape == shape and y.abs().max() <= 1  # tanh output, same size as the input
@@ -63,14 +65,14 @@ def test_residual_generator_starts_as_the_identity_and_learns():
     # tanh(atanh(x) + G(x)) with G's last conv zeroed: the untrained generator returns its input
     # (up to the clamp that keeps atanh finite), and its last conv still gets a gradient
     torch.manual_seed(0)
-    m = cg.build_models(cg.CycleGANConfig(ngf=8, ndf=8, n_blocks=1, residual=True))
+    m = gan.build_models(cg.CycleGANConfig(ngf=8, ndf=8, n_blocks=1, residual=True))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = m["G_A"](x)
     assert torch.allclose(y, x.clamp(-0.999, 0.999), atol=1e-6)
     (y - x.flip(-1)).abs().mean().backward()
     assert m["G_A"].model[-1].weight.grad.abs().sum() > 0
     # ... and it is a generator like any other: the same parameters, output in (-1, 1) once trained
-    plain = cg.Generator(ngf=8, n_blocks=1)
+    plain = gan.Generator(ngf=8, n_blocks=1)
     assert n_params(plain) == n_params(m["G_A"])
     with torch.no_grad():
         m["G_A"].model[-1].weight.normal_(0, 1.0)
@@ -80,23 +82,24 @@ def test_residual_generator_starts_as_the_identity_and_learns():
 def test_residual_generator_survives_its_checkpoint(tmp_path, tiny):
     out = tmp_path / "run"
     cg.train(tiny_cfg(tiny, out, n_blocks=1, max_steps=2, residual=True, device="cpu"))
-    g, cfg = cg.load_generator(out / cg.CHECKPOINT)
-    assert cfg.residual and g.residual
+    state = checkpoints.load_state(out / cg.CHECKPOINT, gan.FORMAT, "checkpoint")
+    g = gan.load_generator(state)
+    assert state["config"]["residual"] and g.residual
     state = torch.load(out / cg.CHECKPOINT, weights_only=True)
-    fresh = cg.Generator(8, 1, residual=True)
+    fresh = gan.Generator(8, 1, residual=True)
     fresh.load_state_dict(state["G_A"])
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.equal(fresh.eval()(x), g(x))
 
 
 def test_generator_leaky_activation():
-    g = cg.Generator(ngf=8, n_blocks=1, act="leaky")
+    g = gan.Generator(ngf=8, n_blocks=1, act="leaky")
     acts = {(m.act, m.negative_slope) for m in g.modules() if type(m).__name__ == "InstanceNormAct"}
     assert acts == {("leaky_relu", 0.01), ("none", 0.2)}
 
 
 def test_discriminator_matches_reference_size_and_patch_shape():
-    d = cg.Discriminator(ndf=64, n_layers=3)
+    d = gan.Discriminator(ndf=64, n_layers=3)
     assert n_params(d) == 2_764_737
     norms = [m for m in d.modules() if type(m).__name__ == "InstanceNormAct"]
     assert [(m.act, m.negative_slope) for m in norms] == [("leaky_relu", 0.2)] * 3
@@ -109,7 +112,7 @@ def test_discriminator_matches_reference_size_and_patch_shape():
 def test_patchgan_receptive_field_is_70():
     # gradient of one output logit w.r.t. the input is non-zero on at most a 70x70 window.
     # InstanceNorm mixes whole planes, so measure the conv stack with the norms replaced by LeakyReLU.
-    d = cg.Discriminator(ndf=4, n_layers=3).double()
+    d = gan.Discriminator(ndf=4, n_layers=3).double()
     for i, m in enumerate(d.model):
         if type(m).__name__ == "InstanceNormAct":
             d.model[i] = nn.LeakyReLU(0.2)
@@ -124,8 +127,8 @@ def test_patchgan_receptive_field_is_70():
 
 def test_init_is_normal_002():
     torch.manual_seed(0)
-    g = cg.Generator(ngf=16, n_blocks=2)
-    cg.init_weights(g)
+    g = gan.Generator(ngf=16, n_blocks=2)
+    gan.init_weights(g)
     w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
     b = torch.cat([m.bias.flatten() for m in g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
     assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.02) < 5e-4
@@ -137,11 +140,11 @@ def test_init_is_normal_002():
 def test_gan_losses_match_formulas():
     torch.manual_seed(1)
     x, t = torch.randn(4, 1, 6, 6), torch.rand(4, 1, 6, 6)
-    assert torch.allclose(cg.gan_loss(x, t, "lsgan"), ((x - t) ** 2).mean())
+    assert torch.allclose(gan.gan_loss(x, t, "lsgan"), ((x - t) ** 2).mean())
     s = torch.sigmoid(x.double())
     bce = -(t * torch.log(s) + (1 - t) * torch.log(1 - s)).mean()
-    assert torch.allclose(cg.gan_loss(x, t, "vanilla").double(), bce, atol=1e-6)
-    assert torch.allclose(cg.gan_loss(x, torch.ones(1), "lsgan"), ((x - 1) ** 2).mean())  # broadcast
+    assert torch.allclose(gan.gan_loss(x, t, "vanilla").double(), bce, atol=1e-6)
+    assert torch.allclose(gan.gan_loss(x, torch.ones(1), "lsgan"), ((x - 1) ** 2).mean())  # broadcast
 
 
 @pytest.mark.parametrize("mode,real,fake,gen,std", [
@@ -151,7 +154,7 @@ def test_gan_losses_match_formulas():
 ])
 def test_label_smoothing_target_distributions(mode, real, fake, gen, std):
     g = torch.Generator().manual_seed(0)
-    draws = [cg.make_targets((8, 1, 30, 30), mode, g) for _ in range(20)]  # 144k values per kind
+    draws = [gan.make_targets((8, 1, 30, 30), mode, g) for _ in range(20)]  # 144k values per kind
     r, f, gg = (torch.stack([d[i] for d in draws]) for i in range(3))
     n = r.numel()
     tol = 5 * max(std, 1e-9) / n ** 0.5  # 5 standard errors of the mean
@@ -167,13 +170,13 @@ def test_label_smoothing_target_distributions(mode, real, fake, gen, std):
     else:
         assert torch.all(gg == gen)
     with pytest.raises(ValueError, match="label_smoothing"):
-        cg.make_targets((1,), "two-sided")
+        gan.make_targets((1,), "two-sided")
 
 
 # ----------------------------------------------------------------------------- image pool and lr
 
 def test_image_pool_follows_the_reference_rule():
-    pool = cg.ImagePool(50, torch.Generator().manual_seed(0))
+    pool = gan.ImagePool(50, torch.Generator().manual_seed(0))
     for i in range(50):  # filling: every image is returned as is
         x = torch.full((1, 3, 2, 2), float(i))
         assert torch.equal(pool.query(x), x)
@@ -193,16 +196,16 @@ def test_image_pool_follows_the_reference_rule():
     # state round-trips through plain tensors
     state = pool.state_dict()
     assert isinstance(state["images"], torch.Tensor) and state["images"].shape == (50, 3, 2, 2)
-    other = cg.ImagePool(50, torch.Generator())
+    other = gan.ImagePool(50, torch.Generator())
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(pool.images, other.images))
-    assert torch.equal(cg.ImagePool(0, torch.Generator()).query(x), x)  # size 0: pass-through
+    assert torch.equal(gan.ImagePool(0, torch.Generator()).query(x), x)  # size 0: pass-through
 
 
 def test_lr_schedule_constant_then_linear():
-    f = [cg.lr_factor(e, 2, 3) for e in range(5)]
+    f = [schedules.linear_decay(e, 2, 3) for e in range(5)]
     assert f == pytest.approx([1, 1, 0.75, 0.5, 0.25])
-    f = [cg.lr_factor(e, 100, 100) for e in range(200)]
+    f = [schedules.linear_decay(e, 100, 100) for e in range(200)]
     assert f[:100] == [1.0] * 100 and np.allclose(np.diff(f[99:]), -1 / 101) and 0 < f[-1] < 0.01
 
 
@@ -247,8 +250,8 @@ def test_training_lowers_the_cycle_loss_and_writes_its_outputs(tiny, trained):
     # the same images before (initial weights, seed cfg.seed) and after training
     x = cg.TrainData(cfg).samples(4)[0]
     torch.manual_seed(cfg.seed)
-    init = cg.build_models(cfg)
-    trained_G_A, trained_G_B = cg.Generator(8, 2), cg.Generator(8, 2)
+    init = gan.build_models(cfg)
+    trained_G_A, trained_G_B = gan.Generator(8, 2), gan.Generator(8, 2)
     trained_G_A.load_state_dict(state["G_A"])
     trained_G_B.load_state_dict(state["G_B"])
     before, after = cycle_l1(init["G_A"], init["G_B"], x), cycle_l1(trained_G_A, trained_G_B, x)
@@ -262,7 +265,7 @@ def test_training_lowers_the_cycle_loss_and_writes_its_outputs(tiny, trained):
     # lr: constant for 4 epochs, then the linear decay
     steps_per_epoch = cg.TrainData(cfg).steps_per_epoch
     for r in rows:
-        assert float(r["lr"]) == pytest.approx(1e-3 * cg.lr_factor(int(r["epoch"]), 4, 4))
+        assert float(r["lr"]) == pytest.approx(1e-3 * schedules.linear_decay(int(r["epoch"]), 4, 4))
         assert int(r["epoch"]) == (int(r["step"]) - 1) // steps_per_epoch
     # sample grids: 2 rows of real A | fake B | rec A | real B | fake A | rec B
     grids = sorted((out / "samples").glob("*.png"))
@@ -290,13 +293,14 @@ def test_fused_and_reference_paths_give_the_same_losses(monkeypatch):
         monkeypatch.setenv("MELANO_OPS", mode)
         assert ops.backend("cpu") == mode
         torch.manual_seed(0)
-        m = cg.build_models(cfg).to(memory_format=fmt)
+        m = gan.build_models(cfg).to(memory_format=fmt)
         opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
         opt_D = torch.optim.Adam([*m["D_A"].parameters(), *m["D_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
         rng = torch.Generator().manual_seed(1)
-        pa, pb = cg.ImagePool(2, rng), cg.ImagePool(2, rng)
-        losses[mode, str(fmt)] = [cg.train_step(m, opt_G, opt_D, pa, pb, a.contiguous(memory_format=fmt),
-                                                b.contiguous(memory_format=fmt), cfg, rng) for a, b in batches]
+        pa, pb = gan.ImagePool(2, rng), gan.ImagePool(2, rng)
+        state = gan.GAN(m, opt_G, opt_D, pa, pb, rng, precision.Precision("none", torch.device("cpu")))
+        losses[mode, str(fmt)] = [gan.train_step(state, (a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)),
+                                                 cfg) for a, b in batches]
         assert m["G_A"].model[1].weight.is_contiguous(memory_format=fmt)  # the steps kept the layout
     ref = losses["eager", str(torch.contiguous_format)]
     for key in [k for k in losses if k[0] == "ext"]:
@@ -326,13 +330,16 @@ def test_cuda_fused_and_reference_agree_under_amp(monkeypatch, amp):
         monkeypatch.setenv("MELANO_OPS", mode)
         assert ops.backend("cuda") == mode
         torch.manual_seed(0)
-        m = cg.build_models(cfg).cuda()
+        m = gan.build_models(cfg).cuda()
         opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
         opt_D = torch.optim.Adam([*m["D_A"].parameters(), *m["D_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10) if amp == "fp16" else None
         rng = torch.Generator().manual_seed(1)
-        pa, pb = cg.ImagePool(4, rng), cg.ImagePool(4, rng)
-        losses[mode] = [cg.train_step(m, opt_G, opt_D, pa, pb, a, b, cfg, rng, scaler, dtype) for a, b in batches]
+        state = gan.GAN(m, opt_G, opt_D, gan.ImagePool(4, rng), gan.ImagePool(4, rng), rng,
+                        precision.Precision(cfg.amp, torch.device("cuda")))
+        assert state.amp.dtype == dtype
+        if amp == "fp16":
+            state.amp.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+        losses[mode] = [gan.train_step(state, (a, b), cfg) for a, b in batches]
     rel = 1e-3 if amp == "none" else 5e-2
     for e, r in zip(losses["ext"], losses["eager"]):
         for k in e:
@@ -429,7 +436,7 @@ def test_translate_writes_exactly_what_it_says(tiny, trained, tmp_path):
     assert len(rows) == 5
     assert list(rows[0]) == ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
                              "diagnosis", "benign_malignant", "target", "source_image"]
-    G, _ = cg.load_generator(ckpt)
+    G = gan.load_generator(checkpoints.load_state(ckpt, gan.FORMAT, "checkpoint"))
     for r in rows:
         src = r["source_image"]
         assert src in train_benign  # never val/test, never malignant
@@ -443,7 +450,7 @@ def test_translate_writes_exactly_what_it_says(tiny, trained, tmp_path):
                        .resize((32, 32), Image.Resampling.BILINEAR))
         x = torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
-            y = cg.to_uint8(G(x))[0]
+            y = to_uint8(G(x))[0]
         # the file is encoded like its source: same size, quantisation tables and chroma subsampling
         from PIL import JpegImagePlugin
         real = Image.open(tiny / "data" / "jpeg" / "train" / f"{src}.jpg")
@@ -500,7 +507,7 @@ def test_config_rejects_bad_options():
 # ----------------------------------------------------------------------------- the study's variants
 
 def test_study_discriminator_gives_a_14x14_map_at_224_px():
-    d = cg.StudyDiscriminator(ndf=8)
+    d = gan.StudyDiscriminator(ndf=8)
     assert d(torch.randn(1, 3, 224, 224)).shape == (1, 1, 14, 14)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
     assert [c.stride[0] for c in convs] == [2, 2, 2, 2, 1] and all(c.kernel_size == (4, 4) for c in convs)
@@ -508,15 +515,15 @@ def test_study_discriminator_gives_a_14x14_map_at_224_px():
     # the study's init is PyTorch's default (kaiming uniform), not N(0, 0.02)
     cfg = cg.CycleGANConfig(size=32, ngf=8, ndf=8, n_blocks=1, disc="study", init="default")
     torch.manual_seed(0)
-    w = cg.build_models(cfg)["D_A"].model[0].weight
+    w = gan.build_models(cfg)["D_A"].model[0].weight
     bound = 1 / (3 * 16) ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 48
     assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
 
 
 def test_nearest_zero_upsampling_pads_with_zeros():
-    g = cg.Generator(ngf=8, n_blocks=1, upsample="nearest_zero")
+    g = gan.Generator(ngf=8, n_blocks=1, upsample="nearest_zero")
     ups = [m for m in g.modules() if isinstance(m, nn.Upsample)]
-    assert len(ups) == 2 and n_params(g) == n_params(cg.Generator(ngf=8, n_blocks=1, upsample="nearest"))
+    assert len(ups) == 2 and n_params(g) == n_params(gan.Generator(ngf=8, n_blocks=1, upsample="nearest"))
     assert sum(isinstance(m, nn.ReflectionPad2d) for m in g.modules()) == 2 + 2  # stem, head, 1 block x 2
     assert g(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
@@ -530,7 +537,7 @@ def test_malignant_pairing_and_study_augmentation(tiny):
     assert sorted(it["b_row"] for it in items) == sorted(d.rows_B.tolist())
     assert {it["a_row"] for it in items} <= set(d.rows_A.tolist())
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
-    y = cg.augment_study(x, torch.Generator().manual_seed(0))
+    y = augment.study(x, torch.Generator().manual_seed(0))
     for i in range(2):  # each image is its rotation by 90 degrees after some of the two flips
         candidates = [x[i].flip(dims).rot90(1, dims=(1, 2)) for dims in ((), (2,), (1,), (1, 2))]
         assert any(torch.equal(y[i], c) for c in candidates)

@@ -124,24 +124,26 @@ def test_single_process_helpers_are_identities(monkeypatch):
 # ----------------------------------------------------------------------------- one CycleGAN step
 
 def step_setup():
-    from melano import cyclegan as cg
+    from melano import cyclegan as cg, gan
     cfg = cg.CycleGANConfig(size=32, ngf=8, ndf=8, n_blocks=1, batch_size=2, pool_size=0, label_smoothing="none")
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.rand(4, 3, 32, 32, generator=g) * 2 - 1)
                for _ in range(3)]
     torch.manual_seed(0)
-    m = cg.build_models(cfg)
+    m = gan.build_models(cfg)
     opt_G = torch.optim.SGD([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=1e-4)
     opt_D = torch.optim.SGD([*m["D_A"].parameters(), *m["D_B"].parameters()], lr=1e-4)
-    pool = cg.ImagePool(0, torch.Generator())
+    pool = gan.ImagePool(0, torch.Generator())
     return cg, cfg, batches, m, opt_G, opt_D, pool
 
 
 def run_steps(net, m, opt_G, opt_D, pool, cfg, batches, part: slice) -> list[dict]:
-    from melano import cyclegan as cg
+    from melano import gan
+    from melano.infra.precision import Precision
     grads = []
     for a, b in batches:
-        cg.train_step(net, opt_G, opt_D, pool, pool, a[part], b[part], cfg, torch.Generator())
+        state = gan.GAN(m, opt_G, opt_D, pool, pool, torch.Generator(), Precision("none", torch.device("cpu")), net)
+        gan.train_step(state, (a[part], b[part]), cfg)
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     return grads
 
@@ -300,7 +302,7 @@ def test_fused_kernels_under_ddp_and_amp_on_cuda(tmp_path, monkeypatch, amp):
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
     from melano import cyclegan as cg
-    from melano import ops
+    from melano import gan, ops
     from melano.infra import precision
     monkeypatch.setenv("MELANO_OPS", "ext")
     if ops.backend("cuda") != "ext":
@@ -316,15 +318,17 @@ def test_fused_kernels_under_ddp_and_amp_on_cuda(tmp_path, monkeypatch, amp):
     try:
         for wrapped in (False, True):
             torch.manual_seed(0)
-            m = cg.build_models(cfg).cuda()
+            m = gan.build_models(cfg).cuda()
             net = nn.ModuleDict({k: DistributedDataParallel(m[k]) for k in m}) if wrapped else m
             opt_G = torch.optim.Adam([*m["G_A"].parameters(), *m["G_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
             opt_D = torch.optim.Adam([*m["D_A"].parameters(), *m["D_B"].parameters()], lr=2e-4, betas=(0.5, 0.999))
-            scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10) if amp == "fp16" else None
             rng = torch.Generator().manual_seed(1)
-            pa, pb = cg.ImagePool(4, rng), cg.ImagePool(4, rng)
-            losses[wrapped] = [cg.train_step(net, opt_G, opt_D, pa, pb, a, b, cfg, rng, scaler, dtype)
-                               for a, b in batches]
+            state = gan.GAN(m, opt_G, opt_D, gan.ImagePool(4, rng), gan.ImagePool(4, rng), rng,
+                            precision.Precision(cfg.amp, torch.device("cuda")), net)
+            assert state.amp.dtype == dtype
+            if amp == "fp16":
+                state.amp.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+            losses[wrapped] = [gan.train_step(state, (a, b), cfg) for a, b in batches]
             assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
     finally:
         tdist.destroy_process_group()
@@ -459,9 +463,9 @@ def worker(mode: str, args: list[str]) -> int:
         torch.save(grads, probe / f"rank{rank}.pt")
         return 0
     if mode == "cyclegan":
-        from melano import cyclegan as cg
-        held, build = {}, cg.build_models
-        cg.build_models = lambda cfg: held.setdefault("m", build(cfg))
+        from melano import cyclegan as cg, gan
+        held, build = {}, gan.build_models
+        gan.build_models = lambda cfg: held.setdefault("m", build(cfg))
         rc = cg.main(["train", *args])
         torch.save({"models": held["m"].state_dict()}, probe / f"rank{rank}.pt")
         return rc

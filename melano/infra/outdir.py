@@ -3,9 +3,8 @@
     with outdir.claim(cfg.out, "cyclegan-train", force=cfg.force, resume=cfg.resume) as out:
         out.write_text("config.json", text)                       # atomic, recorded
         out.write("last.pt", lambda f: torch.save(state, f))      # atomic, recorded
-        out.remove_stale(old_images)                              # only files this command wrote
 
-The rule (design.md, "Outputs"):
+The rule:
   - A command writes only into its own folder. It refuses a folder that holds a data set, files
     melano did not write, or another command's outputs (a sub-folder another melano command wrote
     included), unless ``force``; its own earlier outputs need ``force`` (write over them) or
@@ -20,8 +19,8 @@ The rule (design.md, "Outputs"):
     children (Pool and DataLoader workers) drop their copies of the lock at once, so an orphaned
     worker never keeps a folder locked; they may not write. Under torchrun only rank 0 claims;
     the other ranks get a read-only `Claim` and never contend.
-  - It deletes only files its manifest says this command wrote (`Claim.remove_stale`). A command
-    that runs others in sub-folders (the pipeline) records each with `Claim.record_child`; then
+  - It deletes only files its manifest says this command wrote. A command that runs others in
+    sub-folders (the pipeline) records each with `Claim.record_child`; then
     `foreign_files` lists what no manifest accounts for, and `clear` deletes a sub-folder only
     when that list is empty.
   - A single-file output (``predict --out x.csv``) has the same rule, per file: `check_file`
@@ -493,21 +492,6 @@ class Claim:
     def written(self) -> list[str]:
         """Relative paths this command wrote (or was about to write) in the folder, in order."""
         return list(self._written)
-
-    def owns(self, rel: str | os.PathLike) -> bool:
-        return self._rel(rel) in self._written
-
-    def remove_stale(self, paths: Iterable[str | os.PathLike]) -> list[Path]:
-        """Delete those of `paths` that this command wrote (per the manifest); leave all others.
-        Returns the deleted paths."""
-        self._check_writable()
-        removed = []
-        for rel in paths:
-            p = self.path(rel)
-            if self._rel(p) in self._written and os.path.lexists(p) and not p.is_dir():
-                p.unlink()
-                removed.append(p)
-        return removed
 
     def _check_writable(self) -> None:
         if self.closed:

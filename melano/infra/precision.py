@@ -19,3 +19,36 @@ def amp_setup(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return dtype, torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+class Precision:
+    """--amp as the three things a training step does with it: `autocast()` around the forward,
+    `backward(loss)` (scaled under fp16), and `step(opt)` (unscaled, skipped on overflow), then
+    `update()` once per iteration."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.dtype, self.scaler = amp_setup(amp, device)
+        self.device_type = device.type
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(opt)
+        else:
+            opt.step()
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,82 @@
+"""The melanoma classifier, the science: one logit per image, BCE-with-logits (optionally
+weighting the positive class), one optimiser step (`train_step`) and inference (`infer`).
+The model is melano.efficientnet; the trainer around it is melano.classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import augment
+
+
+class Normalise(torch.nn.Module):
+    """[0, 1] images -> (x - mean) / std with the weights' statistics, in the model's memory format."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+@dataclass
+class Model:
+    """The model and what trains it: normalisation, optimiser, loss weight, streams, precision."""
+    model: torch.nn.Module           # validated and saved
+    norm: Normalise
+    opt: torch.optim.Optimizer
+    pos_weight: torch.Tensor | None
+    aug_gen: torch.Generator          # augmentation, on CPU: the same transforms on any device
+    amp: Any                          # autocast(), backward(loss), step(opt), update(): melano.infra.precision.Precision
+    net: torch.nn.Module | None = None  # what training runs: `model`, or `model` wrapped for DDP
+
+
+def train_step(m: Model, batch: tuple[torch.Tensor, torch.Tensor], cfg) -> torch.Tensor:
+    """One optimiser step on (images in [0, 1], targets); returns the loss (on the device: no sync)."""
+    x, y = batch
+    if cfg.augment == "traditional":
+        x = augment.traditional(x, m.aug_gen)
+    with m.amp.autocast():
+        logits = (m.net or m.model)(m.norm(x)).squeeze(1).float()
+    loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=m.pos_weight)
+    m.opt.zero_grad(set_to_none=True)
+    m.amp.backward(loss)
+    m.amp.step(m.opt)
+    m.amp.update()
+    return loss.detach()
+
+
+@torch.inference_mode()
+def infer(model: torch.nn.Module, norm: Normalise, loader, device: torch.device, tta: bool = False,
+          amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, targets) of every image the loader yields, in its order; float64 numpy arrays.
+
+    Logits stay on the device until the end (no per-batch sync). With `tta` the logit is the mean
+    over the identity, horizontal, vertical and both flips."""
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for x, y in loader:
+        x = norm(x.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if tta:
+                z = torch.stack([model(x.flip(dims)).float() for dims in ((), (3,), (2,), (2, 3))]).mean(0)
+            else:
+                z = model(x).float()
+        logits.append(z.squeeze(1))
+        targets.append(y)
+    model.train(was_training)
+    return (torch.cat(logits).double().cpu().numpy(), torch.cat(targets).double().numpy())
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
