@@ -1,50 +1,25 @@
-"""Patient-clustered uncertainty, arm comparisons, Holm's adjustment and clinical operating points.
+"""Patient-clustered uncertainty, arm comparisons, Holm's adjustment and clinical operating points,
+hand-written with numpy, seeded and vectorised. Which variance each interval covers:
 
-Hand-written with numpy, seeded and vectorised. Which variance each interval covers:
+* **Cluster bootstrap** (`cluster_bootstrap_auc`, `cluster_bootstrap_delta`, `operating_points`,
+  `compare_arms`' test_only): *test sampling* only. A patient's images have correlated scores, so
+  patients, not images, are resampled: with replacement, separately among those with a melanoma
+  image and those without (every replicate keeps both classes and its number of melanoma patients,
+  as DeLong conditions on the class counts). An image weighs as often as its patient was drawn.
+* **Hierarchical bootstrap** (`compare_arms`' test_and_training): *test sampling and training
+  variance*. Each replicate also resamples each arm's K training seeds. Resampling K values shrinks
+  their variance by (K-1)/K, so the seeds' AUCs are first spread about their mean by sqrt(K/(K-1)):
+  the seed level then adds s^2/K, the unbiased variance of a mean of K runs. Crossing patients and
+  seeds counts their interaction twice (Owen 2007, "the pigeonhole bootstrap"), which errs wide;
+  few seeds err narrow, the training part resting on K - 1 degrees of freedom per arm
+  (tests/test_stats.py simulates the coverage). It needs K >= 2 in both arms.
+* **DeLong** (`melano.metrics`): test sampling with every image independent; too narrow when
+  patients contribute several images.
 
-* **Cluster bootstrap** (``cluster_bootstrap_auc``, ``cluster_bootstrap_delta``,
-  ``operating_points``; the ``test_only`` field of ``compare_arms``): *test sampling* only, i.e.
-  which patients happened to land in the test split. A patient contributes several images whose
-  scores are correlated, so the patient, not the image, is the unit that is resampled. Patients
-  are drawn with replacement, separately among those with at least one melanoma image and those
-  without (stratified, so every replicate has both classes and the same number of melanoma
-  patients; DeLong likewise conditions on the class counts). An image's weight in a replicate is
-  the number of times its patient was drawn. The models are held fixed: this says nothing about
-  what another training run would give.
-* **Hierarchical bootstrap** (the ``test_and_training`` field of ``compare_arms``): *test
-  sampling and training variance*. Each replicate resamples patients as above and, independently,
-  resamples each arm's K training seeds with replacement. Because resampling K values estimates
-  their variance with a factor (K-1)/K (2/3 at K = 3), the seeds' AUCs are first spread about
-  their replicate mean by sqrt(K/(K-1)) so that the seed level adds s^2/K, the usual unbiased
-  variance of a mean of K runs. Resampling patients and seeds as crossed factors counts their
-  interaction twice (Owen 2007, "the pigeonhole bootstrap"), which errs wide; few seeds err
-  narrow, since the training part rests on K - 1 degrees of freedom per arm. In a simulation where
-  training variance dominates (tests/test_stats.py), the 95% interval covered the true difference
-  about 90% of the time at K = 5 and 86% at K = 3. It needs K >= 2 in both arms; otherwise
-  ``compare_arms`` reports the test-only interval and says so in ``covers``.
-* **DeLong** (``melano.metrics``): test sampling with every image independent; it ignores the
-  patient clustering, so it is too narrow when patients contribute several images.
-
-Intervals are percentile intervals of the replicates; SE is their standard deviation. Two-sided
-p-values for a difference invert the percentile interval: p = 2 min(#{d* <= 0} + 1,
-#{d* >= 0} + 1) / (B + 1), capped at 1, so p < 1 - level exactly when the percentile interval at
-that level (nearly) excludes 0. The smallest attainable p is 2 / (B + 1).
-
-Weighted AUC (one sort, then cumulative sums, for all replicates at once): sort the negatives'
-scores; for each positive i let lo_i, hi_i be the number of negatives scoring below it and at or
-below it. With C the cumulative negative weights in that order (C[0] = 0),
-    AUC = sum_i w_i (C[lo_i] + C[hi_i]) / 2 / (W_pos W_neg),
-which is the Mann-Whitney statistic with a tie counting one half and each image counted w times.
-
-Operating points, from the ROC points at every distinct threshold (``metrics.roc_curve``); each
-is an attainable threshold, never an interpolation between two:
-* sensitivity at specificity s: the largest TPR among thresholds with 1 - FPR >= s;
-* specificity at sensitivity s: the largest 1 - FPR among thresholds with TPR >= s;
-* ``pauc_sens80``: the ISIC 2024 challenge's primary metric, the area under the ROC curve and
-  above TPR = 0.8, i.e. the integral of (1 - FPR) dTPR over TPR in [0.8, 1] along the piecewise
-  linear curve, in [0, 0.2] (0.2 is perfect, 0.02 is chance). The challenge's code computes the
-  same area by flipping labels and scores and integrating the flipped curve up to FPR = 0.2;
-* Brier score: mean (p - y)^2 over images (weighted by draws in a replicate).
+Intervals are percentile intervals of the replicates, SE their standard deviation. The two-sided
+p of a difference inverts the percentile interval: p = 2 min(#{d* <= 0} + 1, #{d* >= 0} + 1) /
+(B + 1), capped at 1, so p < 1 - level exactly when that interval (nearly) excludes 0; the smallest
+attainable p is 2 / (B + 1).
 """
 
 from __future__ import annotations
@@ -122,10 +97,20 @@ def _draw_counts(strata: list[np.ndarray], n_patients: int, size: int,
     return np.bincount(drawn.ravel(), minlength=size * n_patients).reshape(size, n_patients)
 
 
-def _chunk_sizes(n_boot: int, n: int):
-    step = max(1, _CHUNK // n)
+def _draws(strata: list[np.ndarray], codes: np.ndarray, n_boot: int, rng: np.random.Generator):
+    """The n_boot replicates' patient counts, in chunks of at most _CHUNK replicate x image cells."""
+    step, n_pat = max(1, _CHUNK // codes.size), int(codes.max()) + 1
     for start in range(0, n_boot, step):
-        yield min(step, n_boot - start)
+        yield _draw_counts(strata, n_pat, min(step, n_boot - start), rng)
+
+
+def _cumulative(counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(B, len(codes) + 1): each row's running total of its patients' counts along `codes`, from 0."""
+    # np.take keeps rows contiguous (fancy indexing would not), and integer cumulative sums are
+    # both exact and several times faster than float ones.
+    c = np.zeros((counts.shape[0], codes.size + 1), dtype=counts.dtype)
+    np.cumsum(np.take(counts, codes, axis=1), axis=1, out=c[:, 1:])
+    return c
 
 
 def _auc_plan(y: np.ndarray, s: np.ndarray, codes: np.ndarray):
@@ -139,12 +124,14 @@ def _auc_plan(y: np.ndarray, s: np.ndarray, codes: np.ndarray):
 
 
 def _auc_rows(plan, counts: np.ndarray) -> np.ndarray:
-    """Weighted AUC of each row of counts (patient weights); NaN where a class has no weight."""
+    """Weighted AUC of each row of counts (patient weights); NaN where a class has no weight.
+
+    With C the cumulative negative weights in score order (C[0] = 0) and lo_i, hi_i the number of
+    negatives scoring below positive i and at or below it,
+        AUC = sum_i w_i (C[lo_i] + C[hi_i]) / 2 / (W_pos W_neg):
+    the Mann-Whitney statistic with a tie counting one half and each image counted w times."""
     neg_codes, pos_codes, lo, hi = plan
-    # np.take keeps rows contiguous (fancy indexing would not), and integer cumulative sums are
-    # both exact and several times faster than float ones.
-    c = np.zeros((counts.shape[0], neg_codes.size + 1), dtype=counts.dtype)
-    np.cumsum(np.take(counts, neg_codes, axis=1), axis=1, out=c[:, 1:])
+    c = _cumulative(counts, neg_codes)
     wp = np.take(counts, pos_codes, axis=1)
     twice_num = (wp * (np.take(c, lo, axis=1) + np.take(c, hi, axis=1))).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -161,11 +148,11 @@ def _summary(estimate: float, reps: np.ndarray, level: float) -> dict:
             "ci": [float(low), float(high)], "n_valid": int(ok.size)}
 
 
-def _p_two_sided(reps: np.ndarray) -> float:
-    """Percentile-inversion p-value for 'the difference is 0'."""
-    ok = reps[np.isfinite(reps)]
-    below, above = int((ok <= 0).sum()), int((ok >= 0).sum())
-    return min(1.0, 2.0 * (min(below, above) + 1) / (ok.size + 1))
+def _interval(estimate: float, reps: np.ndarray, level: float) -> dict:
+    """se, ci, n_valid, and the percentile-inversion p-value for 'the difference is 0'."""
+    out, ok = _summary(estimate, reps, level), reps[np.isfinite(reps)]
+    p = min(1.0, 2.0 * (min(int((ok <= 0).sum()), int((ok >= 0).sum())) + 1) / (ok.size + 1))
+    return {"se": out["se"], "ci": out["ci"], "p": p, "n_valid": out["n_valid"]}
 
 
 # ----------------------------------------------------------------------------- AUC and ΔAUC
@@ -192,12 +179,10 @@ def cluster_bootstrap_auc(y_true, y_score, groups, n_boot: int = 2000, seed: int
     _check_boot(n_boot, level)
     y, codes, strata = _prepare(y_true, groups)
     s = metrics._scores(y_score, y.size)
-    plan, n_pat = _auc_plan(y, s, codes), int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    reps = np.concatenate([_auc_rows(plan, _draw_counts(strata, n_pat, size, rng))
-                           for size in _chunk_sizes(n_boot, y.size)])
-    out = _summary(metrics.roc_auc(y, s), reps, level)
-    return {**out, "n_boot": int(n_boot), "n_patients": n_pat, "level": level}
+    plan = _auc_plan(y, s, codes)
+    reps = [_auc_rows(plan, counts) for counts in _draws(strata, codes, n_boot, np.random.default_rng(seed))]
+    out = _summary(metrics.roc_auc(y, s), np.concatenate(reps), level)
+    return {**out, "n_boot": int(n_boot), "n_patients": int(codes.max()) + 1, "level": level}
 
 
 def cluster_bootstrap_delta(y_true, score_a, score_b, groups, n_boot: int = 2000, seed: int = 0,
@@ -209,72 +194,56 @@ def cluster_bootstrap_delta(y_true, score_a, score_b, groups, n_boot: int = 2000
     return {k: r[k] for k in keep}
 
 
-def _seed_means(aucs: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """Mean AUC over resampled seeds per replicate; aucs (K, B), draws (B, K) seed indices.
-    Values are spread by sqrt(K/(K-1)) about their mean so the seed level adds s^2/K."""
-    k = aucs.shape[0]
-    mean = aucs.mean(axis=0)
-    spread = mean + math.sqrt(k / (k - 1)) * (aucs - mean)
-    return np.take_along_axis(spread, draws.T, axis=0).mean(axis=0)
-
-
 def _delta_rows(aucs_a, aucs_b, draws_a, draws_b) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per replicate: (test-only delta, delta with seeds resampled too, or None if K < 2)."""
+    """Per replicate: (test-only delta, delta with seeds resampled too, or None if K < 2), from
+    aucs (K, B) and draws (B, K) of seed indices per arm."""
+    def seed_mean(aucs, draws):  # spread by sqrt(K/(K-1)) about the mean: the seeds add s^2/K
+        k, mean = aucs.shape[0], aucs.mean(axis=0)
+        spread = mean + math.sqrt(k / (k - 1)) * (aucs - mean)
+        return np.take_along_axis(spread, draws.T, axis=0).mean(axis=0)
+
     test = aucs_a.mean(axis=0) - aucs_b.mean(axis=0)
     if min(aucs_a.shape[0], aucs_b.shape[0]) < 2:
         return test, None
-    return test, _seed_means(aucs_a, draws_a) - _seed_means(aucs_b, draws_b)
-
-
-def _interval(estimate: float, reps: np.ndarray, level: float) -> dict:
-    out = _summary(estimate, reps, level)
-    return {"se": out["se"], "ci": out["ci"], "p": _p_two_sided(reps), "n_valid": out["n_valid"]}
+    return test, seed_mean(aucs_a, draws_a) - seed_mean(aucs_b, draws_b)
 
 
 def compare_arms(y_true, groups, scores_a, scores_b, n_boot: int = 2000, seed: int = 0,
                  level: float = 0.95) -> dict:
     """Arm a vs arm b, each scored by K training seeds on the same test images: scores (K, n).
 
-    delta = mean over a's seeds of AUC - mean over b's seeds of AUC. Two intervals, from the
-    same patient draws:
-      test_only          patients resampled, seeds fixed: test sampling only;
-      test_and_training  patients and each arm's seeds resampled: test sampling and training
-                         variance (None unless both arms have K >= 2).
-    se, ci, p, n_valid repeat the wider-scope one and `covers` says which ("test+training" or
-    "test"). p is two-sided by percentile inversion. p_delong is DeLong's paired test on the
-    seed-averaged scores (images independent, test sampling only). Also: auc_a, auc_b,
-    auc_a_seeds, auc_b_seeds, k_a, k_b, n_boot, n_patients, level.
-    """
+    delta = mean over a's seeds of AUC - mean over b's seeds of AUC, with two intervals from the
+    same patient draws: test_only (seeds fixed) and test_and_training (seeds resampled too; None
+    unless both arms have K >= 2). se, ci, p, n_valid repeat the wider one, `covers` says which
+    ("test+training" or "test"). p_delong: DeLong's paired test on the seed-averaged scores. Also
+    auc_a, auc_b, auc_a_seeds, auc_b_seeds, k_a, k_b, n_boot, n_patients, level."""
     _check_boot(n_boot, level)
     y, codes, strata = _prepare(y_true, groups)
     a, b = _score_matrix(scores_a, y.size, "scores_a"), _score_matrix(scores_b, y.size, "scores_b")
     plans_a = [_auc_plan(y, s, codes) for s in a]
     plans_b = [_auc_plan(y, s, codes) for s in b]
-    n_pat, rng = int(codes.max()) + 1, np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     test, both = [], []
-    for size in _chunk_sizes(n_boot, y.size):
-        counts = _draw_counts(strata, n_pat, size, rng)
+    for counts in _draws(strata, codes, n_boot, rng):  # seeds drawn after each chunk's patients
         aucs_a = np.stack([_auc_rows(p, counts) for p in plans_a])
         aucs_b = np.stack([_auc_rows(p, counts) for p in plans_b])
-        draws_a = rng.integers(0, a.shape[0], (size, a.shape[0]))
-        draws_b = rng.integers(0, b.shape[0], (size, b.shape[0]))
+        draws_a = rng.integers(0, a.shape[0], (len(counts), a.shape[0]))
+        draws_b = rng.integers(0, b.shape[0], (len(counts), b.shape[0]))
         t, h = _delta_rows(aucs_a, aucs_b, draws_a, draws_b)
         test.append(t)
         both.append(h)
-    seeds_a = [metrics.roc_auc(y, s) for s in a]
-    seeds_b = [metrics.roc_auc(y, s) for s in b]
+    seeds_a, seeds_b = [metrics.roc_auc(y, s) for s in a], [metrics.roc_auc(y, s) for s in b]
     delta = float(np.mean(seeds_a) - np.mean(seeds_b))
     test_only = _interval(delta, np.concatenate(test), level)
     with_training = None if both[0] is None else _interval(delta, np.concatenate(both), level)
     head = with_training or test_only
     return {"delta": delta, "auc_a": float(np.mean(seeds_a)), "auc_b": float(np.mean(seeds_b)),
-            "auc_a_seeds": seeds_a, "auc_b_seeds": seeds_b,
-            "se": head["se"], "ci": head["ci"], "p": head["p"], "n_valid": head["n_valid"],
+            "auc_a_seeds": seeds_a, "auc_b_seeds": seeds_b, **head,
             "covers": "test+training" if with_training else "test",
             "test_only": test_only, "test_and_training": with_training,
             "p_delong": metrics.delong_test(y, a.mean(axis=0), b.mean(axis=0))[2],
-            "k_a": a.shape[0], "k_b": b.shape[0], "n_boot": int(n_boot), "n_patients": n_pat,
-            "level": level}
+            "k_a": a.shape[0], "k_b": b.shape[0], "n_boot": int(n_boot),
+            "n_patients": int(codes.max()) + 1, "level": level}
 
 
 # ----------------------------------------------------------------------------- Holm
@@ -292,9 +261,8 @@ def holm(pvalues) -> np.ndarray:
         raise ValueError(f"pvalues: must be in [0, 1] and not NaN, got {p.tolist()}")
     m = p.size
     order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     out = np.empty(m)
-    out[order] = adjusted
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
 
 
@@ -317,8 +285,7 @@ def _roc_plan(y: np.ndarray, s: np.ndarray, codes: np.ndarray):
 
 def _rates(class_codes: np.ndarray, upto: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(B, G + 1) weighted TPR (or FPR) at each threshold, starting at 0."""
-    c = np.zeros((counts.shape[0], class_codes.size + 1), dtype=counts.dtype)
-    np.cumsum(np.take(counts, class_codes, axis=1), axis=1, out=c[:, 1:])
+    c = _cumulative(counts, class_codes)
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = np.take(c, upto, axis=1) / c[:, -1:].astype(np.float64)
     return np.concatenate([np.zeros((counts.shape[0], 1)), rates], axis=1)
@@ -344,7 +311,7 @@ def _op_rows(plan, sq_err: np.ndarray, n_img: np.ndarray, counts: np.ndarray) ->
         out[f"sens_at_spec{round(100 * s)}"] = np.where(fpr <= 1 - s + _EPS, tpr, -1.0).max(1)
         out[f"spec_at_sens{round(100 * s)}"] = np.where(tpr >= s - _EPS, 1 - fpr, -1.0).max(1)
     out["pauc_sens80"] = _pauc_above(tpr, fpr, 0.8)
-    out["brier"] = (counts @ sq_err) / (counts @ n_img)
+    out["brier"] = (counts @ sq_err) / (counts @ n_img)  # images weighted by their patient's draws
     for v in out.values():
         v[bad] = np.nan
     return out
@@ -353,10 +320,14 @@ def _op_rows(plan, sq_err: np.ndarray, n_img: np.ndarray, counts: np.ndarray) ->
 def operating_points(y_true, prob, groups, n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> dict:
     """Clinical operating points of probabilities `prob`, each with a patient-level bootstrap SE
-    and percentile CI (test sampling only; definitions in the module docstring).
-
-    Keys auc, sens_at_spec90, sens_at_spec95, spec_at_sens90, spec_at_sens95, pauc_sens80, brier
-    map to {estimate, se, ci, n_valid}; also n_boot, n_patients, level."""
+    and percentile CI (test sampling only). Keys auc, sens_at_spec90, sens_at_spec95,
+    spec_at_sens90, spec_at_sens95, pauc_sens80, brier map to {estimate, se, ci, n_valid}; also
+    n_boot, n_patients, level. Each is read at an attainable threshold, never interpolated:
+    sensitivity at specificity s is the largest TPR with 1 - FPR >= s; specificity at sensitivity s
+    the largest 1 - FPR with TPR >= s; pauc_sens80, the ISIC 2024 challenge's primary metric, is the
+    integral of (1 - FPR) dTPR over TPR in [0.8, 1] along the piecewise-linear curve, in [0, 0.2]
+    (0.2 perfect, 0.02 chance; the challenge's code flips labels and scores to get the same area);
+    the Brier score is mean (p - y)^2 over images."""
     _check_boot(n_boot, level)
     y, codes, strata = _prepare(y_true, groups)
     p = metrics._scores(prob, y.size, "prob")
@@ -368,8 +339,7 @@ def operating_points(y_true, prob, groups, n_boot: int = 2000, seed: int = 0,
     sq_err = np.bincount(codes, weights=(p - y) ** 2, minlength=n_pat)
     n_img = np.bincount(codes, minlength=n_pat).astype(np.float64)
     point = _op_rows(plan, sq_err, n_img, np.ones((1, n_pat), dtype=np.int64))
-    rng = np.random.default_rng(seed)
-    reps = [_op_rows(plan, sq_err, n_img, _draw_counts(strata, n_pat, size, rng))
-            for size in _chunk_sizes(n_boot, y.size)]
+    reps = [_op_rows(plan, sq_err, n_img, counts)
+            for counts in _draws(strata, codes, n_boot, np.random.default_rng(seed))]
     out = {k: _summary(point[k][0], np.concatenate([r[k] for r in reps]), level) for k in point}
     return {**out, "n_boot": int(n_boot), "n_patients": n_pat, "level": level}
