@@ -1,33 +1,19 @@
 """ISIC 2020 data: read a folder, split it by patient, cache it as uint8, serve it to models.
 
-The flow, top to bottom in this file::
+    index = read_index("data/isic")                   # which images, which labels
+    cache = build_cache(index, 128, "runs/cache")      # decode once -> (N, S, S, 3) uint8 memmap
+    split = make_split(cache, "runs/x/splits.csv")     # {"train": [...], "val": [...], "test": [...]}
+    loader = make_loader(ClassifierDataset(cache, split["train"], mean, std), 64, shuffle=True)
 
-    index = read_index("data/isic")                        # which images, which labels
-    cache = build_cache(index, 128, "runs/cache")           # decode once -> (N,S,S,3) uint8 memmap
-    split = make_split(cache, "runs/x/splits.csv")          # {"train": [...], "val": [...], "test": [...]}
-    ds = ClassifierDataset(cache, split["train"], mean, std)
-    loader = make_loader(ds, batch_size=64, shuffle=True, seed=0)
+`read_index` reads three layouts: kaggle (``train.csv`` + ``jpeg/train/``: the SIIM-ISIC 2020
+download, and what ``python -m melano.data synth`` writes), reupload (``train.csv`` + ``train/``)
+and folders (``benign/`` + ``malignant/``: no patient ids, so each image is its own patient).
+ISIC's own test set has no public labels, so the held-out test split is cut from the labelled
+images by patient, and written once: every arm of an experiment trains and tests on the same images.
 
-Folders it reads (`read_index` detects which):
-  kaggle    ``train.csv`` + ``jpeg/train/<image_name>.jpg`` (the SIIM-ISIC 2020 download, and what
-            ``python -m melano.data synth`` writes);
-  reupload  ``train.csv`` + ``train/<image_name>.{jpg,jpeg,png}`` (the common resized re-uploads);
-  folders   ``benign/`` + ``malignant/`` with one image per file (no patient ids: every image is
-            its own patient, so the split cannot keep a patient's images together).
-
-The held-out test split comes from the *labelled* training data: ISIC's own test set has no
-public labels, so it cannot score a model. `make_split` therefore cuts train/val/test from
-``train.csv`` by patient, stratified by label, and writes ``splits.csv`` so that every arm of an
-experiment trains and tests on the same images.
-
-Bad input never becomes a silently wrong result: a ``train.csv`` that is not UTF-8 (leading
-byte-order marks are dropped, however many), missing or repeated columns, duplicate names,
-labels other than 0/1, ``benign_malignant`` values that contradict ``target``, and two rows (or
-two class-folder entries) that reach one image file, however spelt (other case or extension, a
-symlink, a hard link), are errors that name the file and lines. Nothing is ever written into a
-data folder. Unreadable, truncated, missing or oversized (`MAX_PIXELS`) image files, broken
-symlinks, and images in subfolders of ``benign/`` or ``malignant/`` are skipped with a warning
-(count and first names); ``strict=True`` / ``--strict`` makes them fatal.
+Bad labels, columns or names, and two names for one image file, are errors naming the file and
+line. Missing, unreadable or oversized (`MAX_PIXELS`) images are skipped with a warning, or fatal
+with ``strict``. Nothing is ever written into a data folder.
 
 CLI: ``python -m melano.data {check,synth,cache,split} --help``.
 """
@@ -35,9 +21,11 @@ CLI: ``python -m melano.data {check,synth,cache,split} --help``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -67,9 +55,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 REQUIRED_COLUMNS = ("image_name", "target")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when load_image changes what it produces
-# load_image refuses images with more pixels than this, before decoding them: a small file can
-# declare a huge image (a decompression bomb) whose decode takes gigabytes, in every worker at
-# once. 64 M is far above any ISIC image (ISIC 2020's largest are about 6000 x 4000 = 24 M).
+# A small file can declare a huge image (a decompression bomb) whose decode takes gigabytes, in
+# every worker at once. 64 M is far above any ISIC image (the largest are about 6000 x 4000).
 MAX_PIXELS = 64_000_000
 
 
@@ -77,15 +64,14 @@ MAX_PIXELS = 64_000_000
 # Index: which images exist and what their labels are
 
 class Skipped(NamedTuple):
-    """An image left out, and why (``reason`` is meant for people)."""
+    """An image left out, and why (for people)."""
     name: str
     reason: str
 
 
 @dataclasses.dataclass
 class Record:
-    """One labelled image. ``extra`` holds the optional CSV columns (sex, age_approx, ...)
-    as strings, "" where the CSV cell was empty."""
+    """One labelled image; ``extra`` holds the other CSV columns (sex, age_approx, ...) as strings."""
     image_name: str
     patient_id: str
     target: int          # 1 = malignant (melanoma), 0 = benign
@@ -128,8 +114,7 @@ class _Listing(NamedTuple):
 
 
 def link_problem(path: str) -> str | None:
-    """Why the symlink `path` leads to no file ("broken link", "link loop"), or None if it does.
-    Only links are stat'ed here: the listing stays one listdir for ordinary files."""
+    """Why the symlink `path` leads to no file, or None if it does (only links are stat'ed)."""
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -142,10 +127,8 @@ def link_problem(path: str) -> str | None:
 
 
 def _list_images(folder: Path) -> _Listing:
-    """The image files directly in one folder, by stem (one listdir; only symlinks are stat'ed).
-
-    Two files with the same stem (``a.jpg`` and ``a.png``) would make a label ambiguous: error.
-    """
+    """The image files directly in one folder, by stem: one listdir. Two files of one stem
+    (``a.jpg`` and ``a.png``) would make a label ambiguous: ValueError."""
     files: dict[str, Path] = {}
     broken: dict[str, str] = {}
     subdirs: list[Path] = []
@@ -172,12 +155,9 @@ def _list_images(folder: Path) -> _Listing:
 
 
 def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
-    """(the file an image name refers to, or None and why not).
-
-    An exact match wins. Otherwise a name that differs only in letter case is accepted when just
-    one file folds to it (hand-made CSVs and re-uploads often change the case of ISIC names); when
-    several do, which one is meant is unknowable, so none is taken.
-    """
+    """(the file an image name refers to, or None and why not). An exact match wins; else a name
+    in other letter case when just one file folds to it (hand-made CSVs and re-uploads often
+    change the case of ISIC names); when several do, which one is meant is unknowable."""
     if stem not in listing.files:
         same = listing.folded.get(stem.casefold(), [])
         if len(same) != 1:
@@ -191,16 +171,14 @@ def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
 
 
 def _file_id(path: Path) -> tuple[int, int]:
-    """The identity of the file `path` leads to: two names (other case, other extension, a symlink,
-    a hard link) of one file give the same id, whatever the strings look like."""
+    """The file `path` leads to: all its names (other case or extension, links) give one id."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
 
 def _parse_target(value: str, where: str) -> int:
-    v = value.strip()
     try:
-        f = float(v)
+        f = float(value.strip())
     except ValueError:
         f = None
     if f not in (0.0, 1.0):
@@ -219,24 +197,19 @@ def _warn_skipped(skipped: Sequence[Skipped], what: str, strict: bool) -> None:
     log.warning("%s; they are skipped", msg)
 
 
-def read_csv_text(path: str | os.PathLike) -> str:
-    """The text of a CSV file: UTF-8, with every leading byte-order mark removed (a file saved
-    twice by a BOM-writing editor has two). ValueError naming the file if it is not UTF-8."""
-    raw = Path(path).read_bytes()
+def _csv_reader(csv_path: Path) -> tuple[list[str], csv.DictReader]:
+    """(header columns, stripped; a DictReader for the rows) of a UTF-8 CSV file, every leading
+    byte-order mark dropped (a file saved twice by a BOM-writing editor has two). ValueError
+    naming the file for text that is not UTF-8, an unreadable header or a repeated column."""
+    raw = Path(csv_path).read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); melano reads "
+        raise ValueError(f"{csv_path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); melano reads "
                          f"CSV files as UTF-8: save it as UTF-8, e.g. from Windows-1252/Latin-1 with "
-                         f"`iconv -f cp1252 -t utf-8 {Path(path).name} > fixed.csv`") from None
-    return text.lstrip("\ufeff")
-
-
-def _csv_reader(csv_path: Path) -> tuple[list[str], csv.DictReader]:
-    """(header columns, stripped; a DictReader for the rows). ValueError naming the file for an
-    unreadable header or a repeated column."""
-    reader = csv.DictReader(io.StringIO(read_csv_text(csv_path), newline=""))
+                         f"`iconv -f cp1252 -t utf-8 {Path(csv_path).name} > fixed.csv`") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = [c.strip() for c in (reader.fieldnames or [])]
     except csv.Error as e:
@@ -251,15 +224,11 @@ def _csv_reader(csv_path: Path) -> tuple[list[str], csv.DictReader]:
 
 def _csv_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[tuple[int, dict]]:
     """(line, row) for each row; a malformed row (csv.Error) becomes a ValueError naming the line."""
-    it = iter(reader)
-    while True:
-        try:
-            row = next(it)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise ValueError(f"{csv_path}, line {reader.reader.line_num}: malformed CSV ({e})") from None
-        yield reader.line_num, row  # the physical line the row ends on (quoted cells may span lines)
+    try:
+        for row in reader:
+            yield reader.line_num, row  # the physical line the row ends on (quoted cells may span lines)
+    except csv.Error as e:
+        raise ValueError(f"{csv_path}, line {reader.reader.line_num}: malformed CSV ({e})") from None
 
 
 def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped]]:
@@ -301,8 +270,7 @@ def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped
             skipped.append(Skipped(name, reason))
             continue
         _claim_file(owner, path, line, name, csv_path)
-        extra = {c: (row.get(c) or "").strip() for c in extra_cols}
-        records.append(Record(name, patient, target, str(path), extra))
+        records.append(Record(name, patient, target, str(path), {c: (row.get(c) or "").strip() for c in extra_cols}))
     if no_patient:
         log.warning("%s: %d row(s) have no patient_id; each such image counts as its own patient, "
                     "so the split cannot keep their patient's images together", csv_path, no_patient)
@@ -310,9 +278,8 @@ def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped
 
 
 def _claim_file(owner: dict, path: Path, line: int, name: str, csv_path: Path) -> None:
-    """Record that CSV `line` labels the file at `path`; ValueError naming both lines if another
-    row already labels that same file. Labels belong to files, not to spellings of names: two rows
-    for one file would give it two labels, or put it in train and in test."""
+    """Record that CSV `line` labels the file at `path`. Labels belong to files, not to spellings
+    of names: another row for the same file would give it two labels, or put it in train and test."""
     fid = _file_id(path)
     if fid in owner:
         line0, name0, path0 = owner[fid]
@@ -323,9 +290,8 @@ def _claim_file(owner: dict, path: Path, line: int, name: str, csv_path: Path) -
 
 
 def _nested_images(root: Path, subdirs: Sequence[Path]) -> list[Skipped]:
-    """Images inside folders within benign/ or malignant/. The folder layout reads one level only
-    (what a subfolder means, another class or a copy, is unknowable), so these are counted and
-    named as skipped rather than silently ignored."""
+    """Images in folders within benign/ or malignant/: skipped, and named as such (what a
+    subfolder means, another class or a copy, is unknowable)."""
     found = []
     for top in subdirs:
         for dirpath, dirnames, filenames in os.walk(top):
@@ -357,25 +323,18 @@ def _read_folders(root: Path) -> tuple[list[Record], list[Skipped]]:
                         else "it would count twice, and could land in both train and test")
                 raise ValueError(f"{owner[fid]} and {path} are the same file (linked); {both}: remove one")
             where[stem], owner[fid] = path, path
-            records.append(Record(stem, stem, target, str(path), {}))
+            records.append(Record(stem, stem, target, str(path)))
     log.warning("%s: benign/ + malignant/ folders carry no patient ids; each image counts as its own "
                 "patient, so the split cannot keep a patient's images together", root)
     return records, skipped
 
 
 def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
-    """Read the labelled images of an ISIC-style folder (layouts in the module docstring).
+    """The labelled images of an ISIC-style folder; nothing is decoded (`verify_images` does that).
 
-    Only checks that files exist; decoding is `build_cache`'s job (`verify_images` for a check).
-    A CSV name matches its file with or without extension, and in other letter case when only one
-    file matches that way. Files listed in ``train.csv`` but absent, broken symlinks, and images
-    in subfolders of benign/ or malignant/ are skipped with a warning, or raise with
-    ``strict=True``. Raises ValueError for a ``train.csv`` that is not UTF-8 or not a CSV, a
-    missing or repeated column, a duplicate image name, two rows or entries that reach one file
-    (compared by device and inode), a target other than 0/1,
-    ``benign_malignant`` contradicting ``target``, an unrecognised layout, or a folder without
-    images; FileNotFoundError if `root` does not exist and NotADirectoryError if it is a file.
-    Every message names the file (and line). Nothing is written.
+    A CSV name matches its file with or without extension, or in other letter case when only one
+    file does. Absent files, broken links and images in subfolders of benign/ or malignant/ are
+    skipped with a warning (``strict``: ValueError). Bad input is a ValueError naming file and line.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -414,19 +373,12 @@ def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
 
 
 # ==============================================================================================
-# Decoding one image
+# Decoding: one image, then many in a process pool
 
 def load_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode an image to RGB, resize its shorter side to `size`, centre-crop: (size, size, 3) uint8.
-
-    Conversions: grayscale, palette, CMYK, YCbCr -> RGB; alpha is dropped (dermoscopy has no
-    meaningful transparency); 16-bit grayscale is scaled by 1/257 (16-bit RGB PNGs are already
-    read as 8-bit by Pillow); EXIF orientation is applied. Large JPEGs are decoded at a reduced
-    DCT scale (never below twice `size`) before the antialiased bilinear resize, which makes the
-    full-resolution ISIC images about 10x faster to cache. Raises on unreadable files, and
-    ValueError, before decoding anything, for an image of more than `max_pixels` pixels
-    (`MAX_PIXELS`; Pillow itself refuses about 179 M whatever `max_pixels` says).
-    """
+    """Decode an image to RGB (alpha dropped, EXIF orientation applied), resize its shorter side to
+    `size` and centre-crop: (size, size, 3) uint8. An image of more than `max_pixels` pixels is a
+    ValueError before anything is decoded (Pillow itself refuses about 179 M, whatever the limit)."""
     # melano's limit replaces Pillow's warning (at about 89 M pixels), which would only be noise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -445,7 +397,7 @@ def _decode(path: str | os.PathLike, size: int, max_pixels: int) -> np.ndarray:
             raise ValueError(f"{path}: {w} x {h} = {w * h} pixels, over the limit of {max_pixels}; it was not "
                              f"decoded (a file this large may be a decompression bomb): shrink it, or raise "
                              f"the limit (e.g. --max-pixels) if the image is real")
-        if im.format == "JPEG":
+        if im.format == "JPEG":  # decode at a reduced DCT scale: ~10x faster on full-size ISIC images
             im.draft(None, (2 * size, 2 * size))  # no-op unless the image is at least 4x larger
         im.load()  # raises on truncated or corrupt data
         if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag
@@ -463,8 +415,6 @@ def _decode(path: str | os.PathLike, size: int, max_pixels: int) -> np.ndarray:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
         if im.mode == "I" and a.max(initial=0) <= 255:  # 32-bit container holding 8-bit values
@@ -476,7 +426,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise ValueError("32-bit float images are not supported; save it as 8- or 16-bit")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 # Worker-process state for the pool: the cache file, opened once per process.
@@ -509,9 +459,13 @@ def default_workers() -> int:
     return max(1, min(n, 32))
 
 
+def _whole(value, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= least
+
+
 def check_workers(workers: int) -> int:
     """Decoding processes as given, validated: 0 and 1 both decode in this process."""
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+    if not _whole(workers, 0):
         raise ValueError(f"--workers must be a whole number >= 0 (0 or 1: decode in this process; "
                          f"omit it to use every core), got {workers!r}")
     return max(1, int(workers))
@@ -519,8 +473,7 @@ def check_workers(workers: int) -> int:
 
 def check_max_pixels(max_pixels: int | None) -> int | None:
     """--max-pixels as given (None: `MAX_PIXELS`), validated."""
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
-                                   or max_pixels < 1):
+    if max_pixels is not None and not _whole(max_pixels, 1):
         raise ValueError(f"--max-pixels must be a whole number >= 1 (default {MAX_PIXELS}), got {max_pixels!r}")
     return max_pixels
 
@@ -530,30 +483,22 @@ def _run_decode(paths: Sequence[str], size: int, out: str | None, shape: tuple |
     """Decode every path (into `out` rows when given). Returns {row: error} for failures."""
     workers = default_workers() if workers is None else check_workers(workers)
     jobs = [(i, p, size, max_pixels) for i, p in enumerate(paths)]
-    errors: dict[int, str] = {}
-    if workers == 1 or len(jobs) < 64:  # a pool costs more than it saves on a handful of images
+    serial = workers == 1 or len(jobs) < 64  # a pool costs more than it saves on a handful of images
+    if serial:
         _worker_init(out, shape)
-        try:
-            results = map(_decode_job, jobs)
-            for row, err in progress(results, total=len(jobs), desc=desc):
-                if err:
-                    errors[row] = err
-        finally:
-            _WORKER.clear()
-        return errors
-    chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with mp.get_context().Pool(workers, initializer=_worker_init, initargs=(out, shape)) as pool:
-        for row, err in progress(pool.imap_unordered(_decode_job, jobs, chunksize=chunk),
-                                 total=len(jobs), desc=desc):
-            if err:
-                errors[row] = err
-    return errors
+    try:
+        with contextlib.nullcontext() if serial else mp.get_context().Pool(
+                workers, initializer=_worker_init, initargs=(out, shape)) as pool:
+            chunk = max(1, min(64, len(jobs) // (workers * 8)))
+            results = map(_decode_job, jobs) if serial else pool.imap_unordered(_decode_job, jobs, chunksize=chunk)
+            return {row: err for row, err in progress(results, total=len(jobs), desc=desc) if err}
+    finally:
+        _WORKER.clear()
 
 
 def verify_images(index: Index, workers: int | None = None, strict: bool = False,
                   max_pixels: int | None = None) -> list[Skipped]:
-    """Decode every image of `index` (without caching it); return the ones that fail, images of
-    more than `max_pixels` pixels (default `MAX_PIXELS`) included."""
+    """Decode every image of `index` without caching it; return those that fail (too large included)."""
     errors = _run_decode([r.path for r in index.records], 64, None, None, workers, "verify",
                          check_max_pixels(max_pixels))
     bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
@@ -565,53 +510,29 @@ def verify_images(index: Index, workers: int | None = None, strict: bool = False
 # Cache: every image decoded once into a (N, S, S, 3) uint8 memmap
 
 class Cache:
-    """A finished image cache: ``images`` is a read-only (N, S, S, 3) uint8 memmap.
-
-    Row i holds image ``names[i]`` with label ``targets[i]`` and patient ``patients[i]``.
-    Images that failed to decode are not in it (see ``skipped``). Pickles as its path, so
-    DataLoader workers reopen the memmap instead of copying it.
-    """
+    """A finished image cache: ``images`` is a read-only (N, S, S, 3) uint8 memmap whose row i is
+    image ``names[i]``, label ``targets[i]``, patient ``patients[i]``. Images that failed to
+    decode are left out (``skipped``). Pickles as its path: DataLoader workers reopen the memmap."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.path}: not a finished cache (no meta.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{meta_path}: unreadable ({e}); the cache is damaged, delete {self.path} "
-                             f"and build it again") from None
-        if meta.get("version") != CACHE_VERSION:
-            raise ValueError(f"{self.path}: cache version {meta.get('version')} != {CACHE_VERSION}; delete it")
-        self.meta = meta
+        self.meta = meta = _read_meta(self.path)
         self.size: int = meta["size"]
         self.names: list[str] = meta["names"]
         self.targets: np.ndarray = np.array(meta["targets"], dtype=np.int64)
         self.patients: list[str] = meta["patients"]
         self.skipped: list[Skipped] = [Skipped(*s) for s in meta["skipped"]]
         self._row = {n: i for i, n in enumerate(self.names)}
-        expected = len(self.names) * self.size * self.size * 3
-        actual = (self.path / "images.u8").stat().st_size
-        if actual != expected:
-            raise ValueError(f"{self.path}/images.u8 has {actual} bytes, expected {expected}; the cache is "
-                             f"damaged, delete {self.path} and build it again")
-        self._images: np.memmap | None = None
 
-    @property
+    @functools.cached_property
     def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = np.memmap(self.path / "images.u8", np.uint8, "r",
-                                     shape=(len(self.names), self.size, self.size, 3))
-        return self._images
+        return np.memmap(self.path / "images.u8", np.uint8, "r", shape=(len(self), self.size, self.size, 3))
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_images"] = None
-        return state
+        return {k: v for k, v in self.__dict__.items() if k != "images"}
 
     def row(self, name: str) -> int:
         """Row of image `name`; KeyError naming the cache if it is absent (e.g. skipped)."""
@@ -635,10 +556,27 @@ class Cache:
         return f"Cache({str(self.path)!r}, n={len(self)}, size={self.size}, malignant={int(self.targets.sum())})"
 
 
+def _read_meta(path: Path) -> dict:
+    """A finished cache's meta.json, checked against its version and the size of images.u8."""
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path}: not a finished cache (no meta.json)")
+    damaged = f"the cache is damaged, delete {path} and build it again"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{path / 'meta.json'}: unreadable ({e}); {damaged}") from None
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"{path}: cache version {meta.get('version')} != {CACHE_VERSION}; delete it")
+    expected = len(meta["names"]) * meta["size"] ** 2 * 3
+    actual = (path / "images.u8").stat().st_size
+    if actual != expected:
+        raise ValueError(f"{path}/images.u8 has {actual} bytes, expected {expected}; {damaged}")
+    return meta
+
+
 def cache_key(index: Index, size: int, max_pixels: int | None = None) -> str:
     """Hash of what the cache depends on: version, size, a non-default pixel limit (it decides
-    which images are skipped), and each file's name, label, patient, path, byte size and
-    modification time. Any change gives a new cache folder."""
+    which images are skipped), and each file's name, label, patient, path, size and mtime."""
     limit = "" if max_pixels in (None, MAX_PIXELS) else f" max_pixels={max_pixels}"  # old keys stay valid
     h = hashlib.sha256(f"melano-cache v{CACHE_VERSION} size={size}{limit}\n".encode())
     for r in index.records:
@@ -649,15 +587,12 @@ def cache_key(index: Index, size: int, max_pixels: int | None = None) -> str:
 
 
 def remove_killed_builds(cache_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary folders that killed cache builds left in `cache_dir`, for every cache
-    key; return them. Only folders named as `build_cache` names them, and only those of dead
-    processes of this host: a cache folder may be shared by several nodes, whose process ids mean
-    nothing here."""
+    """Delete the temporary folders of killed cache builds in `cache_dir` (any key); return them.
+    Only those of dead processes of this host: a shared cache folder holds other nodes' builds,
+    whose process ids mean nothing here."""
     pattern = re.compile(rf"^\..+-\d+-[0-9a-f]{{16}}\.tmp-{re.escape(host_tag())}-(\d+)-[0-9a-f]{{8}}$")
     removed = []
-    if not os.path.isdir(cache_dir):
-        return removed
-    for entry in os.scandir(cache_dir):
+    for entry in os.scandir(cache_dir) if os.path.isdir(cache_dir) else []:
         m = pattern.match(entry.name)
         if m and entry.is_dir(follow_symlinks=False) and not pid_alive(int(m.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -668,7 +603,7 @@ def remove_killed_builds(cache_dir: str | os.PathLike) -> list[Path]:
 
 
 def _check_cache_args(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None) -> None:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+    if not _whole(size, 8):
         raise ValueError(f"--size: the cache's image side must be a whole number of at least 8 pixels, "
                          f"got {size!r}")
     if workers is not None:
@@ -696,62 +631,32 @@ def _make_build_folder(cache_dir: Path, name: str) -> Path:
 
 def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: int | None = None,
                 strict: bool = False, max_pixels: int | None = None) -> Cache:
-    """Decode every image of `index` once (see `load_image`) into a uint8 memmap cache; reuse it.
-
-    The cache lives in ``cache_dir/<folder>-<size>-<key>/`` where key = `cache_key`: a changed,
-    added or removed file gives a new cache. It is built in a temporary folder and renamed into
-    place only when complete (``meta.json`` written last), so a killed build is never used; a
-    later build deletes temporary folders of dead processes. Images that fail to decode are
-    skipped with a warning (count and first names), as are images of more than `max_pixels`
-    pixels (default `MAX_PIXELS`); ``strict=True`` makes them, and files the index lists as
-    missing, fatal. `workers` processes decode (default: all usable cores, `default_workers`).
-    Errors name the option: ValueError for a bad `size`/`workers` or a `cache_dir` inside the
-    data folder; PermissionError or NotADirectoryError for a `cache_dir` that cannot be written.
-    """
+    """Decode every image of `index` once (`load_image`) into ``cache_dir/<folder>-<size>-<key>/``,
+    or reuse that cache: a changed, added or removed file gives another `cache_key`. Images that
+    fail to decode or have more than `max_pixels` pixels are skipped with a warning (``strict``:
+    fatal, as are missing files). `workers` processes decode (default `default_workers`)."""
     _check_cache_args(index, size, cache_dir, workers)
     check_max_pixels(max_pixels)
-    cache_dir = Path(cache_dir)
     if strict:
         _warn_skipped(index.skipped, "are missing", strict=True)
     key = cache_key(index, size, max_pixels)
     name = f"{Path(index.root).resolve().name or 'data'}-{size}-{key[:16]}"
-    final = cache_dir / name
+    final = Path(cache_dir) / name
     if (final / "meta.json").is_file():
         cache = Cache(final)
         log.info("reusing cache %s (%d images)", final, len(cache))
         _warn_skipped(cache.skipped, "were skipped when this cache was built", strict)
         return cache
-
+    # built in a temporary folder, renamed into place when complete (meta.json written last): a
+    # killed build is never used, and a later build deletes what it left
     remove_killed_builds(cache_dir)
-    tmp = _make_build_folder(cache_dir, name)
+    tmp = _make_build_folder(Path(cache_dir), name)
     try:
-        n = len(index.records)
-        shape = (n, size, size, 3)
-        data_path = tmp / "images.u8"
-        with open(data_path, "wb") as f:
-            f.truncate(n * size * size * 3)
-        log.info("building cache %s: %d images at %dx%d", final, n, size, size)
-        errors = _run_decode([r.path for r in index.records], size, str(data_path), shape, workers, "cache",
-                             max_pixels)
-        bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
-        _warn_skipped(bad, "could not be decoded", strict)
-        keep = [i for i in range(n) if i not in errors]
-        if bad:  # compact the good rows to the front (in place: rows only move down), then truncate
-            arr = np.memmap(data_path, np.uint8, "r+", shape=shape)
-            for new, old in enumerate(keep):
-                if new != old:
-                    arr[new] = arr[old]
-            arr.flush()
-            del arr
-            os.truncate(data_path, len(keep) * size * size * 3)
-        if not keep:
-            raise ValueError(f"{index.root}: none of the {n} images could be decoded")
-        with open(data_path, "rb+") as f:
-            os.fsync(f.fileno())
-        recs = [index.records[i] for i in keep]
+        log.info("building cache %s: %d images at %dx%d", final, len(index), size, size)
+        kept, bad = _decode_into(tmp / "images.u8", index, size, workers, strict, max_pixels)
         meta = {"version": CACHE_VERSION, "size": size, "key": key, "root": index.root,
-                "layout": index.layout, "names": [r.image_name for r in recs],
-                "targets": [r.target for r in recs], "patients": [r.patient_id for r in recs],
+                "layout": index.layout, "names": [r.image_name for r in kept],
+                "targets": [r.target for r in kept], "patients": [r.patient_id for r in kept],
                 "skipped": [list(s) for s in index.skipped + bad]}
         atomic_write(tmp / "meta.json", json.dumps(to_jsonable(meta), indent=2) + "\n")
         try:
@@ -768,18 +673,41 @@ def build_cache(index: Index, size: int, cache_dir: str | os.PathLike, workers: 
     return cache
 
 
+def _decode_into(path: Path, index: Index, size: int, workers: int | None, strict: bool,
+                 max_pixels: int | None) -> tuple[list[Record], list[Skipped]]:
+    """Decode the images of `index` into the rows of a new file, then move the good rows to the
+    front and cut the rest off; return (the records kept, the images skipped)."""
+    n = len(index.records)
+    shape = (n, size, size, 3)
+    with open(path, "wb") as f:
+        f.truncate(n * size * size * 3)
+    errors = _run_decode([r.path for r in index.records], size, str(path), shape, workers, "cache", max_pixels)
+    bad = [Skipped(index.records[i].image_name, errors[i]) for i in sorted(errors)]
+    _warn_skipped(bad, "could not be decoded", strict)
+    keep = [i for i in range(n) if i not in errors]
+    if bad:  # in place: rows only move down
+        arr = np.memmap(path, np.uint8, "r+", shape=shape)
+        for new, old in enumerate(keep):
+            if new != old:
+                arr[new] = arr[old]
+        arr.flush()
+        del arr
+        os.truncate(path, len(keep) * size * size * 3)
+    if not keep:
+        raise ValueError(f"{index.root}: none of the {n} images could be decoded")
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return [index.records[i] for i in keep], bad
+
+
 # ==============================================================================================
 # Split: patient-grouped, stratified, written once to splits.csv
 
 def _split_groups(names: Sequence[str], targets: np.ndarray, patients: Sequence[str],
                   fracs: dict[str, float], seed: int) -> dict[str, str]:
-    """Assign each patient to a split; return {image_name: split}.
-
-    Patients with at least one malignant image are placed first, largest first, each into the
-    split furthest below its share of malignant images; then benign-only patients the same way by
-    image count. Each split with a non-zero fraction first gets one malignant patient, so
-    val and test always contain positives (or this raises naming the split).
-    """
+    """{image_name: split}. Patients with malignant images go first, largest first, each into the
+    split furthest below its share of malignant images; then benign-only patients by image count.
+    Each split with a non-zero fraction first gets one malignant patient (or this raises)."""
     by_patient: dict[str, list[int]] = {}
     for i, p in enumerate(patients):
         by_patient.setdefault(p, []).append(i)
@@ -813,19 +741,13 @@ def _split_groups(names: Sequence[str], targets: np.ndarray, patients: Sequence[
 
 
 def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_frac: float = 0.15,
-               seed: int = 0) -> dict[str, list[str]]:
-    """Patient-grouped, label-stratified train/val/test split, written to (or reused from) `out_csv`.
-
-    `data` is anything with ``names``, ``targets`` and ``patients``: pass the `Cache` so that
-    images skipped as unreadable are left out. Returns ``{"train": [...], "val": [...],
-    "test": [...]}`` (image names in `data` order). No patient is in two splits; each split with a
-    non-zero fraction holds malignant images (else ValueError naming the split).
-
-    Reuse: if `out_csv` exists it is used as is, provided it lists exactly the images of `data`
-    with the same labels and patients; otherwise ValueError (delete the file to draw a new split).
-    The sidecar ``<out_csv>.json`` records seed and fractions; asking for different ones while the
-    file exists is also a ValueError, so an experiment never mixes two splits silently.
-    """
+               seed: int = 0, same_params: bool = True) -> dict[str, list[str]]:
+    """The split of `data` (the `Cache`, so that unreadable images are left out), grouped by patient
+    and stratified by label: ``{"train": [...], "val": [...], "test": [...]}`` in `data` order.
+    It is read from `out_csv` if that exists (`load_split` checks it against `data`), else drawn
+    and written there. ``<out_csv>.json`` records seed and fractions: asking for others is a
+    ValueError, so an experiment never mixes two splits, unless ``same_params=False`` (a GAN run
+    uses its experiment's split whatever its own seed)."""
     out_csv = Path(out_csv)
     names, targets, patients = list(data.names), np.asarray(data.targets), list(data.patients)
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
@@ -834,11 +756,10 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
     params = {"seed": seed, "val_frac": val_frac, "test_frac": test_frac}
     side = out_csv.with_name(out_csv.name + ".json")
     if out_csv.exists():
-        if side.exists():
-            old = json.loads(side.read_text())
-            if old != params:
-                raise ValueError(f"{out_csv} was drawn with {old}, but {params} was asked for; pass the "
-                                 f"same values to reuse it, or give a new path to draw anew")
+        old = json.loads(side.read_text()) if same_params and side.exists() else params
+        if old != params:
+            raise ValueError(f"{out_csv} was drawn with {old}, but {params} was asked for; pass the "
+                             f"same values to reuse it, or give a new path to draw anew")
         split = load_split(out_csv, data)
         log.info("reusing split %s", out_csv)
     else:
@@ -851,8 +772,7 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
         w.writerows([n, p, int(t), where[n]] for n, p, t in zip(names, patients, targets))
         atomic_write(side, json.dumps(params, indent=2) + "\n")
         atomic_write(out_csv, buf.getvalue())
-    t = dict(zip(names, targets))
-    p = dict(zip(names, patients))
+    t, p = dict(zip(names, targets)), dict(zip(names, patients))
     for s in SPLITS:
         log.info("split %-5s: %5d images, %4d malignant, %4d patients", s, len(split[s]),
                  sum(t[n] for n in split[s]), len({p[n] for n in split[s]}))
@@ -861,18 +781,11 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
 
 def load_split_data(data_dir: str | Path, size: int, cache_dir: str | Path, split_csv: str | Path,
                     seed: int = 0) -> tuple[Index, Cache, dict[str, list[str]]]:
-    """The folder's index, its uint8 cache at `size`, and its patient-grouped split.
-
-    An existing `split_csv` is used as is (melano.data checks that it lists exactly the cached
-    images), so every stage of an experiment sees the same split; otherwise a split is drawn with
-    melano.data's default fractions, seeded by `seed`, and written there."""
+    """The folder's index, its uint8 cache at `size`, and the experiment's split: `split_csv` as
+    it is (whatever seed drew it), or drawn there with the default fractions and `seed`."""
     index = read_index(data_dir)
     cache = build_cache(index, size, cache_dir)
-    if Path(split_csv).exists():
-        split = load_split(split_csv, cache)
-    else:
-        split = make_split(cache, split_csv, seed=seed)
-    return index, cache, split
+    return index, cache, make_split(cache, split_csv, seed=seed, same_params=False)
 
 
 def split_path(cfg: Any) -> Path:
@@ -886,9 +799,9 @@ def cache_path(cfg: Any) -> Path:
 
 
 def load_split(csv_path: str | os.PathLike, data=None) -> dict[str, list[str]]:
-    """Read a ``splits.csv`` (image_name, patient_id, target, split). With `data` (an Index or
-    Cache), check that it lists exactly those images with the same labels and patients, and
-    return names in `data` order. Raises ValueError on any mismatch or patient leakage."""
+    """Read a ``splits.csv`` (image_name, patient_id, target, split); ValueError if a patient is in
+    two splits. With `data` (an Index or Cache), check that it lists exactly those images with the
+    same labels and patients, and return the names in `data` order."""
     csv_path = Path(csv_path)
     rows = {}
     columns, reader = _csv_reader(csv_path)
@@ -906,37 +819,36 @@ def load_split(csv_path: str | os.PathLike, data=None) -> dict[str, list[str]]:
         pid = r.get("patient_id") or n
         if owner.setdefault(pid, r["split"]) != r["split"]:
             raise ValueError(f"{csv_path}: patient {pid!r} is in both {owner[pid]!r} and {r['split']!r}")
-    if data is None:
-        order = list(rows)
-    else:
-        order = list(data.names)
-        missing, extra = set(order) - set(rows), set(rows) - set(order)
-        if missing or extra:
-            raise ValueError(f"{csv_path} does not match the data: {len(missing)} image(s) missing from it "
-                             f"(e.g. {sorted(missing)[:3]}), {len(extra)} it lists that the data lacks "
-                             f"(e.g. {sorted(extra)[:3]}); it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new path to draw a split for this data.")
-        for n, t, p in zip(order, data.targets, data.patients):
-            r = rows[n]
-            if "target" in r and r["target"] != "" and int(float(r["target"])) != int(t):
-                raise ValueError(f"{csv_path}: image {n!r} has target {r['target']} but the data says {int(t)}; "
-                                 f"it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new path to draw a split for this data")
-            if r.get("patient_id") and r["patient_id"] != p:
-                raise ValueError(f"{csv_path}: image {n!r} belongs to patient {r['patient_id']!r} but the data "
-                                 f"says {p!r}; it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new path to draw a split for this data")
+    if data is not None:
+        _check_split_matches(csv_path, rows, data)
+    order = list(rows) if data is None else list(data.names)
     return {s: [n for n in order if rows[n]["split"] == s] for s in SPLITS}
+
+
+def _check_split_matches(csv_path: Path, rows: dict[str, dict], data) -> None:
+    another = ("it belongs to another data set or experiment: keep it, and give --split-csv (or --out) a new "
+               "path to draw a split for this data")
+    missing, extra = set(data.names) - set(rows), set(rows) - set(data.names)
+    if missing or extra:
+        raise ValueError(f"{csv_path} does not match the data: {len(missing)} image(s) missing from it "
+                         f"(e.g. {sorted(missing)[:3]}), {len(extra)} it lists that the data lacks "
+                         f"(e.g. {sorted(extra)[:3]}); {another}.")
+    for n, t, p in zip(data.names, data.targets, data.patients):
+        r = rows[n]
+        if r.get("target") and int(float(r["target"])) != int(t):
+            raise ValueError(f"{csv_path}: image {n!r} has target {r['target']} but the data says {int(t)}; "
+                             f"{another}")
+        if r.get("patient_id") and r["patient_id"] != p:
+            raise ValueError(f"{csv_path}: image {n!r} belongs to patient {r['patient_id']!r} but the data "
+                             f"says {p!r}; {another}")
 
 
 # ==============================================================================================
 # Datasets and loaders
 
 class ClassifierDataset(torch.utils.data.Dataset):
-    """(image, label) from a Cache: image float32 (3, S, S) = (pixel/255 - mean) / std per
-    channel, label float32 scalar (1.0 = malignant).
-
-    `items` are image names or cache rows. `mean`/`std` are the model's (e.g. ImageNet's
-    (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)); mean = std = (0.5, 0.5, 0.5) gives [-1, 1].
-    Augmentation is not done here: apply `melano.augment.traditional` to whole batches.
-    """
+    """(image, label) from a Cache: image float32 (3, S, S) = (pixel/255 - mean) / std per channel,
+    label float32 (1.0 = malignant); `items` are image names or cache rows."""
 
     def __init__(self, cache: Cache, items: Iterable, mean: Sequence[float], std: Sequence[float]):
         self.cache = cache
@@ -962,15 +874,9 @@ class ClassifierDataset(torch.utils.data.Dataset):
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
-    """Unpaired images for CycleGAN: item i is ``{"A": a, "B": b, "a_row": int, "b_row": int}``
-    with a and b float32 (3, S, S) in [-1, 1].
-
-    A (e.g. benign) is indexed by ``i % len(A)``; B (e.g. malignant) is drawn independently of A,
-    through a permutation of B seeded by (seed, epoch), so each B image appears equally often.
-    An epoch has max(len(A), len(B)) items. Call ``set_epoch(e)`` before each epoch (as with
-    DistributedSampler) to pair the images differently; loaders from `make_loader` restart their
-    workers each epoch, so they see the new epoch.
-    """
+    """Unpaired images for CycleGAN: item i is ``{"A": a, "B": b, "a_row": int, "b_row": int}``,
+    a and b float32 (3, S, S) in [-1, 1]. A is read in order, B through a permutation seeded by
+    (seed, epoch), each B image equally often; ``set_epoch(e)`` pairs them anew."""
 
     def __init__(self, cache: Cache, rows_a: Iterable, rows_b: Iterable, seed: int = 0):
         self.cache = cache
@@ -997,9 +903,8 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 
 def default_loader_workers() -> int:
-    """DataLoader workers: 0 on machines with 4 cores or fewer, where the main process reading the
-    memmap is faster than feeding worker processes (see bench/bench_data.py); otherwise
-    min(8, cores - 1), leaving a core for the training loop."""
+    """DataLoader workers: 0 on 4 cores or fewer, where reading the memmap in the main process is
+    faster than feeding workers (bench/bench_data.py); else min(8, cores - 1)."""
     n = default_workers()
     return 0 if n <= 4 else min(8, n - 1)
 
@@ -1008,31 +913,21 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: boo
                 workers: int | None = None, drop_last: bool = False,
                 sampler: torch.utils.data.Sampler | None = None,
                 pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader with a seeded shuffle and a worker count that suits the machine.
-
-    `shuffle` applies only without a `sampler` (pass a DistributedSampler for DDP and call its
-    set_epoch). `workers` defaults to `default_loader_workers()`; `pin_memory` to whether CUDA is
-    available. Workers are not persistent, so `UnpairedDataset.set_epoch` reaches them.
-    """
+    """A DataLoader with a seeded shuffle (without a `sampler` only), `default_loader_workers()` and
+    pinned memory when CUDA is available. Workers are not persistent, so `set_epoch` reaches them."""
     workers = default_loader_workers() if workers is None else workers
-    generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=workers, drop_last=drop_last, generator=generator,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=False)
+        num_workers=workers, drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False)
 
 
 # ==============================================================================================
 # CLI
 
 def _check(args) -> int:
-    try:
-        index = read_index(args.dir, strict=False)
-        bad = verify_images(index, workers=args.workers, strict=False, max_pixels=args.max_pixels)
-    except (ValueError, OSError) as e:
-        log.error("%s", e)
-        return 2
+    index = read_index(args.dir, strict=False)
+    bad = verify_images(index, workers=args.workers, strict=False, max_pixels=args.max_pixels)
     bad_names = {s.name for s in bad}
     ok = [r for r in index.records if r.image_name not in bad_names]
     skipped = index.skipped + bad
@@ -1057,57 +952,53 @@ def _check(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from melano import synth
 
     p = argparse.ArgumentParser(prog="python -m melano.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-
     c = sub.add_parser("check", help="validate an ISIC-style folder (decodes every image)")
     c.add_argument("dir", help="folder: train.csv + jpeg/train/ or train/, or benign/ + malignant/")
     c.add_argument("--json", action="store_true",
                    help='print {"images", "malignant", "benign", "patients", "skipped": [names]} as JSON')
     c.add_argument("--strict", action="store_true", help="exit 2 if any image was skipped")
-    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    c.add_argument("--max-pixels", type=int, default=None,
-                   help=f"skip (or with --strict, fail on) images of more pixels than this, unread "
-                        f"(default {MAX_PIXELS}: above any ISIC image; guards against decompression bombs)")
-
-    s = sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout")
-    synth.add_arguments(s)
-
+    synth.add_arguments(sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout"))
     k = sub.add_parser("cache", help="build (or find) the uint8 image cache of a folder")
     k.add_argument("dir", help="data folder (see check)")
     k.add_argument("--size", type=int, default=128, help="image side in the cache (default 128)")
     k.add_argument("--cache-dir", default="runs/cache", help="where caches live (default runs/cache)")
-    k.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     k.add_argument("--strict", action="store_true", help="fail if any image is missing or unreadable")
-    k.add_argument("--max-pixels", type=int, default=None,
-                   help=f"skip (or with --strict, fail on) images of more pixels than this, unread "
-                        f"(default {MAX_PIXELS}: above any ISIC image; guards against decompression bombs)")
-
+    for q in (c, k):
+        q.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+        q.add_argument("--max-pixels", type=int, default=None,
+                       help=f"skip (or with --strict, fail on) images of more pixels than this, unread "
+                            f"(default {MAX_PIXELS}: above any ISIC image; guards against decompression bombs)")
     t = sub.add_parser("split", help="draw (or check) the patient-grouped train/val/test split")
     t.add_argument("dir", help="data folder (see check)")
     t.add_argument("--out", required=True, help="splits.csv to write, or to reuse if it exists")
     t.add_argument("--val-frac", type=float, default=0.15, help="share of images for validation (0.15)")
     t.add_argument("--test-frac", type=float, default=0.15, help="share of images for the test (0.15)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from melano import synth
+
+    args = _parser().parse_args(argv)
     setup_logging()
-    if args.cmd == "check":
-        return _check(args)
     # Expected failures (bad options, bad files, permissions, a refused --out) are one line, exit 2.
     # OSError covers missing files, a --data file, and read-only folders; ValueError the rest,
     # including undecodable CSV text and melano.infra.outdir.OutputError.
     try:
+        if args.cmd == "check":
+            return _check(args)
         if args.cmd == "synth":
             synth.run_from_args(args)
             return 0
         index = read_index(args.dir, strict=args.strict if args.cmd == "cache" else False)
         if args.cmd == "cache":
-            cache = build_cache(index, args.size, args.cache_dir, args.workers, args.strict, args.max_pixels)
-            print(cache.path)
+            print(build_cache(index, args.size, args.cache_dir, args.workers, args.strict, args.max_pixels).path)
         else:
             out, root = Path(args.out).resolve(), Path(args.dir).resolve()
             if root in out.parents:
