@@ -46,6 +46,7 @@ from PIL import Image, ImageOps
 
 from .infra.cli import progress, setup_logging
 from .infra.files import atomic_write, host_tag, pid_alive, to_jsonable
+from .infra.options import add_options, from_args
 from .pixels import to_tensor
 
 
@@ -962,7 +963,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true",
                    help='print {"images", "malignant", "benign", "patients", "skipped": [names]} as JSON')
     c.add_argument("--strict", action="store_true", help="exit 2 if any image was skipped")
-    synth.add_arguments(sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout"))
+    add_options(sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout"),
+                synth.SynthConfig)
     k = sub.add_parser("cache", help="build (or find) the uint8 image cache of a folder")
     k.add_argument("dir", help="data folder (see check)")
     k.add_argument("--size", type=int, default=128, help="image side in the cache (default 128)")
@@ -994,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "check":
             return _check(args)
         if args.cmd == "synth":
-            synth.run_from_args(args)
+            synth.generate(from_args(synth.SynthConfig, args))
             return 0
         index = read_index(args.dir, strict=args.strict if args.cmd == "cache" else False)
         if args.cmd == "cache":

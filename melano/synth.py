@@ -1,39 +1,22 @@
-"""Synthetic dermoscopy: the built-in data set.
+"""Synthetic dermoscopy: the built-in data set, in the ISIC 2020 Kaggle layout.
 
-No real ISIC images exist on the machines melano is developed on, so this module writes a folder
-in the ISIC 2020 Kaggle layout (``train.csv`` with its 8 columns plus
-``jpeg/train/<image_name>.jpg``) that `melano.data` reads exactly like the real thing, and beside
-it ``synth_criteria.csv``: the hidden truth of every image.
+No real ISIC images exist on the machines melano is developed on, so this writes ``train.csv``
+(the 8 ISIC columns) and ``jpeg/train/<image_name>.jpg``, which `melano.data` reads exactly like
+the real thing, and beside them ``synth_criteria.csv``: the hidden truth of every image.
 
-What decides an image (all drawn before a pixel is painted, so the truth is cheap to recompute):
-  lesion       melano.lesions: a hidden severity ``s`` (Beta(2, 6) for nevi, Beta(6, 2) for
-               melanomas; ``difficulty`` swaps a share), a phenotype (reticular, globular,
-               homogeneous and dysplastic nevi, seborrhoeic keratosis, solar lentigo; melanoma),
-               the 7-point checklist's criteria, each with an intensity and a place (eccentric in
-               asymmetric lesions), Stolz's colours and structures, diameter and contour;
-  patient      Fitzpatrick skin type I-VI (mostly light, as in ISIC), blood, hairiness, sex, age;
-  acquisition  hairs, gel bubbles, ruler marks, ink, glare, the scope's black corners, JPEG
-               quality, defocus, noise, illumination fall-off and white balance, by `centre`
-               (two clinics); independent of the label unless `artefact_bias` > 0.
+Everything is drawn before a pixel is painted, so the truth is cheap to recompute: the lesion
+(melano.lesions: severity, phenotype, the 7-point criteria with intensity and place, Stolz's
+colours and structures, diameter, contour), the patient (Fitzpatrick skin type, hairiness) and
+the acquisition (hairs, bubbles, rulers, ink, glare, the scope's corners, JPEG quality, defocus,
+noise, by clinic; independent of the label unless `artefact_bias`). Colour comes from chromophores:
+reflectance = skin x exp(-sum of amount x absorbance) of epidermal melanin, dermal melanin
+(blue-grey), haemoglobin, under a whitish haze for veil and regression. Each pattern and criterion
+paints from a random stream of its own, so a lesion with one criterion more or less differs only
+by that criterion. Calibration: ``bench/bench_data.py --calibrate``.
 
-How it is painted (numpy float32, Pillow for resampling and strokes, then JPEG): colour comes from
-chromophores (reflectance = skin x exp(-sum of amount x absorbance) per channel): epidermal
-melanin light brown to black, dermal melanin blue-grey, haemoglobin red, and a whitish haze for
-veil and regression scars. The pigment network is a Worley (cellular) mesh: thin, regular and
-fading at the edge in nevi, thick, broken and uneven where the atypical network sits. Skin has
-furrows, pores and grain at fixed fractions of the field of view. Each phenotype pattern and
-each criterion paints from a random stream of its own, so a lesion drawn with one criterion more
-or less differs only by that criterion.
-
-Calibration: ``bench/bench_data.py --calibrate`` (``bench/results/data_calibration.json``) and the
-README give each criterion's AUC alone, the 7-point and TDS scores, the oracle, a small CNN,
-Lite0 at 64 px, the lesion-replaced-by-skin control and texture statistics; the targets and
-sources are in melano.lesions.
-
-Determinism: image ``i`` is drawn from ``numpy.random.default_rng([seed, 1, i])`` (lesion and
-paint), ``[seed, 5, i]`` (acquisition) and patient ``p`` from ``[seed, 2, p]``; textures shared
-between images come from fixed seeds. The output is identical byte for byte for the same
-arguments (and the same Pillow/libjpeg), whatever the number of worker processes.
+Image i draws from ``default_rng([seed, 1, i])`` (lesion and paint) and ``[seed, 5, i]``
+(acquisition), patient p from ``[seed, 2, p]``: the same arguments give the same bytes (with the
+same Pillow and libjpeg), whatever the number of worker processes.
 """
 
 from __future__ import annotations
@@ -45,6 +28,7 @@ import io
 import logging
 import math
 import multiprocessing as mp
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -53,10 +37,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from melano import lesions
 from .infra import outdir
 from .infra.cli import log_config, progress
+from .infra.options import option
 
 log = logging.getLogger("melano.synth")
 
-DEFAULT_DIFFICULTY = 0.04  # calibrated: see the module docstring
+DEFAULT_DIFFICULTY = 0.04  # calibrated: bench/bench_data.py --calibrate
 CSV_COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
                "diagnosis", "benign_malignant", "target"]
 CRITERIA_CSV = "synth_criteria.csv"  # the hidden truth, beside train.csv
@@ -90,18 +75,24 @@ _CENTRES = ({"gain": (1.0, 1.0, 1.0), "corners": 0.25, "jpeg": (82, 96), "bubble
 
 
 @dataclasses.dataclass
-class SynthConfig:
-    out: str
-    benign: int = 900
-    malignant: int = 100
-    size: int = 128                      # output images are size x size
-    seed: int = 0
-    difficulty: float = DEFAULT_DIFFICULTY
-    images_per_patient: float = 5.0      # mean; ISIC 2020 has ~16, small sets need more patients
-    centre: int = 0                      # acquisition centre (0 or 1): a second clinic's look
-    artefact_bias: float = 0.0           # > 0: rulers and ink marks more often on melanomas
-    workers: int = 1                     # >1: render in a process pool (same bytes as 1 worker)
-    force: bool = False                  # replace what `out` holds (a data set, other outputs)
+class SynthConfig:  # the flags of `python -m melano.data synth`
+    out: str = option(help="output folder (Kaggle layout: train.csv + jpeg/train/)")
+    benign: int = option(900, "number of benign images")
+    malignant: int = option(100, "number of malignant images")
+    size: int = option(128, "image side in pixels")
+    seed: int = option(0, "random seed; same seed = same bytes")
+    difficulty: float = option(DEFAULT_DIFFICULTY, "probability in [0, 0.5] that a lesion looks like the other "
+                               "class (atypical nevi, featureless melanomas); 0.5 makes the classes identical")
+    images_per_patient: float = option(5.0, "mean number of images per patient (ISIC 2020 has ~16; a small "
+                                       "set needs more patients)")
+    centre: int = option(0, "acquisition centre, 0 or 1: white balance, scope, JPEG quality and artefact rates "
+                         "(a second clinic)")
+    artefact_bias: float = option(0.0, "in [0, 1]: rulers and ink marks come (1 + bias) times as often with "
+                                  "melanomas and (1 - bias) times with nevi, for spurious-correlation "
+                                  "experiments (0: artefacts independent of the label)")
+    workers: int = option(1, "render in this many processes (the output is identical)")
+    force: bool = option(False, "replace what --out holds: an earlier synthetic set, another data set or other "
+                         "outputs (files synth did not write are kept aside as <out>.replaced-<time>)")
 
 
 def check_config(cfg: SynthConfig) -> None:
@@ -131,10 +122,8 @@ def check_config(cfg: SynthConfig) -> None:
 # multi-threaded BLAS that spins on these tiny products and runs ~10x slower on a busy machine.
 
 def _fields(rng: np.random.Generator, size: int, k: int, n: int) -> np.ndarray:
-    """n smooth fields of shape (size, size), about unit variance, about k bumps per side.
-
-    Coarse fields are drawn on a 2k grid and smoothed there with a [1, 4, 6, 4, 1] binomial
-    before the bicubic upsampling: white noise upsampled directly shows square blocks."""
+    """n smooth fields (size, size), about unit variance and k bumps per side. Coarse ones are drawn
+    on a 2k grid and smoothed there first: white noise upsampled directly shows square blocks."""
     if 8 * k > size:  # bumps of a few pixels: no block to see
         g = rng.standard_normal((n, k, k), dtype=np.float32)
     else:
@@ -184,9 +173,7 @@ def _patient(seed: int, pid: int) -> dict:
             "hairy": float(rng.beta(1.2, 2.5)), "sex": sex, "age": age}
 
 
-def severity(rng: np.random.Generator, malignant: bool, difficulty: float) -> float:
-    """The hidden severity of one lesion (melano.lesions.severity)."""
-    return lesions.severity(rng, malignant, difficulty)
+severity = lesions.severity  # the hidden severity of one lesion
 
 
 def lesion_of(seed: int, index: int, malignant: bool, difficulty: float) -> tuple[np.random.Generator, lesions.Lesion]:
@@ -233,9 +220,8 @@ class _Geometry(NamedTuple):
 def render(rng: np.random.Generator, size: int, les: lesions.Lesion, patient: dict, acq: dict,
            show_lesion: bool = True) -> np.ndarray:
     """One dermoscopy image (size, size, 3) uint8 of lesion `les`. The parts draw from `rng` in a
-    fixed order (skin, shape, pigment, artefacts): keep it, or every seed's images change.
-    `show_lesion=False` leaves the skin where the lesion would be (a control: what the skin and
-    the artefacts alone tell a classifier)."""
+    fixed order: keep it, or every seed's images change. `show_lesion=False` leaves skin where the
+    lesion would be (a control: what skin and artefacts alone tell a classifier)."""
     S = size
     img, skin_tex = _skin(rng, S, patient)
     geo = _shape(rng, S, les, acq)
@@ -262,9 +248,8 @@ def _skin(rng: np.random.Generator, S: int, patient: dict) -> tuple[np.ndarray, 
 
 @functools.lru_cache(maxsize=4)
 def _skin_textures(S: int, n: int = 24) -> np.ndarray:
-    """n skin textures of side S, from a fixed seed (the same in every worker): the polygonal
-    furrow mesh, pores and fine grain. Their frequencies are fixed fractions of the field of view,
-    band-limited to the pixels there are, so the skin looks the same at any output size."""
+    """n skin textures (furrow mesh, pores, grain) of side S from a fixed seed, the same in every
+    worker; at fixed fractions of the field of view, so the skin looks the same at any size."""
     rng = np.random.default_rng([20261206, S])
     out = []
     for _ in range(n):
@@ -353,8 +338,8 @@ def _region(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, k: i
     px = geo.cx + place.offset * geo.R * math.cos(place.angle)
     py = geo.cy + place.offset * geo.R * math.sin(place.angle)
     d2 = ((geo.X - px) ** 2 + (geo.Y - py) ** 2) / (place.spread * geo.R) ** 2
-    noise = _fields(rng, geo.X.shape[0], k, 1)[0] if geo.X.shape[0] == geo.X.shape[1] else \
-        _fields(rng, max(geo.X.shape), k, 1)[0][:geo.X.shape[0], :geo.X.shape[1]]
+    h, w = geo.X.shape
+    noise = _fields(rng, max(h, w), k, 1)[0][:h, :w]
     area = _smoothstep(1.1 - 0.6 * d2 + 0.8 * noise) * geo.mask
     return area / max(float(area.max()), 0.5, 1e-6) if area.max() < 1 else area  # a core wherever it sits
 
@@ -386,8 +371,7 @@ _PATTERNS = ("network", "globular_nevus", "seborrhoeic_keratosis", "inflamed", *
 
 def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geometry):
     """The lesion's chromophore maps in its bounding box: epidermal melanin E, dermal melanin D,
-    blood H, and whitish haze W. The phenotype sets the pattern; each criterion adds its own
-    structure at its own place."""
+    blood H, and whitish haze W. The phenotype sets the pattern; then `_criteria`."""
     g = dict(zip(_PATTERNS, rng.spawn(len(_PATTERNS))))
     h, w = geo.mask.shape
     m, rn, c, ph = geo.mask, geo.rn, les.criteria, les.phenotype
@@ -412,6 +396,15 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
     if les.colours["red"] and "atypical_vessels" not in c:  # an inflamed lesion: diffuse redness
         r = g["inflamed"]
         H = H + r.uniform(0.15, 0.35) * _region(r, geo, lesions.Place(r.uniform(0, 6.3), 0.2, 0.7))
+    E, D, H, W = _criteria(g, S, les, geo, cell_k, E, D, H, W)
+    return E, D, H, W * m
+
+
+def _criteria(g: dict, S: int, les: lesions.Lesion, geo: _Geometry, cell_k: int, E, D, H, W):
+    """Each criterion's structure added to the maps, at its own place, from its own stream in `g`."""
+    h, w = geo.mask.shape
+    rn, c = geo.rn, les.criteria
+    px = geo.R * S / 2  # the radius in pixels
     if "atypical_network" in c:  # broken, thick, dark, irregular cells, where it sits
         r, i = g["atypical_network"], c["atypical_network"]
         area = _region(r, geo, les.places["atypical_network"])
@@ -446,7 +439,7 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
         H = H + (2.0 + 1.0 * i) * _dots(r, (h, w), area, int(8 + 20 * i), max(px / 18, 0.9), 0.25)
         H = H + (1.6 + 0.8 * i) * (1 - _smoothstep(_pattern(r, S, cell_k, 1.0, geo.ys, geo.xs) / 0.15)) * area
         E = E * (1 - 0.85 * area)  # vessels show where the pigment thins
-    return E, D, H, W * m
+    return E, D, H, W
 
 
 def _streaks(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, i: float, S: int) -> np.ndarray:
@@ -555,12 +548,9 @@ def _render_one(job: tuple) -> bytes:
 
 def plan(benign: int, malignant: int, seed: int = 0, difficulty: float = DEFAULT_DIFFICULTY,
          images_per_patient: float = 5.0) -> list[dict]:
-    """The CSV rows of a synthetic set (dicts keyed by `CSV_COLUMNS`, values as strings) plus
-    the private keys ``_index`` (which image draw) and ``_patient`` (skin tone etc.).
-
-    Labels are shuffled and cut into patients of Geometric sizes (mean `images_per_patient`,
-    at most 40), so patients hold several images and malignant images spread over many patients.
-    """
+    """The CSV rows of a synthetic set (`CSV_COLUMNS`, as strings) plus ``_index`` (which image
+    draw) and ``_patient``. Shuffled labels are cut into patients of Geometric sizes (mean
+    `images_per_patient`, at most 40), so melanomas spread over many patients."""
     check_config(SynthConfig(out="", benign=benign, malignant=malignant, difficulty=difficulty,
                              images_per_patient=images_per_patient))
     rng = np.random.default_rng([seed, 0])
@@ -586,13 +576,9 @@ def plan(benign: int, malignant: int, seed: int = 0, difficulty: float = DEFAULT
 
 
 def latent_severity(rows: list[dict], seed: int, difficulty: float) -> np.ndarray:
-    """The hidden severity of each planned row (same draw as the renderer): an oracle score.
-
-    Its ROC AUC against ``target`` is an upper bound for any classifier of these images, because
-    an image depends on its label only through its severity.
-    """
-    return np.array([lesions.severity(np.random.default_rng([seed, 1, r["_index"]]), r["target"] == "1", difficulty)
-                     for r in rows])
+    """The hidden severity of each planned row: an oracle score, whose ROC AUC bounds any
+    classifier's, since an image depends on its label only through its severity."""
+    return np.array([lesion_of(seed, r["_index"], r["target"] == "1", difficulty)[1].s for r in rows])
 
 
 def truth(rows: list[dict], seed: int, difficulty: float, centre: int = 0, bias: float = 0.0) -> list[dict]:
@@ -626,15 +612,9 @@ def render_rows(rows: list[dict], size: int, seed: int, difficulty: float, worke
 
 
 def generate(cfg: SynthConfig) -> list[dict]:
-    """Write a synthetic ISIC-2020-style folder at cfg.out and return its CSV rows.
-
-    Layout: ``train.csv`` (the 8 ISIC columns), ``jpeg/train/<image_name>.jpg``,
-    ``synth_criteria.csv`` (the hidden truth of every image: `truth`) and ``synth.json`` (the
-    config). An `out` that holds anything but an earlier synthetic set is refused unless
-    ``cfg.force`` (`melano.infra.outdir.OutputError`), and so is an earlier set. The set is written
-    into a temp folder beside `out` and swapped into place when complete, so a killed run leaves
-    the old folder or the new one, never a mix of the two.
-    """
+    """Write the set at cfg.out (``train.csv``, ``jpeg/train/``, `CRITERIA_CSV`, ``synth.json``) and
+    return its rows. Anything already in `out` is refused without ``cfg.force`` (OutputError). The
+    set is written beside `out` and swapped in: a killed run leaves the old set or the new one."""
     check_config(cfg)
     rows = plan(cfg.benign, cfg.malignant, cfg.seed, cfg.difficulty, cfg.images_per_patient)
     log_config(cfg)
@@ -660,10 +640,8 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
 
 
 def read_truth(data_dir) -> dict[str, dict[str, str]] | None:
-    """{image_name: its row of synth_criteria.csv} for a folder melano.synth wrote; None for any
-    other folder (real data has no hidden truth). ValueError naming the line if train.csv lists
-    an image the truth file does not, or with another label."""
-    from pathlib import Path
+    """{image_name: its row of synth_criteria.csv} for a folder melano.synth wrote, else None.
+    ValueError naming the line if train.csv lists an image the truth file does not, or relabelled."""
     root = Path(data_dir)
     if not (root / CRITERIA_CSV).is_file():
         return None
@@ -677,37 +655,3 @@ def read_truth(data_dir) -> dict[str, dict[str, str]] | None:
                                  f"{root / CRITERIA_CSV} describes; the folder was changed after melano.synth wrote "
                                  f"it, so its hidden criteria are unknown (regenerate it)")
     return found
-
-
-def add_arguments(p) -> None:
-    """The `synth` subcommand's options (used by `python -m melano.data synth`)."""
-    p.add_argument("--out", required=True, help="output folder (Kaggle layout: train.csv + jpeg/train/)")
-    p.add_argument("--benign", type=int, default=900, help="number of benign images (default 900)")
-    p.add_argument("--malignant", type=int, default=100, help="number of malignant images (default 100)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed = same bytes (default 0)")
-    p.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
-                   help="probability in [0, 0.5] that a lesion looks like the other class "
-                        "(atypical nevi, featureless melanomas); 0.5 makes the classes identical; "
-                        f"default {DEFAULT_DIFFICULTY}")
-    p.add_argument("--images-per-patient", type=float, default=5.0,
-                   help="mean number of images per patient (default 5)")
-    p.add_argument("--centre", type=int, default=0,
-                   help="acquisition centre, 0 or 1: white balance, scope, JPEG quality and artefact rates "
-                        "(a second clinic; default 0)")
-    p.add_argument("--artefact-bias", type=float, default=0.0,
-                   help="in [0, 1]: rulers and ink marks come (1 + bias) times as often with melanomas and "
-                        "(1 - bias) times with nevi, for spurious-correlation experiments (default 0: "
-                        "artefacts independent of the label)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="render in this many processes (default 1; output is identical)")
-    p.add_argument("--force", action="store_true",
-                   help="replace what --out holds: an earlier synthetic set, another data set or other "
-                        "outputs (files synth did not write are kept aside as <out>.replaced-<time>)")
-
-
-def run_from_args(args) -> None:
-    cfg = SynthConfig(out=args.out, benign=args.benign, malignant=args.malignant, size=args.size,
-                      seed=args.seed, difficulty=args.difficulty, images_per_patient=args.images_per_patient,
-                      centre=args.centre, artefact_bias=args.artefact_bias, workers=args.workers, force=args.force)
-    generate(cfg)
