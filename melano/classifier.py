@@ -1,36 +1,16 @@
 """Fine-tune an EfficientNet to tell melanoma (1) from benign lesions (0); evaluate it; predict.
 
     python -m melano.classifier train --data DIR --out DIR [--extra DIR ...] [--arch NAME] ...
-    python -m melano.classifier evaluate --checkpoint OUT/best.pt [--tta]
+    python -m melano.classifier evaluate --checkpoint OUT/best.pt --out DIR [--tta]
     python -m melano.classifier predict --checkpoint PATH --images IMAGE_OR_DIR [--out CSV]
     torchrun --nproc-per-node K -m melano.classifier train ...   # K processes (GPUs); see melano.infra.dist
 
-`train` reads top to bottom: setup (data, model, optimiser), resume, the loop of `train_step`s
-with a `validate` pass after each epoch (or every --val-every steps), finish. The model has one
-logit and learns with BCE-with-logits, optionally weighting the positive class; AdamW's learning
-rate warms up linearly, then follows a cosine to 0. Validation scores the WHOLE validation split
-and keeps the checkpoint with the highest validation ROC AUC: one AUC over all predictions, never
-a mean of per-batch AUCs, which would be a different (and noisier) number.
-
-`--extra DIR` adds training-only images, e.g. the synthetic melanomas of `cyclegan translate`.
-They never enter validation or test, and a folder whose images (by name, patient, or the
-`source_image` column) come from the validation or test split is refused: that would leak.
-`--oversample N` adds N draws (with replacement) of the real training melanomas instead.
-
-Outputs, in --out:
-    config.json            the run's config
-    splits.csv             the patient-grouped split, unless --split-csv names one elsewhere
-    last.pt                what --resume needs: model, optimiser, step, best AUC, RNG states
-    best.pt                the model with the best validation AUC (what evaluate and predict use)
-    history.csv            step, epoch, lr, train_loss, val_loss, val_auc at each validation
-    val_predictions.csv    image_name, target, probability of best.pt on the whole validation split
-    test_predictions.csv   the same on the test split, written by evaluate
-    test_metrics.json      the test AUC with its DeLong 95% CI, and the counts
-    result.json            the TrainResult
-
-Checkpoints hold only tensors and plain data (arch name, image size, mean/std, the config), so
-they load with weights_only=True and `predict` can rebuild the model alone. The LR schedule is a
-pure function of the step, so the step is all the scheduler state there is.
+`train` keeps the checkpoint with the best validation AUC, computed over the WHOLE validation split
+(never a mean of per-batch AUCs). `--extra DIR` adds training-only images, e.g. `cyclegan
+translate`'s; a folder whose images come from the validation or test split is refused. It writes
+config.json, splits.csv, last.pt (for --resume), best.pt, history.csv, val_predictions.csv,
+result.json and, by evaluate, test_predictions.csv and test_metrics.json (AUC, DeLong CI).
+Checkpoints hold tensors and plain data only: they load weights-only, and rebuild the model alone.
 """
 
 from __future__ import annotations
@@ -61,7 +41,7 @@ from .pretrained import efficientnet as pretrained_efficientnet
 from .infra import checkpoints, cli, dist, options, outdir, precision, signals
 from .infra.cli import log_config, progress, setup_logging
 from .infra.dist import pick_device
-from .infra.files import atomic_write, json_text, to_jsonable
+from .infra.files import to_jsonable
 from .infra.options import option
 from .pixels import to_tensor
 from .schedules import set_lr, warmup_cosine
@@ -145,6 +125,11 @@ RESUMABLE = {"resume", "force", "epochs", "max_steps", "device", "workers", "thr
              "eval_batch_size", "out"}
 
 
+# Config fields that may change between a run and its --resume; every other field must match.
+RESUMABLE = {"resume", "force", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
+             "eval_batch_size", "out"}
+
+
 @dataclass
 class TrainResult:
     """What `train` returns (and writes to result.json)."""
@@ -168,7 +153,7 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces of the training loop
+# Data
 
 
 def parse_pos_weight(value: str, n_pos: int, n_neg: int) -> float | None:
@@ -199,13 +184,6 @@ def mean_std(cfg: ClassifierConfig) -> tuple[tuple, tuple]:
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     mcfg = model_config(cfg.arch)
     return mcfg.mean, mcfg.std
-
-
-def build_model(cfg: ClassifierConfig) -> torch.nn.Module:
-    """One-logit EfficientNet; ImageNet weights from --weights, or the offline ones with --pretrained."""
-    pretrained: bool | str = cfg.weights if cfg.weights else cfg.pretrained
-    return pretrained_efficientnet(cfg.arch, num_classes=1, pretrained=pretrained, drop_rate=cfg.drop_rate,
-                                   drop_path_rate=cfg.drop_path_rate)
 
 
 def unit_dataset(cache: data.Cache, items) -> data.ClassifierDataset:
@@ -250,13 +228,6 @@ def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, l
                  extra.root, LEAK_COLUMN)
 
 
-def checkpoint_meta(cfg: ClassifierConfig, mean: Sequence[float], std: Sequence[float]) -> dict:
-    """What `load_classifier` needs to rebuild the model, as plain data."""
-    return {"version": VERSION, "arch": cfg.arch, "num_classes": 1, "image_size": image_size(cfg),
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "channels_last": cfg.channels_last,
-            "config": to_jsonable(cfg)}
-
-
 def check_config(cfg: ClassifierConfig) -> None:
     """What the fields' own ranges cannot say: the folders exist, the model is known."""
     if not Path(cfg.data).is_dir():
@@ -289,7 +260,7 @@ def load_split(cfg: ClassifierConfig, cache: data.Cache, draw: bool = True) -> d
 
 @dataclass
 class Data:
-    """The training set (real split + --extra + --oversample) and the validation loader."""
+    """The training set (real split + --extra + --oversample), its batches, and the validation loader."""
     split: dict[str, list[str]]
     train_set: torch.utils.data.Dataset
     targets: np.ndarray        # of train_set, in order
@@ -297,6 +268,22 @@ class Data:
     val_set: data.ClassifierDataset
     val_index: list[int]       # this rank's share of the validation split
     val_loader: torch.utils.data.DataLoader
+    batch: int                 # per process
+    steps_per_epoch: int       # the remainder of an epoch is dropped: BatchNorm needs 2
+
+    def batches(self, start: int, stop: int, seed: int, workers: int | None, device: torch.device):
+        """(images, targets) on `device` for steps start..stop-1, epoch after epoch. Epoch e's order
+        is a permutation seeded by (seed, e), so a run resumed mid-epoch sees the batches it would have."""
+        step, world = start, dist.world_size()
+        while step < stop:
+            epoch, done = divmod(step, self.steps_per_epoch)
+            order = dist.epoch_order(len(self.train_set), seed, epoch, take=self.steps_per_epoch * self.batch * world)
+            for x, y in data.make_loader(self.train_set, self.batch, sampler=order[done * self.batch:], workers=workers,
+                                         drop_last=True):
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                step += 1
+                if step == stop:
+                    return
 
 
 def oversampled(cache: data.Cache, train_names: list[str], n: int, seed: int) -> list[int]:
@@ -308,8 +295,9 @@ def oversampled(cache: data.Cache, train_names: list[str], n: int, seed: int) ->
     return np.random.default_rng([seed, 7]).choice(mal, size=n, replace=True).tolist() if n else []
 
 
-def prepare_data(cfg: ClassifierConfig, size: int, eval_bs: int) -> Data:
-    """Caches, the split, and the datasets; one process per node builds caches and draws the split."""
+def prepare_data(cfg: ClassifierConfig) -> Data:
+    """Caches, the split, the datasets; one process per node builds caches and draws the split."""
+    size, world = image_size(cfg), dist.world_size()
     with dist.local_main_first():
         cache = data.build_cache(data.read_index(cfg.data), size, data.cache_path(cfg), cfg.workers)
         split = load_split(cfg, cache)
@@ -324,12 +312,31 @@ def prepare_data(cfg: ClassifierConfig, size: int, eval_bs: int) -> Data:
     train_set = torch.utils.data.ConcatDataset(sets)
     if len(train_set) < 2:
         raise cli.UsageError(f"{cfg.data}: the training split has {len(train_set)} image(s); BatchNorm needs 2")
+    batch = min(cfg.batch_size, len(train_set) // world)
+    if batch < 2:
+        raise cli.UsageError(f"{len(train_set)} training images cannot give each of {world} processes a batch "
+                             f"of 2 (BatchNorm needs 2); use fewer processes")
     val_set = unit_dataset(cache, split["val"])
     # each rank scores its DistributedSampler share of the validation split (padded to equal shares)
-    val_index = list(torch.utils.data.DistributedSampler(val_set, dist.world_size(), dist.rank(), shuffle=False))
-    val_loader = data.make_loader(val_set, eval_bs, sampler=val_index, workers=cfg.workers)
+    val_index = list(torch.utils.data.DistributedSampler(val_set, world, dist.rank(), shuffle=False))
+    val_loader = data.make_loader(val_set, eval_batch_size(cfg), sampler=val_index, workers=cfg.workers)
     return Data(split, train_set, np.concatenate([s.targets for s in sets]), len(sets[0]), val_set, val_index,
-                val_loader)
+                val_loader, batch, len(train_set) // (batch * world))
+
+
+def eval_batch_size(cfg: ClassifierConfig) -> int:
+    return cfg.eval_batch_size or 2 * cfg.batch_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and checkpoints
+
+
+def build_model(cfg: ClassifierConfig) -> torch.nn.Module:
+    """One-logit EfficientNet; ImageNet weights from --weights, or the offline ones with --pretrained."""
+    pretrained: bool | str = cfg.weights if cfg.weights else cfg.pretrained
+    return pretrained_efficientnet(cfg.arch, num_classes=1, pretrained=pretrained, drop_rate=cfg.drop_rate,
+                                   drop_path_rate=cfg.drop_path_rate)
 
 
 def build_training(cfg: ClassifierConfig, device: torch.device, pos_weight: float | None) -> Model:
@@ -353,6 +360,14 @@ def build_training(cfg: ClassifierConfig, device: torch.device, pos_weight: floa
     return Model(model, norm, opt, pw, aug_gen, precision.Precision(cfg.amp, device))
 
 
+def checkpoint_meta(cfg: ClassifierConfig) -> dict:
+    """What `load_classifier` needs to rebuild the model, as plain data."""
+    mean, std = mean_std(cfg)
+    return {"version": VERSION, "arch": cfg.arch, "num_classes": 1, "image_size": image_size(cfg),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "channels_last": cfg.channels_last,
+            "config": to_jsonable(cfg)}
+
+
 @dataclass
 class Progress:
     """The loop's position and record, all of it saved in last.pt."""
@@ -365,72 +380,18 @@ class Progress:
     loss_count: int = 0
 
 
-def validate(m: Model, d: Data, p: Progress, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Score the whole validation split, append to p.history, track the best AUC.
-    Returns (logits, targets, improved)."""
-    dist.broadcast_buffers(m.model)  # every rank scores with rank 0's BatchNorm statistics
-    logits, y = infer(m.model, m.norm, d.val_loader, next(m.model.parameters()).device, amp_dtype=m.amp.dtype)
-    logits, y = dist.gather_shards(d.val_index, len(d.val_set), logits, y)  # each image once, in split order
-    if not np.isfinite(logits).all():
-        raise FloatingPointError(f"training diverged by step {p.step}: the model's validation logits are NaN or "
-                                 f"infinite; lower --lr or check the input images")
-    auc = metrics.roc_auc(y, logits)  # the whole split at once
-    val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
-    train_loss = dist.mean({"sum": float(p.loss_sum)})["sum"] / max(1, p.loss_count)
-    p.loss_sum, p.loss_count = 0.0, 0
-    p.history.append({"step": p.step, "epoch": p.step / steps_per_epoch, "lr": m.opt.param_groups[0]["lr"],
-                      "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc})
-    improved = auc > p.best_auc
-    if improved:
-        p.best_auc, p.best_step = auc, p.step
-    log.info("step %d epoch %.2f: train loss %.4f, val loss %.4f, val AUC %.4f%s", p.step, p.step / steps_per_epoch,
-             train_loss, val_loss, auc, " (best)" if improved else "")
-    return logits, y, improved
-
-
-def save_best(out: Path, meta: dict, m: Model, p: Progress, val_names: list[str], logits, y) -> None:
-    """best.pt and the validation predictions behind it (rank 0)."""
-    checkpoints.save_state({**meta, "model": m.model.state_dict(), "step": p.step, "val_auc": p.best_auc},
-                   out / "best.pt", FORMAT)
-    atomic_write(out / "val_predictions.csv", predictions_csv(val_names, y, sigmoid(logits)))
-
-
-def save_history(out: Path, history: list[dict]) -> None:
-    lines = ["step,epoch,lr,train_loss,val_loss,val_auc"]
-    lines += [f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},"
-              f"{h['val_auc']:.6f}" for h in history]
-    atomic_write(out / "history.csv", "\n".join(lines) + "\n")
-
-
-def save_last(path: Path, meta: dict, m: Model, p: Progress, total: int) -> None:
-    """last.pt: what --resume needs. Collective: every rank's streams and loss sums are kept."""
+def save_last(cfg: ClassifierConfig, m: Model, p: Progress, total: int) -> None:
+    """last.pt, what --resume needs. Collective (melano.infra.checkpoints.save): every rank's
+    streams and loss sums are kept. The LR schedule is a function of the step: no scheduler state."""
+    shared = {**checkpoint_meta(cfg), "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
+              "scaler": m.amp.state_dict(), **dataclasses.asdict(p), "total_steps": total}
     own = {"rng": checkpoints.rng_state(m.aug_gen), "loss_sum": float(p.loss_sum)}
-    ranks = dist.all_gather_object(own)
-    if dist.is_main():
-        checkpoints.save_state({**meta, "model": m.model.state_dict(), "optimizer": m.opt.state_dict(),
-                        "scaler": m.amp.state_dict(),
-                        **dataclasses.asdict(p), **own, "total_steps": total, "world_size": dist.world_size(),
-                        **({"ranks": ranks} if dist.world_size() > 1 else {})}, path, FORMAT)
-    dist.barrier()  # no rank goes on (or returns) before last.pt is complete
+    checkpoints.save(Path(cfg.out) / "last.pt", FORMAT, shared, own)
 
 
-def resumable_state(path: Path, cfg: ClassifierConfig) -> dict:
-    """last.pt, checked against cfg (read only: a refused resume changes nothing)."""
-    state = checkpoints.load_state(path, FORMAT, "melano classifier training checkpoint")
-    if "optimizer" not in state:
-        raise cli.UsageError(f"{path}: a best.pt, not the last.pt that --resume needs")
-    checkpoints.check_resume(state["config"], cfg, RESUMABLE, path)
-    checkpoints.check_world(state, path)
-    return state
-
-
-def load_last(state: dict, m: Model, total: int) -> Progress:
-    """Restore the model, optimiser and streams from a checked last.pt; return the progress."""
-    own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
-    m.model.load_state_dict(state["model"])
-    m.opt.load_state_dict(state["optimizer"])
-    m.amp.load_state_dict(state.get("scaler"))
-    checkpoints.set_rng_state(own["rng"], m.aug_gen)
+def restore(m: Model, state: dict, own: dict, total: int) -> Progress:
+    """The model, optimiser and streams as a checked last.pt left them; the progress."""
+    checkpoints.restore(state, own, {"model": m.model, "optimizer": m.opt, "scaler": m.amp}, m.aug_gen)
     if state["total_steps"] != total:
         log.warning("resuming with %d total steps instead of %d: the LR schedule changes from here",
                     total, state["total_steps"])
@@ -440,6 +401,54 @@ def load_last(state: dict, m: Model, total: int) -> Progress:
     return p
 
 
+def write_config(cfg: ClassifierConfig, claim: outdir.Claim, batch: int) -> None:
+    """config.json, with the global batch (rank 0); the files the run writes, in its manifest."""
+    for rel in ("config.json", "last.pt", "best.pt", "history.csv", "val_predictions.csv", "result.json",
+                "test_predictions.csv", "test_metrics.json"):
+        claim.record(rel)
+    world = dist.world_size()
+    log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch}, claim.path("config.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(claim: outdir.Claim, cfg: ClassifierConfig, m: Model, d: Data, p: Progress, total: int) -> float:
+    """Score the whole validation split, append to p.history, track the best AUC; then save best.pt
+    and val_predictions.csv if it improved and history.csv (rank 0), and last.pt (collective).
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    dist.broadcast_buffers(m.model)  # every rank scores with rank 0's BatchNorm statistics
+    logits, y = infer(m.model, m.norm, d.val_loader, next(m.model.parameters()).device, amp_dtype=m.amp.dtype)
+    logits, y = dist.gather_shards(d.val_index, len(d.val_set), logits, y)  # each image once, in split order
+    if not np.isfinite(logits).all():
+        raise FloatingPointError(f"training diverged by step {p.step}: the model's validation logits are NaN or "
+                                 f"infinite; lower --lr or check the input images")
+    auc = float(metrics.roc_auc(y, logits))  # the whole split at once; a float, for weights-only loading
+    val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(y)))
+    train_loss = dist.mean({"sum": float(p.loss_sum)})["sum"] / max(1, p.loss_count)
+    p.loss_sum, p.loss_count = 0.0, 0
+    epoch, improved = p.step / d.steps_per_epoch, auc > p.best_auc
+    p.history.append({"step": p.step, "epoch": epoch, "lr": m.opt.param_groups[0]["lr"],
+                      "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc})
+    if improved:
+        p.best_auc, p.best_step = auc, p.step
+    log.info("step %d epoch %.2f: train loss %.4f, val loss %.4f, val AUC %.4f%s", p.step, epoch,
+             train_loss, val_loss, auc, " (best)" if improved else "")
+    if dist.is_main() and improved:
+        checkpoints.save_state({**checkpoint_meta(cfg), "model": m.model.state_dict(), "step": p.step,
+                                "val_auc": p.best_auc}, claim.path("best.pt"), FORMAT)
+        claim.write_text("val_predictions.csv", predictions_csv(d.split["val"], y, sigmoid(logits)))
+    if dist.is_main():
+        lines = ["step,epoch,lr,train_loss,val_loss,val_auc"] + [
+            f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['val_auc']:.6f}"
+            for h in p.history]
+        claim.write_text("history.csv", "\n".join(lines) + "\n")
+    save_last(cfg, m, p, total)
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -447,98 +456,76 @@ def load_last(state: dict, m: Model, total: int) -> Progress:
 def train(cfg: ClassifierConfig) -> TrainResult:
     """Fine-tune, keep the best validation AUC, optionally evaluate best.pt on the test split.
 
-    Raises signals.Stopped after saving last.pt when stopped by SIGINT/SIGTERM; rerun with resume=True.
-    An earlier run's folder is refused without --resume or --force (see melano.infra.outdir), and so is a
-    folder another process is writing. Under torchrun (see melano.infra.dist) the model is wrapped in
-    DDP, cfg.batch_size is per process, each rank trains on its shard of every epoch's order with
-    its own augmentation and dropout, and the validation predictions are gathered (each image once)
-    before the AUC. Only rank 0 writes files and evaluates on the test split."""
+    SIGINT/SIGTERM save last.pt and raise signals.Stopped; rerun with resume=True. Under torchrun
+    cfg.batch_size is per process, each rank trains on its shard of every epoch with its own
+    augmentation and dropout, and the validation predictions are gathered (each image once) before
+    the AUC. Only rank 0 writes files and evaluates on the test split."""
     # ---- setup and resume: everything is checked before anything is written
     check_config(cfg)
     device = dist.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, split_csv=str(data.split_path(cfg).resolve()), cache_dir=str(data.cache_path(cfg).resolve()))
-    last = Path(cfg.out) / "last.pt"
-    state = resumable_state(last, cfg) if cfg.resume and last.exists() else None
+    out, main = Path(cfg.out), dist.is_main()
+    state, own = checkpoints.resume(out / "last.pt", FORMAT, "melano classifier training checkpoint", cfg, RESUMABLE)
+    if state is not None and "optimizer" not in state:
+        raise cli.UsageError(f"{out / 'last.pt'}: a best.pt, not the last.pt that --resume needs")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with outdir.claim(cfg.out, "classifier-train", force=cfg.force, resume=cfg.resume,
                       data=[cfg.data, *cfg.extra], rank=dist.rank()) as claim:
-        return train_loop(cfg, device, claim, state)
-
-
-def train_loop(cfg: ClassifierConfig, device: torch.device, claim: outdir.Claim, state: dict | None) -> TrainResult:
-    """The training of `train`, in a claimed run folder, from `state` (a checked last.pt) or afresh."""
-    # ---- data, model, progress
-    out, world, last = Path(cfg.out), dist.world_size(), Path(cfg.out) / "last.pt"
-    size, eval_bs = image_size(cfg), cfg.eval_batch_size or 2 * cfg.batch_size
-    d = prepare_data(cfg, size, eval_bs)
-    n_pos = int(d.targets.sum())
-    pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, len(d.targets) - n_pos)
-    batch = min(cfg.batch_size, len(d.train_set) // world)  # per process
-    if batch < 2:
-        raise cli.UsageError(f"{len(d.train_set)} training images cannot give each of {world} processes a batch "
-                             f"of 2 (BatchNorm needs 2); use fewer processes")
-    steps_per_epoch = len(d.train_set) // (batch * world)  # the remainder is dropped: BatchNorm needs 2
-    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
-    warmup = round(cfg.warmup * total)
-    m = build_training(cfg, device, pos_weight)
-    meta = checkpoint_meta(cfg, *mean_std(cfg))
-    p = load_last(state, m, total) if state is not None else Progress()
-    checkpoints.agree_start(p.step > 0, p.step, last)
-    if dist.is_main():
-        for rel in ("config.json", "last.pt", "best.pt", "history.csv", "val_predictions.csv", "result.json",
-                    "test_predictions.csv", "test_metrics.json"):
-            claim.record(rel)
-        log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch}, out / "config.json")
-    log.info("training on %d images (%d malignant, %d added to the real split), validating on %d; %d steps; "
-             "pos_weight %s", len(d.train_set), n_pos, len(d.train_set) - d.n_real, len(d.val_set), total, pos_weight)
-    m.net = dist.wrap_ddp(m.model, device)  # what training runs; m.model is validated and saved
-    # ---- loop: epoch e's order is a permutation seeded by (seed, e), so a run resumed mid-epoch
-    # sees exactly the batches it would have seen
-    t0, start_step, val_seconds, stopped = time.perf_counter(), p.step, 0.0, 0
-    m.model.train()
-    with signals.StopOnSignal() as stop:
-        while p.step < total and not stopped:
-            epoch, done = divmod(p.step, steps_per_epoch)
-            order = dist.epoch_order(len(d.train_set), cfg.seed, epoch, take=steps_per_epoch * batch * world)
-            loader = data.make_loader(d.train_set, batch, sampler=order[done * batch:], workers=cfg.workers,
-                                      drop_last=True)
-            bar = progress(loader, total=min(steps_per_epoch - done, total - p.step), desc=f"epoch {epoch + 1}")
-            for x, y in bar if dist.is_main() else loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # ---- data: the real training split, --extra and --oversample; the validation split
+        d = prepare_data(cfg)
+        n_pos = int(d.targets.sum())
+        pos_weight = parse_pos_weight(cfg.pos_weight, n_pos, len(d.targets) - n_pos)
+        total = min(cfg.epochs * d.steps_per_epoch, cfg.max_steps or math.inf)
+        warmup = round(cfg.warmup * total)
+        # ---- model: new, or as last.pt left it; DDP wraps what trains, the plain model is validated and saved
+        m = build_training(cfg, device, pos_weight)
+        p = restore(m, state, own, total) if state else Progress()
+        m.net = dist.wrap_ddp(m.model, device)
+        if main:
+            write_config(cfg, claim, d.batch)
+        log.info("training on %d images (%d malignant, %d added to the real split), validating on %d; %d steps; "
+                 "pos_weight %s", len(d.train_set), n_pos, len(d.train_set) - d.n_real, len(d.val_set), total,
+                 pos_weight)
+        # ---- loop: a validation every --val-every steps (0: every epoch) and at the last
+        t0, start, val_seconds = time.perf_counter(), p.step, 0.0
+        m.model.train()
+        batches = d.batches(p.step, total, cfg.seed, cfg.workers, device)
+        with signals.StopOnSignal() as stop:
+            for x, y in progress(batches, total=total - p.step, desc="train") if main else batches:
                 set_lr(cfg.lr * warmup_cosine(p.step, warmup, total, cfg.schedule), m.opt)
                 p.loss_sum = p.loss_sum + train_step(m, (x, y), cfg)  # on the device: no sync
                 p.step, p.loss_count = p.step + 1, p.loss_count + 1
                 stopped = stop.agreed()
-                if p.step == total or p.step % (cfg.val_every or steps_per_epoch) == 0:
-                    t1 = time.perf_counter()
-                    logits, yv, improved = validate(m, d, p, steps_per_epoch)
-                    if improved and dist.is_main():
-                        save_best(out, meta, m, p, d.split["val"], logits, yv)
-                    if dist.is_main():
-                        save_history(out, p.history)
-                    save_last(last, meta, m, p, total)
-                    val_seconds += time.perf_counter() - t1
-                if p.step == total or stopped:
-                    break
-        if stopped:
-            save_last(last, meta, m, p, total)
-            raise signals.Stopped(stopped, f"{last} (at step {p.step})")
-    # ---- finish: the result, and the test split scored once, by rank 0
-    seconds = time.perf_counter() - t0
-    trained = (p.step - start_step) * batch * world
-    result = TrainResult(str(out), str(out / "best.pt"), str(last), p.best_auc, p.best_step, p.step, total,
-                         p.step * batch * world, d.n_real, len(d.train_set) - d.n_real, len(d.split["val"]),
-                         len(d.split["test"]), pos_weight, seconds, val_seconds,
-                         trained / max(1e-9, seconds - val_seconds) if trained else None)
-    log.info("trained %d steps in %.1f s (%.1f s validating); best val AUC %.4f at step %d", p.step - start_step,
-             seconds, val_seconds, p.best_auc, p.best_step)
-    if dist.is_main():
-        if cfg.evaluate:
-            result.test = evaluate(out / "best.pt", tta=cfg.tta, device=str(device), batch_size=eval_bs,
+                if p.step == total or p.step % (cfg.val_every or d.steps_per_epoch) == 0:
+                    val_seconds += validate(claim, cfg, m, d, p, total)
+                if stopped:
+                    save_last(cfg, m, p, total)
+                    raise signals.Stopped(stopped, f"{out / 'last.pt'} (at step {p.step})")
+        # ---- finish: the result, and the test split scored once, by rank 0
+        result = summary(cfg, d, p, pos_weight, total, start, time.perf_counter() - t0, val_seconds)
+        if main and cfg.evaluate:
+            result.test = evaluate(out / "best.pt", tta=cfg.tta, device=str(device), batch_size=eval_batch_size(cfg),
                                    workers=cfg.workers, claim=claim)
-        atomic_write(out / "result.json", json_text(result))
+        if main:
+            claim.write_json("result.json", result)
     return result
+
+
+def summary(cfg: ClassifierConfig, d: Data, p: Progress, pos_weight: float | None, total: int, start: int,
+            seconds: float, val_seconds: float) -> TrainResult:
+    out, global_batch = Path(cfg.out), d.batch * dist.world_size()
+    trained = (p.step - start) * global_batch
+    log.info("trained %d steps in %.1f s (%.1f s validating); best val AUC %.4f at step %d", p.step - start,
+             seconds, val_seconds, p.best_auc, p.best_step)
+    return TrainResult(str(out), str(out / "best.pt"), str(out / "last.pt"), p.best_auc, p.best_step, p.step, total,
+                       p.step * global_batch, d.n_real, len(d.train_set) - d.n_real, len(d.split["val"]),
+                       len(d.split["test"]), pos_weight, seconds, val_seconds,
+                       trained / max(1e-9, seconds - val_seconds) if trained else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and prediction
 
 
 def load_classifier(checkpoint: str | Path, device: str | torch.device | None = None
@@ -570,16 +557,10 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
              cache_dir: str | None = None, device: str | None = None, batch_size: int = 64,
              workers: int | None = None, level: float = 0.95, force: bool = False,
              claim: outdir.Claim | None = None) -> dict:
-    """Score one split of the checkpoint's data folder (the same split its training used).
-
-    Writes <split>_predictions.csv (image_name, target, probability) and <split>_metrics.json
-    into `out_dir`, a folder claimed for "evaluate" (melano.infra.outdir: refused, before any work, when
-    it holds another command's outputs or files melano did not write, unless `force`, and always
-    when it is inside the data folder or holds it), or through `claim` (the trainer's own folder).
-    `data_dir`, `split_csv` and `cache_dir` override the paths saved in the checkpoint (e.g. after
-    moving the data). Returns {"checkpoint", "split", "auc", "ci_low", "ci_high", "level",
-    "images", "malignant", "tta", "predictions", "metrics"}.
-    """
+    """Score one split of the checkpoint's data folder (the split its training used): write
+    <split>_predictions.csv and <split>_metrics.json into `out_dir`, claimed for "evaluate" (see
+    melano.infra.outdir), or through the trainer's `claim`; return the metrics. `data_dir`,
+    `split_csv` and `cache_dir` override the checkpoint's paths (e.g. after moving the data)."""
     if split not in data.SPLITS:
         raise cli.UsageError(f"split must be one of {data.SPLITS}, got {split!r}")
     model, norm, state = load_classifier(checkpoint, device)
@@ -658,15 +639,12 @@ def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[Path], 
 def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], out_csv: str | Path | None = None,
             tta: bool = False, device: str | None = None, batch_size: int = 64, strict: bool = False,
             max_pixels: int = data.MAX_PIXELS, force: bool = False) -> list[tuple[str, float]]:
-    """Malignancy probability of each image: [(path, probability), ...], also written to `out_csv`
-    (columns image, probability) when given. Images go through the same decode, resize and
-    centre-crop as the training cache (melano.data.load_image), at the checkpoint's size.
-
-    An image that cannot be read (corrupt, truncated, empty, not an image, over `max_pixels`, a
-    broken link) is skipped: named in a log line and counted in the summary; `strict` makes the
-    first one an error. `out_csv` follows melano.infra.outdir's rule for one file (`check_file`): checked
-    before any work, written atomically, never one of the inputs or inside the images folder, and
-    never a file predict did not write unless `force`."""
+    """[(path, malignancy probability), ...] of the images, also written to `out_csv` (image,
+    probability) if given. Images are decoded, resized and cropped as the training cache does. An
+    unreadable one (corrupt, not an image, over `max_pixels`, a broken link) is skipped and counted,
+    or with `strict` an error. `out_csv` follows melano.infra.outdir's rule for one file
+    (`check_file`): checked first, written atomically, never an input or inside the images folder,
+    and never a file predict did not write unless `force`."""
     files, skipped = list_images(images)
     folder = [images] if isinstance(images, (str, Path)) and Path(images).is_dir() else []
     inputs = [checkpoint, *files]

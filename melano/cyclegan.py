@@ -1,13 +1,9 @@
 """The CycleGAN trainer: benign lesions (domain A) into malignant ones (domain B).
 
-Top to bottom: config, sample grids, data order, checkpoints, the trainer (`train`), CLI. The
-models, losses and the training step are melano.gan; translation into a synthetic data set is
-melano.translate; the loss log and plots are in melano.report; run plumbing is melano.infra.
-
-Resuming is exact: a checkpoint holds the four models, both Adam states, the image pools, the RNG
-states (torch tensors only, so it loads with weights_only=True) and the position in the data order,
-which is a pure function of (seed, epoch). On CPU, `--max-steps 3` then `--max-steps 6 --resume`
-gives the same weights, bit for bit, as one `--max-steps 6` run.
+Top to bottom: config, data order, checkpoints, the trainer (`train`), CLI. The models, losses and
+training step are melano.gan; translation into a synthetic data set is melano.translate. Resuming
+is exact: a checkpoint holds the models, optimisers, image pools, random streams and the position
+in the data order, which is a pure function of (seed, epoch).
 
     python -m melano.cyclegan train --data DIR --out DIR [--size 128] [--max-steps N] [--resume] ...
     python -m melano.cyclegan translate --checkpoint PATH --data DIR --out DIR [--limit N]
@@ -123,19 +119,6 @@ class CycleGANConfig:
 RESUMABLE = {"max_steps", "device", "workers", "sample_every", "checkpoint_every", "n_samples", "resume", "force"}
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-@torch.no_grad()
-def save_samples(m: nn.ModuleDict, A: torch.Tensor, B: torch.Tensor, path: Path, amp: precision.Precision) -> None:
-    """One grid row per sample: real A | fake B | rec A | real B | fake A | rec B."""
-    with amp.autocast():
-        fake_B, fake_A = m["G_A"](A), m["G_B"](B)
-        rec_A, rec_B = m["G_B"](fake_B), m["G_A"](fake_A)
-    tiles = [to_uint8(t) for t in (A, fake_B, rec_A, B, fake_A, rec_B)]
-    report.image_grid([[col[i] for col in tiles] for i in range(len(A))], path)
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -158,11 +141,10 @@ class MalignantPairs(mdata.UnpairedDataset):
 class TrainData:
     """Training-split benign (A) and malignant (B) images, in an order that can be resumed.
 
-    Epoch e visits A in `dist.epoch_order(seed, e)`; melano.data's UnpairedDataset pairs each with
-    a B drawn through its own (seed, e) permutation. Nothing depends on how many batches were drawn
-    before, so `batches(e, skip=k)` after a restart yields exactly what an uninterrupted run would
-    have yielded after its first k batches of epoch e. Under torchrun each rank takes its shard,
-    so an epoch has ceil(len / (world_size x batch_size)) steps."""
+    Epoch e visits the dataset in `dist.epoch_order(seed, e)`, and the dataset pairs A and B
+    through its own (seed, e) draws: nothing depends on how many batches came before, so
+    `batches(k, ...)` after a restart yields what an uninterrupted run yields after k steps.
+    Under torchrun each rank takes its shard: an epoch has ceil(len / (world x batch)) steps."""
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
@@ -170,22 +152,32 @@ class TrainData:
         rows = self.cache.rows(split["train"])
         t = self.cache.targets[rows]
         self.rows_A, self.rows_B = rows[t == 0], rows[t == 1]
-        if len(self.rows_A) == 0 or len(self.rows_B) == 0:
-            raise cli.UsageError(f"{cfg.data}: the training split of {mdata.split_path(cfg)} has {len(self.rows_A)} "
-                                 f"benign and {len(self.rows_B)} malignant images; CycleGAN needs both")
         self.n_A, self.n_B = len(self.rows_A), len(self.rows_B)
+        if self.n_A == 0 or self.n_B == 0:
+            raise cli.UsageError(f"{cfg.data}: the training split of {mdata.split_path(cfg)} has {self.n_A} "
+                                 f"benign and {self.n_B} malignant images; CycleGAN needs both")
         pairs = MalignantPairs if cfg.pairing == "malignant" else mdata.UnpairedDataset
         self.dataset = pairs(self.cache, self.rows_A, self.rows_B, seed=cfg.seed)
         self.steps_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * dist.world_size()))
 
-    def batches(self, epoch: int, skip: int = 0):
-        """(real_A, real_B) batches of `epoch`, after the first `skip` batches."""
-        self.dataset.set_epoch(epoch)
-        order = dist.epoch_order(len(self.dataset), self.cfg.seed, epoch)[skip * self.cfg.batch_size:]
-        loader = mdata.make_loader(self.dataset, self.cfg.batch_size, sampler=order,
-                                   workers=self.cfg.workers, seed=self.cfg.seed)
-        for item in loader:
-            yield item["A"], item["B"]
+    def batches(self, start: int, stop: int, device: torch.device, rng: torch.Generator):
+        """(epoch, (real_A, real_B)) on `device` for steps start..stop-1, epoch after epoch; --augment-b
+        study draws from `rng`, the GAN's checkpointed stream."""
+        cfg, step = self.cfg, start
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        while step < stop:
+            epoch, done = divmod(step, self.steps_per_epoch)  # a resumed run goes on mid-epoch
+            self.dataset.set_epoch(epoch)
+            order = dist.epoch_order(len(self.dataset), cfg.seed, epoch)[done * cfg.batch_size:]
+            for item in mdata.make_loader(self.dataset, cfg.batch_size, sampler=order, workers=cfg.workers,
+                                          seed=cfg.seed):
+                real_A, real_B = item["A"].to(device, non_blocking=True), item["B"].to(device, non_blocking=True)
+                if cfg.augment_b == "study":
+                    real_B = augment.study(real_B, rng)
+                yield epoch, (real_A.contiguous(memory_format=fmt), real_B.contiguous(memory_format=fmt))
+                step += 1
+                if step == stop:
+                    return
 
     def samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n fixed A and n fixed B images (evenly spaced through the split) for sample grids."""
@@ -195,46 +187,53 @@ class TrainData:
         return torch.stack([it["A"] for it in items]), torch.stack([it["B"] for it in items])
 
 
-# ----------------------------------------------------------------------------- training state
+@torch.no_grad()
+def save_samples(gan: G.GAN, A: torch.Tensor, B: torch.Tensor, path: Path) -> None:
+    """One grid row per sample: real A | fake B | rec A | real B | fake A | rec B."""
+    m = gan.models
+    with gan.amp.autocast():
+        fake_B, fake_A = m["G_A"](A), m["G_B"](B)
+        rec_A, rec_B = m["G_B"](fake_B), m["G_A"](fake_A)
+    tiles = [to_uint8(t) for t in (A, fake_B, rec_A, B, fake_A, rec_B)]
+    report.image_grid([[col[i] for col in tiles] for i in range(len(A))], path)
 
 
-@dataclass
-class Position:
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0
+# ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: G.GAN, pos: Position) -> None:
-    """Collective: every rank's pools and streams are gathered, so a resumed run continues them
-    all; rank 0 writes. No rank goes on before the checkpoint is complete."""
+def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: G.GAN, step: int, steps_per_epoch: int) -> None:
+    """Collective (melano.infra.checkpoints.save): the models and optimisers, and every rank's
+    image pools and random streams. The step is all the position there is, since epoch e's order
+    is a function of (seed, e); "epoch" records the epoch of the last step."""
+    shared = {"config": dataclasses.asdict(cfg), **{k: v.state_dict() for k, v in gan.models.items()},
+              "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "scaler": gan.amp.state_dict(),
+              "step": step, "epoch": max(step - 1, 0) // steps_per_epoch}
     own = {"pool_A": gan.pool_A.state_dict(), "pool_B": gan.pool_B.state_dict(), "rng": checkpoints.rng_state(gan.rng)}
-    ranks = dist.all_gather_object(own)
-    if dist.is_main():
-        checkpoints.save_state({"config": dataclasses.asdict(cfg), **{k: v.state_dict() for k, v in gan.models.items()},
-                        "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(),
-                        "scaler": gan.amp.state_dict(),
-                        **own, **dataclasses.asdict(pos), "world_size": dist.world_size(),
-                        **({"ranks": ranks} if dist.world_size() > 1 else {})}, path, FORMAT)
-    dist.barrier()
+    checkpoints.save(path, FORMAT, shared, own)
 
 
-def load_training_state(path: Path, cfg: CycleGANConfig, gan: G.GAN, device: torch.device) -> Position:
-    """Restore `gan` from a checkpoint of the same config; return where to go on."""
-    state = checkpoints.load_state(path, FORMAT, "melano CycleGAN checkpoint")
-    checkpoints.check_resume(state["config"], cfg, RESUMABLE, path)
-    checkpoints.check_world(state, path)
-    for k, model in gan.models.items():
-        model.load_state_dict(state[k])
-    gan.opt_G.load_state_dict(state["opt_G"])
-    gan.opt_D.load_state_dict(state["opt_D"])
-    gan.amp.load_state_dict(state.get("scaler"))
-    own = state["ranks"][dist.rank()] if dist.world_size() > 1 else state
+def start(cfg: CycleGANConfig, device: torch.device, ckpt: Path) -> tuple[G.GAN, int]:
+    """The GAN and its step: new (the same initial weights on every rank), or as `ckpt` left it
+    with --resume (see melano.infra.checkpoints.resume)."""
+    torch.manual_seed(cfg.seed)
+    gan = G.new_gan(cfg, device, precision.Precision(cfg.amp, device), dist.rank_seed(cfg.seed + 1), cfg.channels_last)
+    state, own = checkpoints.resume(ckpt, FORMAT, "melano CycleGAN checkpoint", cfg, RESUMABLE)
+    if state is None:
+        return gan, 0
+    checkpoints.restore(state, own, {**gan.models, "opt_G": gan.opt_G, "opt_D": gan.opt_D, "scaler": gan.amp}, gan.rng)
     gan.pool_A.load_state_dict(own["pool_A"], device)
     gan.pool_B.load_state_dict(own["pool_B"], device)
-    checkpoints.set_rng_state(own["rng"], gan.rng)
-    log.info("resumed from %s at step %d (epoch %d)", path, state["step"], state["epoch"])
-    return Position(state["step"], state["epoch"], state["epoch_step"])
+    log.info("resumed from %s at step %d (epoch %d)", ckpt, state["step"], state["epoch"])
+    return gan, state["step"]
+
+
+def write_config(cfg: CycleGANConfig, claim: outdir.Claim) -> None:
+    """config.json, with the global batch (rank 0); the files the run writes, in its manifest."""
+    for rel in ("config.json", CHECKPOINT, "losses.csv", "losses.png"):
+        claim.record(rel)
+    world = dist.world_size()
+    log_config({**dataclasses.asdict(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
+               claim.path("config.json"))
 
 
 def config_from_checkpoint(state: dict) -> CycleGANConfig:
@@ -252,94 +251,66 @@ def absolute_paths(cfg: CycleGANConfig) -> CycleGANConfig:
 # ----------------------------------------------------------------------------- trainer
 
 def train(cfg: CycleGANConfig) -> Path:
-    """Train a CycleGAN on the training split of cfg.data (benign = A, malignant = B).
+    """Train on the training split of cfg.data (benign = A, malignant = B); return the checkpoint.
 
-    Writes into cfg.out: config.json, losses.csv, losses.png, samples/step_*.png, checkpoint.pt
-    (every cfg.checkpoint_every steps, at the end, and on SIGINT/SIGTERM, which then raise
-    signals.Stopped), and splits.csv and cache/ unless given elsewhere. With cfg.resume it continues
-    from checkpoint.pt; an earlier run's folder is refused without --resume or --force (see
-    melano.infra.outdir), and so is a folder another process is writing. Returns the checkpoint path.
-    Under torchrun each process trains on its shard of every step with its own pools and label
-    noise; DDP averages the gradients; only rank 0 writes files."""
+    Writes config.json, losses.csv/png, samples/ and checkpoint.pt (every --checkpoint-every steps,
+    at the end, and on SIGINT/SIGTERM, which then raise signals.Stopped). Under torchrun each
+    process trains on its shard of every step with its own pools and label noise; only rank 0 writes."""
     # ---- setup and resume: everything is checked before anything is written
     setup_logging()
     kernels.load()  # the fused InstanceNorm (MELANO_OPS=eager: the PyTorch path)
     device = dist.init_from_env(cfg.device)
     cfg = absolute_paths(cfg)
-    ckpt = Path(cfg.out) / CHECKPOINT
     if not Path(cfg.data).is_dir():
         raise cli.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
-    torch.manual_seed(cfg.seed)  # model init: the same on every rank
-    gan = G.new_gan(cfg, device, precision.Precision(cfg.amp, device), dist.rank_seed(cfg.seed + 1), cfg.channels_last)
-    pos = load_training_state(ckpt, cfg, gan, device) if cfg.resume and ckpt.exists() else Position()
-    checkpoints.agree_start(pos.step > 0, pos.step, ckpt)
+    out, main = Path(cfg.out), dist.is_main()
+    ckpt = out / CHECKPOINT
+    gan, step = start(cfg, device, ckpt)
     with outdir.claim(cfg.out, "cyclegan-train", force=cfg.force, resume=cfg.resume, data=[cfg.data],
                       rank=dist.rank()) as claim:
-        return train_loop(cfg, gan, pos, claim, device)
-
-
-def train_loop(cfg: CycleGANConfig, gan: G.GAN, pos: Position, claim: outdir.Claim, device: torch.device) -> Path:
-    """The training loop of `train`, in a claimed run folder; from `pos` to the schedule's end."""
-    # ---- data, config, logs
-    out, main, world = Path(cfg.out), dist.is_main(), dist.world_size()
-    ckpt = out / CHECKPOINT
-    with dist.local_main_first():  # one process per node builds the cache and draws the split
-        data = TrainData(cfg)
-    if main:
-        for rel in ("config.json", CHECKPOINT, "losses.csv", "losses.png"):
-            claim.record(rel)
-        log_config({**dataclasses.asdict(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
-                   out / "config.json")
-    log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d x %d processes; "
-             "device %s, amp %s", data.n_A, data.n_B, data.steps_per_epoch, cfg.batch_size, world, device, gan.amp.dtype)
-    gan.net = nn.ModuleDict({k: dist.wrap_ddp(v, device) for k, v in gan.models.items()})  # what train_step runs
-    total = (cfg.epochs + cfg.epochs_decay) * data.steps_per_epoch
-    total = min(total, cfg.max_steps or total)
-    losses = report.LossLog(out / "losses.csv", pos.step) if main else None
-    samples = [x.to(device) for x in data.samples(cfg.n_samples)]
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    # ---- loop: epochs of the resumable order; a checkpoint every checkpoint_every steps
-    gan.models.train()
-    t0, saved, stopped = time.monotonic(), pos.step, 0
-    bar = progress(range(pos.step, total), total=total - pos.step, desc="cyclegan") if main else iter(())
-    with signals.StopOnSignal() as stop:
-        while pos.step < total and not stopped:
-            if pos.epoch_step >= data.steps_per_epoch:  # epoch done: next learning rate
-                pos.epoch, pos.epoch_step = pos.epoch + 1, 0
-            set_lr(cfg.lr * linear_decay(pos.epoch, cfg.epochs, cfg.epochs_decay), gan.opt_G, gan.opt_D)
-            for real_A, real_B in data.batches(pos.epoch, skip=pos.epoch_step):
-                real_A = real_A.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                real_B = real_B.to(device, non_blocking=True)
-                if cfg.augment_b == "study":
-                    real_B = augment.study(real_B, gan.rng)
-                real_B = real_B.contiguous(memory_format=fmt)
-                loss = dist.mean(G.train_step(gan, (real_A, real_B), cfg))  # the global batch's losses
-                pos.step, pos.epoch_step = pos.step + 1, pos.epoch_step + 1
-                next(bar, None)
+        # ---- data: one process per node builds the cache and draws the split
+        with dist.local_main_first():
+            data = TrainData(cfg)
+        spe = data.steps_per_epoch
+        total = min((cfg.epochs + cfg.epochs_decay) * spe, cfg.max_steps or math.inf)
+        if main:
+            write_config(cfg, claim)
+        log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d x %d processes; "
+                 "device %s, amp %s", data.n_A, data.n_B, spe, cfg.batch_size, dist.world_size(), device, gan.amp.dtype)
+        # ---- model: the step runs the DDP-wrapped models; the plain ones are saved and sampled
+        gan.net = nn.ModuleDict({k: dist.wrap_ddp(v, device) for k, v in gan.models.items()})
+        losses = report.LossLog(out / "losses.csv", step) if main else None
+        samples = [x.to(device) for x in data.samples(cfg.n_samples)]
+        # ---- loop: from `step` to `total`; rank 0 logs the losses and draws sample grids
+        t0, saved, stopped = time.monotonic(), step, 0
+        batches = data.batches(step, total, device, gan.rng)
+        with signals.StopOnSignal() as stop:
+            for epoch, batch in progress(batches, total=total - step, desc="cyclegan") if main else batches:
+                set_lr(cfg.lr * linear_decay(epoch, cfg.epochs, cfg.epochs_decay), gan.opt_G, gan.opt_D)
+                loss = dist.mean(G.train_step(gan, batch, cfg))  # the global batch's losses
+                step += 1
                 if main:
-                    losses.append({"step": pos.step, "epoch": pos.epoch, "lr": gan.opt_G.param_groups[0]["lr"],
+                    losses.append({"step": step, "epoch": epoch, "lr": gan.opt_G.param_groups[0]["lr"],
                                    "seconds": round(time.monotonic() - t0, 3), **loss})
-                if pos.step % cfg.sample_every == 0 and main:
-                    grid = claim.record(f"samples/step_{pos.step:07d}.png")
-                    save_samples(gan.models, *samples, grid, gan.amp)
-                    log.info("step %d/%d, epoch %d: %s", pos.step, total, pos.epoch,
+                if main and step % cfg.sample_every == 0:
+                    save_samples(gan, *samples, claim.record(f"samples/step_{step:07d}.png"))
+                    log.info("step %d/%d, epoch %d: %s", step, total, epoch,
                              "  ".join(f"{k} {v:.3f}" for k, v in loss.items()))
-                if pos.step % cfg.checkpoint_every == 0:
-                    save_checkpoint(ckpt, cfg, gan, pos)
-                    saved = pos.step
+                if step % cfg.checkpoint_every == 0:
+                    save_checkpoint(ckpt, cfg, gan, step, spe)
+                    saved = step
                 stopped = stop.agreed()
-                if pos.step >= total or stopped:
+                if stopped:
                     break
-        # ---- finish: the last checkpoint and the loss plot
-        stopped = stop.agreed()
-        if pos.step != saved or not ckpt.exists():
-            save_checkpoint(ckpt, cfg, gan, pos)
-    if main:
-        bar.close()
-        report.plot_losses(out / "losses.csv", out / "losses.png")
+            # ---- finish: the last checkpoint and the loss plot
+            stopped = stop.agreed()
+            if step != saved or not ckpt.exists():
+                save_checkpoint(ckpt, cfg, gan, step, spe)
+        if main:
+            report.plot_losses(out / "losses.csv", out / "losses.png")
     if stopped:
         raise signals.Stopped(stopped, ckpt)
-    log.info("done: %d steps; checkpoint %s", pos.step, ckpt)
+    log.info("done: %d steps; checkpoint %s", step, ckpt)
     return ckpt
 
 

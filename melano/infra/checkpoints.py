@@ -1,12 +1,9 @@
-"""Checkpoints: atomic, weights-only, with a format marker; the resume policy; RNG streams.
+"""Checkpoints: atomic and weights-only, marked with their format; one save/resume protocol for
+both trainers.
 
-One protocol for both trainers:
-    save_state(state, path, fmt)      atomically, marked with its format
-    load_state(path, fmt, what)       weights-only; a wrong format or file names what it is
-    check_resume(saved, cfg, may_change, path)   an allow-list of fields that may change on --resume
-    check_world(saved, path)          the same number of processes
-    rng_state / set_rng_state         CPU, every CUDA device, and the trainer's own generators
-    agree_start                       every rank resumed from the same step
+    save(path, fmt, shared, own)              collective: gathers each rank's own state, rank 0 writes
+    resume(path, fmt, what, cfg, may_change)  (checkpoint, this rank's own part), checked; or (None, None)
+    restore(state, own, objects, *generators) load_state_dict into each object, and the random streams
 """
 
 from __future__ import annotations
@@ -80,9 +77,39 @@ def load_state(path: str | Path, fmt: str, what: str) -> dict:
     return state
 
 
+# ----------------------------------------------------------------------------- the trainers' protocol
+
+def save(path: str | Path, fmt: str, shared: dict, own: dict) -> None:
+    """Collective: every rank's `own` state (its random streams, pools, ...) is gathered, so that a
+    resumed run continues them all. Rank 0 writes `shared`, its own part beside it, the world size
+    and, under torchrun, every rank's part as "ranks". No rank goes on before the file is complete."""
+    ranks, world = dist.all_gather_object(own), dist.world_size()
+    if dist.is_main():
+        save_state({**shared, **own, "world_size": world, **({"ranks": ranks} if world > 1 else {})}, path, fmt)
+    dist.barrier()
+
+
+def resume(path: str | Path, fmt: str, what: str, cfg: Any, may_change: set[str]) -> tuple[dict | None, dict | None]:
+    """(checkpoint, this rank's own part) when cfg.resume and `path` exists, else (None, None): start
+    afresh. Read only, so a refused resume changes nothing. Collective: every rank must start from
+    the same step."""
+    path, state = Path(path), None
+    if cfg.resume and path.exists():
+        state = load_state(path, fmt, what)
+        check_resume(state["config"], cfg, may_change, path)
+        check_world(state, path)
+    starts = dist.all_gather_object((state is not None, state["step"] if state else 0))
+    if len(set(starts)) > 1:  # (also a barrier after reading the file)
+        raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read "
+                           f"the same {path}; on several nodes, put --out on a filesystem they all share")
+    if state is None:
+        return None, None
+    return state, state["ranks"][dist.rank()] if dist.world_size() > 1 else state
+
+
 def check_resume(saved: dict, cfg: Any, may_change: set[str], path: str | Path) -> None:
-    """Refuse to resume with a config that differs from the saved one in any field outside
-    `may_change`: that would silently continue a different experiment."""
+    """Refuse a config that differs from the saved one in any field outside `may_change`: that
+    would silently continue a different experiment."""
     now = to_jsonable(cfg)
     diff = [f"{flag_name(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now
             if k not in may_change and saved.get(k) != now[k]]
@@ -96,6 +123,14 @@ def check_world(saved: dict, path: str | Path) -> None:
     if n != now:
         raise UsageError(f"{path} was trained by {n} process(es), this run has {now}: the data order and the "
                          f"per-process random streams depend on it; resume with the same number of processes")
+
+
+def restore(state: dict, own: dict, objects: dict[str, Any], *generators: torch.Generator) -> None:
+    """Load state[name] into each object (models, optimisers, precision), and this rank's random
+    streams (`own["rng"]`) into the global generators and `generators`."""
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(own["rng"], *generators)
 
 
 def rng_state(*generators: torch.Generator) -> dict:
@@ -113,11 +148,3 @@ def set_rng_state(state: dict, *generators: torch.Generator) -> None:
         g.set_state(s)
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def agree_start(resumed: bool, step: int, path: str | Path) -> None:
-    """Every rank must start from the same checkpoint (also a barrier after reading it)."""
-    starts = dist.all_gather_object((resumed, step))
-    if len(set(starts)) > 1:
-        raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read "
-                           f"the same {path}; on several nodes, put --out on a filesystem they all share")
