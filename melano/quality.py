@@ -1,9 +1,7 @@
 """How good are synthetic images? The measures, on feature arrays: Fréchet distance, KID, a
 patient-grouped two-sample test, translation success, ridge regression to a hidden truth, and
-memorisation. `melano.quality_stage` reads the images and runs them all.
-
-Features come from an ImageNet EfficientNet (`Encoder`), not Inception-v3: FD and KID here compare
-within melano, never with published FIDs.
+memorisation; `melano.quality_stage` runs them all. Features come from an ImageNet EfficientNet
+(`Encoder`), not Inception-v3: FD and KID here compare within melano, never with published FIDs.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ from .efficientnet import ConvBNAct
 from .pixels import to_tensor
 
 # ----------------------------------------------------------------------------------------------
-# Linear algebra in torch, on one thread. numpy's multi-threaded OpenBLAS stalls for seconds on
-# these small products when another process shares the 2 cores (measured: a 408 x 1280 SVD took
-# 0.1-4 s); one torch thread takes the same ~0.15 s every time.
+# Linear algebra in torch, on one thread: numpy's multi-threaded OpenBLAS stalls for seconds on
+# these small products when another process shares the cores; one torch thread never does.
 
 @contextlib.contextmanager
 def one_thread():
@@ -144,20 +141,23 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
         return ((v * w.clamp(min=0).sqrt()) @ v.T).numpy()
 
 
-def frechet_from_moments(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians.
+def _frechet(d: np.ndarray, tr1: float, tr2: float, m: np.ndarray) -> float:
+    """||d||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), with tr (S1 S2)^(1/2) the sum of the square roots
+    of the eigenvalues of m: a symmetric PSD matrix with the non-zero eigenvalues of S1 S2, so no
+    complex square root is needed."""
+    return float(d @ d + tr1 + tr2 - 2 * np.sqrt(np.clip(eigvalsh(m), 0, None)).sum())
 
-    tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)): a symmetric PSD matrix
-    similar to S1 S2, so no complex square root is needed."""
+
+def frechet_from_moments(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians;
+    S1^(1/2) S2 S1^(1/2) is similar to S1 S2, and symmetric."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if sigma1.shape != (mu1.size, mu1.size) or sigma2.shape != sigma1.shape or mu2.shape != mu1.shape:
         raise ValueError(f"moments do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
                          f"sigma2 {sigma2.shape}")
     r = _sqrt_psd(sigma1)
-    tr_sqrt = np.sqrt(np.clip(eigvalsh(matmul(matmul(r, sigma2), r)), 0, None)).sum()
-    d = mu1 - mu2
-    return float(d @ d + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+    return _frechet(mu1 - mu2, np.trace(sigma1), np.trace(sigma2), matmul(matmul(r, sigma2), r))
 
 
 def _two_sets(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,10 +183,8 @@ def frechet_distance(x, y) -> float:
     if len(a) > len(b):
         a, b = b, a  # the smaller Gram matrix
     c = matmul(a, b.T) / math.sqrt((len(a) - 1) * (len(b) - 1))
-    tr_sqrt = np.sqrt(np.clip(eigvalsh(matmul(c, c.T)), 0, None)).sum()
-    d = x.mean(0) - y.mean(0)
-    tr1, tr2 = (a * a).sum() / (len(a) - 1), (b * b).sum() / (len(b) - 1)
-    return float(d @ d + tr1 + tr2 - 2 * tr_sqrt)
+    return _frechet(x.mean(0) - y.mean(0), (a * a).sum() / (len(a) - 1), (b * b).sum() / (len(b) - 1),
+                    matmul(c, c.T))
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -242,14 +240,22 @@ def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(scale, floor)
 
 
-class Logistic(NamedTuple):
+class Linear(NamedTuple):
+    """A linear model on standardised features: ((x - mean) / scale) @ coef + intercept."""
     mean: np.ndarray     # per-feature standardisation, from the training samples
     scale: np.ndarray
     coef: np.ndarray     # on standardised features
     intercept: float
+    alpha: float = 0.0   # ridge only: the penalty leave-one-out chose ...
+    loo_mse: float = 0.0  # ... and its leave-one-out mean squared error
 
 
-def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) -> Logistic:
+def predict(model: Linear, x) -> np.ndarray:
+    """The logits of a logistic regression, or a ridge regression's predictions."""
+    return ((np.asarray(x, np.float64) - model.mean) / model.scale) @ model.coef + model.intercept
+
+
+def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) -> Linear:
     """L2-regularised logistic regression on standardised features, by L-BFGS in float64.
 
     Minimises sum_i logloss(y_i, x_i . w + b) + l2 / 2 ||w||^2 (the intercept is not penalised):
@@ -280,11 +286,7 @@ def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) 
 
     with one_thread():  # see one_thread: a second thread only makes each small step slower
         opt.step(closure)
-    return Logistic(mean, scale, w.detach().numpy().copy(), float(b.detach()))
-
-
-def logistic_logits(model: Logistic | Ridge, x) -> np.ndarray:
-    return ((np.asarray(x, np.float64) - model.mean) / model.scale) @ model.coef + model.intercept
+    return Linear(mean, scale, w.detach().numpy().copy(), float(b.detach()))
 
 
 def grouped_folds(groups: Sequence, labels, k: int = 5, seed: int = 0) -> np.ndarray:
@@ -332,7 +334,7 @@ def two_sample_auc(a, b, groups_a: Sequence, groups_b: Sequence, folds: int = 5,
         test = fold == f
         if len(np.unique(y[~test])) < 2:
             raise ValueError(f"fold {f} leaves one class out of training; use fewer folds")
-        logits[test] = logistic_logits(fit_logistic(x[~test], y[~test], l2), x[test])
+        logits[test] = predict(fit_logistic(x[~test], y[~test], l2), x[test])
         if len(np.unique(y[test])) == 2:
             fold_aucs.append(metrics.roc_auc(y[test], logits[test]))
     return {"auc": metrics.roc_auc(y, logits), "fold_auc_mean": float(np.mean(fold_aucs)),
@@ -375,16 +377,7 @@ def translation_success(val_logits, val_labels, translation_logits, source_logit
 # ----------------------------------------------------------------------------------------------
 # Ground truth: how well do features predict a hidden truth (melano.synth's severity)?
 
-class Ridge(NamedTuple):
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: float
-    alpha: float
-    loo_mse: float
-
-
-def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0.5))) -> Ridge:
+def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0.5))) -> Linear:
     """Ridge regression on standardised features, its penalty chosen by exact leave-one-out error.
 
     With the thin SVD Xs = U S V^T of the standardised, centred features, for penalty a:
@@ -408,10 +401,7 @@ def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0
             best = (a, loo)
     a, loo = best
     coef = vt.T @ (s / (s ** 2 + a) * uty)
-    return Ridge(mean, scale, coef, float(y.mean()), float(a), loo)
-
-
-ridge_predict = logistic_logits  # the same linear map on standardised features
+    return Linear(mean, scale, coef, float(y.mean()), float(a), loo)
 
 
 def r2_score(y, pred) -> float:
@@ -445,10 +435,9 @@ def memorisation(synthetic, real_test, real_train, n_closest: int = 8, percentil
 
     `fraction_below_real_percentile`: the share of synthetic images closer to a training melanoma
     than the `percentile`-th percentile of the real test -> train distances: about percentile/100
-    for images like the real test melanomas, far more for copies. Plain images lie nearer to
-    everything (untranslated benign sources score ~0.2 on the quick preset's data), so read it
-    against the same fraction for the sources. `closest`: the `n_closest` (synthetic index,
-    training index, distance) triples, indices into the given arrays."""
+    for images like the real test melanomas, far more for copies (plain images lie nearer to
+    everything: read it against the same fraction for the sources). `closest`: the `n_closest`
+    (synthetic index, training index, distance) triples, indices into the given arrays."""
     d_syn, i_syn = nearest(synthetic, real_train)
     d_real, _ = nearest(real_test, real_train)
     cut = float(np.percentile(d_real, percentile))

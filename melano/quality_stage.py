@@ -1,37 +1,16 @@
-"""The quality stage: how good are each GAN arm's synthetic melanomas? It reads the images (or a
-translate folder), samples the sets to encode, runs every measure of `melano.quality` beside its
-scale references (real vs real, benign vs malignant) and draws the pictures.
+"""The quality stage: how good are each GAN arm's synthetic melanomas? It checks the inputs, samples
+the sets to encode (encoding is the stage's cost: each set is a seeded sample of at most
+`QualityConfig.max_images` images, real melanomas up to `max_reference`), runs every measure of
+`melano.quality` beside its scale references (real vs real, benign vs malignant) and draws the
+pictures. Its JSON-able result ("mel" = melanomas):
 
-Speed. Lite0 at 224 px encodes about 30-36 images/s on an idle 2-core CPU, half that when another
-process shares it (`bench/bench_quality.py`), so `evaluate` encodes seeded samples of at most
-`QualityConfig.max_images` images per set (translations, their sources, benign references) and all
-real melanomas up to `max_reference`: about 1,040 images for the quick preset with two arms. The
-sample sizes are part of the result ("sets").
-
-Use (the real images as the GAN saw them, e.g. its cache):
-
-    sev = hidden_severity(data_dir)                       # None for real ISIC data
-    result = evaluate(cache.images, cache.targets, cache.patients, split_of_each_image,
-                      {"cyclegan": load_translations(synth_dir, cache.size, cache.names)},
-                      severity=None if sev is None else np.array([sev[n] for n in cache.names]),
-                      out_dir=stage_folder)
-
-The result, JSON-able ("fd" dicts are `_distance_pair`'s, two-sample dicts `quality.two_sample_auc`'s,
-summaries `quality.summarise`'s; "mel" = melanomas):
-  encoder             name, resolution, dim, and the note that these are ImageNet features
-  sets                images per evaluated set: real_mel_{train,val,test}, real_benign_{train,val}
-                      (benign_train excludes the evaluated sources), evaluated_<arm>, fd_n, encoded_images
-  reference           distances, and two_sample {"features", "pixels"}, of real_mel_test_vs_real_mel_train
-                      and real_benign_val_vs_real_mel_train: the scale of every arm's numbers
-  severity_regressor  `_severity_context`'s numbers, or {"skipped": reason} without severities
-  arms[arm]           translations (all given), evaluated (encoded sample); distances and two_sample
-                      (features/pixels x synthetic/sources, each against the real training melanomas);
-                      translation_success (+ "scorer"); severity (`_arm_severity`'s, or {"skipped"});
-                      memorisation (`quality.memorisation`'s, "closest" indexing the arm's images and the
-                      real arrays, + the same distance and fraction for the sources); with out_dir,
-                      pictures {"pairs", "neighbours", "distribution"} (None without matplotlib)
-  timings_s           features, total, images_per_s (wall); features_cpu, total_cpu (CPU seconds)
-  config              the QualityConfig used
+  encoder, sets       the encoder, and the images in each evaluated set (the sample sizes)
+  reference           distances and two-sample AUCs of real_mel_test and real_benign_val vs
+                      real_mel_train: the scale of every arm's numbers
+  severity_regressor  the ridge regressor's fit, or {"skipped": reason} without severities
+  arms[arm]           distances and two_sample (synthetic and sources vs real_mel_train),
+                      translation_success, severity, memorisation and, with out_dir, pictures
+  timings_s, config   wall and CPU seconds, and the QualityConfig used
 """
 
 from __future__ import annotations
@@ -46,9 +25,8 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 
 from . import data, pretrained, report, synth
-from .quality import (Encoder, Logistic, as_nhwc, fit_logistic, fit_ridge, frechet_distance, kid,
-                      logistic_logits, memorisation, pixel_features, r2_score, ridge_predict, summarise,
-                      translation_success, two_sample_auc)
+from .quality import (Encoder, as_nhwc, fit_logistic, fit_ridge, frechet_distance, kid, memorisation,
+                      pixel_features, predict, r2_score, summarise, translation_success, two_sample_auc)
 
 log = logging.getLogger("melano.quality")
 
@@ -112,6 +90,65 @@ def load_translations(folder, size: int, real_names: Sequence[str]) -> Synthetic
                          f"were translated from")
     images = np.stack([data.load_image(r.path, size) for r in index.records])
     return Synthetic(images, np.array([row[s] for s in sources], dtype=np.int64))
+
+
+def picture_names(arm: str) -> dict[str, str]:
+    """The files `evaluate` may write for `arm` into out_dir (the distribution is of severity or logit)."""
+    return {k: f"quality_{arm}_{k}.png" for k in ("pairs", "neighbours", "severity", "logit")}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Mapping[str, Synthetic],
+             severity=None, logits: Mapping | None = None, out_dir=None, cfg: QualityConfig | None = None,
+             encoder: Encoder | None = None) -> dict:
+    """Measure each GAN arm's synthetic melanomas (the result: see the module docstring); write the
+    pictures to out_dir (None: none). Decode real and synthetic images the same way and at the same
+    size (e.g. `data.load_image(path, size)`, as the cache does), so that only content differs.
+
+      real_images    (N, H, W, 3) or (N, 3, H, W) uint8, e.g. the `data.Cache` memmap
+      real_labels, real_patients, real_splits   (N,) 0/1; patient ids (a patient stays in one fold
+                     of the two-sample test); "train" / "val" / "test"
+      synthetic      {arm: Synthetic(images (M, H, W, 3) uint8, sources (M,) rows of each
+                     translation's benign source in the real arrays)}
+      severity       (N,) hidden severity (`hidden_severity`), or None: real data, ground truth skipped
+      logits         None (a logistic regression on real training features scores the images) or
+                     {"real": (N,), NaN where unscored (validation and source rows need values),
+                     "synthetic": {arm: (M,)}} from a classifier trained on real images only
+      encoder        an Encoder to reuse (default: `imagenet_encoder` from cfg)
+    """
+    cfg = cfg or QualityConfig()
+    t_start, cpu_start = time.monotonic(), time.process_time()
+    d = _check_inputs(real_images, real_labels, real_patients, real_splits, severity, synthetic, logits)
+    sets, picked = _choose_sets(d, cfg)
+    encoder = encoder or imagenet_encoder(cfg.weights, cfg.resolution, cfg.batch_size, cfg.device)
+    # Features: the stage's cost, timed apart
+    t0, cpu0 = time.monotonic(), time.process_time()
+    feats, syn_feats, n_encoded = _encode(d, sets, picked, encoder)
+    t_features, cpu_features = time.monotonic() - t0, time.process_time() - cpu0
+    log.info("quality: encoded %d images in %.1f s (%.1f images/s)", n_encoded, t_features, n_encoded / t_features)
+    n_fd = min([cfg.fd_max] + [len(s) for s in sets.values()] + [len(p) for p in picked.values()])
+    ctx = {"d": d, "cfg": cfg, "sets": sets, "picked": picked, "feats": feats, "syn_feats": syn_feats, "n_fd": n_fd,
+           "logits": logits, "out_dir": None if out_dir is None else Path(out_dir), "memo": {},
+           "train": np.concatenate([sets["real_mel_train"], sets["real_benign_train"]]),
+           "val": np.concatenate([sets["real_mel_val"], sets["real_benign_val"]])}
+    result: dict = {
+        "encoder": {"name": f"{ENCODER_NAME} (ImageNet weights)", "resolution": encoder.resolution,
+                    "dim": encoder.dim, "features": "global-average-pooled last conv layer",
+                    "note": "ImageNet features, not Inception-v3's: FD and KID compare within melano only, "
+                            "not with published FIDs"},
+        "sets": {**{k: len(v) for k, v in sets.items()}, **{f"evaluated_{a}": len(p) for a, p in picked.items()},
+                 "fd_n": n_fd, "encoded_images": n_encoded},
+        "reference": _reference(ctx), "severity_regressor": _fit_severity(ctx)}
+    if logits is None:  # the in-stage scorer: melanoma vs benign on real training features
+        ctx["scorer"] = fit_logistic(feats[ctx["train"]], d["labels"][ctx["train"]], cfg.scorer_l2)
+    result["arms"] = {arm: _evaluate_arm(ctx, arm) for arm in d["arms"]}
+    # CPU seconds as well: on a shared machine they say what the stage costs on an idle one
+    result["timings_s"] = {"features": t_features, "total": time.monotonic() - t_start,
+                           "images_per_s": n_encoded / t_features, "features_cpu": cpu_features,
+                           "total_cpu": time.process_time() - cpu_start}
+    result["config"] = dataclasses.asdict(cfg)
+    return result
 
 
 def _check_inputs(images, labels, patients, splits, severity, synthetic, logits) -> dict:
@@ -179,34 +216,109 @@ def _choose_sets(d: dict, cfg: QualityConfig) -> tuple[dict, dict]:
     return sets, picked
 
 
-def _distance_pair(x, y, n_fd: int, cfg: QualityConfig) -> dict:
-    """FD (mean and sd over `fd_draws` seeded draws of n_fd images of each set; the same seeds for
-    every pair, so equal sets give equal numbers) and KID."""
+def _encode(d: dict, sets: dict, picked: dict, encoder: Encoder) -> tuple[np.ndarray, dict, int]:
+    """Features of every real row any set uses (NaN elsewhere) and of each arm's picked images."""
+    rows = np.unique(np.concatenate([*sets.values()] + [d["arms"][a].sources[p] for a, p in picked.items()]))
+    feats = np.full((len(d["images"]), encoder.dim), np.nan)
+    feats[rows] = encoder(d["images"][rows])
+    syn_feats = {a: encoder(d["arms"][a].images[p]) for a, p in picked.items()}
+    return feats, syn_feats, len(rows) + sum(len(p) for p in picked.values())
+
+
+# ----------------------------------------------------------------------------- against real melanomas
+
+def _versus_mel_train(ctx: dict, feats: np.ndarray, groups, pixel_images: np.ndarray, pixel_groups) -> tuple:
+    """A set against the real training melanomas: (FD and KID, two-sample AUC on features, on pixels).
+    FD is the mean and sd over `fd_draws` seeded draws of n_fd images of each set, the same seeds for
+    every pair, so equal sets give equal numbers."""
+    d, cfg, mel = ctx["d"], ctx["cfg"], ctx["sets"]["real_mel_train"]
+    f_mel, p_mel = ctx["feats"][mel], d["patients"][mel]
     rx, ry = np.random.default_rng([cfg.seed, 18]), np.random.default_rng([cfg.seed, 19])
-    fds = np.array([frechet_distance(x[_sample(np.arange(len(x)), n_fd, rx)], y[_sample(np.arange(len(y)), n_fd, ry)])
+    fds = np.array([frechet_distance(feats[_sample(np.arange(len(feats)), ctx["n_fd"], rx)],
+                                     f_mel[_sample(np.arange(len(f_mel)), ctx["n_fd"], ry)])
                     for _ in range(cfg.fd_draws)])
-    return {"fd": float(fds.mean()), "fd_sd": float(fds.std(ddof=1)) if len(fds) > 1 else 0.0, "fd_n": n_fd,
-            "kid": kid(x, y, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)}
+    distances = {"fd": float(fds.mean()), "fd_sd": float(fds.std(ddof=1)) if len(fds) > 1 else 0.0,
+                 "fd_n": ctx["n_fd"], "kid": kid(feats, f_mel, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)}
+    on_features = two_sample_auc(f_mel, feats, p_mel, groups, cfg.folds, cfg.l2, cfg.seed)
+    # Pixels need no encoder, so more of them: a larger sample of the real melanomas
+    rr = _sample(mel, cfg.max_pixel_images, np.random.default_rng([cfg.seed, 16]))
+    on_pixels = two_sample_auc(pixel_features(d["images"][rr], cfg.pixel_size),
+                               pixel_features(pixel_images, cfg.pixel_size), d["patients"][rr], pixel_groups,
+                               cfg.folds, cfg.l2, cfg.seed)
+    return distances, on_features, on_pixels
 
 
-def _arm_severity(pred_t: np.ndarray, pred_s: np.ndarray, true_s: np.ndarray, reg: dict) -> dict:
-    """Predicted severity of translations and sources against the real validation distributions."""
-    b_med, m_med = reg["predicted_val_benign"]["median"], reg["predicted_val_malignant"]["median"]
-    return {"true_sources": summarise(true_s), "predicted_sources": summarise(pred_s),
-            "predicted_translations": summarise(pred_t), "predicted_shift": summarise(pred_t - pred_s),
-            "fraction_translations_above_benign_median": float((pred_t > b_med).mean()),
-            "fraction_sources_above_benign_median": float((pred_s > b_med).mean()),
-            "fraction_translations_above_malignant_median": float((pred_t > m_med).mean()),
-            "fraction_sources_above_malignant_median": float((pred_s > m_med).mean())}
+def _reference(ctx: dict) -> dict:
+    """The scale of every number: real vs real, and real benign vs real malignant."""
+    d, sets, p = ctx["d"], ctx["sets"], ctx["d"]["patients"]
+    val_benign = np.flatnonzero((d["labels"] == 0) & (d["splits"] == "val"))[:ctx["cfg"].max_pixel_images]
+    out: dict = {"distances": {}, "two_sample": {}}
+    for name, rows, pixels in (("real_mel_test_vs_real_mel_train", sets["real_mel_test"], sets["real_mel_test"]),
+                               ("real_benign_val_vs_real_mel_train", sets["real_benign_val"], val_benign)):
+        distances, on_features, on_pixels = _versus_mel_train(ctx, ctx["feats"][rows], p[rows], d["images"][pixels],
+                                                              p[pixels])
+        out["distances"][name] = distances
+        out["two_sample"][name] = {"features": on_features, "pixels": on_pixels}
+    return out
 
 
-def _scorer(d: dict, sets: dict, feats: np.ndarray, cfg: QualityConfig) -> tuple[Logistic, np.ndarray]:
-    """When no classifier logits are given: a logistic regression on the features of real training
-    images (melanoma vs benign), and its logits for the real validation images."""
-    train = np.concatenate([sets["real_mel_train"], sets["real_benign_train"]])
-    model = fit_logistic(feats[train], d["labels"][train], cfg.scorer_l2)
-    val = np.concatenate([sets["real_mel_val"], sets["real_benign_val"]])
-    return model, val
+def _fit_severity(ctx: dict) -> dict:
+    """The severity regressor (fit on real training images) and its validation predictions, or the
+    note that there is no ground truth (real data)."""
+    d, train, val = ctx["d"], ctx["train"], ctx["val"]
+    sev, labels = d["severity"], d["labels"]
+    ctx["regressor"] = None
+    if sev is None:
+        ctx["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth data set, e.g. "
+                                      "real ISIC images): ground truth not checked"}
+        return ctx["severity_regressor"]
+    model = ctx["regressor"] = fit_ridge(ctx["feats"][train], sev[train])
+    pred = predict(model, ctx["feats"][val])
+    ctx["severity_val_pred"] = (pred[labels[val] == 0], pred[labels[val] == 1])
+    ctx["severity_regressor"] = {
+        "r2_val": r2_score(sev[val], pred), "alpha": model.alpha, "loo_mse_train": model.loo_mse,
+        "n_train": int(len(train)), "n_val": int(len(val)),
+        "true_benign": summarise(sev[labels == 0]), "true_malignant": summarise(sev[labels == 1]),
+        "predicted_val_benign": summarise(ctx["severity_val_pred"][0]),
+        "predicted_val_malignant": summarise(ctx["severity_val_pred"][1])}
+    return ctx["severity_regressor"]
+
+
+# ----------------------------------------------------------------------------- one arm
+
+def _evaluate_arm(ctx: dict, arm: str) -> dict:
+    d, cfg, feats = ctx["d"], ctx["cfg"], ctx["feats"]
+    syn, picked = d["arms"][arm], ctx["picked"][arm]
+    src_rows = syn.sources[picked]
+    f_syn, f_src, groups = ctx["syn_feats"][arm], feats[src_rows], d["patients"][src_rows]
+    pix = _sample(np.arange(len(syn.images)), cfg.max_pixel_images, np.random.default_rng([cfg.seed, 15]))
+    pix_src = syn.sources[pix]
+    # Distances and two-sample tests; arms translated from the same sources share the sources' numbers
+    key = (src_rows.tobytes(), pix_src.tobytes())
+    if key not in ctx["memo"]:
+        ctx["memo"][key] = _versus_mel_train(ctx, f_src, groups, d["images"][pix_src], d["patients"][pix_src])
+    src = ctx["memo"][key]
+    new = _versus_mel_train(ctx, f_syn, groups, syn.images[pix], d["patients"][pix_src])
+    out: dict = {"translations": len(syn.images), "evaluated": len(picked),
+                 "distances": {"synthetic_vs_real_mel_train": new[0], "sources_vs_real_mel_train": src[0]},
+                 "two_sample": {"features": {"synthetic": new[1], "sources": src[1]},
+                                "pixels": {"synthetic": new[2], "sources": src[2]}}}
+    # Translation success: does a classifier of real images call them malignant?
+    scores = _arm_scores(ctx, arm)
+    out["translation_success"] = {**translation_success(scores["val"], scores["val_labels"], scores["translations"],
+                                                        scores["sources"], cfg.sensitivity),
+                                  "scorer": scores["scorer"]}
+    # Ground truth: the predicted hidden severity of translations and their sources
+    sev = None
+    if ctx["regressor"] is None:
+        out["severity"] = {"skipped": ctx["severity_regressor"]["skipped"]}
+    else:
+        sev = (predict(ctx["regressor"], f_syn), predict(ctx["regressor"], f_src))
+        out["severity"] = _arm_severity(*sev, d["severity"][src_rows], ctx["severity_regressor"])
+    out["memorisation"] = _arm_memorisation(ctx, f_syn, f_src, picked)
+    if ctx["out_dir"] is not None:
+        out["pictures"] = _arm_pictures(ctx, arm, scores, sev, out["memorisation"])
+    return out
 
 
 def _arm_scores(ctx: dict, arm: str) -> dict:
@@ -223,51 +335,66 @@ def _arm_scores(ctx: dict, arm: str) -> dict:
         return {"val": real[val], "val_labels": d["labels"][val], "translations": t_all, "sources": s_all,
                 "picked_translations": t_all[picked], "picked_sources": s_all[picked],
                 "scorer": "given classifier logits"}
-    model, val = ctx["scorer"]
-    t = logistic_logits(model, ctx["syn_feats"][arm])
-    s = logistic_logits(model, ctx["feats"][syn.sources[picked]])
-    return {"val": logistic_logits(model, ctx["feats"][val]), "val_labels": d["labels"][val],
+    model, val = ctx["scorer"], ctx["val"]
+    t = predict(model, ctx["syn_feats"][arm])
+    s = predict(model, ctx["feats"][syn.sources[picked]])
+    return {"val": predict(model, ctx["feats"][val]), "val_labels": d["labels"][val],
             "translations": t, "sources": s, "picked_translations": t, "picked_sources": s,
             "scorer": "logistic regression on the ImageNet features of real training images "
                       "(melanoma vs benign), trained in this stage"}
 
 
-def picture_names(arm: str) -> dict[str, str]:
-    """The files `evaluate` may write for `arm` into out_dir (the distribution is of severity or logit)."""
-    return {k: f"quality_{arm}_{k}.png" for k in ("pairs", "neighbours", "severity", "logit")}
+def _arm_severity(pred_t: np.ndarray, pred_s: np.ndarray, true_s: np.ndarray, reg: dict) -> dict:
+    """Predicted severity of translations and sources against the real validation distributions."""
+    b_med, m_med = reg["predicted_val_benign"]["median"], reg["predicted_val_malignant"]["median"]
+    return {"true_sources": summarise(true_s), "predicted_sources": summarise(pred_s),
+            "predicted_translations": summarise(pred_t), "predicted_shift": summarise(pred_t - pred_s),
+            "fraction_translations_above_benign_median": float((pred_t > b_med).mean()),
+            "fraction_sources_above_benign_median": float((pred_s > b_med).mean()),
+            "fraction_translations_above_malignant_median": float((pred_t > m_med).mean()),
+            "fraction_sources_above_malignant_median": float((pred_s > m_med).mean())}
 
 
-def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: dict, out_dir: Path) -> dict:
-    d, syn, picked = ctx["d"], ctx["d"]["arms"][arm], ctx["picked"][arm]
-    names = picture_names(arm)
-    real_img, src_rows = d["images"], syn.sources[picked]
-    rng = np.random.default_rng([ctx["cfg"].seed, 14])
-    show = _sample(np.arange(len(picked)), 16, rng)
+def _arm_memorisation(ctx: dict, f_syn: np.ndarray, f_src: np.ndarray, picked: np.ndarray) -> dict:
+    """`quality.memorisation` of the translations, with "closest" indexing the caller's arrays."""
+    feats, sets, cfg = ctx["feats"], ctx["sets"], ctx["cfg"]
+    mel, f_test = sets["real_mel_train"], feats[sets["real_mel_test"]]
+    memo = memorisation(f_syn, f_test, feats[mel], 8, cfg.percentile)
+    # The same for the untranslated sources: how close images of this kind sit anyway (plain images
+    # lie nearer to everything), the level a translation's fraction should be read against.
+    control = memorisation(f_src, f_test, feats[mel], 0, cfg.percentile)
+    memo["sources_nn_distance"] = control["synthetic_nn_distance"]
+    memo["sources_fraction_below_real_percentile"] = control["fraction_below_real_percentile"]
+    for c in memo["closest"]:
+        c["synthetic"], c["real_train"] = int(picked[c["synthetic"]]), int(mel[c["real_train"]])
+    return memo
+
+
+def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: dict) -> dict:
+    """Source | translation pairs, the translations nearest a real training melanoma, and the
+    distribution of predicted severity (or of the classifier's logit)."""
+    d, syn, picked, out_dir = ctx["d"], ctx["d"]["arms"][arm], ctx["picked"][arm], ctx["out_dir"]
+    names, img, src_rows = picture_names(arm), d["images"], syn.sources[picked]
+    show = _sample(np.arange(len(picked)), 16, np.random.default_rng([ctx["cfg"].seed, 14]))
+    what, whose = ("severity", "the predicted") if sev else ("logit", "the classifier's")
     before, after = (sev[1], sev[0]) if sev else (scores["picked_sources"], scores["picked_translations"])
-    what = "severity" if sev else "logit"
     grid = functools.partial(report.image_grid, cell=96, gap=4)
-    whose = "the predicted" if sev else "the classifier's"
-    pictures = {"pairs": str(grid(
-        [[real_img[src_rows[i]], syn.images[picked[i]]] for i in show], out_dir / names["pairs"], cols=4,
-        captions=[f"{what} {before[i]:.2f} -> {after[i]:.2f}" for i in show],
-        title=f"{arm}: benign source | its translation, with {whose} {what} of each"))}
-    pictures["neighbours"] = str(grid(
-        [[real_img[src_rows[c["evaluated"]]], syn.images[c["synthetic"]], real_img[c["real_train"]]]
-         for c in memo["closest"]], out_dir / names["neighbours"], cols=2,
-        captions=[f"d = {c['distance']:.2f}" for c in memo["closest"]],
-        title=f"{arm}: the 8 translations closest to a real training melanoma: source | translation | that melanoma"))
+    pairs = grid([[img[src_rows[i]], syn.images[picked[i]]] for i in show], out_dir / names["pairs"], cols=4,
+                 captions=[f"{what} {before[i]:.2f} -> {after[i]:.2f}" for i in show],
+                 title=f"{arm}: benign source | its translation, with {whose} {what} of each")
+    neighbours = grid(
+        [[img[syn.sources[c["synthetic"]]], syn.images[c["synthetic"]], img[c["real_train"]]] for c in memo["closest"]],
+        out_dir / names["neighbours"], cols=2, captions=[f"d = {c['distance']:.2f}" for c in memo["closest"]],
+        title=f"{arm}: the 8 translations closest to a real training melanoma: source | translation | that melanoma")
     if sev:
-        reg_pred = ctx["severity_val_pred"]
-        samples = {"real benign (val)": reg_pred[0], "real melanoma (val)": reg_pred[1],
-                   "sources": sev[1], "translations": sev[0]}
+        (benign, mel), sources, translations = ctx["severity_val_pred"], sev[1], sev[0]
     else:
-        labels = scores["val_labels"]
-        samples = {"real benign (val)": scores["val"][labels == 0], "real melanoma (val)": scores["val"][labels == 1],
-                   "sources": scores["sources"], "translations": scores["translations"]}
-    plot = distribution_plot(samples, out_dir / names[what],
-                             xlabel=f"predicted {what}" if sev else "classifier logit", title=arm)
-    pictures["distribution"] = str(plot) if plot else None
-    return pictures
+        v, labels = scores["val"], scores["val_labels"]
+        benign, mel, sources, translations = v[labels == 0], v[labels == 1], scores["sources"], scores["translations"]
+    samples = {"real benign (val)": benign, "real melanoma (val)": mel, "sources": sources, "translations": translations}
+    plot = distribution_plot(samples, out_dir / names[what], xlabel=f"predicted {what}" if sev else "classifier logit",
+                             title=arm)
+    return {"pairs": str(pairs), "neighbours": str(neighbours), "distribution": str(plot) if plot else None}
 
 
 def distribution_plot(samples: Mapping[str, np.ndarray], path, xlabel: str, title: str = "") -> Path | None:
@@ -276,182 +403,11 @@ def distribution_plot(samples: Mapping[str, np.ndarray], path, xlabel: str, titl
     if plt is None:
         return None
     values = [np.asarray(v, np.float64) for v in samples.values() if len(v)]
-    lo, hi = min(v.min() for v in values), max(v.max() for v in values)
-    bins = np.linspace(lo, hi + 1e-9, 31)
+    bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values) + 1e-9, 31)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for name, v in samples.items():
         if len(v):
             ax.hist(v, bins=bins, density=True, histtype="step", lw=1.5, label=f"{name} (n={len(v)})")
     ax.set(xlabel=xlabel, ylabel="density", title=title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
-def _evaluate_arm(ctx: dict, arm: str) -> dict:
-    d, cfg, sets, feats = ctx["d"], ctx["cfg"], ctx["sets"], ctx["feats"]
-    syn, picked = d["arms"][arm], ctx["picked"][arm]
-    f_syn, f_src, f_mel = ctx["syn_feats"][arm], feats[syn.sources[picked]], feats[sets["real_mel_train"]]
-    rng = np.random.default_rng([cfg.seed, 15])
-    out: dict = {"translations": len(syn.images), "evaluated": len(picked)}
-    mel_rows, patients = sets["real_mel_train"], d["patients"]
-    pix_syn = _sample(np.arange(len(syn.images)), cfg.max_pixel_images, rng)
-    pix_src = syn.sources[pix_syn]
-    groups = patients[syn.sources[picked]]
-    # Arms translated from the same sources share the sources' numbers: computed once.
-    memo, key = ctx["memo"], (syn.sources[picked].tobytes(), pix_src.tobytes())
-    if key not in memo:
-        memo[key] = (_distance_pair(f_src, f_mel, ctx["n_fd"], cfg),
-                     two_sample_auc(f_mel, f_src, patients[mel_rows], groups, cfg.folds, cfg.l2, cfg.seed),
-                     ctx["pixel_test"](mel_rows, d["images"][pix_src], patients[pix_src]))
-    src_distances, src_features, src_pixels = memo[key]
-    out["distances"] = {"synthetic_vs_real_mel_train": _distance_pair(f_syn, f_mel, ctx["n_fd"], cfg),
-                        "sources_vs_real_mel_train": src_distances}
-    out["two_sample"] = {
-        "features": {"synthetic": two_sample_auc(f_mel, f_syn, patients[mel_rows], groups, cfg.folds, cfg.l2,
-                                                 cfg.seed), "sources": src_features},
-        "pixels": {"synthetic": ctx["pixel_test"](mel_rows, syn.images[pix_syn], patients[pix_src]),
-                   "sources": src_pixels}}
-    scores = _arm_scores(ctx, arm)
-    out["translation_success"] = {**translation_success(scores["val"], scores["val_labels"], scores["translations"],
-                                                        scores["sources"], cfg.sensitivity),
-                                  "scorer": scores["scorer"]}
-    sev = None
-    if ctx["regressor"] is not None:
-        pred_t, pred_s = ridge_predict(ctx["regressor"], f_syn), ridge_predict(ctx["regressor"], f_src)
-        sev = (pred_t, pred_s)
-        out["severity"] = _arm_severity(pred_t, pred_s, d["severity"][syn.sources[picked]],
-                                        ctx["result"]["severity_regressor"])
-    else:
-        out["severity"] = {"skipped": ctx["result"]["severity_regressor"]["skipped"]}
-    memo = memorisation(f_syn, feats[sets["real_mel_test"]], f_mel, 8, cfg.percentile)
-    # The same for the untranslated sources: how close images of this kind sit anyway (plain images
-    # lie nearer to everything), the level a translation's fraction should be read against.
-    control = memorisation(f_src, feats[sets["real_mel_test"]], f_mel, 0, cfg.percentile)
-    memo["sources_nn_distance"] = control["synthetic_nn_distance"]
-    memo["sources_fraction_below_real_percentile"] = control["fraction_below_real_percentile"]
-    for c in memo["closest"]:  # indices into the caller's arrays, not into the evaluated subsets
-        c["evaluated"] = c["synthetic"]
-        c["synthetic"], c["real_train"] = int(picked[c["synthetic"]]), int(mel_rows[c["real_train"]])
-    out["memorisation"] = memo
-    if ctx["out_dir"] is not None:
-        out["pictures"] = _arm_pictures(ctx, arm, scores, sev, memo, ctx["out_dir"])
-    for c in memo["closest"]:
-        del c["evaluated"]
-    return out
-
-
-def _encode(d: dict, sets: dict, picked: dict, encoder: Encoder) -> tuple[np.ndarray, dict, int]:
-    """Features of every real row any set uses (NaN elsewhere) and of each arm's picked images."""
-    rows = np.unique(np.concatenate([*sets.values()] + [d["arms"][a].sources[p] for a, p in picked.items()]))
-    feats = np.full((len(d["images"]), encoder.dim), np.nan)
-    feats[rows] = encoder(d["images"][rows])
-    syn_feats = {a: encoder(d["arms"][a].images[p]) for a, p in picked.items()}
-    return feats, syn_feats, len(rows) + sum(len(p) for p in picked.values())
-
-
-def _pixel_test(d: dict, cfg: QualityConfig, real_rows, images, groups) -> dict:
-    """Two-sample AUC on downsampled pixels: real rows (sampled) against `images`."""
-    rr = _sample(real_rows, cfg.max_pixel_images, np.random.default_rng([cfg.seed, 16]))
-    return two_sample_auc(pixel_features(d["images"][rr], cfg.pixel_size), pixel_features(images, cfg.pixel_size),
-                          d["patients"][rr], groups, cfg.folds, cfg.l2, cfg.seed)
-
-
-def _severity_context(ctx: dict) -> None:
-    """The severity regressor (fit on real training images) and its validation predictions, or the
-    note that there is no ground truth (real data)."""
-    d, sets, feats, result = ctx["d"], ctx["sets"], ctx["feats"], ctx["result"]
-    sev, labels = d["severity"], d["labels"]
-    if sev is None:
-        result["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth "
-                                                   "data set, e.g. real ISIC images): ground truth not checked"}
-        return
-    train = np.concatenate([sets["real_mel_train"], sets["real_benign_train"]])
-    val = np.concatenate([sets["real_mel_val"], sets["real_benign_val"]])
-    model = ctx["regressor"] = fit_ridge(feats[train], sev[train])
-    pred = ridge_predict(model, feats[val])
-    ctx["severity_val_pred"] = (pred[labels[val] == 0], pred[labels[val] == 1])
-    result["severity_regressor"] = {
-        "r2_val": r2_score(sev[val], pred), "alpha": model.alpha, "loo_mse_train": model.loo_mse,
-        "n_train": int(len(train)), "n_val": int(len(val)),
-        "true_benign": summarise(sev[labels == 0]), "true_malignant": summarise(sev[labels == 1]),
-        "predicted_val_benign": summarise(ctx["severity_val_pred"][0]),
-        "predicted_val_malignant": summarise(ctx["severity_val_pred"][1])}
-
-
-def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Mapping[str, Synthetic],
-             severity=None, logits: Mapping | None = None, out_dir=None, cfg: QualityConfig | None = None,
-             encoder: Encoder | None = None) -> dict:
-    """Measure each GAN arm's synthetic melanomas (the result: see the module docstring); write the
-    pictures to out_dir (None: none). Decode real and synthetic images the same way and at the same
-    size (e.g. `data.load_image(path, size)`, as the cache does), so that only content differs.
-
-      real_images    (N, H, W, 3) or (N, 3, H, W) uint8, e.g. the `data.Cache` memmap
-      real_labels, real_patients, real_splits   (N,) 0/1; patient ids (a patient stays in one fold
-                     of the two-sample test); "train" / "val" / "test"
-      synthetic      {arm: Synthetic(images (M, H, W, 3) uint8, sources (M,) rows of each
-                     translation's benign source in the real arrays)}
-      severity       (N,) hidden severity (`hidden_severity`), or None: real data, ground truth skipped
-      logits         None (a logistic regression on real training features scores the images) or
-                     {"real": (N,), NaN where unscored (validation and source rows need values),
-                     "synthetic": {arm: (M,)}} from a classifier trained on real images only
-      encoder        an Encoder to reuse (default: `imagenet_encoder` from cfg)
-    """
-    cfg = cfg or QualityConfig()
-    t_start, cpu_start = time.monotonic(), time.process_time()
-    d = _check_inputs(real_images, real_labels, real_patients, real_splits, severity, synthetic, logits)
-    sets, picked = _choose_sets(d, cfg)
-    encoder = encoder or imagenet_encoder(cfg.weights, cfg.resolution, cfg.batch_size, cfg.device)
-    t0, cpu0 = time.monotonic(), time.process_time()
-    feats, syn_feats, n_encoded = _encode(d, sets, picked, encoder)
-    t_features, cpu_features = time.monotonic() - t0, time.process_time() - cpu0
-    log.info("quality: encoded %d images in %.1f s (%.1f images/s)", n_encoded, t_features, n_encoded / t_features)
-    pixel_test = functools.partial(_pixel_test, d, cfg)
-    n_fd = min([cfg.fd_max] + [len(s) for s in sets.values()] + [len(p) for p in picked.values()])
-    result: dict = {
-        "encoder": {"name": f"{ENCODER_NAME} (ImageNet weights)", "resolution": encoder.resolution,
-                    "dim": encoder.dim, "features": "global-average-pooled last conv layer",
-                    "note": "ImageNet features, not Inception-v3's: FD and KID compare within melano only, "
-                            "not with published FIDs"},
-        "sets": {**{k: len(v) for k, v in sets.items()}, **{f"evaluated_{a}": len(p) for a, p in picked.items()},
-                 "fd_n": n_fd, "encoded_images": n_encoded},
-    }
-    result["reference"] = _reference(d, sets, feats, n_fd, cfg, pixel_test)
-    ctx = {"d": d, "cfg": cfg, "sets": sets, "picked": picked, "feats": feats, "syn_feats": syn_feats,
-           "n_fd": n_fd, "pixel_test": pixel_test, "logits": logits, "result": result, "regressor": None,
-           "out_dir": None if out_dir is None else Path(out_dir), "memo": {}}
-    _severity_context(ctx)
-    if logits is None:
-        ctx["scorer"] = _scorer(d, sets, feats, cfg)
-    result["arms"] = {arm: _evaluate_arm(ctx, arm) for arm in d["arms"]}
-    # CPU seconds as well: on a shared machine they say what the stage costs on an idle one
-    result["timings_s"] = {"features": t_features, "total": time.monotonic() - t_start,
-                           "images_per_s": n_encoded / t_features, "features_cpu": cpu_features,
-                           "total_cpu": time.process_time() - cpu_start}
-    result["config"] = dataclasses.asdict(cfg)
-    return result
-
-
-def _reference(d: dict, sets: dict, feats: np.ndarray, n_fd: int, cfg: QualityConfig, pixel_test) -> dict:
-    """The scale of every number: real vs real, and real benign vs real malignant."""
-    f = {k: feats[v] for k, v in sets.items()}
-    p = d["patients"]
-    mel, test, benign = sets["real_mel_train"], sets["real_mel_test"], sets["real_benign_val"]
-    val_benign_all = np.flatnonzero((d["labels"] == 0) & (d["splits"] == "val"))
-    return {
-        "distances": {
-            "real_mel_test_vs_real_mel_train": _distance_pair(f["real_mel_test"], f["real_mel_train"], n_fd, cfg),
-            "real_benign_val_vs_real_mel_train": _distance_pair(f["real_benign_val"], f["real_mel_train"], n_fd, cfg)},
-        "two_sample": {
-            "real_mel_test_vs_real_mel_train": {
-                "features": two_sample_auc(f["real_mel_train"], f["real_mel_test"], p[mel], p[test], cfg.folds,
-                                           cfg.l2, cfg.seed),
-                "pixels": pixel_test(mel, d["images"][test], p[test])},
-            "real_benign_val_vs_real_mel_train": {
-                "features": two_sample_auc(f["real_mel_train"], f["real_benign_val"], p[mel], p[benign], cfg.folds,
-                                           cfg.l2, cfg.seed),
-                "pixels": pixel_test(mel, d["images"][val_benign_all[:cfg.max_pixel_images]],
-                                     p[val_benign_all[:cfg.max_pixel_images]])}},
-    }
+    return report.save_figure(fig, path)

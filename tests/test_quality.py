@@ -112,7 +112,7 @@ def test_logistic_matches_sklearn(n, d, l2):
     sk = LogisticRegression(C=1 / l2, tol=1e-12, max_iter=100_000).fit(xs, y)
     assert np.allclose(ours.coef, sk.coef_[0], rtol=1e-4, atol=1e-6)
     assert ours.intercept == pytest.approx(sk.intercept_[0], rel=1e-4, abs=1e-6)
-    assert np.allclose(quality.logistic_logits(ours, x), sk.decision_function(xs), rtol=1e-4, atol=1e-5)
+    assert np.allclose(quality.predict(ours, x), sk.decision_function(xs), rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_folds_keep_groups_together_and_balance_classes():
@@ -201,7 +201,7 @@ def test_ridge_matches_sklearn_ridgecv():
         sk = RidgeCV(alphas=alphas).fit(xs, y)
         assert ours.alpha == sk.alpha_
         assert np.allclose(ours.coef, sk.coef_, rtol=1e-6, atol=1e-9)
-        assert np.allclose(quality.ridge_predict(ours, x), sk.predict(xs), atol=1e-8)
+        assert np.allclose(quality.predict(ours, x), sk.predict(xs), atol=1e-8)
     assert quality.r2_score([1, 2, 3], [1, 2, 3]) == 1.0
 
 
