@@ -1,28 +1,22 @@
 """What a synthetic lesion has: its hidden dermoscopic criteria, drawn from its severity.
 
-melano.synth renders these; this module only decides them, and scores them with the published
-rules. Every lesion has a hidden severity ``s`` in [0, 1] (nevi draw it from Beta(2, 6),
-melanomas from Beta(6, 2)), a phenotype, and each criterion present with a probability that rises
-with ``s``, with its own intensity and place.
+melano.synth paints them; this module only decides them, and scores them with the published
+rules. Each lesion has a hidden severity ``s`` in [0, 1] (nevi draw it from Beta(2, 6), melanomas
+from Beta(6, 2)), a phenotype, and each criterion with a probability that rises with ``s``, with
+its own intensity and place.
 
 Sources (facts and weights reused, not code):
-  - Argenziano G. et al., Arch Dermatol 1998;134:1563-70: the 7-point checklist. Major criteria
-    (2 points): atypical pigment network, blue-whitish veil, atypical vascular pattern; minor (1):
-    irregular streaks, irregular dots/globules, irregular blotches, regression structures; a
-    score of 3 or more suggests melanoma (about 95% sensitivity, 75% specificity).
-  - Stolz W. et al., Eur J Dermatol 1994;4:521-7: the ABCD rule of dermoscopy,
-    TDS = 1.3 A + 0.1 B + 0.5 C + 0.5 D; A 0-2 (asymmetry of contour, colours and structures about
-    two axes), B 0-8 (eighths of the border with an abrupt cut-off), C 1-6 (white, red, light
-    brown, dark brown, blue-grey, black), D 1-5 (network, structureless areas, streaks, dots,
-    globules). Below 4.75 benign, above 5.45 melanoma.
+  - Argenziano G. et al., Arch Dermatol 1998;134:1563-70: the 7-point checklist (`SEVEN_POINT`:
+    major criteria 2 points, minor 1; a score of 3 or more suggests melanoma).
+  - Stolz W. et al., Eur J Dermatol 1994;4:521-7: the ABCD rule of dermoscopy (`Lesion.tds`;
+    below 4.75 benign, above 5.45 melanoma).
   - Menzies S.W. et al., Arch Dermatol 1996;132:1178-82, and the odds ratios of the same
     literature: asymmetry of colour and structure, multicolour and the blue-white veil are the
-    strongest single cues; dots/globules the weakest. Here the criteria's presence rates are set
-    so that their single-criterion AUCs follow that order, none above 0.80.
+    strongest single cues, dots/globules the weakest. The criteria's presence rates follow that
+    order, none with a single-criterion AUC above 0.80.
   - Size and contour are weak cues: in a large series of melanomas about a third were under 6 mm
-    and about a third had a symmetric contour (no primary source is cited here: treat it as a
-    design assumption). Here about 30% of melanomas are under 6 mm, about 35% have a symmetric
-    contour, and diameter alone scores about AUC 0.6.
+    and about a third had a symmetric contour (no primary source is cited here: a design
+    assumption). Here about 30% are under 6 mm, about 35% symmetric; diameter alone scores ~AUC 0.6.
   - Benign mimics: seborrhoeic keratosis (milia-like cysts, comedo-like openings, sharp border)
     and solar lentigo (light brown, homogeneous, moth-eaten border); reticular, globular and
     homogeneous nevi; dysplastic nevi that carry one or two criteria.
