@@ -1,9 +1,7 @@
 """The CycleGAN trainer: benign lesions (domain A) into malignant ones (domain B).
 
-Top to bottom: config, data order, checkpoints, the trainer (`train`), CLI. The models, losses and
-training step are melano.gan; translation into a synthetic data set is melano.translate. Resuming
-is exact: a checkpoint holds the models, optimisers, image pools, random streams and the position
-in the data order, which is a pure function of (seed, epoch).
+The models, losses and training step are melano.gan; translation into a synthetic data set is
+melano.translate.
 
     python -m melano.cyclegan train --data DIR --out DIR [--size 128] [--max-steps N] [--resume] ...
     python -m melano.cyclegan translate --checkpoint PATH --data DIR --out DIR [--limit N]
@@ -139,12 +137,10 @@ class MalignantPairs(mdata.UnpairedDataset):
 
 
 class TrainData:
-    """Training-split benign (A) and malignant (B) images, in an order that can be resumed.
-
-    Epoch e visits the dataset in `dist.epoch_order(seed, e)`, and the dataset pairs A and B
-    through its own (seed, e) draws: nothing depends on how many batches came before, so
-    `batches(k, ...)` after a restart yields what an uninterrupted run yields after k steps.
-    Under torchrun each rank takes its shard: an epoch has ceil(len / (world x batch)) steps."""
+    """Training-split benign (A) and malignant (B) images, in an order that can be resumed: epoch e
+    visits the dataset in `dist.epoch_order(seed, e)` and pairs A and B by (seed, e) draws, so
+    `batches(k, ...)` after a restart yields what an uninterrupted run yields after k steps. Under
+    torchrun each rank takes its shard: an epoch has ceil(len / (world x batch)) steps."""
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
@@ -202,9 +198,8 @@ def save_samples(gan: G.GAN, A: torch.Tensor, B: torch.Tensor, path: Path) -> No
 
 
 def save_checkpoint(path: Path, cfg: CycleGANConfig, gan: G.GAN, step: int, steps_per_epoch: int) -> None:
-    """Collective (melano.infra.checkpoints.save): the models and optimisers, and every rank's
-    image pools and random streams. The step is all the position there is, since epoch e's order
-    is a function of (seed, e); "epoch" records the epoch of the last step."""
+    """Collective: the models and optimisers, and every rank's image pools and random streams. The
+    step is the whole position (epoch e's order depends on (seed, e) alone); "epoch" is a record."""
     shared = {"config": dataclasses.asdict(cfg), **{k: v.state_dict() for k, v in gan.models.items()},
               "opt_G": gan.opt_G.state_dict(), "opt_D": gan.opt_D.state_dict(), "scaler": gan.amp.state_dict(),
               "step": step, "epoch": max(step - 1, 0) // steps_per_epoch}
@@ -251,11 +246,10 @@ def absolute_paths(cfg: CycleGANConfig) -> CycleGANConfig:
 # ----------------------------------------------------------------------------- trainer
 
 def train(cfg: CycleGANConfig) -> Path:
-    """Train on the training split of cfg.data (benign = A, malignant = B); return the checkpoint.
-
-    Writes config.json, losses.csv/png, samples/ and checkpoint.pt (every --checkpoint-every steps,
-    at the end, and on SIGINT/SIGTERM, which then raise signals.Stopped). Under torchrun each
-    process trains on its shard of every step with its own pools and label noise; only rank 0 writes."""
+    """Train on the training split of cfg.data (benign = A, malignant = B); return the checkpoint. It
+    is saved every --checkpoint-every steps, at the end, and on SIGINT/SIGTERM (then signals.Stopped
+    is raised). Under torchrun each process trains on its shard of every step with its own pools and
+    label noise; only rank 0 writes."""
     # ---- setup and resume: everything is checked before anything is written
     setup_logging()
     kernels.load()  # the fused InstanceNorm (MELANO_OPS=eager: the PyTorch path)

@@ -1,13 +1,10 @@
-"""CycleGAN, the science: generators, discriminators, losses, the image pool, the schedule and
-one training step (`train_step`). The trainer around it (data, checkpoints, CLI) is melano.cyclegan.
+"""CycleGAN, the science: generators, discriminators, losses, the image pool and one training
+step (`train_step`). The trainer around it is melano.cyclegan.
 
-The models follow the original CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet
-generator and a 70x70 PatchGAN discriminator with InstanceNorm(affine=False) and biased convs.
-Every InstanceNorm (+ activation) is melano.ops.InstanceNormAct, the fused op; MELANO_OPS=eager
-selects the plain PyTorch path for the same module.
-
-Naming follows the original CycleGAN: G_A maps A -> B and D_A judges B images (real B vs G_A's fakes);
-G_B maps B -> A and D_B judges A images. Here A is benign and B malignant.
+The models follow the original CycleGAN (junyanz/pytorch-CycleGAN-and-pix2pix): a ResNet generator
+and a 70x70 PatchGAN, with InstanceNorm(affine=False) (melano.ops.InstanceNormAct, the fused op) and
+biased convs. G_A maps A -> B and D_A judges B images; G_B maps B -> A and D_B judges A images.
+Here A is benign and B malignant.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import torch.nn.functional as F
 
 from .ops import InstanceNormAct
 
-FORMAT = "melano.cyclegan"  # the format marker of the trainer's checkpoints (melano.cyclegan)
+FORMAT = "melano.cyclegan"  # the format marker of the trainer's checkpoints
 
 
 # ----------------------------------------------------------------------------- models
@@ -160,15 +157,12 @@ def make_targets(shape: torch.Size | tuple, mode: str, generator: torch.Generato
     """Targets for one iteration: (D on real, D on fake, G's adversarial "this is real").
 
     - "none": 1, 0, 1.
-    - "one-sided": 0.9, 0, 1. One-sided label smoothing (Salimans et al. 2016, "Improved
-      techniques for training GANs"): only the discriminator's real targets are softened; the
-      generator still aims at 1.
-    - "noisy": what the study called "label smoothing". Each iteration draws real targets
-      1 + 0.3 N(0, 1) and fake targets 0 + 0.3 N(0, 1), one value per discriminator output
-      (per patch), and the same real draw is the generator's target. This is NOT the label
-      smoothing of Salimans et al.: it is noisy labels, symmetric and unbounded (targets above 1
-      and below 0 occur), which also perturbs the generator's objective. With gan_mode="vanilla"
-      (BCE) targets outside [0, 1] make the loss unbounded below; use it with LSGAN.
+    - "one-sided": 0.9, 0, 1: one-sided label smoothing (Salimans et al. 2016) softens only the
+      discriminator's real targets.
+    - "noisy": what the study called "label smoothing": real targets 1 + 0.3 N(0, 1) and fake
+      targets 0.3 N(0, 1), drawn per discriminator output each iteration, the real draw also being
+      G's target. These are noisy labels, symmetric and unbounded, not Salimans et al.'s smoothing;
+      with gan_mode="vanilla" (BCE) targets outside [0, 1] make the loss unbounded below.
     """
     if mode == "none":
         real, fake = torch.ones(shape), torch.zeros(shape)
@@ -186,10 +180,10 @@ def make_targets(shape: torch.Size | tuple, mode: str, generator: torch.Generato
 # ----------------------------------------------------------------------------- image pool
 
 class ImagePool:
-    """History of generated images (Shrivastava et al. 2017), as in the original CycleGAN: until the pool is
-    full, each image is stored and returned; after that, with probability 1/2 the image is swapped
-    with a random stored one, which is returned instead. Randomness comes from `generator` (a CPU
-    torch.Generator) so the pool's choices are part of the checkpointed RNG state."""
+    """History of generated images (Shrivastava et al. 2017), as in the original CycleGAN: until it
+    is full, each image is stored and returned; then, with probability 1/2, an image is swapped with
+    a random stored one, which is returned instead. `generator` (CPU) draws the choices, so they are
+    part of the checkpointed random state."""
 
     def __init__(self, size: int, generator: torch.Generator):
         self.size, self.generator, self.images = size, generator, []

@@ -2,12 +2,10 @@
 
     python -m melano.cyclegan translate --checkpoint RUN/checkpoint.pt --data DIR --out DIR [--limit N]
 
-The output is a data folder in the ISIC layout (train.csv + jpeg/train/) that
-`melano.classifier train --extra` reads. Each image is written like its source (`melano.encode`:
-the source's resolution, JPEG quantisation tables and chroma subsampling, or lossless PNG), so
-that nothing in the file tells a synthetic image from a real one. Each row keeps its source's patient_id, sex, age and
-site (so a patient-grouped reader can audit leakage), with diagnosis "synthetic",
-benign_malignant "malignant", target 1 and `source_image` naming the benign original.
+The output is a data folder in the ISIC layout (train.csv + jpeg/train/) for `melano.classifier
+train --extra`. Each image is encoded like its source (melano.encode), so nothing in the file tells
+a synthetic image from a real one. Each row keeps its source's patient and metadata, with diagnosis
+"synthetic", target 1 and `source_image` naming the benign original (so leakage can be audited).
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from PIL import Image
-
-from types import SimpleNamespace
 
 from . import encode, gan
 from . import data as mdata
@@ -110,13 +108,9 @@ def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: SimpleNam
 
 @torch.no_grad()
 def translate(cfg: TranslateConfig) -> Path:
-    """Run G_A over the benign images of cfg.split and write the synthetic data folder at cfg.out.
-
-    The split file and cache default to the ones the checkpoint was trained with (absolute paths
-    saved in it). The folder is written beside --out and swapped into place, so a kill leaves the
-    old translation or the new one; an --out holding anything but an earlier translation is
-    refused without --force.
-    Returns the output folder."""
+    """G_A over the benign images of cfg.split, written as a data folder at cfg.out (returned). The
+    split and cache default to the checkpoint's. An --out holding anything but an earlier translation
+    is refused without --force."""
     kernels.load()
     device = pick_device(cfg.device)
     state = checkpoints.load_state(cfg.checkpoint, gan.FORMAT, "melano CycleGAN checkpoint (checkpoint.pt of "
@@ -128,7 +122,7 @@ def translate(cfg: TranslateConfig) -> Path:
     if not split_csv.is_file():
         raise FileNotFoundError(f"split file {split_csv} (from {cfg.checkpoint}) does not exist; pass the "
                                 f"splits.csv the model was trained with (--split-csv)")
-    # staged: written into a fresh folder and swapped in, so a kill never mixes two translations
+    # staged: written into a fresh folder and swapped in, so a kill leaves the old translation or the new one
     with outdir.claim(cfg.out, "translate", force=cfg.force, can_resume=False, staged=True, data=[cfg.data]) as claim:
         rows = write_translations(cfg, G, gcfg, split_csv, device, claim)
     out_dir = Path(cfg.out)
