@@ -1,38 +1,24 @@
-"""Fused InstanceNorm + activation, as one custom op (C++ on CPU, CUDA on GPUs).
+"""Fused InstanceNorm + activation, one custom op (C++ on CPU, CUDA on GPUs):
 
     y = act(instance_norm(x, weight, bias, eps)),   act in {"none", "relu", "leaky_relu"}
 
 exactly `F.leaky_relu(F.instance_norm(x, weight=weight, bias=bias, eps=eps), slope)`: biased
 variance, no running statistics; "relu" is slope 0 and "none" the identity. Eager PyTorch makes a
 pass over memory for the statistics, one to normalise and one to activate (and as many backward);
-the fused op reads x from memory once and writes y once. (On the CPU its later passes over a plane
-hit the cache; on a GPU a plane too large for one block's registers is read twice.)
+the fused op reads x once and writes y once (a GPU plane too large for one block's registers is
+read twice).
 
-Public API:
-    instance_norm_act(x, weight=None, bias=None, eps=1e-5, act="relu", negative_slope=0.01)
-    InstanceNormAct(num_features, affine=False, eps=1e-5, act="relu", negative_slope=0.2)
-    backend(device="cpu") -> "ext" | "eager"
-    eager_instance_norm_act(x, ...)            the composed PyTorch ops (MELANO_OPS=eager, benchmarks)
-    kernel_layout(x) -> torch.memory_format    the layout the compiled op reads and returns for x
-
-This module never builds: melano.infra.kernels.load() builds the compiled library (csrc/) and loads
-it (the trainers call it at start-up; `python -m melano.ops build` prebuilds it).
-
-Choices worth knowing:
 - Layout: the output has the input's memory format. A channels_last-contiguous input runs NHWC
-  kernels (SIMD or coalesced across channels) and gives a channels_last output; any other layout
-  (NCHW, transposed, strided) runs the NCHW kernels on a contiguous copy and gives an NCHW output.
-  (The eager path returns what F.instance_norm returns: NCHW.)
+  kernels (SIMD or coalesced across channels); any other layout runs the NCHW kernels on a
+  contiguous copy (`kernel_layout`). The eager path returns what F.instance_norm returns: NCHW.
 - Backward: the op saves x, mean and rstd (not y) and recomputes the pre-activation from x; the
   formulas, their derivation and why x rather than y are in reference/instance_norm_act.py. The
-  activation's gradient follows F.relu / F.leaky_relu: 0 (or the slope) where y_pre <= 0.
-  No double backward.
-- Selection by the environment variable MELANO_OPS, read at every call:
-    auto (default)  the compiled op where its library is loaded with a kernel for the device, else
-                    the eager path with one logged warning;
-    ext             the compiled op, or an error saying what is missing;
-    eager           the composed PyTorch ops (`eager_instance_norm_act`).
-  ("reference" names only the float64 test oracles in reference/, never a path of this module.)
+  activation's gradient follows F.relu / F.leaky_relu: 0 (or the slope) where y_pre <= 0. No
+  double backward.
+- MELANO_OPS, read at every call: auto (default) takes the compiled op where its library is loaded
+  with a kernel for the device, else the eager path with one logged warning; ext the compiled op
+  or an error saying what is missing; eager the composed PyTorch ops (`eager_instance_norm_act`).
+  This module never builds: melano.infra.kernels.load() builds and loads the library (csrc/).
 """
 
 from __future__ import annotations
@@ -55,18 +41,10 @@ DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # device type -> the dispatch ke
 _lock = threading.Lock()
 _registered = False  # the fake and autograd parts below
 _ready: set[str] = set()  # device types with loaded kernels (a loaded library never goes away)
-_warned: set[str] = set()
+_warned: set[str] = set()  # the fallbacks already logged
 
 
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Compiled-op registration
-
+# ----------------------------------------------------------------------------- registration
 
 def kernel_layout(x: torch.Tensor) -> torch.memory_format:
     """The layout the compiled op reads and returns: channels_last for a channels_last-contiguous x
@@ -79,20 +57,18 @@ def kernel_layout(x: torch.Tensor) -> torch.memory_format:
 def _register_python_parts() -> None:
     """Fake (meta) implementations for torch.compile/opcheck, and the autograd formula."""
 
-    def acc_dtype(x):
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
+    def like(x, shape):  # a tensor like x in the kernels' layout, and two accumulator-dtype ones
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (torch.empty_like(x, memory_format=kernel_layout(x)), x.new_empty(shape, dtype=acc),
+                x.new_empty(shape, dtype=acc))
 
     @torch.library.register_fake("melano::inorm_act_fwd")
-    def _fwd_fake(x, weight, bias, eps, act, negative_slope):
-        n, c = x.shape[0], x.shape[1]
-        y = torch.empty_like(x, memory_format=kernel_layout(x))
-        return y, x.new_empty((n, c), dtype=acc_dtype(x)), x.new_empty((n, c), dtype=acc_dtype(x))
+    def _fwd_fake(x, weight, bias, eps, act, negative_slope):  # y; mean and rstd (N, C)
+        return like(x, (x.shape[0], x.shape[1]))
 
     @torch.library.register_fake("melano::inorm_act_bwd")
-    def _bwd_fake(grad_y, x, weight, bias, mean, rstd, act, negative_slope):
-        c = x.shape[1]
-        dx = torch.empty_like(x, memory_format=kernel_layout(x))
-        return dx, x.new_empty((c,), dtype=acc_dtype(x)), x.new_empty((c,), dtype=acc_dtype(x))
+    def _bwd_fake(grad_y, x, weight, bias, mean, rstd, act, negative_slope):  # dx; dweight and dbias (C,)
+        return like(x, (x.shape[1],))
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, _eps, act, negative_slope = inputs
@@ -117,67 +93,54 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("melano::inorm_act_bwd", no_double_backward)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Backend selection
-
-
-def ops_mode() -> str:
-    mode = os.environ.get("MELANO_OPS", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"MELANO_OPS={mode!r} is not one of {', '.join(MODES)}")
-    return mode
-
-
-def _loaded() -> bool:
-    """Whether the compiled library is loaded (its schema registered); adds the Python parts once."""
-    global _registered
-    if not hasattr(torch.ops.melano, "inorm_act_fwd"):
-        return False
-    with _lock:
-        if not _registered:
-            _register_python_parts()
-            _registered = True
-    return True
-
-
-def _has_kernels(device_type: str) -> bool:
-    key = DISPATCH_KEYS.get(device_type)
-    return key is not None and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in OPS)
-
+# ----------------------------------------------------------------------------- backend selection
 
 def backend(device: str | torch.device = "cpu") -> str:
     """"ext" or "eager": the path instance_norm_act takes for tensors on `device`. Never builds."""
-    mode = ops_mode()
+    mode = os.environ.get("MELANO_OPS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"MELANO_OPS={mode!r} is not one of {', '.join(MODES)}")
     return "eager" if mode == "eager" else _compiled_or_eager(torch.device(device).type, mode)
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it once as Python, not traced
 def _compiled_or_eager(device_type: str, mode: str) -> str:
+    global _registered
     if device_type in _ready:  # the common case
         return "ext"
-    if not _loaded():
-        if mode == "ext":
-            raise RuntimeError("MELANO_OPS=ext but the fused kernel library is not loaded: call "
-                               "melano.infra.kernels.load() first (it builds the library, or raises with the "
-                               "build error; `python -m melano.ops build --verbose` shows a build)")
-        _warn_once("load", "melano.ops: the fused kernel library is not loaded (melano.infra.kernels.load() "
-                   "loads it), so the eager PyTorch path is used; set MELANO_OPS=eager to choose it")
-        return "eager"
-    if _has_kernels(device_type):
+    if not hasattr(torch.ops.melano, "inorm_act_fwd"):  # loading the library registers the op
+        return _fall_back(mode, "load", "MELANO_OPS=ext but the fused kernel library is not loaded: call "
+                          "melano.infra.kernels.load() first (it builds the library, or raises with the build "
+                          "error; `python -m melano.ops build --verbose` shows a build)",
+                          "melano.ops: the fused kernel library is not loaded (melano.infra.kernels.load() "
+                          "loads it), so the eager PyTorch path is used; set MELANO_OPS=eager to choose it")
+    with _lock:
+        if not _registered:
+            _register_python_parts()
+            _registered = True
+    key = DISPATCH_KEYS.get(device_type)
+    if key is not None and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in OPS):
         _ready.add(device_type)
         return "ext"
     why = ("the library was built without its CUDA kernels; `python -m melano.ops build` says why"
            if device_type == "cuda" else f"no {device_type} kernel exists")
+    return _fall_back(mode, device_type,
+                      f"MELANO_OPS=ext but the fused kernel has no {device_type} implementation: {why}",
+                      f"melano.ops: no fused kernel for {device_type} tensors ({why}); using the eager "
+                      "PyTorch path for them")
+
+
+def _fall_back(mode: str, key: str, ext_error: str, warning: str) -> str:
+    """The eager path, warning once per key; with MELANO_OPS=ext, a RuntimeError instead."""
     if mode == "ext":
-        raise RuntimeError(f"MELANO_OPS=ext but the fused kernel has no {device_type} implementation: {why}")
-    _warn_once(device_type, f"melano.ops: no fused kernel for {device_type} tensors ({why}); "
-               "using the eager PyTorch path for them")
+        raise RuntimeError(ext_error)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(warning)
     return "eager"
 
 
-# ---------------------------------------------------------------------------------------------------
-# The op
-
+# ----------------------------------------------------------------------------- the op
 
 def _check_args(x, weight, bias, eps, act) -> None:
     """Refuse bad input before any kernel runs, naming the problem and the fix."""
@@ -231,10 +194,8 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
 
 class InstanceNormAct(nn.Module):
     """Drop-in for nn.Sequential(nn.InstanceNorm2d(C, affine=...), nn.ReLU()) and its LeakyReLU(slope)
-    and no-activation forms. With affine=True the parameters are `weight` (ones) and `bias` (zeros),
-    as in nn.InstanceNorm2d, so its state-dict keys `0.weight`/`0.bias` map to `weight`/`bias`.
-    Like nn.InstanceNorm2d it also takes an unbatched (C, H, W) input.
-    """
+    and no-activation forms; also takes an unbatched (C, H, W) input. With affine=True the parameters
+    are `weight` (ones) and `bias` (zeros): nn.InstanceNorm2d's `0.weight`/`0.bias` map to them."""
 
     def __init__(self, num_features: int, affine: bool = False, eps: float = 1e-5, act: str = "relu",
                  negative_slope: float = 0.2, device=None, dtype=None):

@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     info = kernels.build(verbose=args.verbose)
-    out = dataclasses.asdict(info)
-    out["backend"] = {"cpu": "ext" if info.ok else "eager",
-                      "cuda": "ext" if info.ok and info.cuda else "eager"}
-    print(json.dumps(out))
+    backend = {"cpu": "ext" if info.ok else "eager", "cuda": "ext" if info.ok and info.cuda else "eager"}
+    print(json.dumps({**dataclasses.asdict(info), "backend": backend}))
     if not info.ok:
         log.error("build failed: %s", info.error)
         return 1
