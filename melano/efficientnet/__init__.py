@@ -1,30 +1,16 @@
-"""EfficientNet B0-B7 and EfficientNet-Lite0-4, written out in one file: the model only.
+"""EfficientNet B0-B7 and EfficientNet-Lite0-4, the model only, in one file: the config and the
+variant table, the layers (TF "SAME" conv, conv+BN+activation, squeeze-excitation, the MBConv
+block), then the model. `melano.pretrained` loads weights (offline, torchvision, timm, lukemelas).
 
-Read it top to bottom: the config dataclass and the variant table, the layers (TF "SAME" conv,
-conv+BN+activation, squeeze-excitation, the MBConv block), then the model. Pretrained weights
-(offline, torchvision, timm, lukemelas layouts) are loaded by `melano.pretrained`.
+Names follow timm's (`MODEL_NAMES`): efficientnet_b0..b7 and efficientnet_lite0..4 pad
+symmetrically (k//2) with BN eps 1e-5 (b5-b7: 1e-3, as torchvision builds them for the TF-trained
+weights it ships for those sizes); tf_efficientnet_b0..b7 and tf_efficientnet_lite0..4 use
+TensorFlow "SAME" padding (asymmetric at stride 2) and BN eps 1e-3: what weights ported from
+TensorFlow need. BN momentum is PyTorch's 0.1 in every variant, as in timm (it only matters for
+training; TF trained with decay 0.99, i.e. momentum 0.01, which lukemelas and torchvision's B5-B7
+keep). Lite models: no SE, ReLU6, and neither the stem (32) and head (1280) nor the depth of the
+first and last stage is scaled (the TensorFlow Lite builder's table).
 
-Variants follow timm's names (`MODEL_NAMES` lists them all):
-
-    efficientnet_b0 .. efficientnet_b7        PyTorch-style: symmetric padding k//2, BN eps 1e-5
-                                              (b5-b7: eps 1e-3, as torchvision builds them for the
-                                              TF-trained weights it ships for those sizes)
-    efficientnet_lite0 .. efficientnet_lite4  same, Lite architecture, BN eps 1e-5
-    tf_efficientnet_b0 .. tf_efficientnet_b7  TensorFlow "SAME" padding (asymmetric for stride 2) and
-    tf_efficientnet_lite0 .. _lite4           BN eps 1e-3: what weights ported from TensorFlow need.
-BN momentum is PyTorch's 0.1 in every variant, as in timm (it only matters for training; TF trained
-with decay 0.99, i.e. momentum 0.01, which lukemelas and torchvision's B5-B7 keep).
-
-B models: MBConv blocks with squeeze-excitation and SiLU, width/depth/resolution/dropout coefficients
-(1.0,1.0,224,.2) (1.0,1.1,240,.2) (1.1,1.2,260,.3) (1.2,1.4,300,.3) (1.4,1.8,380,.4) (1.6,2.2,456,.4)
-(1.8,2.6,528,.5) (2.0,3.1,600,.5). Lite models: no SE, ReLU6, the stem (32) and head (1280) are not
-scaled and neither is the depth of the first and last stage; Lite0-4 use (1.0,1.0,224,.2)
-(1.0,1.1,240,.2) (1.1,1.2,260,.3) (1.2,1.4,280,.3) (1.4,1.8,300,.3), the TensorFlow Lite builder's table.
-
-Public API
-    efficientnet(name, num_classes=1000, drop_rate=None, drop_path_rate=None)  (random init)
-    EfficientNet(cfg), EfficientNetConfig, config(name), MODEL_NAMES
-    model.default_cfg = {"input_size": (3, H, W), "mean", "std", "interpolation"}
 A binary classifier is `num_classes=1` (one logit). A config can be changed before building, e.g.
 `EfficientNet(dataclasses.replace(config("efficientnet_b5"), bn_eps=1e-5))` for timm's own B5 weights.
 """
@@ -45,9 +31,7 @@ TF_LITE_MEAN = (127.0 / 255,) * 3  # TF Lite preprocessing is (x - 127) / 128 on
 TF_LITE_STD = (128.0 / 255,) * 3
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-
+# ----------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
 class EfficientNetConfig:
@@ -79,7 +63,7 @@ STAGES = [
 ]
 STEM_CHANNELS, HEAD_CHANNELS, SE_RATIO = 32, 1280, 0.25
 
-_B = {  # width, depth, resolution, dropout
+_B = {  # width, depth, resolution, dropout (B models: MBConv with squeeze-excitation and SiLU)
     0: (1.0, 1.0, 224, 0.2), 1: (1.0, 1.1, 240, 0.2), 2: (1.1, 1.2, 260, 0.3), 3: (1.2, 1.4, 300, 0.3),
     4: (1.4, 1.8, 380, 0.4), 5: (1.6, 2.2, 456, 0.4), 6: (1.8, 2.6, 528, 0.5), 7: (2.0, 3.1, 600, 0.5),
 }
@@ -122,9 +106,7 @@ def round_channels(channels: float, multiplier: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * channels else new
 
 
-# ----------------------------------------------------------------------------------------------
-# Layers
-
+# ----------------------------------------------------------------------------- layers
 
 class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding: output size ceil(in / stride); the odd pixel of padding
@@ -148,11 +130,7 @@ class ConvBNAct(nn.Sequential):
             self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         if act:
-            self.act = activation(cfg)
-
-
-def activation(cfg: EfficientNetConfig) -> nn.Module:
-    return nn.ReLU6(inplace=True) if cfg.lite else nn.SiLU(inplace=True)
+            self.act = nn.ReLU6(inplace=True) if cfg.lite else nn.SiLU(inplace=True)
 
 
 class SqueezeExcite(nn.Module):
@@ -200,9 +178,7 @@ class MBConv(nn.Module):
         return x + y
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
-
+# ----------------------------------------------------------------------------- the model
 
 class EfficientNet(nn.Module):
     def __init__(self, cfg: EfficientNetConfig):
