@@ -2,9 +2,9 @@
 it beat simply resampling the real melanomas?
 
     python -m melano.pipeline [--data DIR] [--out DIR] [--preset smoke|quick|study|full] [--seeds K]
-                              [--rerun STAGE ...] [--jobs J] [--nproc-per-node K]
+                              [--rerun STAGE ...] [--jobs J] [--nproc-per-node K] [--gan-* ...] [--clf-* ...]
 
-Stages, each in its own folder under --out (default runs/<preset>), run top to bottom by `run`:
+Stages, each in its own folder under --out (default runs/<preset>), run top to bottom by `run_stages`:
 
     data              the ISIC folder given by --data, or the built-in synthetic set, generated on
                       first use; one patient-grouped split (splits.csv) that every arm shares
@@ -14,23 +14,21 @@ Stages, each in its own folder under --out (default runs/<preset>), run top to b
                       the classes are balanced (or --synthetic-ratio)
     arm_<arm>_<k>     one classifier per arm and seed k: the same split, test set, batch size,
                       schedule and number of optimiser steps for every arm
+    quality           how convincing the synthetic melanomas are
     report            metrics.json, report.md and the figures
 
 The arms: none (imbalanced, no augmentation), traditional (flips, rotations, crops), oversample
 (real melanomas resampled, with traditional augmentation, to the CycleGAN arms' class ratio: the
 control that separates balancing from realism), cyclegan and cyclegan_ls (balanced with G_A's
-translations). Every arm trains `clf_epochs` epochs of the REAL training split's steps.
+translations). Every arm trains --clf-epochs epochs of the REAL training split's steps. The
+--gan-* and --clf-* options are the trainers' own, less those the pipeline sets itself.
 
-Training stages that do not read each other run --jobs at a time (default 2 on a CPU), each in
-its own process with its share of the cores and its log in <stage>/train.log: the two GANs, then
-the arm replicates. On 2 cores that is 1.3-1.4x faster than one process with 2 threads, because
-the quick preset's small models leave a second thread idle for much of each step.
-
-A stage whose outputs exist and whose parameters (and those of the stages it reads) have not
-changed is skipped; a stage killed half-way resumes from its checkpoint; `--rerun STAGE` reruns
-one stage and, through the parameters, everything downstream of it. SIGINT or SIGTERM to the
-pipeline (or to its process group) stops each running trainer after its step, with a checkpoint;
-the pipeline then exits 128 + the signal's number, and a rerun resumes.
+Training stages that do not read each other run --jobs at a time, each in its own process with its
+share of the cores and its log in <stage>/train.log. A stage whose outputs exist and whose
+parameters (and those of the stages it reads) have not changed is skipped; a stage killed half-way
+resumes from its checkpoint; `--rerun STAGE` reruns it and everything downstream. SIGINT or SIGTERM
+stops each running trainer after its step, with a checkpoint; the pipeline then exits 128 + the
+signal's number, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -74,6 +71,23 @@ ROOT_FILES = ("config.json", "metrics.json", "report.md", "roc.png", "gan_losses
 GAN_ARMS = {"cyclegan": ("gan", "synth", "none"), "cyclegan_ls": ("gan_ls", "synth_ls", "noisy")}
 PRESET_NAMES = ("smoke", "quick", "study", "full")
 
+# The trainers' settings, offered as --gan-* and --clf-*: every field of their configs but those the
+# pipeline sets itself (per stage, or from its own options), with the quick preset's values.
+GanSettings = options.settings(
+    cyclegan.CycleGANConfig, "GanSettings",
+    skip=("data", "out", "split_csv", "cache_dir", "seed", "device", "label_smoothing", "gen_act", "sample_every",
+          "checkpoint_every", "resume", "force"),
+    size=48, ngf=16, ndf=16, n_blocks=3, batch_size=4, epochs=2, epochs_decay=3, upsample="nearest", residual=True,
+    pairing="malignant", lr=4e-4, lambda_identity=0.0, channels_last=True)
+ClfSettings = options.settings(
+    classifier.ClassifierConfig, "ClfSettings",  # evaluate: the report reads the test predictions
+    skip=("data", "out", "extra", "oversample", "split_csv", "cache_dir", "val_frac", "test_frac", "split_seed",
+          "max_steps", "val_every", "augment", "seed", "eval_batch_size", "evaluate", "threads", "device",
+          "resume", "force"),
+    size=48, epochs=1)
+# the flags' spellings from before the composition (and make_config's keywords, cfg's attributes)
+ALIASES = {"gan_blocks": "gan_n_blocks", "arch": "clf_arch", "weights": "clf_weights", "pretrained": "clf_pretrained"}
+
 
 @dataclass
 class PipelineConfig:
@@ -95,56 +109,18 @@ class PipelineConfig:
     # split
     val_frac: float = option(0.15, "share of patients in validation", min=0, max=0.9, min_open=True)
     test_frac: float = option(0.45, "share of patients in the test split", min=0, max=0.9, min_open=True)
-    # CycleGAN
-    gan_size: int = option(48, "CycleGAN image side in pixels (multiple of 4, >= 32)", min=32)
-    gan_ngf: int = option(16, "generator width", min=1)
-    gan_ndf: int = option(16, "discriminator width", min=1)
-    gan_blocks: int = option(3, "generator residual blocks", min=0)
-    gan_batch_size: int = option(4, "CycleGAN batch size", min=1)
-    gan_epochs: int = option(2, "CycleGAN epochs at constant LR", min=0)
-    gan_epochs_decay: int = option(3, "CycleGAN epochs of linear LR decay", min=0)
-    gan_max_steps: int | None = option(None, "CycleGAN total steps (cuts the schedule short). none: no cap", min=1)
-    gan_upsample: str = option("nearest", "transpose (original CycleGAN), nearest (+ reflection-padded conv) "
-                                            "or nearest_zero (+ zero-padded conv, the study's)",
-                               choices=("transpose", "nearest", "nearest_zero"))
-    gan_residual: bool = option(True, "generators learn a change to their input and start as the identity")
-    gan_disc: str = option("patchgan", "discriminator: patchgan (original CycleGAN) or study", choices=("patchgan", "study"))
-    gan_init: str = option("normal", "weight init: normal (N(0, 0.02)) or default (PyTorch's)",
-                           choices=("normal", "default"))
-    gan_pairing: str = option("malignant", "a CycleGAN epoch: longest (original CycleGAN) or malignant (the study's)",
-                              choices=("longest", "malignant"))
-    gan_augment_b: str = option("none", "malignant-image augmentation in GAN training: none or study",
-                                choices=("none", "study"))
+    # the GANs, their synthetic melanomas, and how good those are
+    gan: GanSettings = option(help="both CycleGANs (melano.cyclegan train's options)", factory=GanSettings)
     gan_ls_gen_act: str = option("relu", "generator activation of the label-smoothing GAN: relu, or leaky "
                                          "(LeakyReLU 0.01, as the study's)", choices=("relu", "leaky"))
-    gan_lr: float = option(4e-4, "CycleGAN Adam learning rate", min=0, min_open=True)
-    gan_lambda_identity: float = option(0.0, "identity loss weight, as a fraction of the cycle weight", min=0)
-    gan_pool_size: int = option(50, "image pool per discriminator (0 disables)", min=0)
-    gan_channels_last: bool = option(True, "CycleGAN in NHWC memory format: on in the quick and smoke presets, "
-                                           "off in full and study (bench/README.md)")
     synthetic_ratio: float = option(1.0, "synthetic + real malignant = ratio x benign in training", min=0,
                                     min_open=True)
     quality_images: int = option(96, "quality stage: translations, sources and benign images encoded per set",
                                  min=2)
     quality_reference: int = option(250, "quality stage: real melanomas encoded per split", min=2)
-    # classifier
-    arch: str = option("tf_efficientnet_lite0", "classifier architecture (melano.efficientnet names)")
-    weights: str | None = option(None, "classifier weights (path or URL) instead of the packaged Lite0 weights")
-    pretrained: bool = option(True, "start each classifier from pretrained weights (--weights, or the packaged Lite0 "
-                                    "ones); --no-pretrained starts from random weights")
-    clf_size: int | None = option(48, "classifier image side in pixels. none: the model's native resolution",
-                                  min=32)
-    clf_epochs: int = option(1, "classifier budget, in epochs of the real training split (every arm takes "
-                                "the same number of steps)", min=1)
-    clf_batch_size: int = option(32, "classifier batch size", min=2)
-    clf_lr: float = option(1e-3, "classifier peak learning rate", min=0, min_open=True)
-    clf_optimizer: str = option("adamw", "classifier optimiser: adamw or adam", choices=("adamw", "adam"))
-    clf_schedule: str = option("cosine", "classifier LR schedule: cosine (after warm-up) or constant",
-                               choices=("cosine", "constant"))
-    clf_weight_decay: float = option(1e-2, "classifier weight decay", min=0)
-    clf_warmup: float = option(0.05, "classifier warm-up share of the steps", min=0, max=0.99)
-    clf_mean_std: str = option("model", "classifier input normalisation: model (ImageNet) or half (0.5/0.5)",
-                               choices=("model", "half"))
+    # the classifiers
+    clf: ClfSettings = option(help="the classifier of every arm (melano.classifier train's options)",
+                              factory=ClfSettings)
     test_batch_size: int = option(128, "classifier batch for validation and test", min=1)
     device: str | None = option(None, "cpu or cuda. none: cuda when available")
     nproc_per_node: int = option(1, "processes for the gan and arm training stages; K > 1 runs them under "
@@ -157,21 +133,28 @@ class PipelineConfig:
 
     def __post_init__(self):
         options.check_options(self)
-        if self.gan_size % 4:
-            raise cli.UsageError(f"--gan-size {self.gan_size}: the generator needs a multiple of 4")
+        if self.gan.size % 4:
+            raise cli.UsageError(f"--gan-size {self.gan.size}: the generator needs a multiple of 4")
         if self.val_frac + self.test_frac >= 1:
             raise cli.UsageError("--val-frac + --test-frac must leave images for training")
         bad = set(self.arms) - set(ARMS)
         if bad or not self.arms:
             raise cli.UsageError(f"--arms {' '.join(self.arms)}: choose from {', '.join(ARMS)}")
-        if self.weights and not self.pretrained:
+        if self.clf.weights and not self.clf.pretrained:
             raise cli.UsageError("--weights and --no-pretrained contradict each other; drop one")
+
+    def __getattr__(self, name: str):
+        """The flat names of the flags: cfg.gan_size is cfg.gan.size, cfg.arch is cfg.clf.arch."""
+        part, _, rest = ALIASES.get(name, name).partition("_")
+        if part in ("gan", "clf") and part in vars(self):
+            return getattr(vars(self)[part], rest)
+        raise AttributeError(f"'PipelineConfig' object has no attribute {name!r}")
 
 
 PRESETS: dict[str, dict] = {
     # Every stage and arm in a few minutes of 2 CPU cores; what the tests run.
     "smoke": dict(synth_benign=160, synth_malignant=60, synth_size=32, val_frac=0.2, test_frac=0.25, seeds=2,
-                  gan_size=32, gan_ngf=8, gan_ndf=8, gan_blocks=1, gan_batch_size=4, gan_max_steps=6,
+                  gan_size=32, gan_ngf=8, gan_ndf=8, gan_n_blocks=1, gan_batch_size=4, gan_max_steps=6,
                   clf_size=32, clf_epochs=1, clf_batch_size=32),
     # The default: a meaningful answer on a 2-core CPU in at most 15 minutes. Its GANs are small
     # (48 px, ngf 16, 3 blocks, 500 steps at lr 4e-4) and residual: they start as the identity, which the
@@ -180,7 +163,7 @@ PRESETS: dict[str, dict] = {
     "quick": dict(),
     # melano's recommended recipe at full scale, for a GPU.
     "full": dict(synth_benign=32542, synth_malignant=584, synth_size=256, test_frac=0.15, gan_size=256, gan_ngf=64,
-                 gan_ndf=64, gan_blocks=9, gan_batch_size=1, gan_epochs=100, gan_epochs_decay=100,
+                 gan_ndf=64, gan_n_blocks=9, gan_batch_size=1, gan_epochs=100, gan_epochs_decay=100,
                  gan_max_steps=None, gan_upsample="nearest", gan_residual=False, gan_lambda_identity=0.5,
                  gan_pairing="longest", gan_lr=2e-4, quality_images=500, quality_reference=1000, clf_size=None,
                  clf_epochs=15, clf_batch_size=32, seeds=5, gan_channels_last=False),
@@ -189,10 +172,10 @@ PRESETS: dict[str, dict] = {
 # not its bugs; STUDY_DEVIATIONS lists every difference). Its classifier is EfficientNet-B4 from
 # ImageNet weights, which are not packaged offline: pass them with --weights.
 PRESETS["study"] = dict(
-    PRESETS["full"], seeds=3, gan_size=224, gan_ngf=64, gan_ndf=64, gan_blocks=9, gan_batch_size=10,
+    PRESETS["full"], seeds=3, gan_size=224, gan_ngf=64, gan_ndf=64, gan_n_blocks=9, gan_batch_size=10,
     gan_epochs=11, gan_epochs_decay=349, gan_max_steps=None, gan_lr=2e-4, gan_upsample="nearest_zero",
     gan_lambda_identity=0.0, gan_pool_size=0, gan_disc="study", gan_init="default", gan_pairing="malignant",
-    gan_augment_b="study", gan_ls_gen_act="leaky", synthetic_ratio=1.0, arch="tf_efficientnet_b4",
+    gan_augment_b="study", gan_ls_gen_act="leaky", synthetic_ratio=1.0, clf_arch="tf_efficientnet_b4",
     clf_size=224, clf_epochs=10, clf_batch_size=32, clf_lr=1e-4, clf_optimizer="adam", clf_schedule="constant",
     clf_weight_decay=0.0, clf_warmup=0.0, clf_mean_std="half")
 
@@ -222,8 +205,9 @@ STUDY_DEVIATIONS = (
 
 
 def make_config(preset: str, **given) -> PipelineConfig:
-    """A preset's config with the given fields on top."""
-    return PipelineConfig(**{**PRESETS[preset], **given, "preset": preset})
+    """A preset's config with the given settings on top, named as the flags are (gan_size, clf_arch)."""
+    flat = {ALIASES.get(k, k): v for k, v in {**PRESETS[preset], **given}.items()}
+    return PipelineConfig(**options.nest(PipelineConfig, {**flat, "preset": preset}))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -231,18 +215,12 @@ def make_config(preset: str, **given) -> PipelineConfig:
 class Stages:
     """Runs named stages under `root`, skipping those already done with the same parameters.
 
-    A stage folder holds params.json (written when it starts) and done.json (written last, with
-    the result). Same params and done.json: skip. Same params, no done.json: the stage was killed,
-    so it resumes. Different params or --rerun: the folder is cleared and the stage reruns.
-
-    Every file the pipeline writes is listed in the run folder's manifest (`claim`) before it is
-    written, and so is each folder a trainer, synth or translate writes (their own manifests list
-    their files). A stage folder is cleared only if those lists account for every file in it; a
-    folder in a stage's place that this pipeline did not write is refused before any work
-    (`check_places`).
-
-    Each finished run of a stage gets a fresh `run_id`, and downstream stages list their inputs'
-    run ids among their parameters: whatever reruns a stage also reruns everything that reads it."""
+    A stage folder holds params.json (written when it starts) and done.json (written last, with the
+    result). Same params and done.json: skip. Same params, no done.json: the stage was killed, so it
+    resumes. Different params or --rerun: the folder is cleared and the stage reruns. It is cleared
+    only if the run folder's manifest (`claim`), and those of the commands that wrote into it, list
+    every file in it; each finished run gets a fresh `run_id`, and downstream stages list their
+    inputs' run ids among their parameters: whatever reruns a stage reruns everything that reads it."""
 
     def __init__(self, root: Path, claim: outdir.Claim, rerun: list[str]):
         self.root, self.claim, self.rerun, self.timings = root, claim, set(rerun), {}
@@ -314,9 +292,18 @@ def check_places(root: Path, written: list[str], stages: list[str], files: list[
 
 
 def default_jobs(device: str | None) -> int:
-    """2 on a CPU host with 2 or more cores, else 1. On 2 cores two one-thread processes train the
-    quick preset's models 1.3-1.4x faster than one two-thread process (bench/bench_jobs.py)."""
+    """2 on a CPU host with 2 or more cores, else 1: two one-thread processes train the quick preset's
+    small models faster than one two-thread process (bench/bench_jobs.py)."""
     return 2 if pick_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
+def parallel(cfg: PipelineConfig) -> tuple[int, int | None, dict]:
+    """(stages at a time, CPU threads of each stage's process (None: train in this process), what a
+    training stage's parameters say of its processes: their number changes its result, the global
+    batch; left out at 1)."""
+    jobs = 1 if cfg.nproc_per_node > 1 else cfg.jobs or default_jobs(cfg.device)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    return jobs, threads, {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
 
 
 def stage_names(cfg: PipelineConfig) -> list[str]:
@@ -336,7 +323,7 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, claim: outdir.Claim, folder
                                          workers=data.default_workers(), force=True))  # the stage owns its folder
     else:
         src = Path(cfg.data).resolve()
-    cache = data.build_cache(data.read_index(src), cfg.gan_size, cache_dir)
+    cache = data.build_cache(data.read_index(src), cfg.gan.size, cache_dir)
     split_csv = claim.record(folder / "splits.csv")
     claim.record(folder / "splits.csv.json")  # make_split's record of its seed and fractions
     try:
@@ -386,29 +373,21 @@ def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, threads: int | N
 
 def gan_config(cfg: PipelineConfig, d: dict, cache_dir: Path, smoothing: str) -> cyclegan.CycleGANConfig:
     return cyclegan.CycleGANConfig(
-        data=d["data"], split_csv=d["split_csv"], cache_dir=str(cache_dir), size=cfg.gan_size, ngf=cfg.gan_ngf,
-        ndf=cfg.gan_ndf, n_blocks=cfg.gan_blocks, upsample=cfg.gan_upsample, residual=cfg.gan_residual,
-        label_smoothing=smoothing, gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", disc=cfg.gan_disc, init=cfg.gan_init,
-        pairing=cfg.gan_pairing, augment_b=cfg.gan_augment_b, lr=cfg.gan_lr,
-        lambda_identity=cfg.gan_lambda_identity, pool_size=cfg.gan_pool_size, batch_size=cfg.gan_batch_size,
-        epochs=cfg.gan_epochs, epochs_decay=cfg.gan_epochs_decay, max_steps=cfg.gan_max_steps, seed=cfg.seed,
-        channels_last=cfg.gan_channels_last, device=cfg.device,
-        sample_every=max(1, (cfg.gan_max_steps or 2000) // 4), checkpoint_every=200)
+        **dataclasses.asdict(cfg.gan), data=d["data"], split_csv=d["split_csv"], cache_dir=str(cache_dir),
+        label_smoothing=smoothing, gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", seed=cfg.seed,
+        device=cfg.device, sample_every=max(1, (cfg.gan.max_steps or 2000) // 4), checkpoint_every=200)
 
 
 def arm_config(cfg: PipelineConfig, d: dict, cache_dir: Path, arm: str, k: int,
                extra: list[str], oversample: int) -> classifier.ClassifierConfig:
     """Arm `arm`, replicate k: the same budget (steps), batch and schedule as every other arm."""
-    steps_per_epoch = d["split_sizes"]["train"]["images"] // cfg.clf_batch_size
+    steps_per_epoch = d["split_sizes"]["train"]["images"] // cfg.clf.batch_size
     return classifier.ClassifierConfig(
-        data=d["data"], out="", extra=extra, oversample=oversample, split_csv=d["split_csv"],
-        cache_dir=str(cache_dir), val_frac=cfg.val_frac, test_frac=cfg.test_frac, split_seed=cfg.seed,
-        arch=cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights, size=cfg.clf_size, epochs=cfg.clf_epochs,
-        batch_size=cfg.clf_batch_size, max_steps=cfg.clf_epochs * steps_per_epoch, val_every=steps_per_epoch,
-        lr=cfg.clf_lr, optimizer=cfg.clf_optimizer, schedule=cfg.clf_schedule, weight_decay=cfg.clf_weight_decay,
-        warmup=cfg.clf_warmup, mean_std=cfg.clf_mean_std,
-        augment="traditional" if arm in ("traditional", "oversample") else "none",
-        seed=cfg.seed + k, eval_batch_size=cfg.test_batch_size, device=cfg.device)
+        **dataclasses.asdict(cfg.clf), data=d["data"], out="", extra=extra, oversample=oversample,
+        split_csv=d["split_csv"], cache_dir=str(cache_dir), val_frac=cfg.val_frac, test_frac=cfg.test_frac,
+        split_seed=cfg.seed, max_steps=cfg.clf.epochs * steps_per_epoch, val_every=steps_per_epoch,
+        augment="traditional" if arm in ("traditional", "oversample") else "none", seed=cfg.seed + k,
+        eval_batch_size=cfg.test_batch_size, device=cfg.device)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -435,7 +414,7 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     data_dirs = [cfg.data] if cfg.data else []
     # before the claim, which rewrites the run folder's owner and lock files: a refusal changes nothing
     check_places(out, outdir.manifest(out, "pipeline"), stage_names(cfg), list(ROOT_FILES))
-    with CHILDREN.handling(), outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
+    with CHILDREN, outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
         stages = Stages(out, claim, cfg.rerun)
         stages.check_places(stage_names(cfg), list(ROOT_FILES))
         claim.record("config.json")
@@ -448,13 +427,10 @@ def run_stages(cfg: PipelineConfig, stages: Stages) -> dict:
     out, wall0 = stages.root, time.monotonic()
     cache_dir = out / "cache"
     stages.claim.record_child(cache_dir)  # the pipeline's; build_cache only adds to it
-    # the number of processes changes a training stage's result (the global batch); left out at 1
-    procs = {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
-    jobs = 1 if cfg.nproc_per_node > 1 else cfg.jobs or default_jobs(cfg.device)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None  # None: train in this process
 
     # 1. data and the one split every arm shares
-    data_params = {k: getattr(cfg, k) for k in ("data", "seed", "val_frac", "test_frac", "gan_size")}
+    data_params = {"data": cfg.data, "seed": cfg.seed, "val_frac": cfg.val_frac, "test_frac": cfg.test_frac,
+                   "gan_size": cfg.gan.size}
     if cfg.data is None:
         data_params.update({k: getattr(cfg, k) for k in ("synth_benign", "synth_malignant", "synth_size",
                                                          "synth_difficulty")})
@@ -464,30 +440,10 @@ def run_stages(cfg: PipelineConfig, stages: Stages) -> dict:
         classifier.check_config(arm_config(cfg, d, cache_dir, arm, 0, [], 0))
 
     # 2. CycleGANs and their synthetic melanomas, one per CycleGAN arm
-    gans: dict[str, dict] = {}
-    todo = {}
-    for arm, (gan_name, _, smoothing) in GAN_ARMS.items():
-        if arm in cfg.arms:
-            gan_cfg = gan_config(cfg, d, cache_dir, smoothing)
-            todo[arm] = (gan_name, {**dataclasses.asdict(gan_cfg), "data_run": d["run_id"], "out": None, **procs},
-                         functools.partial(gan_stage, gan_cfg, cfg.nproc_per_node, threads, stages.claim))
-    for arm, g in zip(todo, stages.run_all(list(todo.values()), jobs)):
-        synth_name = GAN_ARMS[arm][1]
-        s = stages.run(synth_name, {"gan_run": g["run_id"], "n": n_needed},
-                       functools.partial(synth_stage, g, d, cache_dir, n_needed, cfg.device, stages.claim))
-        gans[arm] = {**g, "synthetic": s["folder"], "synthetic_images": s["images"]}
+    gans = gan_stages(cfg, stages, d, cache_dir, n_needed)
 
     # 3. one classifier per arm and seed: same split, same test images, same steps
-    todo = []
-    for arm in [a for a in ARMS if a in cfg.arms]:
-        extra = [gans[arm]["synthetic"]] if arm in gans else []
-        upstream = [d["run_id"]] + ([gans[arm]["run_id"]] if arm in gans else [])
-        for k in range(cfg.seeds):
-            clf_cfg = arm_config(cfg, d, cache_dir, arm, k, extra, n_needed if arm == "oversample" else 0)
-            todo.append((f"arm_{arm}_{k}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream, **procs},
-                         functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node, threads, stages.claim)))
-    results = iter(stages.run_all(todo, jobs))
-    arms = {a: [next(results) for _ in range(cfg.seeds)] for a in ARMS if a in cfg.arms}
+    arms = arm_stages(cfg, stages, d, cache_dir, n_needed, gans)
 
     # 4. how good the synthetic melanomas are, scored by the real-only oversample classifier
     q = None
@@ -508,12 +464,45 @@ def run_stages(cfg: PipelineConfig, stages: Stages) -> dict:
     return result
 
 
+def gan_stages(cfg: PipelineConfig, stages: Stages, d: dict, cache_dir: Path, n_needed: int) -> dict[str, dict]:
+    """The GAN of each CycleGAN arm (side by side), then its synthetic melanomas."""
+    jobs, threads, procs = parallel(cfg)
+    todo = {}
+    for arm, (gan_name, _, smoothing) in GAN_ARMS.items():
+        if arm in cfg.arms:
+            gan_cfg = gan_config(cfg, d, cache_dir, smoothing)
+            todo[arm] = (gan_name, {**dataclasses.asdict(gan_cfg), "data_run": d["run_id"], "out": None, **procs},
+                         functools.partial(gan_stage, gan_cfg, cfg.nproc_per_node, threads, stages.claim))
+    gans = {}
+    for arm, g in zip(todo, stages.run_all(list(todo.values()), jobs)):
+        s = stages.run(GAN_ARMS[arm][1], {"gan_run": g["run_id"], "n": n_needed},
+                       functools.partial(synth_stage, g, d, cache_dir, n_needed, cfg.device, stages.claim))
+        gans[arm] = {**g, "synthetic": s["folder"], "synthetic_images": s["images"]}
+    return gans
+
+
+def arm_stages(cfg: PipelineConfig, stages: Stages, d: dict, cache_dir: Path, n_needed: int,
+               gans: dict[str, dict]) -> dict[str, list[dict]]:
+    """Every arm's classifiers, one per seed (side by side); their results by arm."""
+    jobs, threads, procs = parallel(cfg)
+    todo = []
+    for arm in [a for a in ARMS if a in cfg.arms]:
+        extra = [gans[arm]["synthetic"]] if arm in gans else []
+        upstream = [d["run_id"]] + ([gans[arm]["run_id"]] if arm in gans else [])
+        for k in range(cfg.seeds):
+            clf_cfg = arm_config(cfg, d, cache_dir, arm, k, extra, n_needed if arm == "oversample" else 0)
+            todo.append((f"arm_{arm}_{k}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream, **procs},
+                         functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node, threads, stages.claim)))
+    results = iter(stages.run_all(todo, jobs))
+    return {a: [next(results) for _ in range(cfg.seeds)] for a in ARMS if a in cfg.arms}
+
+
 def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, scorer: str | None, claim: outdir.Claim,
                   folder: Path, resume: bool) -> dict:
     """How good each GAN arm's synthetic melanomas are (melano.quality): distances with their scale,
     two-sample tests, translation success, hidden severity, memorisation, pictures. `scorer` is a
     classifier trained on real images only (the oversample arm's), or None for the stage's own."""
-    cache = data.build_cache(data.read_index(d["data"]), cfg.gan_size, cache_dir)
+    cache = data.build_cache(data.read_index(d["data"]), cfg.gan.size, cache_dir)
     where = {n: s for s, names in data.load_split(d["split_csv"], cache).items() for n in names}
     splits = np.array([where[n] for n in cache.names])
     row = {n: i for i, n in enumerate(cache.names)}
@@ -521,7 +510,7 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
     for arm, g in gans.items():
         index = data.read_index(g["synthetic"])
         source_of = {r.image_name: r.extra["source_image"] for r in index.records}
-        syn = data.build_cache(index, cfg.gan_size, cache_dir)  # decoded exactly as the real images
+        syn = data.build_cache(index, cfg.gan.size, cache_dir)  # decoded exactly as the real images
         synthetic[arm] = qstage.Synthetic(np.asarray(syn.images), np.array([row[source_of[n]] for n in syn.names]))
     logits = None
     if scorer is not None:  # score what the stage needs: validation images, sources, translations
@@ -553,11 +542,11 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
     guards = leakage_guards(d, gans)
     preds = {a: [r["test"]["predictions"] for r in rs] for a, rs in arms.items()}
     result = {
-        "preset": cfg.preset, "data": d["data"], "arch": cfg.arch, "size": cfg.clf_size or "native",
+        "preset": cfg.preset, "data": d["data"], "arch": cfg.clf.arch, "size": cfg.clf.size or "native",
         "split_sizes": d["split_sizes"],
         **report.experiment_metrics(preds, split_csv=d["split_csv"], seed=cfg.seed),
         "budget": {a: {"steps": rs[0]["steps"], "images_seen": rs[0]["images_seen"],
-                       "batch_size": cfg.clf_batch_size} for a, rs in arms.items()},
+                       "batch_size": cfg.clf.batch_size} for a, rs in arms.items()},
         "synthetic_images": {a: g["synthetic_images"] for a, g in gans.items()},
         "synthetic_quality": json.loads(Path(q["quality"]).read_text()) if q else None,
         "best_val_auc": {a: [r["best_val_auc"] for r in rs] for a, rs in arms.items()},
@@ -585,55 +574,39 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
 
 # ----------------------------------------------------------------------------- signals
 
-class Children:
-    """The trainer processes this pipeline runs, and what SIGINT/SIGTERM to the pipeline does.
+class Children(signals.StopOnSignal):
+    """SIGINT/SIGTERM to the pipeline, passed on to the trainer processes it runs (Python's default
+    SIGTERM would kill the pipeline alone and leave them running in the run folder). The first
+    signal goes once to each running trainer, which saves after its step and exits 128 + signum;
+    the pipeline starts nothing more, waits for them, and stops the same way (signals.Stopped), so
+    that a rerun resumes; with no trainer running it stops at once. A later signal goes to them
+    too, and aborts. A signal to the whole process group reaches a trainer directly and forwarded:
+    both take the copy as the same request (signals.repeats). The children stay in the pipeline's
+    process group, so that killing the group kills them all. One per process: CHILDREN."""
 
-    Python's default SIGTERM killed the pipeline alone and left its trainers running, orphaned, in
-    the run folder. Instead, the first signal is forwarded once to each running trainer, which
-    saves a checkpoint after its step and exits 128 + signum (signals.StopOnSignal); the pipeline starts
-    nothing more, waits for them, and stops the same way (signals.Stopped), so that a rerun resumes.
-    With no trainer running, it stops at once, as Ctrl-C does by default.
-
-    A signal to the whole process group reaches the trainers both directly and forwarded: they take
-    the copy as the same request (signals.repeats), and so does this handler (`timeout` signals its
-    command, then its group). A later signal aborts at once, forwarded to the trainers too.
-    The children stay in the pipeline's process group, so that killing the group kills them all.
-    Signals belong to a process, so there is one of these per process: CHILDREN."""
+    doing = "the running training stages save a checkpoint after their step and stop"
 
     def __init__(self):
-        self.signum, self.at, self.old = 0, 0.0, {}
+        super().__init__()
         self.busy: set[object] = set()  # train_process calls under way, trainer started or not
         self.live: dict[int, subprocess.Popen] = {}
         self.untold: dict[int, subprocess.Popen] = {}  # live, not yet sent the signal
+        # A process forked from the pipeline (a worker of an in-process stage) is no pipeline: Pool.terminate's
+        # SIGTERM must end it as before. DataLoader workers of an in-process trainer keep its handler.
         os.register_at_fork(after_in_child=functools.partial(self.restore, forked=True))
 
-    def restore(self, forked: bool = False) -> None:
-        """The handlers from before `handling`. Also in a process forked from the pipeline (a
-        multiprocessing worker of an in-process stage): it is no pipeline, and Pool.terminate's
-        SIGTERM must end it as before, not raise Stopped in it. There only this handler is
-        replaced: DataLoader workers of an in-process trainer keep its StopOnSignal's, as before."""
-        for s, h in self.old.items():
-            if not forked or signal.getsignal(s) == self._handler:
-                signal.signal(s, h)
-        self.signum, self.old = 0, {}
-
-    def _handler(self, signum, frame):
-        if self.signum:
-            if signals.repeats(signum, self.signum, self.at):
-                return
-            for proc in list(self.live.values()):
-                proc.send_signal(signum)
-            raise KeyboardInterrupt
-        self.signum, self.at = signum, time.monotonic()
-        log.warning("received %s: the running training stages save a checkpoint after their step and stop "
-                    "(send it again, a second later, to abort at once)", signal.Signals(signum).name)
+    def received(self, signum: int) -> None:
         self.tell()
         if not self.busy:  # no trainer to wait for. Raising while one starts could orphan it
             raise signals.Stopped(signum)
 
+    def aborting(self, signum: int) -> None:
+        for proc in list(self.live.values()):
+            proc.send_signal(signum)
+
     def tell(self) -> None:
-        """Send the signal to every live trainer not yet sent it. dict.pop is atomic: of this
-        handler and a thread that has just started a trainer, exactly one sends it."""
+        """Send the signal to every live trainer not yet sent it. dict.pop is atomic: of the handler
+        and a thread that has just started a trainer, exactly one sends it."""
         for pid in list(self.untold):
             proc = self.untold.pop(pid, None)
             if proc is not None:
@@ -647,7 +620,7 @@ class Children:
     def start(self, cmd: list[str], **popen) -> Iterator[subprocess.Popen]:
         """subprocess.Popen(cmd, **popen), known to the handler until the block ends; none once
         the pipeline has been signalled."""
-        token = object()
+        token, proc = object(), None
         self.busy.add(token)  # before the check: a signal after it finds the stage busy and leaves it to us
         try:
             self.check()
@@ -655,26 +628,12 @@ class Children:
             self.live[proc.pid] = self.untold[proc.pid] = proc
             if self.signum:  # it came while the trainer started
                 self.tell()
-            try:
-                yield proc
-            finally:
+            yield proc
+        finally:
+            if proc is not None:
                 self.live.pop(proc.pid, None)
                 self.untold.pop(proc.pid, None)
-        finally:
             self.busy.discard(token)
-
-    @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        """The handler for SIGINT and SIGTERM while the block runs, then the old ones. Only the
-        main thread can install one; elsewhere the signals keep their old handlers."""
-        self.signum = 0
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.signal(s, self._handler)
-        try:
-            yield
-        finally:
-            self.restore()  # and a later run in this process starts afresh
 
 
 CHILDREN = Children()
@@ -695,16 +654,13 @@ def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder:
         cmd, env = signals.child_command(module, train), {**os.environ, "OMP_NUM_THREADS": str(threads)}
         sink = open(folder / "train.log", "w")
     log.info("running %s", " ".join(cmd))
-    try:
-        with CHILDREN.start(cmd, env=env, stdout=sink, stderr=sink and subprocess.STDOUT) as proc:
-            try:
-                rc = proc.wait()
-            except KeyboardInterrupt:  # a second signal: the trainer was told to abort too
-                proc.wait()
-                raise
-    finally:
-        if sink is not None:
-            sink.close()
+    with sink or contextlib.nullcontext(), CHILDREN.start(cmd, env=env, stdout=sink,
+                                                          stderr=sink and subprocess.STDOUT) as proc:
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # a second signal: the trainer was told to abort too
+            proc.wait()
+            raise
     # 128 + n: the trainer saved its checkpoint and stopped. Any other failure after the pipeline was
     # signalled is that signal too: a trainer still importing dies of it; torchrun exits 1
     stopped = rc - 128 if rc - 128 in (signal.SIGINT, signal.SIGTERM) else CHILDREN.signum if rc else 0
@@ -790,10 +746,10 @@ def leakage_guards(d: dict, gans: dict) -> dict[str, bool]:
 # ----------------------------------------------------------------------------- CLI
 
 def parse_config(argv: list[str] | None) -> tuple[PipelineConfig, argparse.Namespace]:
-    """Flags over the preset's values: every flag defaults to 'not given' (None here)."""
+    """Flags over the preset's values: only the flags given override it."""
     p = argparse.ArgumentParser(prog="python -m melano.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    options.add_options(p, PipelineConfig)
+    options.add_options(p, PipelineConfig, aliases=ALIASES)
     cli.add_debug(p)
     p.add_argument("--dry-run", action="store_true", help="print the full configuration and exit")
     for action in p._actions:

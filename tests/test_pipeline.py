@@ -58,7 +58,7 @@ def test_every_arm_trains_the_same_steps(smoke):
             validated.add(tuple(int(h["step"]) for h in history))
             batches.add(json.loads((arm / "config.json").read_text())["global_batch_size"])
     train = result["split_sizes"]["train"]["images"]
-    assert steps == {cfg.clf_epochs * (train // cfg.clf_batch_size)} and len(validated) == len(batches) == 1
+    assert steps == {cfg.clf.epochs * (train // cfg.clf.batch_size)} and len(validated) == len(batches) == 1
     assert {a["steps"] for a in result["arms"]} == steps
     assert {a["images_seen"] for a in result["arms"]} == {steps.pop() * batches.pop()}
 
@@ -164,7 +164,7 @@ def test_given_weights_are_used_by_every_arm(tmp_path):
                                weights=offline_weights("tf_efficientnet_lite0"))
     result = pipeline.run_experiment(cfg)
     assert [a["name"] for a in result["arms"]] == ["none", "traditional"]
-    assert json.loads((tmp_path / "arm_none_0" / "config.json").read_text())["weights"] == cfg.weights
+    assert json.loads((tmp_path / "arm_none_0" / "config.json").read_text())["weights"] == cfg.clf.weights
 
 
 def test_unavailable_weights_fail_before_any_gan_training(tmp_path):
@@ -178,22 +178,49 @@ def test_study_preset_prints_its_configuration_and_deviations(capsys):
     assert pipeline.main(["--preset", "study", "--dry-run"]) == 0
     out = capsys.readouterr().out
     cfg = json.loads(out[:out.index("Deviations")])
-    assert (cfg["gan_size"], cfg["gan_batch_size"], cfg["gan_epochs"] + cfg["gan_epochs_decay"]) == (224, 10, 360)
-    assert (cfg["gan_lambda_identity"], cfg["gan_pool_size"], cfg["gan_init"]) == (0.0, 0, "default")
-    assert (cfg["arch"], cfg["clf_lr"], cfg["clf_optimizer"], cfg["clf_schedule"]) == (
+    gan, clf = cfg["gan"], cfg["clf"]
+    assert (gan["size"], gan["batch_size"], gan["epochs"] + gan["epochs_decay"]) == (224, 10, 360)
+    assert (gan["lambda_identity"], gan["pool_size"], gan["init"]) == (0.0, 0, "default")
+    assert (clf["arch"], clf["lr"], clf["optimizer"], clf["schedule"]) == (
         "tf_efficientnet_b4", 1e-4, "adam", "constant")
-    assert cfg["clf_mean_std"] == "half" and cfg["clf_epochs"] == 10
+    assert clf["mean_std"] == "half" and clf["epochs"] == 10
     assert "lowest" in out and "per-batch" in out and "patient-grouped" in out
     # flags still win over the preset
     assert pipeline.main(["--preset", "study", "--gan-batch-size", "4", "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan_batch_size"] == 4
+    assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan"]["batch_size"] == 4
 
 
 def test_gan_layout_per_preset():
     """channels_last where bench_cyclegan measured it faster (the quick GAN on a CPU); NCHW in the
     GPU presets, where nothing has measured it yet."""
-    layout = {p: pipeline.make_config(p).gan_channels_last for p in pipeline.PRESETS}
+    layout = {p: pipeline.make_config(p).gan.channels_last for p in pipeline.PRESETS}
     assert layout == {"smoke": True, "quick": True, "full": False, "study": False}
+
+
+def test_the_trainers_settings_reach_their_configs_under_every_spelling():
+    # --gan-*/--clf-* are the trainers' own fields: every one reaches each GAN's and arm's config as
+    # given; the flags' spellings from before the composition set the same fields; errors name the flag
+    import dataclasses
+    from pathlib import Path
+    d = {"data": "d", "split_csv": "s.csv", "split_sizes": {"train": {"images": 100, "malignant": 10}}}
+    for preset in pipeline.PRESETS:
+        cfg = pipeline.make_config(preset)
+        for smoothing in ("none", "noisy"):
+            gan = dataclasses.asdict(pipeline.gan_config(cfg, d, Path("c"), smoothing))
+            assert dataclasses.asdict(cfg.gan).items() <= gan.items()
+            assert gan["gen_act"] == (cfg.gan_ls_gen_act if smoothing == "noisy" else "relu")
+        for arm in pipeline.ARMS:
+            clf = dataclasses.asdict(pipeline.arm_config(cfg, d, Path("c"), arm, 1, [], 0))
+            assert dataclasses.asdict(cfg.clf).items() <= clf.items() and clf["seed"] == cfg.seed + 1
+    old = ["--gan-blocks", "2", "--arch", "tf_efficientnet_b0", "--no-pretrained", "--clf-size", "none"]
+    new = ["--gan-n-blocks", "2", "--clf-arch", "tf_efficientnet_b0", "--no-clf-pretrained", "--clf-size", "none"]
+    cfg = pipeline.parse_config(old)[0]
+    assert cfg == pipeline.parse_config(new)[0] == pipeline.make_config(
+        "quick", gan_blocks=2, arch="tf_efficientnet_b0", pretrained=False, clf_size=None)
+    assert (cfg.gan.n_blocks, cfg.clf.arch, cfg.clf.pretrained, cfg.clf.size) == (2, "tf_efficientnet_b0", False, None)
+    assert (cfg.gan_blocks, cfg.arch, cfg.clf_size) == (2, "tf_efficientnet_b0", None)  # the flat names still read
+    with pytest.raises(ValueError, match="^--clf-warmup must be <= 0.99"):
+        pipeline.make_config("smoke", clf_warmup=1.5)
 
 
 def test_stages_run_side_by_side_in_order_and_stop_at_a_failure(tmp_path):

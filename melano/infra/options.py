@@ -1,33 +1,47 @@
-"""Config dataclasses as command lines: each field's help, choices and range live beside it.
-
-    option(...)              a config field with its help, choices and range (field metadata)
-    add_options(p, Config)   argparse flags made from a config dataclass's fields
-    from_args(Config, args)  the config back from the parsed flags
-    to_flags(cfg)            the exact inverse: the flags that parse back into `cfg`
-    check_options(cfg)       every field's range and choices, before any work starts
-"""
+"""Config dataclasses as command lines: each field's help, choices and range live beside it
+(`option`). add_options makes the flags, from_args and to_flags turn flags into a config and back,
+check_options checks the values. A config can hold another's settings (`settings`): the pipeline's
+field `gan` holds the CycleGAN trainer's, and --gan-size sets cfg.gan.size."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import MISSING
 from typing import Any, Callable, Sequence
 
 from .cli import UsageError
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None,
-           min: float | None = None, max: float | None = None, min_open: bool = False,
-           factory: Callable | None = None, cli: bool = True) -> Any:
-    """A config field: its default, its --help text, and what values are allowed.
-
-    `min`/`max` bound numbers (`min_open`: strictly above min); None stays allowed for optional
-    fields. `cli=False` keeps a field out of the command line (set by code, e.g. a pipeline)."""
+def option(default: Any = MISSING, help: str = "", *, choices: Sequence | None = None, min: float | None = None,
+           max: float | None = None, min_open: bool = False, factory: Callable | None = None) -> Any:
+    """A config field: its default, its --help text, and the values allowed (`min_open`: strictly
+    above min). None stays allowed for optional fields."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
-            "min_open": min_open, "cli": cli}
+            "min_open": min_open}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def settings(cls: type, name: str, skip: Sequence[str], **defaults) -> type:
+    """A dataclass of `cls`'s fields but `skip` (those the holder sets itself), with their types,
+    help and ranges, and `defaults` in place of cls's. A config holds it as a field,
+    option(help=title, factory=<it>), whose flags are --<field>-<name>."""
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name not in skip:
+            kw = {"default": f.default} if f.default is not MISSING else {"default_factory": f.default_factory}
+            kw = {"default": defaults.pop(f.name)} if f.name in defaults else kw
+            fields.append((f.name, f.type, dataclasses.field(metadata=f.metadata, **kw)))
+    if defaults:
+        raise TypeError(f"{name}: {cls.__name__} has no field {', '.join(defaults)} (or it is skipped)")
+    return dataclasses.make_dataclass(name, fields)
+
+
+def _held(f: dataclasses.Field) -> type | None:
+    """The settings class that field `f` holds, if it holds one."""
+    return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
 
 
 def flag_name(name: str) -> str:
@@ -36,8 +50,8 @@ def flag_name(name: str) -> str:
 
 def _kind(f: dataclasses.Field) -> tuple[str, bool]:
     """(base type name, optional) from the annotation string: 'int | None' -> ('int', True)."""
-    parts = [p.strip() for p in str(f.type).split("|")]
-    return parts[0], "None" in parts[1:]
+    base, *rest = [p.strip() for p in str(f.type).split("|")]
+    return base, "None" in rest
 
 
 def _parser(base: str, optional: bool, name: str) -> Callable[[str], Any]:
@@ -55,34 +69,46 @@ def _parser(base: str, optional: bool, name: str) -> Callable[[str], Any]:
 
 
 def add_options(p: argparse.ArgumentParser, cls: type, required: Sequence[str] = (),
-                skip: Sequence[str] = ()) -> None:
-    """One argparse flag per field of dataclass `cls`: --field-name, typed from its annotation,
-    help and choices from its `option` metadata. Booleans get --x/--no-x; lists take several
-    values; optional fields also accept 'none'. Defaults come from the dataclass."""
+                aliases: dict[str, str] | None = None, prefix: str = "") -> None:
+    """One flag per field of dataclass `cls`: --field-name, typed from its annotation, with the help
+    and choices of its `option`. Booleans get --x/--no-x; lists take several values; optional
+    fields also accept 'none'. Defaults come from the dataclass. Held settings get a group of flags
+    of their own, --<field>-<name>. `aliases`: another spelling of a flag -> its field's flat name."""
     for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if f.name in skip or not meta.get("cli", True):
+        meta, dest = f.metadata, prefix + f.name
+        if _held(f):
+            add_options(p.add_argument_group(meta["help"]), _held(f), aliases=aliases, prefix=dest + "_")
             continue
         base, optional = _kind(f)
-        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        shown = "none" if default is None else default
-        help_text = meta.get("help", "")
-        kw: dict[str, Any] = {"help": f"{help_text} (default: {shown})" if has_default else help_text}
-        if f.name in required or not has_default:
-            kw.update(required=True, help=help_text)
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        kw: dict[str, Any] = {"help": meta.get("help", "")}
+        if f.name in required or default is MISSING:
+            kw["required"] = True
+        else:
+            kw.update(default=default, help=f"{kw['help']} (default: {'none' if default is None else default})")
         if base == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif base.startswith("list"):
             kw.update(nargs="*", metavar=f.name.upper())
         else:
-            kw["type"] = _parser(base, optional, f.name)
+            kw["type"] = _parser(base, optional, dest)
             if meta.get("choices"):
                 kw["choices"] = list(meta["choices"])
-        if has_default and "required" not in kw:
-            kw["default"] = default
-        p.add_argument(flag_name(f.name), dest=f.name, **kw)
+        names = [dest] + [old for old, new in (aliases or {}).items() if new == dest]
+        p.add_argument(*map(flag_name, names), dest=dest, **kw)
+
+
+def nest(cls: type, flat: dict) -> dict:
+    """`cls`'s keyword arguments from flat names, as the flags spell them: {'seeds': 2,
+    'gan_size': 32} -> {'seeds': 2, 'gan': <cls's gan settings, size 32>}."""
+    kwargs = dict(flat)
+    for f in dataclasses.fields(cls):
+        if _held(f):
+            names, start = {g.name for g in dataclasses.fields(_held(f))}, len(f.name) + 1
+            mine = [k for k in kwargs if k.startswith(f.name + "_") and k[start:] in names]
+            kwargs[f.name] = _held(f)(**{k[start:]: kwargs.pop(k) for k in mine})
+    return kwargs
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides) -> Any:
@@ -92,12 +118,10 @@ def from_args(cls: type, args: argparse.Namespace, **overrides) -> Any:
 
 
 def to_flags(cfg: Any) -> list[str]:
-    """The flags that `add_options` parses back into `cfg`, exactly: every command-line field,
-    None as 'none', booleans as --x or --no-x, lists as several values."""
+    """The flags that `add_options` parses back into `cfg`, exactly: None as 'none', booleans as
+    --x or --no-x, lists as several values."""
     flags: list[str] = []
     for f in dataclasses.fields(cfg):
-        if not f.metadata.get("cli", True):
-            continue
         value, flag = getattr(cfg, f.name), flag_name(f.name)
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
@@ -109,16 +133,19 @@ def to_flags(cfg: Any) -> list[str]:
 
 
 def check_options(cfg: Any, prefix: str = "") -> None:
-    """Raise UsageError naming the first field outside its choices or range, as its flag."""
+    """Raise UsageError naming the first field outside its choices or range, as its flag; held
+    settings too, as --<field>-<name>."""
     for f in dataclasses.fields(cfg):
-        meta, value = f.metadata, getattr(cfg, f.name)
-        flag = flag_name(prefix + f.name)
+        meta, value, flag = f.metadata, getattr(cfg, f.name), flag_name(prefix + f.name)
+        if _held(f):
+            check_options(value, prefix + f.name + "_")
+            continue
         if value is None or isinstance(value, bool):
             continue
         if meta.get("choices") and value not in meta["choices"]:
             raise UsageError(f"{flag} {value!r}: choose one of {', '.join(map(str, meta['choices']))}")
         lo, hi = meta.get("min"), meta.get("max")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
             if value != value:  # NaN
                 raise UsageError(f"{flag} is NaN: give a number")
             if lo is not None and (value <= lo if meta.get("min_open") else value < lo):

@@ -1,4 +1,5 @@
-"""Signals: a trainer finishes its step, saves and exits 128 + signal; children die with their parent."""
+"""Signals: a loop stops after its step on SIGINT/SIGTERM (a trainer saves, then exits 128 + signal),
+a parent passes them on to its children, and children die with their parent."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ log = logging.getLogger("melano.signals")
 
 
 class Stopped(KeyboardInterrupt):
-    """A trainer stopped by SIGINT/SIGTERM after saving its checkpoint. The process exits
-    128 + signum, the shell's convention for a signal."""
+    """Stopped by SIGINT/SIGTERM, the checkpoint saved. The process exits 128 + signum, the
+    shell's convention for a signal."""
 
     def __init__(self, signum: int, checkpoint: str | Path | None = None):
         name = signal.Signals(signum).name
@@ -36,45 +37,63 @@ REPEAT_WINDOW_S = 1.0  # a repeat of the first signal within this is the same re
 
 
 def repeats(signum: int, first: int, at: float) -> bool:
-    """Whether `signum` repeats the `first` signal, received at time.monotonic() `at`, soon enough
-    to be the same request: a signal to a process group (Ctrl-C, `timeout`, kill -PGID) reaches a
-    trainer directly and again as forwarded by melano.pipeline, and `timeout` signals its command,
-    then its group. Counting those as two would abort the trainer without its checkpoint."""
+    """Whether `signum` repeats the `first` signal (received at time.monotonic() `at`) soon enough to
+    be the same request: a signal to a process group (Ctrl-C, `timeout`, kill -PGID) reaches a
+    trainer directly and again as forwarded by its parent, and `timeout` signals its command, then
+    its group. Counting those as two would abort the trainer without its checkpoint."""
     return signum == first and time.monotonic() - at < REPEAT_WINDOW_S
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM set `signum`; the loop finishes its step, saves, and raises Stopped.
-    A second signal interrupts at once, unless it repeats the first within REPEAT_WINDOW_S (see
-    `repeats`), or under torchrun, which forwards the signal it got and kills its workers itself
-    after a timeout: there repeats are ignored. Handlers are installed only in the main thread
-    (elsewhere signals are not delivered to Python)."""
+    """While the block runs, the first SIGINT/SIGTERM sets `signum` and calls `received`: the loop
+    finishes its step, saves, and raises Stopped. A later signal calls `aborting`, then interrupts
+    at once, unless it repeats the first (`repeats`), or under torchrun, which forwards the signal
+    it got and kills its workers itself after a timeout: there repeats are ignored. Handlers are
+    installed only in the main thread (elsewhere Python gets no signals)."""
+
+    doing = "saving a checkpoint after this step"  # what the first signal does, for the log
 
     def __init__(self):
         self.signum, self.at, self._old = 0, 0.0, {}
+
+    def received(self, signum: int) -> None:  # the loop reads `signum` (or agreed()) itself
+        pass
+
+    def aborting(self, signum: int) -> None:
+        pass
 
     def _handler(self, signum, frame):
         if self.signum:
             if dist.world_size() > 1 or repeats(signum, self.signum, self.at):
                 return
+            self.aborting(signum)
             raise KeyboardInterrupt
         self.signum, self.at = signum, time.monotonic()
-        log.warning("received %s: saving a checkpoint after this step (send it again, a second later, to "
-                    "abort at once)", signal.Signals(signum).name)
+        log.warning("received %s: %s (send it again, a second later, to abort at once)",
+                    signal.Signals(signum).name, self.doing)
+        self.received(signum)
 
     def agreed(self) -> int:
         """The signal any rank received (0 if none): all ranks stop after the same step."""
         return dist.max_int(self.signum)
 
     def __enter__(self):
+        self.signum = 0  # an instance may be used again: each block starts afresh
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
         return self
 
     def __exit__(self, *exc):
+        self.restore()
+
+    def restore(self, forked: bool = False) -> None:
+        """The handlers from before the block; `forked` (in a child forked inside it): only where
+        this handler is still the one installed."""
         for s, h in self._old.items():
-            signal.signal(s, h)
+            if not forked or signal.getsignal(s) == self._handler:
+                signal.signal(s, h)
+        self._old = {}
 
 
 # Runs `python -m <module> <args>` after die_with_parent: PR_SET_PDEATHSIG survives exec and runpy.
