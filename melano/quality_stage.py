@@ -269,8 +269,8 @@ def _fit_severity(ctx: dict) -> dict:
     sev, labels = d["severity"], d["labels"]
     ctx["regressor"] = None
     if sev is None:
-        ctx["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth data set, e.g. "
-                                      "real ISIC images): ground truth not checked"}
+        ctx["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth data "
+                                                "set, e.g. real ISIC images): ground truth not checked"}
         return ctx["severity_regressor"]
     model = ctx["regressor"] = fit_ridge(ctx["feats"][train], sev[train])
     pred = predict(model, ctx["feats"][val])
@@ -391,9 +391,10 @@ def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: di
     else:
         v, labels = scores["val"], scores["val_labels"]
         benign, mel, sources, translations = v[labels == 0], v[labels == 1], scores["sources"], scores["translations"]
-    samples = {"real benign (val)": benign, "real melanoma (val)": mel, "sources": sources, "translations": translations}
-    plot = distribution_plot(samples, out_dir / names[what], xlabel=f"predicted {what}" if sev else "classifier logit",
-                             title=arm)
+    samples = {"real benign (val)": benign, "real melanoma (val)": mel, "sources": sources,
+               "translations": translations}
+    plot = distribution_plot(samples, out_dir / names[what], title=arm,
+                             xlabel=f"predicted {what}" if sev else "classifier logit")
     return {"pairs": str(pairs), "neighbours": str(neighbours), "distribution": str(plot) if plot else None}
 
 

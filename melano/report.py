@@ -308,10 +308,12 @@ def _quality_lines(q: dict) -> list[str]:
          _fd(ref["distances"]["real_benign_val_vs_real_mel_train"]))] + [
         row for arm, a in arms.items() for row in (
             (f"{arm}: translations vs real training melanomas", _fd(a["distances"]["synthetic_vs_real_mel_train"])),
-            (f"{arm}: their benign sources vs real training melanomas", _fd(a["distances"]["sources_vs_real_mel_train"])))])
+            (f"{arm}: their benign sources vs real training melanomas",
+             _fd(a["distances"]["sources_vs_real_mel_train"])))])
     lines += ["Two-sample tests: a logistic regression told each set from the real training melanomas with "
               "patient-grouped cross-validation (AUC 0.5: indistinguishable).", ""]
-    two = [(name.split("_vs_")[0].replace("_", " "), t["features"], t["pixels"]) for name, t in ref["two_sample"].items()]
+    two = [(name.split("_vs_")[0].replace("_", " "), t["features"], t["pixels"])
+           for name, t in ref["two_sample"].items()]
     two += [(f"{arm} {kind}", a["two_sample"]["features"][key], a["two_sample"]["pixels"][key])
             for arm, a in arms.items() for kind, key in (("translations", "synthetic"), ("sources", "sources"))]
     lines += _table(("set vs real training melanomas", "on features", "on 16x16 pixels"),
@@ -337,8 +339,8 @@ def _severity_lines(q: dict) -> list[str]:
         return [f"Ground truth (hidden severity): skipped, {reg['skipped']}", ""]
     lines = [f"Ground truth: a ridge regressor from features to the generator's hidden severity, fit on real "
              f"training images, has R² {reg['r2_val']:.2f} on real validation images. Real benign severities: "
-             f"median {reg['true_benign']['median']:.2f}; real malignant: median {reg['true_malignant']['median']:.2f}.",
-             ""]
+             f"median {reg['true_benign']['median']:.2f}; real malignant: median "
+             f"{reg['true_malignant']['median']:.2f}.", ""]
     lines += _table(("arm", "true severity of sources", "predicted, sources", "predicted, translations",
                      "paired shift"), [
         (arm, f"{v['true_sources']['median']:.2f}", f"{v['predicted_sources']['median']:.2f}",
@@ -381,7 +383,8 @@ def markdown_report(result: dict) -> str:
         lines += ["## Data and split", ""] + _table(("split", "images", "malignant", "patients"), [
             (n, s["images"], s["malignant"], s["patients"]) for n, s in result["split_sizes"].items()])
     if result.get("deviations_from_study"):
-        lines += ["## Deviations from the study's recipe", ""] + [f"- {d}" for d in result["deviations_from_study"]] + [""]
+        lines += ["## Deviations from the study's recipe", ""]
+        lines += [f"- {d}" for d in result["deviations_from_study"]] + [""]
     if result.get("leakage_guards"):
         lines += ["## Leakage guards", ""] + [f"- {t}: **{'yes' if ok else 'NO'}**"
                                                for t, ok in result["leakage_guards"].items()] + [""]
