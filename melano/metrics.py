@@ -100,7 +100,7 @@ def roc_auc(y_true, y_score) -> float:
     y = _labels(y_true)
     s = _scores(y_score, y.size)
     m, k = _both_classes(y)
-    return (midrank(s)[y].sum() - m * (m + 1) / 2.0) / (m * k)
+    return float((midrank(s)[y].sum() - m * (m + 1) / 2.0) / (m * k))
 
 
 def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
