@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from melano.infra import outdir
+from melano.infra import files, outdir
 from melano.infra.outdir import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def test_a_swap_killed_between_its_renames_is_put_back(tmp_path):
     before = snapshot(out)
     # what a kill between the two renames leaves: the old folder moved aside, the new one beside it
     dead = 999_999_999  # above any pid_max: never a live process
-    host = outdir.host_tag()
+    host = files.host_tag()
     moved = tmp_path / f".set.melano-old-{host}-{dead}-0123abcd"
     os.rename(out, moved)
     new = tmp_path / f".set.melano-new-{host}-{dead}-4567cdef"

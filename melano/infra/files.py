@@ -1,7 +1,6 @@
 """Atomic files: every file melano writes goes through `atomic_write` (directly, or through an
-output folder's `Claim.write`, which also records it in the folder's manifest).
-
-Standard library only (no torch), so that it is cheap to import anywhere.
+output folder's `Claim.write`, which also records it in the folder's manifest). Standard library
+only, so that it is cheap to import anywhere.
 """
 
 from __future__ import annotations
@@ -22,13 +21,10 @@ log = logging.getLogger("melano.files")
 def atomic_write(path: str | os.PathLike, content: bytes | str | Callable, fsync: bool = True) -> Path:
     """Write `content` (bytes, str as UTF-8, or a function called with the open binary file) to a
     temp file beside `path`, then ``os.replace`` it: a kill leaves the old file or the new one.
-
-    The file gets the usual mode for new files (0666 less the umask, 0644 typically), not the
-    0600 of `tempfile.mkstemp`. Creates missing parent folders.
-    """
+    Creates missing parent folders. The file gets the usual mode (0666 less the umask), not 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
     try:
         with os.fdopen(fd, "wb") as f:
@@ -69,12 +65,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# A name beside `path` that says whose it is: ".<name>.<kind>-<host>-<pid>-<hex>". A kill leaves
+# it behind, and the writer's PID tells a dead writer's leftover from a live one's work.
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def temps_beside(path: Path, kind: str = "tmp") -> list[tuple[Path, int]]:
+    """This host's `temp_name(path, kind)` entries beside `path` (sorted), with their writer's PID."""
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(kind)}-{re.escape(host_tag())}-(\d+)-[0-9a-f]{{8}}$")
+    if not path.parent.is_dir():
+        return []
+    return sorted((Path(e.path), int(m.group(1))) for e in os.scandir(path.parent) if (m := pat.match(e.name)))
+
+
 _TEMP = re.compile(r"^\..+\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def remove_dead_temp_files(folder: Path) -> list[Path]:
-    """Delete the temp files of `atomic_write`s whose process, on this host, was killed: they are
-    never renamed into place, so nothing else would remove them."""
+    """Delete, below `folder`, the temp files of `atomic_write`s whose process (on this host) was
+    killed: they are never renamed into place, so nothing else would remove them."""
     removed = []
     for root, _, files in os.walk(folder):
         for name in files:
