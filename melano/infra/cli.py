@@ -34,8 +34,8 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", every
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        tqdm = None
-    if tqdm is not None:
+        pass
+    else:
         yield from tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0)
         return
     last = start = time.monotonic()
@@ -44,8 +44,7 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", every
         now = time.monotonic()
         if now - last >= every_s:
             last = now
-            of = f"/{total}" if total else ""
-            log.info("%s: %d%s (%.1f/s)", desc or "progress", i, of, i / (now - start))
+            log.info("%s: %d%s (%.1f/s)", desc or "progress", i, f"/{total}" if total else "", i / (now - start))
 
 
 def log_config(cfg: Any, path: str | os.PathLike | None = None) -> None:
@@ -58,11 +57,6 @@ def log_config(cfg: Any, path: str | os.PathLike | None = None) -> None:
 
 
 EXPECTED = (ValueError, OSError, ImportError, FloatingPointError)  # UsageError, FileNotFoundError, ...
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if isinstance(e, (ValueError, UsageError)) else f"{type(e).__name__}: {text}"
 
 
 def cli(command: Callable[[], Any], debug: bool = False) -> int:
@@ -81,7 +75,8 @@ def cli(command: Callable[[], Any], debug: bool = False) -> int:
     except EXPECTED as e:
         if debug:
             traceback.print_exc()
-        log.error("%s", one_line(e))
+        text = " ".join(str(e).split()) or type(e).__name__
+        log.error("%s", text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}")
         return EXIT_USAGE
     finally:
         dist.destroy()

@@ -1,18 +1,14 @@
-"""torchrun / DistributedDataParallel helpers for the trainers.
-
-torchrun starts one process per GPU (or several CPU processes) and gives each RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT in its environment. `init_from_env` joins that process
-group: NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Without torchrun, or with one process,
-nothing is initialised and every helper here is the single-process identity, so a plain
-`python -m melano.cyclegan train` runs exactly the program it ran before distribution existed.
+"""torchrun / DistributedDataParallel for the trainers. Without torchrun, or with one process,
+every helper here is the single-process identity: `python -m melano.cyclegan train` runs exactly
+the program it ran before distribution existed.
 
 The conventions the trainers follow:
-- every rank seeds model initialisation alike (DDP also broadcasts rank 0's weights when it wraps);
-  streams that must differ between ranks (augmentation, noisy labels, image pools, dropout) are
-  seeded with `rank_seed`, which leaves rank 0's stream as the single-process one;
-- the batch size is per process; each step consumes world_size x batch images;
-- each epoch's data order is one permutation seeded by (seed, epoch), and each rank takes its
-  `shard`, split the way torch's DistributedSampler splits; that keeps resuming exact;
+- every rank initialises the models alike; streams that must differ between ranks (augmentation,
+  noisy labels, image pools, dropout) are seeded with `rank_seed`, which leaves rank 0's stream
+  the single-process one;
+- the batch size is per process: each step consumes world_size x batch images;
+- each epoch's order is one permutation seeded by (seed, epoch), and each rank takes its `shard`,
+  split as torch's DistributedSampler splits it: resuming stays exact;
 - only rank 0 logs at INFO level and writes files; `barrier` after checkpoint writes.
 """
 
@@ -30,11 +26,10 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-
 log = logging.getLogger("melano.dist")
 
-# Collectives wait this long for a late rank. Generous: the first run of a stage builds the image
-# cache on one process per node while the others wait at a barrier (minutes on the full ISIC set).
+# Collectives wait this long for a late rank: the first run of a stage builds the image cache on
+# one process per node while the others wait at a barrier (minutes on the full ISIC set).
 TIMEOUT = datetime.timedelta(minutes=60)
 
 
@@ -50,20 +45,13 @@ def rank() -> int:
     return tdist.get_rank() if _active() else 0
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0)) if _active() else 0
-
-
 def is_main() -> bool:
     return rank() == 0
 
 
 def init_from_env(device: str | None = None) -> torch.device:
-    """Join torchrun's process group when WORLD_SIZE > 1; return this process's device.
-
-    On CUDA each process takes the GPU of its LOCAL_RANK (one process per GPU) and NCCL; on CPU,
-    gloo. Ranks other than 0 then log only warnings and errors. Without torchrun (WORLD_SIZE unset
-    or 1) this is just `pick_device(device)`. Safe to call twice."""
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL and the GPU of LOCAL_RANK on CUDA,
+    else gloo); return this process's device. Ranks other than 0 then log only warnings."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return pick_device(device)
     local = int(os.environ["LOCAL_RANK"])
@@ -98,10 +86,9 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def local_main_first():
-    """Run the block on each node's first process, then on the node's other processes: for work
-    they can then reuse, such as building the image cache (written atomically, so nodes sharing
-    one cache folder are safe too) or drawing the split file."""
-    first = local_rank() == 0
+    """Run the block on each node's first process, then on its others: for work they can reuse,
+    such as building the image cache or drawing the split file."""
+    first = not _active() or int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not first:
         barrier()
     yield
@@ -110,9 +97,8 @@ def local_main_first():
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `model` with several processes, else `model` itself.
-    DDP broadcasts rank 0's parameters and buffers here and all-reduces (averages) gradients in
-    backward. Keep the unwrapped model for checkpoints, validation and samples."""
+    """DistributedDataParallel around `model` with several processes (it broadcasts rank 0's weights
+    and averages gradients), else `model` itself. Keep the unwrapped model for checkpoints."""
     if world_size() == 1:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -123,16 +109,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rank_seed(seed: int) -> int:
-    """The seed of this rank's own random stream: `seed` itself on rank 0, so that one process
-    draws exactly what a single-process run draws; a well-mixed different seed on other ranks."""
+    """The seed of this rank's own stream: `seed` on rank 0 (a single-process run's), mixed with the rank on others."""
     r = rank()
     return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
 
 
 def shard(order: Iterable[int], drop_last: bool = False) -> list[int]:
-    """This rank's share of a global order, split as DistributedSampler splits it: padded (by
-    repeating from the start) to a multiple of the world size, or cut to one with `drop_last`;
-    then every world_size-th item from position rank. Every rank gets the same number of items."""
+    """This rank's share of a global order, as DistributedSampler splits it: padded by repeating
+    from the start (or cut, with `drop_last`) to a multiple of the world size, then every
+    world_size-th item from position rank."""
     order, n = list(order), world_size()
     if n == 1:
         return order
@@ -169,18 +154,15 @@ def mean(values: dict[str, float]) -> dict[str, float]:
 
 
 def max_int(value: int) -> int:
-    """The largest `value` over the ranks. Used to agree on stopping: a signal may reach one rank
-    a step before another, and all of them must stop after the same step."""
+    """The largest `value` over the ranks: to agree on stopping after the same step."""
     if world_size() == 1:
         return value
     return int(_reduce([value], tdist.ReduceOp.MAX)[0])
 
 
 def gather_shards(index: Sequence[int], n: int, *arrays: np.ndarray) -> list[np.ndarray]:
-    """Reassemble per-rank results over a dataset of `n` items. Each rank scored the items `index`
-    (its DistributedSampler share, padded so that all shares have the same length) giving `arrays`
-    with one row per item. Returns those arrays for items 0..n-1 in order, on every rank: the
-    padding repeats items, and each item is kept once, from its first occurrence."""
+    """Per-rank results (`arrays`, one row per item of the rank's padded share `index`) as arrays
+    over items 0..n-1 in order, on every rank; a padded repeat is kept once."""
     if world_size() == 1:
         if list(index) != list(range(n)):
             raise ValueError("gather_shards in one process expects the items 0..n-1 in order")
@@ -195,9 +177,8 @@ def gather_shards(index: Sequence[int], n: int, *arrays: np.ndarray) -> list[np.
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP does this at the
-    start of each training forward; after the last one every rank has updated them with its own
-    batch, so do it before evaluating: then every rank scores with the model rank 0 saves."""
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank before evaluating: after the last
+    training forward each rank has its own, and every rank must score with the model rank 0 saves."""
     if world_size() > 1:
         for b in model.buffers():
             tdist.broadcast(b, src=0)
@@ -223,8 +204,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def epoch_order(n: int, seed: int, epoch: int, take: int | None = None) -> list[int]:
-    """This rank's order of the n items in `epoch`: a permutation seeded by (seed, epoch) alone,
-    cut to its first `take` items, sharded across ranks as DistributedSampler does. Being a pure
-    function of (seed, epoch), it lets a resumed run skip exactly the batches it has done."""
+    """This rank's `shard` of the first `take` items of a permutation of n seeded by (seed, epoch)
+    alone: a resumed run can skip exactly the batches it has done."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return shard(order[:take].tolist() if take is not None else order.tolist())
+    return shard(order[:take].tolist())
