@@ -1,34 +1,25 @@
 """The experiment, end to end: does CycleGAN oversampling beat traditional augmentation, and does
-it beat simply resampling the real melanomas?
+it beat simply resampling the real melanomas? Stages, each in a folder of --out (default
+runs/<preset>), run top to bottom by `run_stages`:
 
-    python -m melano.pipeline [--data DIR] [--out DIR] [--preset smoke|quick|study|full] [--seeds K]
-                              [--rerun STAGE ...] [--jobs J] [--nproc-per-node K] [--gan-* ...] [--clf-* ...]
+    data              the --data ISIC folder, or the built-in synthetic set; one patient-grouped
+                      split (splits.csv) that every arm shares
+    gan, gan_ls       CycleGAN benign->malignant on the training split only (gan_ls: with the
+                      study's noisy "label smoothing")
+    synth, synth_ls   G_A's synthetic melanomas, from training-split benign images, to balance the
+                      classes (or --synthetic-ratio)
+    arm_<arm>_<k>     one classifier per arm and seed k, each the same number of optimiser steps:
+                      --clf-epochs epochs of the real training split
+    quality, report   how convincing the synthetic melanomas are; metrics.json, report.md, figures
 
-Stages, each in its own folder under --out (default runs/<preset>), run top to bottom by `run_stages`:
+The arms: none (no augmentation), traditional (flips, rotations, crops), oversample (real melanomas
+resampled to the CycleGAN arms' class ratio: the control that separates balancing from realism),
+cyclegan and cyclegan_ls. --gan-* and --clf-* are the trainers' own options.
 
-    data              the ISIC folder given by --data, or the built-in synthetic set, generated on
-                      first use; one patient-grouped split (splits.csv) that every arm shares
-    gan, gan_ls       CycleGAN benign->malignant on the TRAINING split only; gan_ls uses the study's
-                      noisy "label smoothing"
-    synth, synth_ls   G_A translates training-split benign images into synthetic melanomas until
-                      the classes are balanced (or --synthetic-ratio)
-    arm_<arm>_<k>     one classifier per arm and seed k: the same split, test set, batch size,
-                      schedule and number of optimiser steps for every arm
-    quality           how convincing the synthetic melanomas are
-    report            metrics.json, report.md and the figures
-
-The arms: none (imbalanced, no augmentation), traditional (flips, rotations, crops), oversample
-(real melanomas resampled, with traditional augmentation, to the CycleGAN arms' class ratio: the
-control that separates balancing from realism), cyclegan and cyclegan_ls (balanced with G_A's
-translations). Every arm trains --clf-epochs epochs of the REAL training split's steps. The
---gan-* and --clf-* options are the trainers' own, less those the pipeline sets itself.
-
-Training stages that do not read each other run --jobs at a time, each in its own process with its
-share of the cores and its log in <stage>/train.log. A stage whose outputs exist and whose
-parameters (and those of the stages it reads) have not changed is skipped; a stage killed half-way
-resumes from its checkpoint; `--rerun STAGE` reruns it and everything downstream. SIGINT or SIGTERM
-stops each running trainer after its step, with a checkpoint; the pipeline then exits 128 + the
-signal's number, and a rerun resumes.
+A stage done with the same parameters (its own and its inputs') is skipped, one killed half-way
+resumes, and `--rerun STAGE` reruns it and what reads it. Training stages run --jobs at a time, each
+in a process of its own. SIGINT/SIGTERM stops each running trainer after its step, with a
+checkpoint, and the pipeline exits 128 + signal; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -48,7 +39,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -58,7 +48,6 @@ from . import classifier, cyclegan, data, pretrained, quality_stage as qstage, r
 from .translate import TranslateConfig, translate
 from .infra import cli, kernels, options, outdir, signals
 from .infra.checkpoints import load_checkpoint
-from .infra.cli import log_config, setup_logging
 from .infra.dist import pick_device
 from .infra.files import to_jsonable
 from .infra.options import option
@@ -89,7 +78,7 @@ ClfSettings = options.settings(
 ALIASES = {"gan_blocks": "gan_n_blocks", "arch": "clf_arch", "weights": "clf_weights", "pretrained": "clf_pretrained"}
 
 
-@dataclass
+@dataclasses.dataclass
 class PipelineConfig:
     preset: str = option("quick", "smoke (tests; minutes), quick (default; 2-core CPU, <= 15 min), study (the "
                                   "study's own recipe), full (melano's recommended recipe at full scale, GPU)",
@@ -213,20 +202,14 @@ def make_config(preset: str, **given) -> PipelineConfig:
 # ----------------------------------------------------------------------------- stages
 
 class Stages:
-    """Runs named stages under `root`, skipping those already done with the same parameters.
-
-    A stage folder holds params.json (written when it starts) and done.json (written last, with the
-    result). Same params and done.json: skip. Same params, no done.json: the stage was killed, so it
-    resumes. Different params or --rerun: the folder is cleared and the stage reruns. It is cleared
-    only if the run folder's manifest (`claim`), and those of the commands that wrote into it, list
-    every file in it; each finished run gets a fresh `run_id`, and downstream stages list their
-    inputs' run ids among their parameters: whatever reruns a stage reruns everything that reads it."""
+    """Runs named stages under `root`. A stage folder holds params.json (written when it starts)
+    and done.json (written last, with the result). Same params and done.json: skip. Same params, no
+    done.json: the stage was killed, so it resumes. Different params or --rerun: the folder is
+    cleared, if the run's manifests (`claim`) list every file in it, and the stage reruns. Each run
+    of a stage gets a fresh `run_id`, which the stages reading it list among their parameters."""
 
     def __init__(self, root: Path, claim: outdir.Claim, rerun: list[str]):
         self.root, self.claim, self.rerun, self.timings = root, claim, set(rerun), {}
-
-    def check_places(self, stages: list[str], files: list[str]) -> None:
-        check_places(self.root, self.claim.written, stages, files)
 
     def forced(self, name: str) -> bool:
         return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
@@ -298,9 +281,8 @@ def default_jobs(device: str | None) -> int:
 
 
 def parallel(cfg: PipelineConfig) -> tuple[int, int | None, dict]:
-    """(stages at a time, CPU threads of each stage's process (None: train in this process), what a
-    training stage's parameters say of its processes: their number changes its result, the global
-    batch; left out at 1)."""
+    """(training stages at a time, CPU threads of each one's process (None: train in this one), and
+    its processes for its parameters: they change its result, the global batch; left out at 1)."""
     jobs = 1 if cfg.nproc_per_node > 1 else cfg.jobs or default_jobs(cfg.device)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     return jobs, threads, {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
@@ -337,7 +319,7 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, claim: outdir.Claim, folder
         if sizes[s]["malignant"] == 0 or sizes[s]["malignant"] == sizes[s]["images"]:
             raise cli.UsageError(f"the {s} split of {src} has {sizes[s]['malignant']} malignant of "
                                  f"{sizes[s]['images']} images, so its AUC is undefined; give more images or a "
-                                 f"larger --{s.replace('val', 'val')}-frac")
+                                 f"larger --{s}-frac")
     return {"data": str(src), "split_csv": str(split_csv), "split_hash": file_hash(split_csv), "split_sizes": sizes}
 
 
@@ -403,11 +385,11 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise FileNotFoundError(f"--data {cfg.data}: no such folder. Give an ISIC folder (train.csv + jpeg/train/ "
                                 f"or train/, or benign/ + malignant/), or omit --data to use the built-in synthetic set")
-    if cfg.weights is None and cfg.pretrained:  # fail before any training, saying how to get weights
+    if cfg.clf.weights is None and cfg.clf.pretrained:  # fail before any training, saying how to get weights
         try:
-            pretrained.offline_weights(cfg.arch)
+            pretrained.offline_weights(cfg.clf.arch)
         except ValueError:
-            raise cli.UsageError(f"--arch {cfg.arch}: no pretrained weights for it ship offline (only "
+            raise cli.UsageError(f"--arch {cfg.clf.arch}: no pretrained weights for it ship offline (only "
                                  f"tf_efficientnet_lite0's do); pass --weights PATH_OR_URL (a checkpoint listed in "
                                  f"melano.pretrained's docstring), or --no-pretrained to start from random "
                                  f"weights") from None
@@ -416,9 +398,9 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     check_places(out, outdir.manifest(out, "pipeline"), stage_names(cfg), list(ROOT_FILES))
     with CHILDREN, outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
         stages = Stages(out, claim, cfg.rerun)
-        stages.check_places(stage_names(cfg), list(ROOT_FILES))
+        check_places(out, claim.written, stage_names(cfg), list(ROOT_FILES))
         claim.record("config.json")
-        log_config(cfg, out / "config.json")
+        cli.log_config(cfg, out / "config.json")
         return run_stages(cfg, stages)
 
 
@@ -575,14 +557,11 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
 # ----------------------------------------------------------------------------- signals
 
 class Children(signals.StopOnSignal):
-    """SIGINT/SIGTERM to the pipeline, passed on to the trainer processes it runs (Python's default
-    SIGTERM would kill the pipeline alone and leave them running in the run folder). The first
-    signal goes once to each running trainer, which saves after its step and exits 128 + signum;
-    the pipeline starts nothing more, waits for them, and stops the same way (signals.Stopped), so
-    that a rerun resumes; with no trainer running it stops at once. A later signal goes to them
-    too, and aborts. A signal to the whole process group reaches a trainer directly and forwarded:
-    both take the copy as the same request (signals.repeats). The children stay in the pipeline's
-    process group, so that killing the group kills them all. One per process: CHILDREN."""
+    """SIGINT/SIGTERM to the pipeline, passed on to its trainer processes (by default SIGTERM would
+    leave them running, orphaned). The first signal goes once to each, which saves after its step
+    and exits 128 + signum; the pipeline starts nothing more, waits, and stops the same way (at once
+    if no trainer runs). A later one goes to them too, and aborts; a copy of the first (a signal to
+    the process group, which the children stay in) is the same request. One per process: CHILDREN."""
 
     doing = "the running training stages save a checkpoint after their step and stop"
 
@@ -591,8 +570,8 @@ class Children(signals.StopOnSignal):
         self.busy: set[object] = set()  # train_process calls under way, trainer started or not
         self.live: dict[int, subprocess.Popen] = {}
         self.untold: dict[int, subprocess.Popen] = {}  # live, not yet sent the signal
-        # A process forked from the pipeline (a worker of an in-process stage) is no pipeline: Pool.terminate's
-        # SIGTERM must end it as before. DataLoader workers of an in-process trainer keep its handler.
+        # a process forked from the pipeline (a Pool worker of an in-process stage) is no pipeline: SIGTERM
+        # must end it as before. DataLoader workers of an in-process trainer keep that trainer's handler
         os.register_at_fork(after_in_child=functools.partial(self.restore, forked=True))
 
     def received(self, signum: int) -> None:
@@ -642,10 +621,9 @@ CHILDREN = Children()
 # ----------------------------------------------------------------------------- helpers
 
 def train_process(module: str, run_cfg, nproc: int, threads: int | None, folder: Path) -> None:
-    """`<module> train <run_cfg's flags>` in a child process with this Python: under torchrun
-    (--standalone, K processes) when nproc > 1, else one process with `threads` CPU threads and
-    its output in folder/train.log (stages running side by side would mix theirs). Raises if it
-    fails. The trainer writes its outputs into run_cfg.out."""
+    """`<module> train <run_cfg's flags>` in a child process: under torchrun (--standalone, K
+    processes) when nproc > 1, else one process with `threads` CPU threads and its output in
+    folder/train.log (stages side by side would mix theirs). Raises if it fails or stops."""
     train = ["train", *options.to_flags(run_cfg)]
     if nproc > 1:  # torchrun dies with the pipeline, and its ranks with it
         cmd, env, sink = signals.child_command("torch.distributed.run", ["--standalone", "--nproc_per_node", str(nproc),
@@ -780,7 +758,7 @@ def command(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    cli.setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     return cli.cli(functools.partial(command, argv), debug="--debug" in argv)
 

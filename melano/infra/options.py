@@ -39,19 +39,12 @@ def settings(cls: type, name: str, skip: Sequence[str], **defaults) -> type:
     return dataclasses.make_dataclass(name, fields)
 
 
-def _held(f: dataclasses.Field) -> type | None:
-    """The settings class that field `f` holds, if it holds one."""
+def _held(f: dataclasses.Field) -> type | None:  # the settings class that field `f` holds, if any
     return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
 
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _kind(f: dataclasses.Field) -> tuple[str, bool]:
-    """(base type name, optional) from the annotation string: 'int | None' -> ('int', True)."""
-    base, *rest = [p.strip() for p in str(f.type).split("|")]
-    return base, "None" in rest
 
 
 def _parser(base: str, optional: bool, name: str) -> Callable[[str], Any]:
@@ -79,7 +72,7 @@ def add_options(p: argparse.ArgumentParser, cls: type, required: Sequence[str] =
         if _held(f):
             add_options(p.add_argument_group(meta["help"]), _held(f), aliases=aliases, prefix=dest + "_")
             continue
-        base, optional = _kind(f)
+        base, *rest = [t.strip() for t in str(f.type).split("|")]  # 'int | None': int, optional
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else MISSING)
         kw: dict[str, Any] = {"help": meta.get("help", "")}
@@ -92,7 +85,7 @@ def add_options(p: argparse.ArgumentParser, cls: type, required: Sequence[str] =
         elif base.startswith("list"):
             kw.update(nargs="*", metavar=f.name.upper())
         else:
-            kw["type"] = _parser(base, optional, dest)
+            kw["type"] = _parser(base, "None" in rest, dest)
             if meta.get("choices"):
                 kw["choices"] = list(meta["choices"])
         names = [dest] + [old for old, new in (aliases or {}).items() if new == dest]

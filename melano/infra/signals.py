@@ -78,7 +78,7 @@ class StopOnSignal:
         return dist.max_int(self.signum)
 
     def __enter__(self):
-        self.signum = 0  # an instance may be used again: each block starts afresh
+        self.signum = 0  # an instance used again starts afresh; after the block, `signum` still tells
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
@@ -87,9 +87,7 @@ class StopOnSignal:
     def __exit__(self, *exc):
         self.restore()
 
-    def restore(self, forked: bool = False) -> None:
-        """The handlers from before the block; `forked` (in a child forked inside it): only where
-        this handler is still the one installed."""
+    def restore(self, forked: bool = False) -> None:  # forked: in a child, only where ours is still installed
         for s, h in self._old.items():
             if not forked or signal.getsignal(s) == self._handler:
                 signal.signal(s, h)
