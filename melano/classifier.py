@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data, metrics
-from .detector import Model, Normalise, infer, sigmoid, train_step
+from .detector import Model, Normalise, infer, load_model, sigmoid, train_step
 from .efficientnet import config as model_config
-from .efficientnet import efficientnet
 from .pretrained import efficientnet as pretrained_efficientnet
 from .infra import checkpoints, cli, dist, options, outdir, precision, signals
 from .infra.cli import log_config, progress, setup_logging
@@ -191,14 +190,19 @@ def unit_dataset(cache: data.Cache, items) -> data.ClassifierDataset:
     return data.ClassifierDataset(cache, items, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
-def predictions_csv(names: Sequence[str], targets: np.ndarray, probs: np.ndarray) -> str:
-    """image_name, target, probability: the CSV melano.report reads."""
+def csv_text(header: Sequence[str], rows) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image_name", "target", "probability"])
-    for n, t, p in zip(names, targets, probs):
-        w.writerow([n, int(t), repr(float(p))])  # repr: every digit, so the AUC recomputes exactly
+    w.writerow(header)
+    w.writerows(rows)
     return buf.getvalue()
+
+
+def predictions_csv(names: Sequence[str], targets: np.ndarray, probs: np.ndarray) -> str:
+    """image_name, target, probability: the CSV melano.report reads (repr: every digit, so the AUC
+    recomputes exactly)."""
+    return csv_text(["image_name", "target", "probability"],
+                    [(n, int(t), repr(float(p))) for n, t, p in zip(names, targets, probs)])
 
 
 def check_extra_leakage(extra: data.Index, cache: data.Cache, split: dict[str, list[str]]) -> None:
@@ -278,8 +282,9 @@ class Data:
         while step < stop:
             epoch, done = divmod(step, self.steps_per_epoch)
             order = dist.epoch_order(len(self.train_set), seed, epoch, take=self.steps_per_epoch * self.batch * world)
-            for x, y in data.make_loader(self.train_set, self.batch, sampler=order[done * self.batch:], workers=workers,
-                                         drop_last=True):
+            loader = data.make_loader(self.train_set, self.batch, sampler=order[done * self.batch:], workers=workers,
+                                      drop_last=True)
+            for x, y in loader:
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 step += 1
                 if step == stop:
@@ -407,7 +412,8 @@ def write_config(cfg: ClassifierConfig, claim: outdir.Claim, batch: int) -> None
                 "test_predictions.csv", "test_metrics.json"):
         claim.record(rel)
     world = dist.world_size()
-    log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch}, claim.path("config.json"))
+    log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch},
+               claim.path("config.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,10 +447,9 @@ def validate(claim: outdir.Claim, cfg: ClassifierConfig, m: Model, d: Data, p: P
                                 "val_auc": p.best_auc}, claim.path("best.pt"), FORMAT)
         claim.write_text("val_predictions.csv", predictions_csv(d.split["val"], y, sigmoid(logits)))
     if dist.is_main():
-        lines = ["step,epoch,lr,train_loss,val_loss,val_auc"] + [
-            f"{h['step']},{h['epoch']:.4f},{h['lr']:.6g},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['val_auc']:.6f}"
-            for h in p.history]
-        claim.write_text("history.csv", "\n".join(lines) + "\n")
+        claim.write_text("history.csv", csv_text(["step", "epoch", "lr", "train_loss", "val_loss", "val_auc"], [
+            (h["step"], f"{h['epoch']:.4f}", f"{h['lr']:.6g}", f"{h['train_loss']:.6f}", f"{h['val_loss']:.6f}",
+             f"{h['val_auc']:.6f}") for h in p.history]))
     save_last(cfg, m, p, total)
     return time.perf_counter() - t0
 
@@ -514,6 +519,7 @@ def train(cfg: ClassifierConfig) -> TrainResult:
 
 def summary(cfg: ClassifierConfig, d: Data, p: Progress, pos_weight: float | None, total: int, start: int,
             seconds: float, val_seconds: float) -> TrainResult:
+    """What `train` returns and writes to result.json (the test metrics are added by the caller)."""
     out, global_batch = Path(cfg.out), d.batch * dist.world_size()
     trained = (p.step - start) * global_batch
     log.info("trained %d steps in %.1f s (%.1f s validating); best val AUC %.4f at step %d", p.step - start,
@@ -536,15 +542,7 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
     if state.get("version") != VERSION:
         raise cli.UsageError(f"{path}: classifier checkpoint version {state.get('version')}, this code reads "
                          f"{VERSION}; retrain with this version of melano")
-    device = pick_device(device if device is None else str(device))
-    model = efficientnet(state["arch"], num_classes=state["num_classes"])
-    model.load_state_dict(state["model"])
-    channels_last = state.get("channels_last", True)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    norm = Normalise(state["mean"], state["std"], channels_last).to(device)
-    return model, norm, state
+    return (*load_model(state, pick_device(device if device is None else str(device))), state)
 
 
 def inference_dtype(saved_config: dict, device: torch.device) -> torch.dtype | None:
@@ -675,11 +673,8 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
     if not results:
         raise cli.UsageError(f"{images}: none of the {len(skipped)} image(s) could be read (see the lines above)")
     if out_csv is not None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image", "probability"])
-        w.writerows([(n, repr(p)) for n, p in results])
-        outdir.write_file(out_csv, buf.getvalue(), "predict", force=force, inputs=inputs, data=folder)
+        text = csv_text(["image", "probability"], [(n, repr(p)) for n, p in results])
+        outdir.write_file(out_csv, text, "predict", force=force, inputs=inputs, data=folder)
         log.info("wrote %d probabilities to %s", len(results), out_csv)
     return results
 

@@ -1,6 +1,7 @@
 """The melanoma classifier, the science: one logit per image, BCE-with-logits (optionally
-weighting the positive class), one optimiser step (`train_step`) and inference (`infer`).
-The model is melano.efficientnet; the trainer around it is melano.classifier.
+weighting the positive class), one optimiser step (`train_step`), a model from a checkpoint
+(`load_model`) and inference (`infer`). The model is melano.efficientnet; the trainer around it
+is melano.classifier.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import augment
+from .efficientnet import efficientnet
 
 
 class Normalise(torch.nn.Module):
@@ -36,7 +38,7 @@ class Model:
     opt: torch.optim.Optimizer
     pos_weight: torch.Tensor | None
     aug_gen: torch.Generator          # augmentation, on CPU: the same transforms on any device
-    amp: Any                          # autocast(), backward(loss), step(opt), update(): melano.infra.precision.Precision
+    amp: Any                          # melano.infra.precision.Precision: autocast, backward, step, update
     net: torch.nn.Module | None = None  # what training runs: `model`, or `model` wrapped for DDP
 
 
@@ -53,6 +55,17 @@ def train_step(m: Model, batch: tuple[torch.Tensor, torch.Tensor], cfg) -> torch
     m.amp.step(m.opt)
     m.amp.update()
     return loss.detach()
+
+
+def load_model(state: dict, device: torch.device) -> tuple[torch.nn.Module, Normalise]:
+    """The model (in eval mode) and its Normalise from a classifier checkpoint dict, on `device`."""
+    model = efficientnet(state["arch"], num_classes=state["num_classes"])
+    model.load_state_dict(state["model"])
+    channels_last = state.get("channels_last", True)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, Normalise(state["mean"], state["std"], channels_last).to(device)
 
 
 @torch.inference_mode()

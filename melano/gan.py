@@ -224,7 +224,7 @@ class GAN:
     pool_A: ImagePool
     pool_B: ImagePool
     rng: torch.Generator           # label noise and the image pools
-    amp: Any                       # autocast(), backward(loss), step(opt), update(): melano.infra.precision.Precision
+    amp: Any                       # melano.infra.precision.Precision: autocast, backward, step, update
     net: nn.ModuleDict | None = None  # what the step runs: `models`, or the same models wrapped for DDP
 
 
