@@ -52,7 +52,7 @@ def main():
         "split_sizes": result["split_sizes"], "arms": arms,
         "comparisons": result["comparisons"], "make_train_seconds": args.command_seconds,
         "gan_stages_compared": args.gan_runs and compare_gans(*map(Path, args.gan_runs)),
-        "gan_channels_last": result["config"].get("gan", {}).get("channels_last"),
+        "gan_channels_last": result["config"].get("gan_channels_last"),
         "synthetic_quality": result.get("synthetic_quality"),  # the README's quality table
         "slow_host_projection": slow_host_projection(result["wall_s"])})
 

@@ -132,6 +132,10 @@ class PipelineConfig:
         if self.clf.weights and not self.clf.pretrained:
             raise cli.UsageError("--weights and --no-pretrained contradict each other; drop one")
 
+    def flat(self) -> dict:
+        """The values by their flags' names, the old spellings kept: what config.json and --dry-run show."""
+        return options.flat(self, ALIASES)
+
     def __getattr__(self, name: str):
         """The flat names of the flags: cfg.gan_size is cfg.gan.size, cfg.arch is cfg.clf.arch."""
         part, _, rest = ALIASES.get(name, name).partition("_")
@@ -210,6 +214,9 @@ class Stages:
 
     def __init__(self, root: Path, claim: outdir.Claim, rerun: list[str]):
         self.root, self.claim, self.rerun, self.timings = root, claim, set(rerun), {}
+
+    def check_places(self, stages: list[str], files: list[str]) -> None:
+        check_places(self.root, self.claim.written, stages, files)
 
     def forced(self, name: str) -> bool:
         return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
@@ -398,9 +405,9 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     check_places(out, outdir.manifest(out, "pipeline"), stage_names(cfg), list(ROOT_FILES))
     with CHILDREN, outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
         stages = Stages(out, claim, cfg.rerun)
-        check_places(out, claim.written, stage_names(cfg), list(ROOT_FILES))
+        stages.check_places(stage_names(cfg), list(ROOT_FILES))
         claim.record("config.json")
-        cli.log_config(cfg, out / "config.json")
+        cli.log_config(cfg.flat(), out / "config.json")
         return run_stages(cfg, stages)
 
 
@@ -536,7 +543,7 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
         "deviations_from_study": list(STUDY_DEVIATIONS) if cfg.preset == "study" else [],
         "timings_s": {k: timings[k] for k in stage_names(cfg) if k in timings},  # in stage order
         "wall_s": time.monotonic() - wall0,
-        "config": to_jsonable(cfg),
+        "config": cfg.flat(),
     }
     for a in result["arms"]:
         a.update(result["budget"][a["name"]])
@@ -741,7 +748,7 @@ def parse_config(argv: list[str] | None) -> tuple[PipelineConfig, argparse.Names
 def command(argv: list[str]) -> None:
     cfg, args = parse_config(argv)
     if args.dry_run:
-        print(json.dumps(to_jsonable(cfg), indent=2))
+        print(json.dumps(cfg.flat(), indent=2))
         if cfg.preset == "study":
             print("Deviations from the study's recipe:\n" + "\n".join(f"- {d}" for d in STUDY_DEVIATIONS))
         return

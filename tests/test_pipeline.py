@@ -178,16 +178,15 @@ def test_study_preset_prints_its_configuration_and_deviations(capsys):
     assert pipeline.main(["--preset", "study", "--dry-run"]) == 0
     out = capsys.readouterr().out
     cfg = json.loads(out[:out.index("Deviations")])
-    gan, clf = cfg["gan"], cfg["clf"]
-    assert (gan["size"], gan["batch_size"], gan["epochs"] + gan["epochs_decay"]) == (224, 10, 360)
-    assert (gan["lambda_identity"], gan["pool_size"], gan["init"]) == (0.0, 0, "default")
-    assert (clf["arch"], clf["lr"], clf["optimizer"], clf["schedule"]) == (
+    assert (cfg["gan_size"], cfg["gan_batch_size"], cfg["gan_epochs"] + cfg["gan_epochs_decay"]) == (224, 10, 360)
+    assert (cfg["gan_lambda_identity"], cfg["gan_pool_size"], cfg["gan_init"]) == (0.0, 0, "default")
+    assert (cfg["arch"], cfg["clf_lr"], cfg["clf_optimizer"], cfg["clf_schedule"]) == (
         "tf_efficientnet_b4", 1e-4, "adam", "constant")
-    assert clf["mean_std"] == "half" and clf["epochs"] == 10
+    assert cfg["clf_mean_std"] == "half" and cfg["clf_epochs"] == 10
     assert "lowest" in out and "per-batch" in out and "patient-grouped" in out
     # flags still win over the preset
     assert pipeline.main(["--preset", "study", "--gan-batch-size", "4", "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan"]["batch_size"] == 4
+    assert json.loads(capsys.readouterr().out.split("Deviations")[0])["gan_batch_size"] == 4
 
 
 def test_gan_layout_per_preset():
@@ -219,6 +218,9 @@ def test_the_trainers_settings_reach_their_configs_under_every_spelling():
         "quick", gan_blocks=2, arch="tf_efficientnet_b0", pretrained=False, clf_size=None)
     assert (cfg.gan.n_blocks, cfg.clf.arch, cfg.clf.pretrained, cfg.clf.size) == (2, "tf_efficientnet_b0", False, None)
     assert (cfg.gan_blocks, cfg.arch, cfg.clf_size) == (2, "tf_efficientnet_b0", None)  # the flat names still read
+    flat = cfg.flat()  # what --dry-run and config.json show: the flags' names, the old spellings kept
+    assert (flat["gan_blocks"], flat["arch"], flat["pretrained"], flat["gan_size"]) == (2, "tf_efficientnet_b0", False, 48)
+    assert pipeline.make_config(**flat) == cfg
     with pytest.raises(ValueError, match="^--clf-warmup must be <= 0.99"):
         pipeline.make_config("smoke", clf_warmup=1.5)
 

@@ -104,6 +104,17 @@ def nest(cls: type, flat: dict) -> dict:
     return kwargs
 
 
+def flat(cfg: Any, aliases: dict[str, str] | None = None) -> dict:
+    """nest's inverse: cfg's values by their flags' names ({'seeds': 2, 'gan_size': 32}), under the
+    other spelling in `aliases` where there is one."""
+    values = {}
+    for f in dataclasses.fields(cfg):
+        held = dataclasses.asdict(getattr(cfg, f.name)).items() if _held(f) else None
+        values.update({f"{f.name}_{k}": v for k, v in held} if held else {f.name: getattr(cfg, f.name)})
+    back = {new: old for old, new in (aliases or {}).items()}
+    return {back.get(k, k): v for k, v in values.items()}
+
+
 def from_args(cls: type, args: argparse.Namespace, **overrides) -> Any:
     """The config dataclass from parsed flags (fields not on the command line keep defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
