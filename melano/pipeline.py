@@ -61,7 +61,8 @@ GAN_ARMS = {"cyclegan": ("gan", "synth", "none"), "cyclegan_ls": ("gan_ls", "syn
 PRESET_NAMES = ("smoke", "quick", "study", "full")
 
 # The trainers' settings, offered as --gan-* and --clf-*: every field of their configs but those the
-# pipeline sets itself (per stage, or from its own options), with the quick preset's values.
+# pipeline sets itself (per stage, from its own options; the report needs `evaluate`, --jobs shares the
+# cores), with the quick preset's values.
 GanSettings = options.settings(
     cyclegan.CycleGANConfig, "GanSettings",
     skip=("data", "out", "split_csv", "cache_dir", "seed", "device", "label_smoothing", "gen_act", "sample_every",
@@ -69,10 +70,11 @@ GanSettings = options.settings(
     size=48, ngf=16, ndf=16, n_blocks=3, batch_size=4, epochs=2, epochs_decay=3, upsample="nearest", residual=True,
     pairing="malignant", lr=4e-4, lambda_identity=0.0, channels_last=True)
 ClfSettings = options.settings(
-    classifier.ClassifierConfig, "ClfSettings",  # evaluate: the report reads the test predictions
+    classifier.ClassifierConfig, "ClfSettings",
     skip=("data", "out", "extra", "oversample", "split_csv", "cache_dir", "val_frac", "test_frac", "split_seed",
           "max_steps", "val_every", "augment", "seed", "eval_batch_size", "evaluate", "threads", "device",
           "resume", "force"),
+    help={"epochs": "the budget: every arm trains this many epochs of the REAL training split's steps"},
     size=48, epochs=1)
 # the flags' spellings from before the composition (and make_config's keywords, cfg's attributes)
 ALIASES = {"gan_blocks": "gan_n_blocks", "arch": "clf_arch", "weights": "clf_weights", "pretrained": "clf_pretrained"}

@@ -24,16 +24,17 @@ def option(default: Any = MISSING, help: str = "", *, choices: Sequence | None =
     return dataclasses.field(default=default, metadata=meta)
 
 
-def settings(cls: type, name: str, skip: Sequence[str], **defaults) -> type:
+def settings(cls: type, name: str, skip: Sequence[str], help: dict[str, str] | None = None, **defaults) -> type:
     """A dataclass of `cls`'s fields but `skip` (those the holder sets itself), with their types,
-    help and ranges, and `defaults` in place of cls's. A config holds it as a field,
+    help and ranges, and `defaults` (and `help`) in place of cls's. A config holds it as a field,
     option(help=title, factory=<it>), whose flags are --<field>-<name>."""
     fields = []
     for f in dataclasses.fields(cls):
         if f.name not in skip:
             kw = {"default": f.default} if f.default is not MISSING else {"default_factory": f.default_factory}
             kw = {"default": defaults.pop(f.name)} if f.name in defaults else kw
-            fields.append((f.name, f.type, dataclasses.field(metadata=f.metadata, **kw)))
+            meta = {**f.metadata, "help": (help or {}).get(f.name, f.metadata["help"])}
+            fields.append((f.name, f.type, dataclasses.field(metadata=meta, **kw)))
     if defaults:
         raise TypeError(f"{name}: {cls.__name__} has no field {', '.join(defaults)} (or it is skipped)")
     return dataclasses.make_dataclass(name, fields)
