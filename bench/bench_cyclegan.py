@@ -53,8 +53,9 @@ CONFIGS = {"cl_fused": ("ext", True, False, False), "nchw_fused": ("ext", False,
 def quick_gan() -> dict:
     """The quick preset's CycleGAN settings, read from the pipeline's defaults."""
     q = pipeline.make_config("quick")
-    return dict(size=q.gan_size, batch_size=q.gan_batch_size, ngf=q.gan_ngf, ndf=q.gan_ndf, n_blocks=q.gan_blocks,
-                upsample=q.gan_upsample, residual=q.gan_residual, lambda_identity=q.gan_lambda_identity)
+    g = q.gan
+    return dict(size=g.size, batch_size=g.batch_size, ngf=g.ngf, ndf=g.ndf, n_blocks=g.n_blocks,
+                upsample=g.upsample, residual=g.residual, lambda_identity=g.lambda_identity)
 
 
 # (CycleGANConfig fields, torch threads, also time cl_compiled)

@@ -23,21 +23,23 @@ WORKER = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[3])
 kind, steps = sys.argv[1], int(sys.argv[2])
+from melano.infra import kernels
+kernels.load()  # the fused InstanceNorm for the GAN's step
 if kind == "classifier":
-    from melano import classifier as C
+    from melano import classifier as C, detector
     cfg = C.ClassifierConfig(data="", out="", arch="tf_efficientnet_lite0", size=48, pretrained=False)
     m = C.build_training(cfg, torch.device("cpu"), None)
     x = torch.rand(32, 3, 48, 48).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(32) > 0.8).float()
-    step = lambda: C.train_step(m.model, m, x, y, cfg, 1e-3)
+    step = lambda: detector.train_step(m, (x, y), cfg)
 else:
     from bench.bench_cyclegan import make_state, quick_gan, random_batches, run_steps
-    from melano import cyclegan as cg
+    from melano import cyclegan as cg, gan
     cfg = cg.CycleGANConfig(**quick_gan())
     torch.manual_seed(0)
-    state = make_state(cg.build_models(cfg), cfg, "nchw_fused", torch.device("cpu"), "none")
+    state = make_state(gan.build_models(cfg), cfg, "nchw_fused", torch.device("cpu"), "none")
     batch = random_batches(cfg, 1, torch.device("cpu"))
-    step = lambda: run_steps("nchw_fused", state, batch, cfg, None, False)
+    step = lambda: run_steps("nchw_fused", state, batch, cfg, False)
 for _ in range(3):
     step()
 t = time.perf_counter()
