@@ -239,6 +239,8 @@ def config_from_checkpoint(state: dict) -> CycleGANConfig:
 def absolute_paths(cfg: CycleGANConfig) -> CycleGANConfig:
     """Paths made absolute (and defaults under --out made explicit), so that a checkpoint names
     the very split and cache it was trained with, whatever folder a later command runs from."""
+    if not Path(cfg.data).is_dir():
+        raise cli.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
     return dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()),
                                split_csv=str(mdata.split_path(cfg).resolve()), cache_dir=str(mdata.cache_path(cfg).resolve()))
 
@@ -255,8 +257,6 @@ def train(cfg: CycleGANConfig) -> Path:
     kernels.load()  # the fused InstanceNorm (MELANO_OPS=eager: the PyTorch path)
     device = dist.init_from_env(cfg.device)
     cfg = absolute_paths(cfg)
-    if not Path(cfg.data).is_dir():
-        raise cli.UsageError(f"--data {cfg.data}: not a folder (give an ISIC-layout or synthetic data folder)")
     out, main = Path(cfg.out), dist.is_main()
     ckpt = out / CHECKPOINT
     gan, step = start(cfg, device, ckpt)

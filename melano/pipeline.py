@@ -138,13 +138,6 @@ class PipelineConfig:
         """The values by their flags' names, the old spellings kept: what config.json and --dry-run show."""
         return options.flat(self, ALIASES)
 
-    def __getattr__(self, name: str):
-        """The flat names of the flags: cfg.gan_size is cfg.gan.size, cfg.arch is cfg.clf.arch."""
-        part, _, rest = ALIASES.get(name, name).partition("_")
-        if part in ("gan", "clf") and part in vars(self):
-            return getattr(vars(self)[part], rest)
-        raise AttributeError(f"'PipelineConfig' object has no attribute {name!r}")
-
 
 PRESETS: dict[str, dict] = {
     # Every stage and arm in a few minutes of 2 CPU cores; what the tests run.

@@ -416,7 +416,7 @@ def test_pipeline_runs_its_training_stages_under_torchrun(tmp_path, monkeypatch)
                                seeds=1)
     result = pipeline.run_experiment(cfg)
     gan = load_checkpoint(tmp_path / "gan" / "checkpoint.pt")
-    assert gan["world_size"] == 2 and gan["step"] == cfg.gan_max_steps
+    assert gan["world_size"] == 2 and gan["step"] == cfg.gan.max_steps
     assert json.loads((tmp_path / "gan" / "params.json").read_text())["params"]["nproc_per_node"] == 2
     # the report read each arm's outputs, written by rank 0 of its torchrun
     for arm in result["arms"]:
