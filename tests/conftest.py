@@ -18,3 +18,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def root(request, tmp_path_factory):
+    """A folder the tests of one module share (their data sets and trained runs)."""
+    return tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -96,3 +97,22 @@ def bomb_png(path: Path, w: int, h: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
                      + chunk(b"IDAT", body) + chunk(b"IEND", b""))
     return path
+
+
+def wait_until_training(out: Path, proc, seconds: float, output) -> None:
+    """Return once the trainer writing `out` has logged 3 steps; fail with `output()` (its log) if
+    it exits first, or after `seconds`."""
+    losses, deadline = out / "losses.csv", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if losses.exists() and len(losses.read_text().splitlines()) >= 4:
+            return
+        assert proc.poll() is None, output()
+        time.sleep(0.1)
+    raise AssertionError(f"training did not start within {seconds:.0f} s")
+
+
+def trained(main, argv) -> None:
+    """Run a trainer's CLI in this process (one thread); it must succeed."""
+    import torch
+    torch.set_num_threads(1)
+    assert call(main, argv) == 0

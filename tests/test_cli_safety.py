@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import call, clf_train_argv, gan_train_argv, make_data, read_csv, refused, tree
+from helpers import call, clf_train_argv, gan_train_argv, make_data, read_csv, refused, trained, tree
 from melano import classifier, cyclegan, pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,11 +44,6 @@ def predict_argv(ckpt, images, *more) -> list:
 # ----------------------------------------------------------------------------- shared runs
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("cli")
-
-
-@pytest.fixture(scope="module")
 def gan_data(root):
     return make_data(root / "gan_data", 40, 20)
 
@@ -61,10 +56,8 @@ def clf_data(root):
 @pytest.fixture(scope="module")
 def gan_ckpt(root, gan_data):
     """A CycleGAN trained 2 steps: its checkpoint.pt."""
-    torch.set_num_threads(1)
-    out = root / "gan"
-    assert call(cyclegan.main, gan_train_argv(gan_data, out, max_steps=2, cache_dir=root / "cache")) == 0
-    return out / "checkpoint.pt"
+    trained(cyclegan.main, gan_train_argv(gan_data, root / "gan", max_steps=2, cache_dir=root / "cache"))
+    return root / "gan" / "checkpoint.pt"
 
 
 @pytest.fixture(scope="module")

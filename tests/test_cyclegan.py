@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from helpers import read_csv
+from helpers import read_csv, wait_until_training
 from melano import augment, gan, schedules
 from melano import cyclegan as cg
 from melano.infra import checkpoints, precision
@@ -404,15 +403,7 @@ def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        losses = out / "losses.csv"
-        while time.monotonic() < deadline:  # wait until it is training
-            if losses.exists() and len(losses.read_text().splitlines()) >= 4:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.1)
-        else:
-            pytest.fail("training did not start within 60 s")
+        wait_until_training(out, proc, 60, lambda: proc.stderr.read().decode()[-2000:])
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
     finally:
@@ -420,7 +411,7 @@ def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
             proc.kill()
     assert rc == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
     state = load_checkpoint(out / cg.CHECKPOINT)
-    rows = list(csv.DictReader(open(losses)))
+    rows = list(csv.DictReader(open(out / "losses.csv")))
     assert state["step"] >= 3 and state["step"] == len(rows) == int(rows[-1]["step"])
 
 

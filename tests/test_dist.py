@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import read_csv
+from helpers import read_csv, wait_until_training
 from melano.infra import dist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,15 +269,7 @@ def test_sigterm_to_torchrun_saves_one_checkpoint(gan_data, tmp_path):
     with open(log, "w") as f:  # a file, not a pipe: a full pipe would block the workers
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
-        losses = out / "losses.csv"
-        while time.monotonic() < deadline:  # wait until it is training
-            if losses.exists() and len(losses.read_text().splitlines()) >= 4:
-                break
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.1)
-        else:
-            pytest.fail("training did not start within 90 s")
+        wait_until_training(out, proc, 90, lambda: log.read_text()[-3000:])
         proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
         proc.wait(timeout=60)
     finally:
@@ -286,7 +277,7 @@ def test_sigterm_to_torchrun_saves_one_checkpoint(gan_data, tmp_path):
             proc.kill()
     err = log.read_text()
     state = load_checkpoint(out / cg.CHECKPOINT)
-    rows = read_csv(losses)
+    rows = read_csv(out / "losses.csv")
     assert state["step"] >= 3 and state["step"] == len(rows) == int(rows[-1]["step"]), err[-3000:]
     assert len(state["ranks"]) == 2 and files_under(out) == ["checkpoint.pt", "config.json", "losses.csv",
                                                              "losses.png"]

@@ -14,19 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from helpers import bomb_png, call, clf_train_argv, make_data, read_csv, refused, tree
+from helpers import bomb_png, call, clf_train_argv, make_data, read_csv, refused, trained, tree
 from melano import classifier, pipeline
 from melano.infra import outdir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("writers")
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +31,8 @@ def clf_data(root):
 @pytest.fixture(scope="module")
 def clf_run(root, clf_data):
     """A classifier trained 2 steps (best.pt), its test split scored by the trainer."""
-    torch.set_num_threads(1)
-    out = root / "clf"
-    assert call(classifier.main, clf_train_argv(clf_data, out, max_steps=2, cache_dir=root / "cache")) == 0
-    return out
+    trained(classifier.main, clf_train_argv(clf_data, root / "clf", max_steps=2, cache_dir=root / "cache"))
+    return root / "clf"
 
 
 # ----------------------------------------------------------------------------- the pipeline
