@@ -22,6 +22,11 @@ ngf 64, 9 blocks), 2 threads.
     python bench/bench_cyclegan.py                    # CPU
     python bench/bench_cyclegan.py --profile          # CPU: where the quick preset's step spends its time
     python bench/bench_cyclegan.py --device cuda      # GPU: 256 px, batch 1, ngf 64, 9 blocks, fp32 + bf16
+    python bench/bench_cyclegan.py --device cpu --rehearse  # seconds: a tiny GAN, one step, both precisions
+
+The results (bench/results/cyclegan_<device>.json) are rewritten after each row, atomically ("complete":
+false until the last), so that a run stopped by a timeout keeps the rows done. --rehearse
+(bench/gpu_check.sh --rehearse) writes under build/rehearsal/ instead, never bench/results/.
 """
 
 import argparse
@@ -36,7 +41,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import write_results  # noqa: E402
+from bench.common import machine, rehearsal_dir, write_results  # noqa: E402
 from melano import cyclegan as cg  # noqa: E402
 from melano import gan  # noqa: E402
 from melano.infra.precision import Precision  # noqa: E402
@@ -63,6 +68,9 @@ CPU_SHAPES = [(quick_gan(), 1, True), (quick_gan(), 2, False),
               (dict(size=64, batch_size=4, ngf=32, ndf=32, n_blocks=6), 2, True),
               (dict(size=128, batch_size=1, ngf=64, ndf=64, n_blocks=9), 2, False)]
 CUDA_SHAPES = [(dict(size=256, batch_size=1, ngf=64, ndf=64, n_blocks=9), None, False)]
+# --rehearse: the CUDA run's code (its precisions: none and bf16) on a tiny GAN, one step of each kind.
+# One thread: on a shared 2-core host two contending threads made it 30 times slower.
+REHEARSAL_SHAPES = [(dict(size=32, batch_size=1, ngf=8, ndf=8, n_blocks=1), 1, False)]
 PROFILE_SHAPES = [CPU_SHAPES[0], CPU_SHAPES[2]]  # the quick preset's GAN at 1 thread, and 64 px at 2
 
 
@@ -197,6 +205,10 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="results name (default cyclegan_cpu / cyclegan_cuda)")
     p.add_argument("--profile", action="store_true", help="instead of timing: profile the CPU shapes' fused steps "
                                                           "in both layouts (writes cyclegan_cpu_profile.json)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="a dry run of the CUDA run's code in seconds (bench/gpu_check.sh --rehearse): a tiny GAN, "
+                        "one step per round, one round, precisions none and bf16; writes under build/rehearsal/ "
+                        "($MELANO_REHEARSAL_DIR), never bench/results/")
     return p
 
 
@@ -205,6 +217,8 @@ def main(argv: list[str] | None = None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.steps = args.steps or (20 if cuda else 3)
+    if args.rehearse:
+        args.steps, args.rounds, args.amp = 1, 1, args.amp or ["none", "bf16"]
     info = kernels.build()
     if ops.backend(device) != "ext":
         sys.exit(f"the fused op is not available for {device}: {info.error or info.cuda_reason}")
@@ -213,10 +227,17 @@ def main(argv: list[str] | None = None):
             sys.exit("--profile profiles the CPU step; drop --device cuda")
         rows = [profile_shape(shape, threads, ["nchw_fused", "cl_fused"]) for shape, threads, _ in PROFILE_SHAPES]
         return write_results("cyclegan_cpu_profile", {"unit": "self CPU ms per step", "rows": rows})
+    name = args.name or ("cyclegan_cuda" if cuda else "cyclegan_cpu")
+    folder = rehearsal_dir() if args.rehearse else None  # None: bench/results/
+    head = {"device": torch.cuda.get_device_name() if cuda else "cpu", "unit": "steps per second",
+            "ops_build": {"cuda": info.cuda, "cached": info.cached}}
+    if args.rehearse:
+        head["note"] = "REHEARSAL (--rehearse): a tiny GAN, one step; the rates mean nothing"
+    host = machine()  # once: it times a convolution
     rows = []
     print(f"{'size':>5}{'batch':>6}{'ngf':>5}{'thr':>4}{'amp':>6}" + "".join(f"{n:>12}" for n in CONFIGS)
           + f"{'cl/nchw':>9}{'cl/plain':>9}{'compiled/cl':>12}")
-    for shape, threads, compiled in CUDA_SHAPES if cuda else CPU_SHAPES:
+    for shape, threads, compiled in REHEARSAL_SHAPES if args.rehearse else CUDA_SHAPES if cuda else CPU_SHAPES:
         for amp in args.amp or (["none", "bf16"] if cuda else ["none"]):
             r = bench_shape(shape, threads, compiled and not args.no_compile, args, device, amp)
             rows.append(r)
@@ -226,10 +247,10 @@ def main(argv: list[str] | None = None):
                   + f"{r['ratio_cl_fused_over_nchw_fused']:>8.2f}x{r['ratio_cl_fused_over_plain_nchw']:>8.2f}x"
                   + (f"{r['ratio_cl_compiled_over_cl_fused']:>11.2f}x" if "cl_compiled" in r["it_s"] else ""),
                   flush=True)
+            # after each row (atomically): a timeout keeps the rows done
+            write_results(name, {**head, "rows": rows, "complete": False}, folder, host, quiet=True)
     os.environ.pop("MELANO_OPS", None)
-    name = args.name or ("cyclegan_cuda" if cuda else "cyclegan_cpu")
-    write_results(name, {"device": torch.cuda.get_device_name() if cuda else "cpu", "unit": "steps per second",
-                         "ops_build": {"cuda": info.cuda, "cached": info.cached}, "rows": rows})
+    write_results(name, {**head, "rows": rows, "complete": True}, folder, host)
 
 
 if __name__ == "__main__":

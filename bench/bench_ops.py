@@ -22,7 +22,11 @@ NCHW composition, and the kernels alone replayed from CUDA graphs against a grap
     python bench/bench_ops.py                                   # CPU, float32 (a few minutes on 2 cores)
     python bench/bench_ops.py --device cuda [--dtype bfloat16]  # plus torch.compile and kernel bandwidth
 
-Writes bench/results/ops_<device>.json (ops_cuda_bf16.json for --dtype bfloat16).
+    python bench/bench_ops.py --device cpu --rehearse            # seconds: two tiny shapes, one repetition
+
+Writes bench/results/ops_<device>.json (ops_cuda_bf16.json for --dtype bfloat16), again after each
+shape (atomically, "complete": false until the last), so that a run stopped by a timeout keeps the rows
+done. --rehearse (bench/gpu_check.sh --rehearse) writes under build/rehearsal/ instead, never bench/results/.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import rehearsal_dir  # noqa: E402
 from melano import ops  # noqa: E402
 from melano.infra import kernels  # noqa: E402
 from melano.infra.cli import setup_logging  # noqa: E402
@@ -65,6 +70,8 @@ SUBSET_SHAPES = [s for s in FULL_SHAPES if s[0] == 1] + [(4, 256, 64, "relu"), (
 # The pipeline's quick preset (48 px, ngf = ndf = 16, batch 4): its generator's and discriminator's norm layers.
 QUICK_SHAPES = [(4, 16, 48, "relu"), (4, 32, 24, "relu"), (4, 64, 12, "relu"), (4, 32, 12, "leaky_relu"),
                 (4, 64, 11, "leaky_relu")]
+# --rehearse: a plane with a partial last vector and an odd one, each activation; seconds in all.
+REHEARSAL_SHAPES = [(1, 8, 16, "relu"), (2, 4, 9, "leaky_relu")]
 GOALS = {"cpu": {"nhwc_fwd_bwd_vs_eager_cl": 3.0, "nhwc_fwd_bwd_vs_fused_nchw": 1.0},
          "cuda": {"nhwc_fwd_bwd_vs_eager_cl": 2.0, "graph_nhwc_copy_fraction_256px": 0.7}}
 VARIANTS = ("fused_cl", "eager_cl", "fused_nchw", "eager_nchw")
@@ -383,14 +390,18 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: bench/results/ops_<device>[_bf16|_fp16].json)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="a dry run of the same code in seconds (bench/gpu_check.sh --rehearse): two tiny "
+                             "shapes, one repetition, no remeasuring; writes under build/rehearsal/ "
+                             "($MELANO_REHEARSAL_DIR), never bench/results/")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arg_parser().parse_args(argv)
     setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.rehearse:  # rehearsal: one thread, as contending ones on a shared host are slow
+        torch.set_num_threads(args.threads or 1)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     os.environ.setdefault("MELANO_OPS", "ext")  # time the kernel, never a silent fallback
@@ -400,15 +411,23 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     shapes = {"subset": SUBSET_SHAPES, "full": FULL_SHAPES, "quick": QUICK_SHAPES}[args.shapes]
     reps = args.reps or (20 if args.device == "cpu" else 50)
+    if args.rehearse:
+        shapes, reps, args.max_other_load = REHEARSAL_SHAPES, 1, float("inf")
+    suffix = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}[args.dtype]
+    name = f"ops_{args.device}{suffix}.json"
+    out = args.out or (rehearsal_dir() / name if args.rehearse else ROOT / "bench" / "results" / name)
     timer = Timer(args.device)
     result = {"machine": machine_info(args.device), "dtype": args.dtype, "reps": reps,
               "goals": GOALS[args.device], "shapes": args.shapes,
               "note": "affine=False; forward timed under no_grad; ratios from medians of interleaved runs "
                       "(min_seconds also recorded); every variant runs in the same process and loop; "
                       "copy = x.clone() of the same tensor"}
+    if args.rehearse:
+        result["note"] = "REHEARSAL (--rehearse): tiny shapes, one repetition; the timings mean nothing"
     result["calibration"] = calibration(args.device, timer)
     t_start, ticks_start = time.monotonic(), cpu_ticks()
     rows = []
+    result["rows"], result["complete"] = rows, False
     for n, c, h, act in shapes:
         compile_ok = (args.device == "cuda" and not args.no_compile
                       and time.monotonic() - t_start < args.time_budget)
@@ -417,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%-18s %-10s fwd+bwd: NHWC x%.2f vs eager channels_last, x%.2f vs fused NCHW",
                  "x".join(map(str, row["shape"])), act, row["nhwc_fwd_bwd_vs_eager_cl"],
                  row["nhwc_fwd_bwd_vs_fused_nchw"])
-    result["rows"] = rows
-    result["summary"] = summarize(rows, args.device)
+        result["summary"] = summarize(rows, args.device)  # of the rows so far
+        result["wall_seconds"] = round(time.monotonic() - t_start, 1)
+        atomic_write(out, json_text(result))  # after each row: a timeout keeps the rows done
+    result["complete"] = True
     if hasattr(os, "getloadavg"):
         result["machine"]["loadavg_at_end"] = os.getloadavg()
     result["wall_seconds"] = round(time.monotonic() - t_start, 1)
@@ -427,8 +448,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" and busy is not None and busy > 0.25:
         log.warning("other processes kept %.2f cores busy during the run: CPU timings are noisy", busy)
     print_table(result, rows, args.device)
-    suffix = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}[args.dtype]
-    out = args.out or ROOT / "bench" / "results" / f"ops_{args.device}{suffix}.json"
     atomic_write(out, json_text(result))
     log.info("wrote %s", out)
     return 0

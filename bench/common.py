@@ -11,6 +11,13 @@ import torch
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rehearsal_dir() -> Path:
+    """Where a benchmark's --rehearse run writes (never bench/results/): $MELANO_REHEARSAL_DIR, else
+    build/rehearsal/ (git-ignored). bench/gpu_check.sh --rehearse sets it."""
+    return Path(os.environ.get("MELANO_REHEARSAL_DIR") or ROOT / "build" / "rehearsal")
 
 
 def host_info() -> dict:
@@ -66,11 +73,16 @@ def time_it(fn, repeats: int = 5, warmup: int = 1, sync_cuda: bool = False) -> f
     return statistics.median(times)
 
 
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict, folder: Path | None = None, machine_info: dict | None = None,
+                  quiet: bool = False) -> Path:
+    """Write <folder or bench/results>/<name>.json atomically (a kill leaves the old file or the new one),
+    so that a benchmark can rewrite it after each row and a timeout keeps the rows done. machine_info:
+    machine(), measured once by such a benchmark (it times a convolution)."""
+    from melano.infra.files import atomic_write  # bench/ runs with the repository root on sys.path
+    path = (folder or RESULTS) / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}")
+               "machine": machine_info or machine(), **payload}
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
+    if not quiet:
+        print(f"wrote {path}")
     return path
