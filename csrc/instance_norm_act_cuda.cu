@@ -244,8 +244,8 @@ __global__ void __launch_bounds__(kChunkThreads) fwd_chunk_stats_kernel(const T*
   load_and_moments<kChunkItems>(x + p * hw + chunk * kChunk, 1, threadIdx.x, blockDim.x,
                                 min(kChunk, hw - chunk * kChunk), v, BlockSum<A>{smem}, mean, m2);
   if (threadIdx.x == 0) {
-    part[2 * blockIdx.x] = mean;
-    part[2 * blockIdx.x + 1] = m2;
+    part[2 * int64_t(blockIdx.x)] = mean;
+    part[2 * int64_t(blockIdx.x) + 1] = m2;
   }
 }
 
@@ -264,7 +264,8 @@ __global__ void __launch_bounds__(kChunkThreads) fwd_chunk_apply_kernel(const T*
   };
   merge_pieces(chunks, piece, threadIdx.x, blockDim.x, 0, 1, smem, mean, m2);
   const A rstd = inv_std(m2, A(hw), eps);
-  const auto [scale, shift] = affine_of(rstd, w, b, c);
+  const Affine<A> af = affine_of(rstd, w, b, c);  // not a structured binding: lambdas capture it (C++17)
+  const A scale = af.scale, shift = af.shift;
   const T* xp = x + p * hw;
   T* yp = y + p * hw;
   for_chunk_items(chunk, hw, [&](int64_t i) {
@@ -285,7 +286,8 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_sums_kernel(const T* 
   __shared__ A smem[2 * kWarp];
   const int64_t p = blockIdx.x / chunks, chunk = blockIdx.x % chunks, c = p % C;
   const A mean = mean_in[p], rstd = rstd_in[p];
-  const auto [scale, shift] = affine_of(rstd, w, b, c);
+  const Affine<A> af = affine_of(rstd, w, b, c);  // not a structured binding: lambdas capture it (C++17)
+  const A scale = af.scale, shift = af.shift;
   const T *xp = x + p * hw, *dyp = dy + p * hw;
   A s[2] = {A(0), A(0)};
   for_chunk_items(chunk, hw, [&](int64_t i) {
@@ -296,8 +298,8 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_sums_kernel(const T* 
   });
   block_sum<2>(s, smem);
   if (threadIdx.x == 0) {
-    part[2 * blockIdx.x] = s[0];
-    part[2 * blockIdx.x + 1] = s[1];
+    part[2 * int64_t(blockIdx.x)] = s[0];
+    part[2 * int64_t(blockIdx.x) + 1] = s[1];
   }
 }
 
@@ -317,7 +319,8 @@ __global__ void __launch_bounds__(kChunkThreads) bwd_chunk_apply_kernel(const T*
   }
   block_sum<2>(s, smem);
   const A mean = mean_in[p], rstd = rstd_in[p];
-  const auto [scale, shift] = affine_of(rstd, w, b, c);
+  const Affine<A> af = affine_of(rstd, w, b, c);  // not a structured binding: lambdas capture it (C++17)
+  const A scale = af.scale, shift = af.shift;
   const A mg = s[0] / A(hw), mgx = s[1] / A(hw);
   const T *xp = x + p * hw, *dyp = dy + p * hw;
   T* dxp = dx + p * hw;

@@ -1,5 +1,15 @@
+import os
+
 import pytest
 import torch
+
+
+def pytest_sessionstart(session):
+    # bench/gpu_check.sh sets MELANO_OPS=ext (the compiled op or an error): load the kernels before any
+    # test builds a model, so that no test meets an unloaded library because of the order tests run in
+    if os.environ.get("MELANO_OPS") == "ext":
+        from melano.infra import kernels
+        kernels.load()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -270,6 +270,34 @@ def test_cuda_dtypes_and_paths(ext, layout, dtype, act, shape):
     check_against_oracle(x, w, b, act)
 
 
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("shape", [(1, 2, 128, 129), (2, 3, 160, 161)])
+def test_chunked_planes_cross_the_kink(ext, device, layout, act, shape):
+    """Planes over 16384 elements take the GPU's chunked kernels. Without affine parameters y_pre
+    has mean 0 in every plane, so the activation's kink falls inside the chunks (the affine case of
+    test_cuda_dtypes_and_paths can put a whole plane on one side of it)."""
+    gen = torch.Generator().manual_seed(21)
+    x = to_layout(torch.randn(shape, generator=gen).to(device), layout)
+    y = check_against_oracle(x, None, None, act).detach()
+    assert (y > 0).any() and ((y < 0) if act == "leaky_relu" else (y == 0)).any()
+
+
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+@pytest.mark.parametrize("affine", [False, True])
+def test_an_empty_batch(ext, device, layout, affine):
+    """N = 0: an empty output and input gradient, and zero parameter gradients (a sum over nothing),
+    as the eager path gives."""
+    x = to_layout(torch.randn(0, 3, 8, 8).to(device), layout).requires_grad_()
+    w, b = make_params(3, affine, device, torch.float32, torch.Generator().manual_seed(22))
+    y = ops.instance_norm_act(x, w, b, act="relu")
+    assert y.shape == x.shape and ops.eager_instance_norm_act(x.detach(), act="relu").shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in (w, b) if affine else ():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_fp32_params_with_half_input(ext, layout):
