@@ -38,7 +38,7 @@ from .detector import Model, Normalise, infer, load_model, sigmoid, train_step
 from .efficientnet import config as model_config
 from .pretrained import efficientnet as pretrained_efficientnet
 from .infra import checkpoints, cli, dist, options, outdir, precision, signals
-from .infra.cli import log_config, progress, setup_logging
+from .infra.cli import progress, setup_logging, write_run_config
 from .infra.dist import pick_device
 from .infra.files import to_jsonable
 from .infra.options import option
@@ -406,16 +406,6 @@ def restore(m: Model, state: dict, own: dict, total: int) -> Progress:
     return p
 
 
-def write_config(cfg: ClassifierConfig, claim: outdir.Claim, batch: int) -> None:
-    """config.json, with the global batch (rank 0); the files the run writes, in its manifest."""
-    for rel in ("config.json", "last.pt", "best.pt", "history.csv", "val_predictions.csv", "result.json",
-                "test_predictions.csv", "test_metrics.json"):
-        claim.record(rel)
-    world = dist.world_size()
-    log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch},
-               claim.path("config.json"))
-
-
 # ----------------------------------------------------------------------------------------------
 # Validation
 
@@ -488,7 +478,8 @@ def train(cfg: ClassifierConfig) -> TrainResult:
         p = restore(m, state, own, total) if state else Progress()
         m.net = dist.wrap_ddp(m.model, device)
         if main:
-            write_config(cfg, claim, d.batch)
+            write_run_config(claim, cfg, d.batch, ("last.pt", "best.pt", "history.csv", "val_predictions.csv",
+                                                   "result.json", "test_predictions.csv", "test_metrics.json"))
         log.info("training on %d images (%d malignant, %d added to the real split), validating on %d; %d steps; "
                  "pos_weight %s", len(d.train_set), n_pos, len(d.train_set) - d.n_real, len(d.val_set), total,
                  pos_weight)

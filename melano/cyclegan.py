@@ -28,7 +28,7 @@ from . import data as mdata
 from .infra import checkpoints, cli, dist, kernels, options, outdir, precision, signals
 from .pixels import to_uint8
 from .schedules import linear_decay, set_lr
-from .infra.cli import log_config, progress, setup_logging
+from .infra.cli import progress, setup_logging, write_run_config
 from .infra.options import option
 
 log = logging.getLogger("melano.cyclegan")
@@ -222,15 +222,6 @@ def start(cfg: CycleGANConfig, device: torch.device, ckpt: Path) -> tuple[G.GAN,
     return gan, state["step"]
 
 
-def write_config(cfg: CycleGANConfig, claim: outdir.Claim) -> None:
-    """config.json, with the global batch (rank 0); the files the run writes, in its manifest."""
-    for rel in ("config.json", CHECKPOINT, "losses.csv", "losses.png"):
-        claim.record(rel)
-    world = dist.world_size()
-    log_config({**dataclasses.asdict(cfg), "world_size": world, "global_batch_size": world * cfg.batch_size},
-               claim.path("config.json"))
-
-
 def config_from_checkpoint(state: dict) -> CycleGANConfig:
     names = {f.name for f in dataclasses.fields(CycleGANConfig)}
     return CycleGANConfig(**{k: v for k, v in state["config"].items() if k in names})
@@ -268,7 +259,7 @@ def train(cfg: CycleGANConfig) -> Path:
         spe = data.steps_per_epoch
         total = min((cfg.epochs + cfg.epochs_decay) * spe, cfg.max_steps or math.inf)
         if main:
-            write_config(cfg, claim)
+            write_run_config(claim, cfg, cfg.batch_size, (CHECKPOINT, "losses.csv", "losses.png"))
         log.info("training data: %d benign (A), %d malignant (B); %d steps per epoch of batch %d x %d processes; "
                  "device %s, amp %s", data.n_A, data.n_B, spe, cfg.batch_size, dist.world_size(), device, gan.amp.dtype)
         # ---- model: the step runs the DDP-wrapped models; the plain ones are saved and sampled

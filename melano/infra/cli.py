@@ -84,3 +84,13 @@ def cli(command: Callable[[], Any], debug: bool = False) -> int:
 
 def add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure")
+
+
+def write_run_config(claim, cfg: Any, batch_size: int, outputs: Iterable[str]) -> None:
+    """A trainer's start (rank 0): the files it will write, in its folder's manifest, and
+    config.json with the global batch."""
+    for rel in ("config.json", *outputs):
+        claim.record(rel)
+    world = dist.world_size()
+    log_config({**to_jsonable(cfg), "world_size": world, "global_batch_size": world * batch_size},
+               claim.path("config.json"))
