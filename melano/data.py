@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -45,7 +44,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .infra.cli import progress, setup_logging
-from .infra.files import atomic_write, host_tag, pid_alive, to_jsonable
+from .infra.files import atomic_write, host_tag, pid_alive, temp_name, to_jsonable
 from .infra.options import add_options, from_args
 from .pixels import to_tensor
 
@@ -617,7 +616,7 @@ def _check_cache_args(index: Index, size: int, cache_dir: str | os.PathLike, wor
 
 def _make_build_folder(cache_dir: Path, name: str) -> Path:
     """The temporary folder of one build, named so that `remove_killed_builds` can recognise it."""
-    tmp = cache_dir / f".{name}.tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_name(cache_dir / name)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
