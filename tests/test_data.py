@@ -257,7 +257,7 @@ def test_cache_is_reused_and_keyed_by_the_files(isic, tmp_path, monkeypatch):
     shutil.copytree(isic, root)
     index = data.read_index(root)
     first = data.build_cache(index, 16, tmp_path / "c", workers=1)
-    monkeypatch.setattr(data, "_run_decode", lambda *a, **k: pytest.fail("rebuilt a finished cache"))
+    monkeypatch.setattr(data.cache, "decode_all", lambda *a, **k: pytest.fail("rebuilt a finished cache"))
     again = data.build_cache(data.read_index(root), 16, tmp_path / "c", workers=1)
     assert again.path == first.path
     monkeypatch.undo()
@@ -277,7 +277,7 @@ def test_a_killed_build_is_never_used(isic, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # stands in for a kill in the middle of the build
         return real(path, size)
 
-    monkeypatch.setattr(data, "load_image", dies)
+    monkeypatch.setattr(data.images, "load_image", dies)
     with pytest.raises(KeyboardInterrupt):
         data.build_cache(index, 16, tmp_path, workers=1)
     assert list(tmp_path.iterdir()) == []  # nothing that looks like a cache, nothing left over

@@ -1,0 +1,329 @@
+"""Which labelled images a folder holds: the three ISIC layouts, read into an `Index`."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import errno
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+log = logging.getLogger("melano.data")
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+REQUIRED_COLUMNS = ("image_name", "target")
+
+
+class Skipped(NamedTuple):
+    """An image left out, and why (for people)."""
+    name: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Record:
+    """One labelled image; ``extra`` holds the other CSV columns (sex, age_approx, ...) as strings."""
+    image_name: str
+    patient_id: str
+    target: int          # 1 = malignant (melanoma), 0 = benign
+    path: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Index:
+    """The labelled images of one folder, in CSV (or sorted file) order."""
+    root: str
+    layout: str                      # "kaggle" | "reupload" | "folders"
+    records: list[Record]
+    skipped: list[Skipped]           # listed but absent files
+    csv_path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.image_name for r in self.records]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.array([r.target for r in self.records], dtype=np.int64)
+
+    @property
+    def patients(self) -> list[str]:
+        return [r.patient_id for r in self.records]
+
+
+class _Listing(NamedTuple):
+    """The entries of one image folder that matter to the reader."""
+    folder: Path
+    files: dict[str, Path]         # stem -> path of each image file, dangling links included
+    broken: dict[str, str]         # stem -> why its link leads to no file
+    folded: dict[str, list[str]]   # case-folded stem -> the stems that fold to it
+    subdirs: list[Path]            # folders inside it (not hidden)
+
+
+def link_problem(path: str) -> str | None:
+    """Why the symlink `path` leads to no file, or None if it does (only links are stat'ed)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"broken link: {path} points to {os.readlink(path)}, which does not exist; fix or remove the link"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"link loop: {path} leads back to itself through links; fix or remove the link"
+        return f"unreachable link: {path} -> {os.readlink(path)} ({e.strerror}); fix or remove the link"
+    return None
+
+
+def _list_images(folder: Path) -> _Listing:
+    """The image files directly in one folder, by stem: one listdir. Two files of one stem
+    (``a.jpg`` and ``a.png``) would make a label ambiguous: ValueError."""
+    files: dict[str, Path] = {}
+    broken: dict[str, str] = {}
+    subdirs: list[Path] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        problem = link_problem(entry.path) if entry.is_symlink() else None  # before is_dir: a loop raises
+        if not problem and entry.is_dir():  # follows links: a linked folder is a folder too
+            subdirs.append(Path(entry.path))
+            continue
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        if stem in files:
+            raise ValueError(f"duplicate image name {stem!r}: both {files[stem]} and {entry.path} exist; "
+                             f"remove one of them")
+        files[stem] = Path(entry.path)
+        if problem:
+            broken[stem] = problem
+    folded: dict[str, list[str]] = {}
+    for stem in files:
+        folded.setdefault(stem.casefold(), []).append(stem)
+    return _Listing(folder, files, broken, folded, subdirs)
+
+
+def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
+    """(the file an image name refers to, or None and why not). An exact match wins; else a name
+    in other letter case when just one file folds to it (hand-made CSVs and re-uploads often
+    change the case of ISIC names); when several do, which one is meant is unknowable."""
+    if stem not in listing.files:
+        same = listing.folded.get(stem.casefold(), [])
+        if len(same) != 1:
+            why = (f"several files match it ignoring letter case ({', '.join(same)}); rename the CSV entry "
+                   f"to the exact file name" if same else "")
+            return None, why or f"not found in {listing.folder}"
+        stem = same[0]
+    if stem in listing.broken:
+        return None, listing.broken[stem]
+    return listing.files[stem], ""
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The file `path` leads to: all its names (other case or extension, links) give one id."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _parse_target(value: str, where: str) -> int:
+    try:
+        f = float(value.strip())
+    except ValueError:
+        f = None
+    if f not in (0.0, 1.0):
+        raise ValueError(f"{where}: target {value!r} is not 0 or 1 (1 = malignant, 0 = benign); fix this row")
+    return int(f)
+
+
+def warn_skipped(skipped: Sequence[Skipped], what: str, strict: bool) -> None:
+    if not skipped:
+        return
+    first = ", ".join(f"{s.name} ({s.reason})" for s in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    msg = f"{len(skipped)} image(s) {what}: {first}{more}"
+    if strict:
+        raise ValueError(msg + " [strict mode: fix or remove them, or run without --strict to skip them]")
+    log.warning("%s; they are skipped", msg)
+
+
+def open_csv(csv_path: Path) -> tuple[list[str], csv.DictReader]:
+    """(header columns, stripped; a DictReader for the rows) of a UTF-8 CSV file, every leading
+    byte-order mark dropped (a file saved twice by a BOM-writing editor has two). ValueError
+    naming the file for text that is not UTF-8, an unreadable header or a repeated column."""
+    raw = Path(csv_path).read_bytes()
+    try:
+        text = raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{csv_path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); melano reads "
+                         f"CSV files as UTF-8: save it as UTF-8, e.g. from Windows-1252/Latin-1 with "
+                         f"`iconv -f cp1252 -t utf-8 {Path(csv_path).name} > fixed.csv`") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+    except csv.Error as e:
+        raise ValueError(f"{csv_path}, line 1: not a readable CSV header ({e})") from None
+    dup = sorted({c for c in columns if columns.count(c) > 1})
+    if dup:
+        raise ValueError(f"{csv_path}: column(s) {', '.join(map(repr, dup))} appear more than once in the "
+                         f"header; keep one of each")
+    reader.fieldnames = columns
+    return columns, reader
+
+
+def csv_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[tuple[int, dict]]:
+    """(line, row) for each row; a malformed row (csv.Error) becomes a ValueError naming the line."""
+    try:
+        for row in reader:
+            yield reader.line_num, row  # the physical line the row ends on (quoted cells may span lines)
+    except csv.Error as e:
+        raise ValueError(f"{csv_path}, line {reader.reader.line_num}: malformed CSV ({e})") from None
+
+
+def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped]]:
+    listing = _list_images(img_dir)
+    records, skipped, seen = [], [], {}
+    owner: dict[tuple[int, int], tuple[int, str, Path]] = {}  # file id -> (line, name, path)
+    no_patient = 0
+    columns, reader = open_csv(csv_path)
+    for col in REQUIRED_COLUMNS:
+        if col not in columns:
+            raise ValueError(f"{csv_path}: required column {col!r} is missing (found columns: "
+                             f"{', '.join(columns) or 'none'}). ISIC 2020's train.csv has "
+                             f"image_name, patient_id, ..., target.")
+    extra_cols = [c for c in columns if c not in ("image_name", "target", "patient_id")]
+    for line, row in csv_rows(reader, csv_path):
+        if None in row:  # more cells than header columns
+            raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
+        name = (row["image_name"] or "").strip()
+        where = f"{csv_path}, line {line} (image {name!r})"
+        if not name:
+            raise ValueError(f"{csv_path}, line {line}: empty image_name")
+        if name in seen:
+            raise ValueError(f"{csv_path}: image_name {name!r} appears twice, on lines {seen[name]} "
+                             f"and {line}; remove the duplicate")
+        seen[name] = line
+        target = _parse_target(row["target"] or "", where)
+        bm = (row.get("benign_malignant") or "").strip().lower()
+        if bm and bm != ("malignant" if target else "benign"):
+            raise ValueError(f"{where}: benign_malignant is {bm!r} but target is {target}; "
+                             f"the labels contradict each other, fix one of them")
+        patient = (row.get("patient_id") or "").strip()
+        if not patient:
+            no_patient += 1
+            patient = name
+        stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
+        path, why = _find_image(listing, stem)
+        if path is None:
+            reason = f"listed in {csv_path.name} but {why}" if why.startswith("not found") else why
+            skipped.append(Skipped(name, reason))
+            continue
+        _claim_file(owner, path, line, name, csv_path)
+        records.append(Record(name, patient, target, str(path), {c: (row.get(c) or "").strip() for c in extra_cols}))
+    if no_patient:
+        log.warning("%s: %d row(s) have no patient_id; each such image counts as its own patient, "
+                    "so the split cannot keep their patient's images together", csv_path, no_patient)
+    return records, skipped
+
+
+def _claim_file(owner: dict, path: Path, line: int, name: str, csv_path: Path) -> None:
+    """Record that CSV `line` labels the file at `path`. Labels belong to files, not to spellings
+    of names: another row for the same file would give it two labels, or put it in train and test."""
+    fid = _file_id(path)
+    if fid in owner:
+        line0, name0, path0 = owner[fid]
+        same = f"the image file {path}" if path0 == path else f"one image file ({path0} and {path} are links to it)"
+        raise ValueError(f"{csv_path}: lines {line0} ({name0!r}) and {line} ({name!r}) both name {same}; "
+                         f"an image has one label: remove one of the rows")
+    owner[fid] = (line, name, path)
+
+
+def _nested_images(root: Path, subdirs: Sequence[Path]) -> list[Skipped]:
+    """Images in folders within benign/ or malignant/: skipped, and named as such (what a
+    subfolder means, another class or a copy, is unknowable)."""
+    found = []
+    for top in subdirs:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTS:
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), root)
+                found.append(Skipped(rel, f"in the subfolder {dirpath}/, and only images directly in "
+                                          f"{top.parent}/ are read: move it up a level into {top.parent}/"))
+    return found
+
+
+def _read_folders(root: Path) -> tuple[list[Record], list[Skipped]]:
+    records, skipped, where, owner = [], [], {}, {}
+    for target, sub in ((0, "benign"), (1, "malignant")):
+        listing = _list_images(root / sub)
+        skipped += _nested_images(root, listing.subdirs)
+        for stem, path in sorted(listing.files.items()):
+            if stem in listing.broken:
+                skipped.append(Skipped(f"{sub}/{path.name}", listing.broken[stem]))
+                continue
+            if stem in where:
+                raise ValueError(f"duplicate image name {stem!r}: {where[stem]} and {path}; an image "
+                                 f"cannot be both benign and malignant, remove one")
+            fid = _file_id(path)
+            if fid in owner:  # a hard link or symlink: one image under two names
+                both = ("an image cannot be both benign and malignant" if owner[fid].parent != path.parent
+                        else "it would count twice, and could land in both train and test")
+                raise ValueError(f"{owner[fid]} and {path} are the same file (linked); {both}: remove one")
+            where[stem], owner[fid] = path, path
+            records.append(Record(stem, stem, target, str(path)))
+    log.warning("%s: benign/ + malignant/ folders carry no patient ids; each image counts as its own "
+                "patient, so the split cannot keep a patient's images together", root)
+    return records, skipped
+
+
+def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
+    """The labelled images of an ISIC-style folder; nothing is decoded (`verify_images` does that).
+
+    A CSV name matches its file with or without extension, or in other letter case when only one
+    file does. Absent files, broken links and images in subfolders of benign/ or malignant/ are
+    skipped with a warning (``strict``: ValueError). Bad input is a ValueError naming file and line.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        hint = f"; pass the folder that holds it, {root.parent}" if root.name.lower().endswith(".csv") else ""
+        raise NotADirectoryError(f"{root}: not a folder but a file{hint} (expected an ISIC folder with "
+                                 f"train.csv, or benign/ and malignant/ folders)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder: no such file or directory (expected an ISIC folder "
+                                f"with train.csv, or benign/ and malignant/ folders)")
+    csv_path = root / "train.csv"
+    if csv_path.is_file():
+        for layout, img_dir in (("kaggle", root / "jpeg" / "train"), ("reupload", root / "train")):
+            if img_dir.is_dir():
+                break
+        else:
+            raise ValueError(f"{csv_path} exists but neither {root / 'jpeg' / 'train'}/ (Kaggle layout) nor "
+                             f"{root / 'train'}/ (re-upload layout) holds its images")
+        records, skipped = _read_csv(csv_path, img_dir)
+    elif (root / "benign").is_dir() or (root / "malignant").is_dir():
+        for sub in ("benign", "malignant"):
+            if not (root / sub).is_dir():
+                raise ValueError(f"{root}: found the other class folder but no {sub}/ folder; "
+                                 f"the folder layout needs both benign/ and malignant/")
+        layout, csv_path = "folders", None
+        records, skipped = _read_folders(root)
+    else:
+        raise ValueError(f"{root}: unrecognised layout. Expected train.csv + jpeg/train/ (Kaggle), "
+                         f"train.csv + train/ (re-upload), or benign/ + malignant/ folders")
+    warn_skipped(skipped, "are missing" if csv_path else "were skipped", strict)
+    if not records:
+        raise ValueError(f"{root}: no usable images found ({len(skipped)} skipped)")
+    index = Index(str(root), layout, records, skipped, str(csv_path) if csv_path else None)
+    log.info("%s: %d images (%d malignant) of %d patients, layout %s", root, len(index),
+             int(index.targets.sum()), len(set(index.patients)), layout)
+    return index
