@@ -26,9 +26,10 @@ kind, steps = sys.argv[1], int(sys.argv[2])
 from melano.infra import kernels
 kernels.load()  # the fused InstanceNorm for the GAN's step
 if kind == "classifier":
-    from melano import classifier as C, detector
+    from melano import detector
+    from melano.classifier import config as C, trainer
     cfg = C.ClassifierConfig(data="", out="", arch="tf_efficientnet_lite0", size=48, pretrained=False)
-    m = C.build_training(cfg, torch.device("cpu"), None)
+    m = trainer.build_training(cfg, torch.device("cpu"), None)
     x = torch.rand(32, 3, 48, 48).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(32) > 0.8).float()
     step = lambda: detector.train_step(m, (x, y), cfg)

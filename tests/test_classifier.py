@@ -111,7 +111,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(dataset, monkeypatch
     assert steps > 4
     full = train(config(dataset, "full", max_steps=steps, val_every=3, evaluate=False, augment="traditional"))
 
-    real_progress = classifier.progress
+    real_progress = classifier.trainer.progress
 
     def sigint_at_step_3(iterable, total=None, desc=""):  # SIGINT while step 3 runs, as Ctrl-C would
         for i, item in enumerate(real_progress(iterable, total=total, desc=desc)):
@@ -120,10 +120,10 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(dataset, monkeypatch
             yield item
 
     cfg = config(dataset, "resumed", max_steps=steps, val_every=3, evaluate=False, augment="traditional")
-    monkeypatch.setattr(classifier, "progress", sigint_at_step_3)
+    monkeypatch.setattr(classifier.trainer, "progress", sigint_at_step_3)
     with pytest.raises(KeyboardInterrupt, match="step 3"):
         train(cfg)
-    monkeypatch.setattr(classifier, "progress", real_progress)
+    monkeypatch.setattr(classifier.trainer, "progress", real_progress)
     assert torch.load(Path(cfg.out) / "last.pt", weights_only=True)["step"] == 3
     with pytest.raises(ValueError, match="--resume"):
         train(cfg)  # a second run into the same folder must not silently restart
@@ -262,8 +262,8 @@ def test_study_options_constant_lr_and_half_normalisation(dataset):
     assert [lr_factor(s, 0, 10, "constant") for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
     assert lr_factor(0, 2, 10, "constant") == 0.5  # a warm-up still warms up
     cfg = config(dataset, "study", mean_std="half", optimizer="adam", weight_decay=0.0)
-    assert classifier.mean_std(cfg) == ((0.5,) * 3, (0.5,) * 3)
-    m = classifier.build_training(cfg, torch.device("cpu"), None)
+    assert classifier.config.mean_std(cfg) == ((0.5,) * 3, (0.5,) * 3)
+    m = classifier.trainer.build_training(cfg, torch.device("cpu"), None)
     assert type(m.opt) is torch.optim.Adam and m.norm.mean.flatten().tolist() == [0.5] * 3
 
 

@@ -462,7 +462,8 @@ def worker(mode: str, args: list[str]) -> int:
         return rc
     if mode == "classifier":
         from melano import classifier
-        held, build, infer = {"val": []}, classifier.build_model, classifier.infer
+        from melano.classifier import trainer
+        held, build, infer = {"val": []}, trainer.build_model, trainer.infer
 
         def recording_infer(model, norm, loader, *a, **k):  # this rank's share: (indices, logits, targets)
             logits, y = infer(model, norm, loader, *a, **k)
@@ -470,8 +471,8 @@ def worker(mode: str, args: list[str]) -> int:
                 held["val"].append((np.asarray(loader.sampler), logits, y))
             return logits, y
 
-        classifier.build_model = lambda cfg: held.setdefault("m", build(cfg))
-        classifier.infer = recording_infer
+        trainer.build_model = lambda cfg: held.setdefault("m", build(cfg))
+        trainer.infer = recording_infer
         rc = classifier.main(["train", *args])
         torch.save({"model": held["m"].state_dict(),
                     "val": [tuple(torch.from_numpy(a) for a in v) for v in held["val"]]}, probe / f"rank{rank}.pt")
