@@ -66,12 +66,15 @@ _FITZPATRICK_P = np.array([0.22, 0.38, 0.25, 0.09, 0.04, 0.02])
 _HAIR_COLOURS = np.array([[0.10, 0.07, 0.06], [0.22, 0.15, 0.10], [0.45, 0.40, 0.38], [0.70, 0.58, 0.40]],
                          np.float32)
 _INK = np.array([0.45, 0.25, 0.60], np.float32)  # gentian-violet marker
-# Two acquisition centres: white balance, how often the scope's black corners show, JPEG quality,
-# and the rates of bubbles, rulers, ink and glare
+# Two acquisition centres (clinics): white balance, how often the scope's black corners show, JPEG
+# quality, the rates of bubbles, rulers, ink and glare, and the patients' skin types. Centre 1 is
+# the out-of-distribution test clinic: a warmer scope, heavier compression and a darker skin mix.
 _CENTRES = ({"gain": (1.0, 1.0, 1.0), "corners": 0.25, "jpeg": (82, 96), "bubbles": 0.15, "ruler": 0.06,
-             "ink": 0.05, "glare": 0.20, "hair": 0.45},
+             "ink": 0.05, "glare": 0.20, "hair": 0.45, "fitzpatrick_p": _FITZPATRICK_P},
             {"gain": (1.06, 0.98, 0.88), "corners": 0.60, "jpeg": (60, 80), "bubbles": 0.35, "ruler": 0.15,
-             "ink": 0.02, "glare": 0.05, "hair": 0.45})
+             "ink": 0.02, "glare": 0.05, "hair": 0.45, "fitzpatrick_p": np.array([0.06, 0.16, 0.26, 0.24, 0.16, 0.12])})
+# A centre's images, lesions and patients are its own: their names and random draws are offset by these
+_CENTRE_IMAGES, _CENTRE_PATIENTS = 5_000_000, 500_000
 
 
 @dataclasses.dataclass
@@ -85,8 +88,9 @@ class SynthConfig:  # the flags of `python -m melano.data synth`
                                "class (atypical nevi, featureless melanomas); 0.5 makes the classes identical")
     images_per_patient: float = option(5.0, "mean number of images per patient (ISIC 2020 has ~16; a small "
                                        "set needs more patients)")
-    centre: int = option(0, "acquisition centre, 0 or 1: white balance, scope, JPEG quality and artefact rates "
-                         "(a second clinic)")
+    centre: int = option(0, "acquisition centre, 0 or 1 (a second clinic: its own patients and images, another "
+                         "skin-type mix, white balance, scope, JPEG quality and artefact rates; the same lesions "
+                         "and label rates)")
     artefact_bias: float = option(0.0, "in [0, 1]: rulers and ink marks come (1 + bias) times as often with "
                                   "melanomas and (1 - bias) times with nevi, for spurious-correlation "
                                   "experiments (0: artefacts independent of the label)")
@@ -162,10 +166,10 @@ def _over(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Patients, lesions and acquisitions: all drawn before any pixel, so the truth is known cheaply
 
-def _patient(seed: int, pid: int) -> dict:
-    """Per-patient attributes: skin type (Fitzpatrick I-VI) and blood, hairiness, sex, age."""
+def _patient(seed: int, pid: int, centre: int = 0) -> dict:
+    """Per-patient attributes: skin type (Fitzpatrick I-VI, the centre's mix) and blood, hairiness, sex, age."""
     rng = np.random.default_rng([seed, 2, pid])
-    ftype = int(rng.choice(6, p=_FITZPATRICK_P))
+    ftype = int(rng.choice(6, p=_CENTRES[centre]["fitzpatrick_p"]))
     melanin = float(_FITZPATRICK_MELANIN[ftype] * rng.lognormal(0, 0.15))
     sex = ["male", "female", ""][int(rng.choice(3, p=[0.515, 0.483, 0.002]))]
     age = int(np.clip(np.round(rng.normal(49, 14.4) / 5) * 5, 0, 90))
@@ -547,12 +551,13 @@ def _render_one(job: tuple) -> bytes:
 
 
 def plan(benign: int, malignant: int, seed: int = 0, difficulty: float = DEFAULT_DIFFICULTY,
-         images_per_patient: float = 5.0) -> list[dict]:
+         images_per_patient: float = 5.0, centre: int = 0) -> list[dict]:
     """The CSV rows of a synthetic set (`CSV_COLUMNS`, as strings) plus ``_index`` (which image
     draw) and ``_patient``. Shuffled labels are cut into patients of Geometric sizes (mean
-    `images_per_patient`, at most 40), so melanomas spread over many patients."""
+    `images_per_patient`, at most 40), so melanomas spread over many patients. Each centre has its
+    own images, lesions and patients (their names and draws are offset), with the same label rates."""
     check_config(SynthConfig(out="", benign=benign, malignant=malignant, difficulty=difficulty,
-                             images_per_patient=images_per_patient))
+                             images_per_patient=images_per_patient, centre=centre))
     rng = np.random.default_rng([seed, 0])
     labels = np.array([0] * benign + [1] * malignant)
     rng.shuffle(labels)
@@ -560,16 +565,17 @@ def plan(benign: int, malignant: int, seed: int = 0, difficulty: float = DEFAULT
     rows, pid, start = [], 0, 0
     while start < n:
         count = int(min(rng.geometric(1 / max(images_per_patient, 1.0)), 40))
-        patient = _patient(seed, pid)
+        patient = _patient(seed, pid, centre)
         for i in range(start, min(start + count, n)):
             site = _SITES[int(rng.choice(len(_SITES), p=_SITE_P))]
             mal = int(labels[i])
             diagnosis = "melanoma" if mal else ("nevus" if rng.random() < 0.16 else "unknown")
-            rows.append({"image_name": f"ISIC_{i:07d}", "patient_id": f"IP_{pid:07d}",
+            index, person = i + centre * _CENTRE_IMAGES, pid + centre * _CENTRE_PATIENTS
+            rows.append({"image_name": f"ISIC_{index:07d}", "patient_id": f"IP_{person:07d}",
                          "sex": patient["sex"], "age_approx": str(patient["age"]) if rng.random() > 0.002 else "",
                          "anatom_site_general_challenge": site, "diagnosis": diagnosis,
                          "benign_malignant": "malignant" if mal else "benign", "target": str(mal),
-                         "_index": i, "_patient": patient})
+                         "_index": index, "_patient": patient})
         start += count
         pid += 1
     return rows
@@ -616,7 +622,7 @@ def generate(cfg: SynthConfig) -> list[dict]:
     return its rows. Anything already in `out` is refused without ``cfg.force`` (OutputError). The
     set is written beside `out` and swapped in: a killed run leaves the old set or the new one."""
     check_config(cfg)
-    rows = plan(cfg.benign, cfg.malignant, cfg.seed, cfg.difficulty, cfg.images_per_patient)
+    rows = plan(cfg.benign, cfg.malignant, cfg.seed, cfg.difficulty, cfg.images_per_patient, cfg.centre)
     log_config(cfg)
     with outdir.claim(cfg.out, "synth", force=cfg.force, staged=True, can_resume=False) as out:
         out.write_json("synth.json", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "force"})

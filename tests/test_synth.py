@@ -202,3 +202,22 @@ def test_bad_options_from_the_command_line_print_no_traceback(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
     assert "ERROR --size must be between 16 and 4096 pixels, got 8" in lines[0]
+
+
+def test_the_second_centre_is_another_clinic_with_the_same_label_rates():
+    """Centre 1 (the out-of-distribution test clinic): its own image names and patients, other
+    lesions, a darker skin-type mix; the same number of melanomas."""
+    n_b, n_m = 1500, 300
+    home, away = synth.plan(n_b, n_m, seed=3), synth.plan(n_b, n_m, seed=3, centre=1)
+    assert sum(r["target"] == "1" for r in home) == sum(r["target"] == "1" for r in away) == n_m
+    assert not {r["image_name"] for r in home} & {r["image_name"] for r in away}
+    assert not {r["patient_id"] for r in home} & {r["patient_id"] for r in away}
+    s_home, s_away = synth.latent_severity(home, 3, 0.04), synth.latent_severity(away, 3, 0.04)
+    assert not np.allclose(s_home, s_away)  # other lesions, drawn from the same model
+    per_patient = lambda rows: {r["patient_id"]: r["_patient"]["fitzpatrick"] for r in rows}
+    light = lambda rows: np.mean(np.array(list(per_patient(rows).values())) <= 2)
+    assert light(home) > 0.5 and light(away) < 0.3  # centre 0: ~60% types I-II; centre 1: ~22%
+    # the severity distribution of each class is the same model: compare with a two-sample KS test
+    scipy_stats = pytest.importorskip("scipy.stats")
+    mal = lambda rows, s: s[[r["target"] == "1" for r in rows]]
+    assert scipy_stats.ks_2samp(mal(home, s_home), mal(away, s_away)).pvalue > 0.01
