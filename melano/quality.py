@@ -1,6 +1,7 @@
 """How good are synthetic images? The measures, on feature arrays: Fréchet distance, KID, a
-patient-grouped two-sample test, translation success, ridge regression to a hidden truth, and
-memorisation; `melano.quality_stage` runs them all. Features come from an ImageNet EfficientNet
+patient-grouped two-sample test, translation success, ridge regression to a hidden truth,
+memorisation, a probe of the dermoscopic criteria, and the mean and sd over GAN runs;
+`melano.quality_stage` runs them all. Features come from an ImageNet EfficientNet
 (`Encoder`), not Inception-v3: FD and KID here compare within melano, never with published FIDs.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+from statistics import NormalDist
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .efficientnet import ConvBNAct
+from .lesions import SEVEN_POINT
 from .pixels import to_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -442,3 +446,100 @@ def memorisation(synthetic, real_test, real_train, n_closest: int = 8, percentil
             "fraction_below_real_percentile": float((d_syn < cut).mean()),
             "closest": [{"synthetic": int(i), "real_train": int(i_syn[i]), "distance": float(d_syn[i])}
                         for i in order]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Criterion probe: which dermoscopic criteria can a linear model read from the features?
+
+# The seven criteria of the 7-point checklist, and multicolour (3 or more of Stolz's six colours):
+# the malignant structures whose gain or loss in a translation the probe reports.
+CRITERIA = (*SEVEN_POINT, "multicolour")
+MALIGNANT_STRUCTURES = ("blue_white_veil", "atypical_network", "regression", "multicolour")
+
+
+class Probe(NamedTuple):
+    """One criterion's probe: an L2 logistic regression on features and its decision threshold."""
+    model: Linear
+    threshold: float   # logit >= threshold: predicted present
+    auc_val: float
+    can_see: bool      # auc_val >= the minimum
+
+
+def prevalence_threshold(logits, present) -> float:
+    """The logit at which the probe calls as many images "present" as truly are: the k-th largest
+    logit, k the number of true positives. On held-out images (whose logits are not overfit), so
+    the predicted prevalence matches the real one whatever the regularisation does to calibration."""
+    logits, present = np.asarray(logits, np.float64), np.asarray(present).astype(bool)
+    k = int(present.sum())
+    if k == 0 or logits.shape != present.shape:
+        raise ValueError(f"prevalence_threshold: need matching logits and labels with a positive, got "
+                         f"{logits.shape}, {present.shape} and {k} positives")
+    return float(np.sort(logits)[::-1][k - 1])
+
+
+def fit_probe(x_train, y_train, x_val, y_val, l2: float = 100.0, min_auc: float = 0.7) -> Probe:
+    """A criterion probe fit on training features, judged on validation features: its validation
+    ROC AUC, whether it can see the criterion (AUC >= min_auc), and its prevalence threshold on the
+    validation images (`prevalence_threshold`)."""
+    model = fit_logistic(x_train, y_train, l2)
+    val_logits = predict(model, x_val)
+    auc = metrics.roc_auc(y_val, val_logits)
+    return Probe(model, prevalence_threshold(val_logits, y_val), auc, auc >= min_auc)
+
+
+def probe_present(probe: Probe, x) -> np.ndarray:
+    """0/1: the criterion predicted present in each row of x."""
+    return (predict(probe.model, x) >= probe.threshold).astype(int)
+
+
+def seven_point_score(present: dict) -> np.ndarray:
+    """The 7-point checklist score (Argenziano 1998: major criteria 2 points, minor 1) of each
+    image from {criterion: (n,) 0/1}; criteria not given count 0."""
+    n = len(next(iter(present.values())))
+    return sum((SEVEN_POINT[c] * np.asarray(v) for c, v in present.items() if c in SEVEN_POINT), np.zeros(n))
+
+
+def paired_change(after, before, level: float = 0.95) -> dict:
+    """Mean of the per-pair change after - before with a paired normal CI: mean +- z sd / sqrt(n),
+    z the normal quantile (1.96 at 95%); the pairs are independent images. sd is 0 (a point CI)
+    when every pair changed by the same amount."""
+    diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    if diff.ndim != 1 or diff.size < 2:
+        raise ValueError(f"paired_change: need two equal 1-D arrays of at least 2 pairs, got {diff.shape}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    mean, sd = float(diff.mean()), float(diff.std(ddof=1))
+    half = z * sd / math.sqrt(diff.size)
+    return {"mean": mean, "sd": sd, "n": int(diff.size), "ci": [mean - half, mean + half], "level": level,
+            "gained": int((diff > 0).sum()), "lost": int((diff < 0).sum())}
+
+
+# ----------------------------------------------------------------------------------------------
+# GAN runs: several training runs of one GAN arm, named f"{arm}_g{k}"
+
+def run_arm(key: str) -> str:
+    """The arm of a GAN run's key: "cyclegan_ls_g2" -> "cyclegan_ls"; a key without _g<k> is its own arm."""
+    m = re.fullmatch(r"(.+)_g\d+", key)
+    return m.group(1) if m else key
+
+
+def run_index(key: str) -> int:
+    """k of a key f"{arm}_g{k}"; 0 for a key without the suffix (a single run)."""
+    m = re.fullmatch(r".+_g(\d+)", key)
+    return int(m.group(1)) if m else 0
+
+
+def group_runs(keys: Sequence[str]) -> dict[str, list[str]]:
+    """{arm: its run keys, by run index}, arms in the order they first appear."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        out.setdefault(run_arm(key), []).append(key)
+    return {arm: sorted(ks, key=run_index) for arm, ks in out.items()}
+
+
+def mean_sd_over_runs(runs: Sequence[dict]) -> tuple[dict, dict]:
+    """Mean and sd (ddof 1; 0 for one run) over runs of each scalar; a key missing from (or None
+    in) any run is left out, so every figure averages the same runs."""
+    keys = [k for k in runs[0] if all(r.get(k) is not None for r in runs)]
+    values = {k: np.array([r[k] for r in runs], np.float64) for k in keys}
+    return ({k: float(v.mean()) for k, v in values.items()},
+            {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()})

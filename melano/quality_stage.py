@@ -8,8 +8,13 @@ pictures. Its JSON-able result ("mel" = melanomas):
   reference           distances and two-sample AUCs of real_mel_test and real_benign_val vs
                       real_mel_train: the scale of every arm's numbers
   severity_regressor  the ridge regressor's fit, or {"skipped": reason} without severities
-  arms[arm]           distances and two_sample (synthetic and sources vs real_mel_train),
-                      translation_success, severity, memorisation and, with out_dir, pictures
+  criteria_probe      per criterion (`quality.CRITERIA`) the probe's validation AUC and whether it
+                      can see the criterion, or {"skipped": reason} without hidden criteria
+  arms[key]           per GAN run (key f"{arm}_g{k}", or just the arm for a single run): distances
+                      and two_sample (synthetic and sources vs real_mel_train), translation_success,
+                      severity, memorisation, criteria and, with out_dir, pictures (run 0 only)
+  runs[arm]           {"runs": its keys, "mean": {...}, "sd": {...}}: each headline figure
+                      (`headline`) averaged over the arm's GAN runs, sd over runs (0 for one run)
   timings_s, config   wall and CPU seconds, and the QualityConfig used
 """
 
@@ -24,9 +29,11 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from . import data, pretrained, report, synth
-from .quality import (Encoder, as_nhwc, fit_logistic, fit_ridge, frechet_distance, kid, memorisation,
-                      pixel_features, predict, r2_score, summarise, translation_success, two_sample_auc)
+from . import data, metrics, pretrained, report, synth
+from .quality import (CRITERIA, MALIGNANT_STRUCTURES, Encoder, as_nhwc, fit_logistic, fit_probe, fit_ridge, frechet_distance,
+                      group_runs, kid, mean_sd_over_runs, memorisation, paired_change, pixel_features, predict,
+                      probe_present, r2_score, run_index, seven_point_score, summarise, translation_success,
+                      two_sample_auc)
 
 log = logging.getLogger("melano.quality")
 
@@ -49,6 +56,23 @@ def hidden_severity(data_dir) -> dict[str, float] | None:
     return None if truth is None else {name: float(t["s"]) for name, t in truth.items()}
 
 
+def hidden_criteria(data_dir, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """{criterion: (N,) 0/1 in the order of `names`} for each of `quality.CRITERIA` (the seven
+    7-point criteria, and multicolour = 3 or more colours), from the truth file melano.synth wrote;
+    None for any other folder. ValueError naming an image the truth file does not describe."""
+    truth = synth.read_truth(data_dir)
+    if truth is None:
+        return None
+    missing = [n for n in names if n not in truth]
+    if missing:
+        raise ValueError(f"{data_dir}: {len(missing)} image(s) are not in {synth.CRITERIA_CSV} (first: "
+                         f"{missing[0]!r}); pass the names of this folder's images")
+    rows = [truth[n] for n in names]
+    out = {c: np.array([int(r[c]) for r in rows]) for c in CRITERIA if c != "multicolour"}
+    out["multicolour"] = np.array([int(int(r["n_colours"]) >= 3) for r in rows])
+    return out
+
+
 @dataclasses.dataclass
 class QualityConfig:
     max_images: int = 128          # per sampled set: an arm's translations, their sources, each benign set
@@ -66,6 +90,9 @@ class QualityConfig:
     scorer_l2: float = 100.0       # the in-stage benign/malignant scorer (when no logits are given)
     sensitivity: float = 0.9       # translation success: threshold at this sensitivity on real val melanomas
     percentile: float = 1.0        # memorisation: percentile of the real test -> train distances
+    probe_l2: float = 100.0        # criterion probe: each criterion's logistic regression, as l2 above
+    probe_min_auc: float = 0.7     # a probe below this validation AUC "cannot see" its criterion
+    probe_min_positives: int = 5   # fewer present (or absent) images in training or validation: no probe
     seed: int = 0
     weights: str | None = None     # encoder checkpoint instead of the packaged ImageNet Lite0 weights
     device: str = "cpu"
@@ -92,16 +119,24 @@ def load_translations(folder, size: int, real_names: Sequence[str]) -> Synthetic
     return Synthetic(images, np.array([row[s] for s in sources], dtype=np.int64))
 
 
-def picture_names(arm: str) -> dict[str, str]:
-    """The files `evaluate` may write for `arm` into out_dir (the distribution is of severity or logit)."""
-    return {k: f"quality_{arm}_{k}.png" for k in ("pairs", "neighbours", "severity", "logit")}
+def draws_pictures(key: str) -> bool:
+    """Only run 0 of each arm draws pictures: one set per arm keeps the files few."""
+    return run_index(key) == 0
+
+
+def picture_names(key: str) -> dict[str, str]:
+    """The files `evaluate` may write for the GAN run `key` into out_dir (the distribution is of
+    severity or logit; criteria: the probe's gained/lost criteria); none for runs after run 0."""
+    if not draws_pictures(key):
+        return {}
+    return {k: f"quality_{key}_{k}.png" for k in ("pairs", "neighbours", "severity", "logit", "criteria")}
 
 
 # ----------------------------------------------------------------------------- the stage
 
 def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Mapping[str, Synthetic],
              severity=None, logits: Mapping | None = None, out_dir=None, cfg: QualityConfig | None = None,
-             encoder: Encoder | None = None) -> dict:
+             encoder: Encoder | None = None, criteria: Mapping[str, np.ndarray] | None = None) -> dict:
     """Measure each GAN arm's synthetic melanomas (the result: see the module docstring); write the
     pictures to out_dir (None: none). Decode real and synthetic images the same way and at the same
     size (e.g. `data.load_image(path, size)`, as the cache does), so that only content differs.
@@ -109,17 +144,21 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
       real_images    (N, H, W, 3) or (N, 3, H, W) uint8, e.g. the `data.Cache` memmap
       real_labels, real_patients, real_splits   (N,) 0/1; patient ids (a patient stays in one fold
                      of the two-sample test); "train" / "val" / "test"
-      synthetic      {arm: Synthetic(images (M, H, W, 3) uint8, sources (M,) rows of each
-                     translation's benign source in the real arrays)}
+      synthetic      {key: Synthetic(images (M, H, W, 3) uint8, sources (M,) rows of each
+                     translation's benign source in the real arrays)}, one key per GAN run,
+                     f"{arm}_g{k}" (`quality.group_runs` groups them; a bare arm is one run)
       severity       (N,) hidden severity (`hidden_severity`), or None: real data, ground truth skipped
       logits         None (a logistic regression on real training features scores the images) or
                      {"real": (N,), NaN where unscored (validation and source rows need values),
-                     "synthetic": {arm: (M,)}} from a classifier trained on real images only
+                     "synthetic": {key: (M,)}} from a classifier trained on real images only
       encoder        an Encoder to reuse (default: `imagenet_encoder` from cfg)
+      criteria       {criterion: (N,) 0/1} for every name in `quality.CRITERIA` (`hidden_criteria`),
+                     or None: real data, criterion probe skipped
     """
     cfg = cfg or QualityConfig()
     t_start, cpu_start = time.monotonic(), time.process_time()
     d = _check_inputs(real_images, real_labels, real_patients, real_splits, severity, synthetic, logits)
+    d["criteria"] = _check_criteria(criteria, len(d["labels"]))
     sets, picked = _choose_sets(d, cfg)
     encoder = encoder or imagenet_encoder(cfg.weights, cfg.resolution, cfg.batch_size, cfg.device)
     # Features: the stage's cost, timed apart
@@ -139,10 +178,11 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
                             "not with published FIDs"},
         "sets": {**{k: len(v) for k, v in sets.items()}, **{f"evaluated_{a}": len(p) for a, p in picked.items()},
                  "fd_n": n_fd, "encoded_images": n_encoded},
-        "reference": _reference(ctx), "severity_regressor": _fit_severity(ctx)}
+        "reference": _reference(ctx), "severity_regressor": _fit_severity(ctx), "criteria_probe": _fit_probes(ctx)}
     if logits is None:  # the in-stage scorer: melanoma vs benign on real training features
         ctx["scorer"] = fit_logistic(feats[ctx["train"]], d["labels"][ctx["train"]], cfg.scorer_l2)
-    result["arms"] = {arm: _evaluate_arm(ctx, arm) for arm in d["arms"]}
+    result["arms"] = {key: _evaluate_arm(ctx, key) for key in d["arms"]}
+    result["runs"] = over_runs(result["arms"])
     # CPU seconds as well: on a shared machine they say what the stage costs on an idle one
     result["timings_s"] = {"features": t_features, "total": time.monotonic() - t_start,
                            "images_per_s": n_encoded / t_features, "features_cpu": cpu_features,
@@ -187,6 +227,20 @@ def _check_inputs(images, labels, patients, splits, severity, synthetic, logits)
     return {"images": as_nhwc(images, "real_images"), "labels": labels.astype(int),
             "patients": np.asarray(patients).astype(str), "splits": splits, "arms": arms,
             "severity": None if severity is None else np.asarray(severity, np.float64)}
+
+
+def _check_criteria(criteria, n: int) -> dict | None:
+    if criteria is None:
+        return None
+    missing = [c for c in CRITERIA if c not in criteria]
+    if missing:
+        raise ValueError(f"criteria: missing {missing}; pass hidden_criteria(data_dir, names), which has all of "
+                         f"{list(CRITERIA)}")
+    out = {c: np.asarray(criteria[c]) for c in CRITERIA}
+    for c, v in out.items():
+        if v.shape != (n,) or not np.isin(v, (0, 1)).all():
+            raise ValueError(f"criteria[{c!r}]: need {n} values of 0 (absent) or 1 (present), got shape {v.shape}")
+    return {c: v.astype(int) for c, v in out.items()}
 
 
 def _sample(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -284,6 +338,136 @@ def _fit_severity(ctx: dict) -> dict:
     return ctx["severity_regressor"]
 
 
+# ----------------------------------------------------------------------------- criterion probe
+
+THRESHOLD_NOTE = ("predicted present: logit >= the probe's prevalence threshold, at which it flags as many real "
+                  "validation images as truly show the criterion (held-out logits, not overfit ones)")
+CI_NOTE = ("paired normal 95% CI over the evaluated translations: mean change (translation minus its own "
+           "source) +- 1.96 sd / sqrt(n)")
+SHORT = {"atypical_network": "network", "blue_white_veil": "veil", "atypical_vessels": "vessels",
+         "irregular_streaks": "streaks", "irregular_dots": "dots", "irregular_blotches": "blotches",
+         "regression": "regression", "multicolour": "multicolour"}
+
+
+def _fit_probes(ctx: dict) -> dict:
+    """One probe per criterion, fit on real training images (the evaluated sources left out: the
+    probes are applied to them) and judged on real validation images (other patients)."""
+    d, cfg, feats, train, val = ctx["d"], ctx["cfg"], ctx["feats"], ctx["train"], ctx["val"]
+    ctx["probes"] = {}
+    if d["criteria"] is None:
+        ctx["criteria_probe"] = {"skipped": "no hidden criteria for these images (not a melano.synth data set, "
+                                            "e.g. real ISIC images): criterion probe not run"}
+        return ctx["criteria_probe"]
+    per = {}
+    for c in CRITERIA:
+        y_tr, y_val = d["criteria"][c][train], d["criteria"][c][val]
+        row = {"prevalence_train": float(y_tr.mean()), "prevalence_val": float(y_val.mean()),
+               "n_present_train": int(y_tr.sum()), "n_present_val": int(y_val.sum())}
+        if min(y_tr.sum(), len(y_tr) - y_tr.sum(), y_val.sum(), len(y_val) - y_val.sum()) < cfg.probe_min_positives:
+            per[c] = {**row, "auc_val": None, "can_see": False,
+                      "reason": f"fewer than {cfg.probe_min_positives} real training or validation images with "
+                                f"(or without) it: no probe"}
+            continue
+        probe = ctx["probes"][c] = fit_probe(feats[train], y_tr, feats[val], y_val, cfg.probe_l2, cfg.probe_min_auc)
+        per[c] = {**row, "auc_val": probe.auc_val, "can_see": bool(probe.can_see), "threshold": probe.threshold,
+                  **_within_class_auc(predict(probe.model, feats[val]), y_val, d["labels"][val])}
+    ctx["criteria_probe"] = {
+        "criteria": per, "n_train": int(len(train)), "n_val": int(len(val)), "l2": cfg.probe_l2,
+        "min_auc": cfg.probe_min_auc, "threshold_rule": THRESHOLD_NOTE,
+        "malignant_structures": list(MALIGNANT_STRUCTURES), "short_names": SHORT,
+        "model": "one L2 logistic regression per criterion on the encoder's features of real training images; "
+                 "multicolour = 3 or more of Stolz's six colours"}
+    return ctx["criteria_probe"]
+
+
+def _within_class_auc(logits: np.ndarray, present: np.ndarray, labels: np.ndarray) -> dict:
+    """The probe's validation AUC among benign and among malignant images alone: a probe that only
+    sees malignancy scores well overall (criteria come with melanoma) but not within a class."""
+    out = {}
+    for name, cls in (("auc_val_benign", 0), ("auc_val_malignant", 1)):
+        y = present[labels == cls]
+        out[name] = metrics.roc_auc(y, logits[labels == cls]) if min(y.sum(), len(y) - y.sum()) >= 3 else None
+    return out
+
+
+def _arm_criteria(ctx: dict, key: str, f_syn: np.ndarray, f_src: np.ndarray, src_rows: np.ndarray) -> dict:
+    """Per criterion: truly present on the sources, predicted present on sources and translations,
+    and the paired change; the 7-point score of the criteria the probes can see; the tint."""
+    if not ctx["probes"]:
+        return {"skipped": ctx["criteria_probe"].get("skipped", "no criterion had enough images for a probe")}
+    truth, before, after, per = ctx["d"]["criteria"], {}, {}, {}
+    for c in CRITERIA:
+        probe = ctx["probes"].get(c)
+        per[c] = {"true_sources": float(truth[c][src_rows].mean()), "can_see": bool(probe and probe.can_see)}
+        if probe is not None:
+            b, a = probe_present(probe, f_src), probe_present(probe, f_syn)
+            per[c].update(present_sources=float(b.mean()), present_translations=float(a.mean()),
+                          change=paired_change(a, b))
+            if probe.can_see:
+                before[c], after[c] = b, a
+    ctx.setdefault("criteria_pairs", {})[key] = (before, after)
+    true_score = seven_point_score({c: truth[c][src_rows] for c in CRITERIA})
+    seven = {"true_sources": float(true_score.mean()), "counted": [c for c in before if c != "multicolour"]}
+    if seven["counted"]:
+        b, a = seven_point_score(before), seven_point_score(after)
+        seven.update(predicted_sources=float(b.mean()), predicted_translations=float(a.mean()),
+                     change=paired_change(a, b))
+    return {"n": int(len(src_rows)), "ci_method": CI_NOTE, "criteria": per, "seven_point": seven,
+            "colour_shift": _colour_shift(ctx, key)}
+
+
+def _colour_shift(ctx: dict, key: str) -> dict:
+    """The tint: each translation's mean R, G, B minus its source's (0-255), averaged over pairs,
+    and the mean length of that per-pair shift."""
+    syn, picked = ctx["d"]["arms"][key], ctx["picked"][key]
+    mean_rgb = lambda images: images.reshape(len(images), -1, 3).mean(1, dtype=np.float64)
+    shift = mean_rgb(syn.images[picked]) - mean_rgb(ctx["d"]["images"][syn.sources[picked]])
+    return {"mean_rgb": [float(v) for v in shift.mean(0)], "size": float(np.linalg.norm(shift, axis=1).mean())}
+
+
+# ----------------------------------------------------------------------------- GAN runs
+
+def headline(arm: dict) -> dict[str, float]:
+    """One GAN run's headline figures (those the report prints), flat, for the mean and sd over runs."""
+    dist, two, ts, memo = arm["distances"], arm["two_sample"], arm["translation_success"], arm["memorisation"]
+    out = {}
+    for suffix, key in (("", "synthetic"), ("_sources", "sources")):
+        dd = dist[f"{key}_vs_real_mel_train"]
+        out.update({f"fd{suffix}": dd["fd"], f"kid{suffix}": dd["kid"]["mean"],
+                    f"two_sample_features{suffix}": two["features"][key]["auc"],
+                    f"two_sample_pixels{suffix}": two["pixels"][key]["auc"]})
+    out.update(translations_above=ts["fraction_translations_above"], sources_above=ts["fraction_sources_above"],
+               mean_logit_shift=ts["mean_logit_shift"], memorisation=memo["fraction_below_real_percentile"],
+               memorisation_sources=memo["sources_fraction_below_real_percentile"])
+    sev = arm["severity"]
+    if "skipped" not in sev:
+        out.update(severity_true_sources=sev["true_sources"]["median"],
+                   severity_sources=sev["predicted_sources"]["median"],
+                   severity_translations=sev["predicted_translations"]["median"],
+                   severity_shift=sev["predicted_shift"]["mean"])
+    crit = arm["criteria"]
+    if "skipped" not in crit:
+        for c, v in crit["criteria"].items():
+            out[f"{c}_true_sources"] = v["true_sources"]
+            if "change" in v:
+                out.update({f"{c}_present_sources": v["present_sources"],
+                            f"{c}_present_translations": v["present_translations"], f"{c}_change": v["change"]["mean"]})
+        if "change" in crit["seven_point"]:
+            out["seven_point_change"] = crit["seven_point"]["change"]["mean"]
+        out["colour_shift"] = crit["colour_shift"]["size"]
+    return out
+
+
+def over_runs(arms: Mapping[str, dict]) -> dict:
+    """{arm: {"runs": its GAN runs' keys, "mean": {figure: mean}, "sd": {figure: sd}}} over each
+    arm's runs (`quality.group_runs`), of the `headline` figures."""
+    out = {}
+    for arm, keys in group_runs(list(arms)).items():
+        mean, sd = mean_sd_over_runs([headline(arms[k]) for k in keys])
+        out[arm] = {"runs": keys, "mean": mean, "sd": sd}
+    return out
+
+
 # ----------------------------------------------------------------------------- one arm
 
 def _evaluate_arm(ctx: dict, arm: str) -> dict:
@@ -316,7 +500,8 @@ def _evaluate_arm(ctx: dict, arm: str) -> dict:
         sev = (predict(ctx["regressor"], f_syn), predict(ctx["regressor"], f_src))
         out["severity"] = _arm_severity(*sev, d["severity"][src_rows], ctx["severity_regressor"])
     out["memorisation"] = _arm_memorisation(ctx, f_syn, f_src, picked)
-    if ctx["out_dir"] is not None:
+    out["criteria"] = _arm_criteria(ctx, arm, f_syn, f_src, src_rows)
+    if ctx["out_dir"] is not None and draws_pictures(arm):
         out["pictures"] = _arm_pictures(ctx, arm, scores, sev, out["memorisation"])
     return out
 
@@ -395,7 +580,26 @@ def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: di
                "translations": translations}
     plot = distribution_plot(samples, out_dir / names[what], title=arm,
                              xlabel=f"predicted {what}" if sev else "classifier logit")
-    return {"pairs": str(pairs), "neighbours": str(neighbours), "distribution": str(plot) if plot else None}
+    criteria = _criteria_picture(ctx, arm, show[:8], out_dir / names["criteria"])
+    return {"pairs": str(pairs), "neighbours": str(neighbours), "distribution": str(plot) if plot else None,
+            "criteria": str(criteria) if criteria else None}
+
+
+def _criteria_picture(ctx: dict, key: str, show: np.ndarray, path: Path) -> Path | None:
+    """Source | translation pairs, each captioned with the criteria the probes (those that can see)
+    say it gained (+) or lost (-); None when no probe can see a criterion."""
+    before, after = ctx.get("criteria_pairs", {}).get(key, ({}, {}))
+    if not before:
+        return None
+    syn, picked = ctx["d"]["arms"][key], ctx["picked"][key]
+    captions = []
+    for i in show:
+        moves = [("+" if after[c][i] > before[c][i] else "-") + SHORT[c] for c in before if after[c][i] != before[c][i]]
+        captions.append(" ".join(moves) or "no criterion changed")
+    return report.image_grid([[ctx["d"]["images"][syn.sources[picked[i]]], syn.images[picked[i]]] for i in show],
+                             path, cols=4, cell=112, gap=4, captions=captions,
+                             title=f"{key}: benign source | its translation; criteria the probe sees gained (+) "
+                                   f"or lost (-)")
 
 
 def distribution_plot(samples: Mapping[str, np.ndarray], path, xlabel: str, title: str = "") -> Path | None:

@@ -295,42 +295,54 @@ def _results_lines(result: dict) -> list[str]:
     return lines + [verdict(comparisons), ""]
 
 
+def _over_runs(q: dict, arm: str, key: str, digits: int = 3, sign: str = "") -> str:
+    """An arm's figure: the mean over its GAN runs, "± sd" over runs when there are several."""
+    r = q["runs"][arm]
+    if key not in r["mean"]:
+        return "—"
+    text = f"{r['mean'][key]:{sign}.{digits}f}"
+    return text + (f" ± {r['sd'][key]:.{digits}f}" if len(r["runs"]) > 1 else "")
+
+
 def _quality_lines(q: dict) -> list[str]:
     """The "Synthetic melanomas" section: distances with their scale, two-sample AUCs, translation
-    success, hidden severity and memorisation, per GAN arm."""
-    ref, arms = q["reference"], q["arms"]
+    success, hidden severity, memorisation and the criteria, per GAN arm (mean ± sd over its runs)."""
+    if "runs" not in q:
+        return ["## Synthetic melanomas", "", "quality.json predates per-GAN-run figures: rerun the quality stage.", ""]
+    ref, runs = q["reference"], q["runs"]
     lines = ["## Synthetic melanomas", "", f"Encoder: {q['encoder']['name']} at {q['encoder']['resolution']} px. "
-             f"{q['encoder']['note']}", ""]
-    lines += _table(("pair", "FD ± sd over draws", "KID ± sd over subsets"), [
+             f"{q['encoder']['note']}", "",
+             "GAN runs per arm: " + ", ".join(f"`{a}` {len(r['runs'])}" for a, r in runs.items()) + ". An arm's figure "
+             "is the mean over its GAN runs, ± the sd over runs where it has several (each run's figures are in "
+             "metrics.json).", ""]
+    fd = lambda a, s: f"{_over_runs(q, a, 'fd' + s, 1)} | {_over_runs(q, a, 'kid' + s, 4)}"
+    lines += _table(("pair", "FD ± sd over draws (runs: over runs)", "KID ± sd over subsets (runs: over runs)"), [
         ("real test melanomas vs real training melanomas (scale: no difference)",
          _fd(ref["distances"]["real_mel_test_vs_real_mel_train"])),
         ("real benign vs real training melanomas (scale: the class difference)",
          _fd(ref["distances"]["real_benign_val_vs_real_mel_train"]))] + [
-        row for arm, a in arms.items() for row in (
-            (f"{arm}: translations vs real training melanomas", _fd(a["distances"]["synthetic_vs_real_mel_train"])),
-            (f"{arm}: their benign sources vs real training melanomas",
-             _fd(a["distances"]["sources_vs_real_mel_train"])))])
+        row for arm in runs for row in ((f"{arm}: translations vs real training melanomas", fd(arm, "")),
+                                        (f"{arm}: their benign sources vs real training melanomas", fd(arm, "_sources")))])
     lines += ["Two-sample tests: a logistic regression told each set from the real training melanomas with "
               "patient-grouped cross-validation (AUC 0.5: indistinguishable).", ""]
-    two = [(name.split("_vs_")[0].replace("_", " "), t["features"], t["pixels"])
+    two = [(name.split("_vs_")[0].replace("_", " "), f"{t['features']['auc']:.3f}", f"{t['pixels']['auc']:.3f}")
            for name, t in ref["two_sample"].items()]
-    two += [(f"{arm} {kind}", a["two_sample"]["features"][key], a["two_sample"]["pixels"][key])
-            for arm, a in arms.items() for kind, key in (("translations", "synthetic"), ("sources", "sources"))]
-    lines += _table(("set vs real training melanomas", "on features", "on 16x16 pixels"),
-                    [(name, f"{f['auc']:.3f}", f"{p['auc']:.3f}") for name, f, p in two])
+    two += [(f"{arm} {kind}", _over_runs(q, arm, "two_sample_features" + s), _over_runs(q, arm, "two_sample_pixels" + s))
+            for arm in runs for kind, s in (("translations", ""), ("sources", "_sources"))]
+    lines += _table(("set vs real training melanomas", "on features", "on 16x16 pixels"), two)
     lines += [f"Translation success, scored by {q.get('scorer', 'a classifier trained on real images only')}: "
               "the share above the threshold that gives 90% sensitivity on real validation melanomas.", ""]
-    lines += _table(("arm", "translations above", "their sources above", "mean logit shift (sd)"), [
-        (arm, f"{t['fraction_translations_above']:.3f}", f"{t['fraction_sources_above']:.3f}",
-         f"{t['mean_logit_shift']:+.3f} ({t['sd_logit_shift']:.3f})")
-        for arm, t in ((arm, a["translation_success"]) for arm, a in arms.items())])
-    lines += _severity_lines(q) + ["Memorisation: nearest real training melanoma in feature space.", ""]
-    shares = {arm: next((v for k, v in a["memorisation"].items() if k.startswith("fraction")), None)
-              for arm, a in arms.items()}
-    lines += _table(("arm", "share closer than the 1st percentile of real test-to-train distances"),
-                    [(arm, s if s is None else f"{s:.3f}") for arm, s in shares.items()])
-    return lines + ["Pictures: `quality/` holds each arm's source/translation pairs, nearest-neighbour pairs "
-                    "and the severity (or score) distributions.", ""]
+    lines += _table(("arm", "translations above", "their sources above", "mean logit shift"), [
+        (arm, _over_runs(q, arm, "translations_above"), _over_runs(q, arm, "sources_above"),
+         _over_runs(q, arm, "mean_logit_shift", sign="+")) for arm in runs])
+    lines += _severity_lines(q) + _criteria_lines(q)
+    lines += ["Memorisation: nearest real training melanoma in feature space.", ""]
+    lines += _table(("arm", "share closer than the 1st percentile of real test-to-train distances", "their sources"),
+                    [(arm, _over_runs(q, arm, "memorisation"), _over_runs(q, arm, "memorisation_sources"))
+                     for arm in runs])
+    return lines + ["Pictures: `quality/` holds, for run 0 of each arm, the source/translation pairs, "
+                    "nearest-neighbour pairs, the severity (or score) distributions and the criteria the probe "
+                    "saw gained or lost.", ""]
 
 
 def _severity_lines(q: dict) -> list[str]:
@@ -342,13 +354,98 @@ def _severity_lines(q: dict) -> list[str]:
              f"median {reg['true_benign']['median']:.2f}; real malignant: median "
              f"{reg['true_malignant']['median']:.2f}.", ""]
     lines += _table(("arm", "true severity of sources", "predicted, sources", "predicted, translations",
-                     "paired shift"), [
-        (arm, f"{v['true_sources']['median']:.2f}", f"{v['predicted_sources']['median']:.2f}",
-         f"{v['predicted_translations']['median']:.2f}",
-         f"{v['predicted_shift']['mean']:+.3f} ± {v['predicted_shift']['sd']:.3f}")
-        for arm, v in ((arm, a["severity"]) for arm, a in q["arms"].items()) if "skipped" not in v])
-    return lines + ["(medians; the shift is the mean ± sd over translations of predicted translation minus "
-                    "predicted source)", ""]
+                     "mean paired shift"), [
+        (arm, _over_runs(q, arm, "severity_true_sources", 2), _over_runs(q, arm, "severity_sources", 2),
+         _over_runs(q, arm, "severity_translations", 2), _over_runs(q, arm, "severity_shift", sign="+"))
+        for arm in q["runs"] if "severity_shift" in q["runs"][arm]["mean"]])
+    return lines + ["(medians over translations; the shift is the mean over translations of predicted translation "
+                    "minus predicted source)", ""]
+
+
+def _change_cis(q: dict, arm: str, c: str) -> list:
+    """The 95% CI of criterion c's paired change (or the 7-point score's) in each GAN run of `arm`."""
+    crit = [q["arms"][k]["criteria"] for k in q["runs"][arm]["runs"]]
+    return [(a["seven_point"] if c == "seven_point" else a["criteria"][c])["change"]["ci"] for a in crit]
+
+
+def _change_cell(q: dict, arm: str, c: str) -> str:
+    """A visible criterion's paired change: one run's mean and 95% CI, or the mean ± sd over runs
+    and in how many runs the CI lies above (below) 0."""
+    if c + "_change" not in q["runs"][arm]["mean"]:
+        return "—"
+    cis = _change_cis(q, arm, c)
+    if len(cis) == 1:
+        return f"{_over_runs(q, arm, c + '_change', sign='+')} ({cis[0][0]:+.3f} to {cis[0][1]:+.3f})"
+    up, down = sum(lo > 0 for lo, _ in cis), sum(hi < 0 for _, hi in cis)
+    return (f"{_over_runs(q, arm, c + '_change', sign='+')}; CI above 0 in {up}/{len(cis)} runs, "
+            f"below 0 in {down}/{len(cis)}")
+
+
+def _criteria_lines(q: dict) -> list[str]:
+    """The criteria table (per arm: each criterion's probe AUC, presence on sources and translations,
+    the paired change) and, per arm, the plain-words answer: does it add malignant structures?"""
+    probe = q.get("criteria_probe")
+    if probe is None:
+        return []
+    if "skipped" in probe:
+        return [f"Dermoscopic criteria: skipped, {probe['skipped']}", ""]
+    crit = probe["criteria"]
+    lines = [f"Dermoscopic criteria: a probe per criterion (L2 logistic regression on the features of "
+             f"{probe['n_train']} real training images) read each one; its ROC AUC on {probe['n_val']} real "
+             f"validation images (other patients; in brackets among benign images alone) says whether it can see "
+             f"it. Below {probe['min_auc']:.2f} it cannot, and draws no conclusion. "
+             f"{probe['threshold_rule'][0].upper() + probe['threshold_rule'][1:]}. The change is each translation "
+             f"minus its own source, with a paired normal 95% CI.", ""]
+    for arm in q["runs"]:
+        rows = []
+        for c, p in crit.items():
+            auc = "no probe" if p["auc_val"] is None else f"{p['auc_val']:.3f}" + (
+                f" ({p['auc_val_benign']:.3f})" if p.get("auc_val_benign") is not None else "")
+            seen = [_over_runs(q, arm, f"{c}_{w}") for w in ("present_sources", "present_translations")]
+            change = _change_cell(q, arm, c) if p["can_see"] else "cannot see: no conclusion"
+            rows.append((c.replace("_", " "), auc, _over_runs(q, arm, f"{c}_true_sources"),
+                         *(seen if p["can_see"] else ("—", "—")), change))
+        rows.append(("7-point score (of the criteria it can see)", "", "", "", "", _change_cell(q, arm, "seven_point")))
+        lines += [f"`{arm}`:", ""] + _table(("criterion", "probe val AUC", "truly on sources", "predicted on sources",
+                                             "on translations", "paired change"), rows)
+    return lines + [" ".join(_structure_sentence(q, arm) for arm in q["runs"]), ""]
+
+
+def _structure_sentence(q: dict, arm: str) -> str:
+    """Does `arm` add malignant structures, or only tint? A structure is added (removed) when its
+    probe can see it and its change's 95% CI lies above (below) 0 in every GAN run."""
+    probe, n = q["criteria_probe"], len(q["runs"][arm]["runs"])
+    added, removed, some, still, blind = [], [], [], [], []
+    for c in probe["malignant_structures"]:
+        name = probe["short_names"][c]
+        if not probe["criteria"][c]["can_see"]:
+            blind.append(name)
+            continue
+        up = sum(lo > 0 for lo, _ in _change_cis(q, arm, c))
+        down = sum(hi < 0 for _, hi in _change_cis(q, arm, c))
+        (added if up == n else removed if down == n else some if up else still).append((name, up))
+    runs = "every GAN run" if n > 1 else "its GAN run"
+    names = lambda xs: ", ".join(x for x, _ in xs)
+    if not (added or removed or some or still):
+        return f"The probe cannot see any malignant structure, so this experiment cannot say whether `{arm}` adds them."
+    if added:
+        text = f"`{arm}` adds malignant structures: {names(added)} (the probe sees each, and its change's CI lies " \
+               f"above 0 in {runs})."
+    else:
+        text = f"`{arm}` adds none of the malignant structures the probe can see ({names(some + still + removed)}) " \
+               f"in {runs}."
+    if some:
+        text += " Added in some GAN runs only: " + ", ".join(f"{x} ({k}/{n})" for x, k in some) + "."
+    if added and still:
+        text += f" No clear change in {names(still)}."
+    if removed:
+        text += f" It removes {names(removed)} (CI below 0 in {runs})."
+    if not added and not some:
+        text += f" So, as far as the probe can see, it at most tints the lesion (an image's mean colour moves by " \
+                f"{_over_runs(q, arm, 'colour_shift', 1)} of 255)."
+    if blind:
+        text += f" The probe cannot see {', '.join(blind)} (validation AUC < {probe['min_auc']:.2f}): no conclusion."
+    return text
 
 
 def verdict(comparisons: list[dict], alpha: float = 0.05) -> str:

@@ -14,12 +14,13 @@ from scipy.linalg import sqrtm
 from scipy.ndimage import uniform_filter
 from scipy.spatial.distance import cdist
 from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import roc_auc_score
 from sklearn.metrics.pairwise import polynomial_kernel
 from sklearn.preprocessing import StandardScaler
 
 from PIL import Image
 
-from melano import data, encode, quality, quality_stage, synth
+from melano import data, encode, quality, quality_stage, report, synth
 from melano.pretrained import efficientnet
 from reference import kid as kid_ref
 
@@ -205,6 +206,86 @@ def test_ridge_matches_sklearn_ridgecv():
     assert quality.r2_score([1, 2, 3], [1, 2, 3]) == 1.0
 
 
+# ----------------------------------------------------------------------------- criterion probe, GAN runs
+
+def test_probe_auc_matches_sklearn_and_says_when_it_cannot_see():
+    """A criterion linear in the features is seen (AUC as scikit-learn's logistic regression gets it);
+    one independent of them is not ("cannot see": AUC below 0.7)."""
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(400, 30)) * rng.uniform(0.5, 2, 30)
+    visible = (x[:, 0] - x[:, 1] + 0.5 * rng.normal(size=400) > 0.3).astype(int)
+    invisible = (rng.random(400) < 0.3).astype(int)
+    train, val = slice(0, 250), slice(250, None)
+    for y, seen in ((visible, True), (invisible, False)):
+        probe = quality.fit_probe(x[train], y[train], x[val], y[val], l2=10.0, min_auc=0.7)
+        scaler = StandardScaler().fit(x[train])
+        sk = LogisticRegression(C=1 / 10.0, tol=1e-10, max_iter=10_000).fit(scaler.transform(x[train]), y[train])
+        expected = roc_auc_score(y[val], sk.decision_function(scaler.transform(x[val])))
+        assert probe.auc_val == pytest.approx(expected, abs=2e-3)
+        assert probe.can_see == seen and (probe.auc_val > 0.9 if seen else probe.auc_val < 0.7)
+        # the threshold flags as many validation images as truly show the criterion
+        assert quality.probe_present(probe, x[val]).sum() == y[val].sum()
+
+
+def test_paired_change_and_seven_point_score_by_hand():
+    before = np.array([0, 0, 1, 1, 0, 0, 1, 0])
+    after = np.array([1, 0, 1, 0, 1, 1, 1, 0])
+    got = quality.paired_change(after, before)
+    diff = [1, 0, 0, -1, 1, 1, 0, 0]  # mean 2/8; sd^2 = (sum d^2 - n mean^2) / (n - 1) = (4 - 0.5) / 7
+    mean, sd = 0.25, math.sqrt(3.5 / 7)
+    assert got["mean"] == pytest.approx(np.mean(diff)) == pytest.approx(mean)
+    assert got["sd"] == pytest.approx(sd)
+    assert got["ci"] == pytest.approx([mean - 1.959964 * sd / math.sqrt(8), mean + 1.959964 * sd / math.sqrt(8)])
+    assert (got["gained"], got["lost"], got["n"]) == (3, 1, 8)
+    same = quality.paired_change(before, before)
+    assert same["ci"] == [0.0, 0.0]
+    # Argenziano's weights: network 2, regression 1; multicolour is not a 7-point criterion
+    score = quality.seven_point_score({"atypical_network": [1, 0, 1], "regression": [1, 1, 0],
+                                       "multicolour": [1, 1, 1]})
+    assert score.tolist() == [3, 1, 2]
+
+
+def test_runs_group_by_arm_and_average_like_numpy():
+    keys = ["cyclegan_g1", "cyclegan_ls_g0", "cyclegan_g0", "cyclegan_g10", "cyclegan_g2", "oversample"]
+    assert quality.group_runs(keys) == {"cyclegan": ["cyclegan_g0", "cyclegan_g1", "cyclegan_g2", "cyclegan_g10"],
+                                        "cyclegan_ls": ["cyclegan_ls_g0"], "oversample": ["oversample"]}
+    assert quality.run_arm("cyclegan_ls_g3") == "cyclegan_ls" and quality.run_index("cyclegan_ls_g3") == 3
+    runs = [{"fd": 3.0, "kid": 0.1, "only_some": 1.0}, {"fd": 5.0, "kid": 0.4}, {"fd": 10.0, "kid": 0.2}]
+    mean, sd = quality.mean_sd_over_runs(runs)
+    assert set(mean) == set(sd) == {"fd", "kid"}  # a figure not in every run is left out
+    for k in mean:
+        v = np.array([r[k] for r in runs])
+        assert mean[k] == pytest.approx(v.mean()) and sd[k] == pytest.approx(v.std(ddof=1))
+    assert quality.mean_sd_over_runs(runs[1:2]) == ({"fd": 5.0, "kid": 0.4}, {"fd": 0.0, "kid": 0.0})  # one run: sd 0
+    assert quality_stage.picture_names("cyclegan_g1") == {} and "criteria" in quality_stage.picture_names("cyclegan_g0")
+
+
+def test_structure_sentence_follows_the_numbers():
+    """A structure is added when the probe sees it and its CI is above 0 in every run; a probe that
+    cannot see draws no conclusion; nothing added -> at most a tint, with the measured colour shift."""
+    def arm_runs(cis: dict, shift: float) -> dict:
+        crit = {c: {"change": {"ci": ci}} for c, ci in cis.items()}
+        return {"criteria": {"criteria": crit, "seven_point": {"change": {"ci": [-1.0, 1.0]}}}, "shift": shift}
+    probe = {"malignant_structures": ["blue_white_veil", "atypical_network", "regression", "multicolour"],
+             "short_names": {"blue_white_veil": "veil", "atypical_network": "network", "regression": "regression",
+                             "multicolour": "multicolour"}, "min_auc": 0.7,
+             "criteria": {"blue_white_veil": {"can_see": True}, "atypical_network": {"can_see": True},
+                          "regression": {"can_see": False}, "multicolour": {"can_see": True}}}
+    up, zero, down = [0.1, 0.3], [-0.1, 0.2], [-0.3, -0.05]
+    arms = {"a_g0": arm_runs({"blue_white_veil": up, "atypical_network": zero, "multicolour": up}, 3.0),
+            "a_g1": arm_runs({"blue_white_veil": up, "atypical_network": zero, "multicolour": zero}, 5.0),
+            "b": arm_runs({"blue_white_veil": zero, "atypical_network": down, "multicolour": zero}, 7.5)}
+    q = {"criteria_probe": probe, "arms": arms,
+         "runs": {"a": {"runs": ["a_g0", "a_g1"], "mean": {"colour_shift": 4.0}, "sd": {"colour_shift": 1.4}},
+                  "b": {"runs": ["b"], "mean": {"colour_shift": 7.5}, "sd": {"colour_shift": 0.0}}}}
+    a, b = report._structure_sentence(q, "a"), report._structure_sentence(q, "b")
+    assert a.startswith("`a` adds malignant structures: veil (") and "multicolour (1/2)" in a
+    assert "No clear change in network" in a and "cannot see regression" in a and "tints" not in a
+    assert b.startswith("`b` adds none") and "removes network" in b and "moves by 7.5 of 255" in b
+    probe["criteria"] = {c: {"can_see": False} for c in probe["criteria"]}
+    assert "cannot say whether `b` adds them" in report._structure_sentence(q, "b")
+
+
 # ----------------------------------------------------------------------------- memorisation
 
 def test_memorisation_finds_copies():
@@ -295,7 +376,7 @@ def built_in(tmp_path_factory):
             "copies": quality_stage.Synthetic(images[mel_train[:20]], sources[:20])}
     sev = quality_stage.hidden_severity(root / "data")
     return {"images": images, "labels": labels, "patients": cache.patients, "splits": splits, "arms": arms,
-            "names": cache.names,
+            "names": cache.names, "criteria": quality_stage.hidden_criteria(root / "data", cache.names),
             "severity": np.array([sev[n] for n in cache.names]), "mel_train": mel_train, "root": root}
 
 
@@ -312,12 +393,16 @@ CFG = quality_stage.QualityConfig(max_images=150, kid_subsets=20, fd_draws=3, fo
 
 def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     b = built_in
-    res = quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], b["arms"], severity=b["severity"],
-                                 out_dir=tmp_path, cfg=CFG, encoder=encoder)
+    # two GAN runs of one arm "mix": run 0 is the oracle, run 1 identity (no extra images to encode)
+    arms = {"mix_g0": b["arms"]["oracle"], "raw": b["arms"]["raw"], "mix_g1": b["arms"]["identity"],
+            "copies": b["arms"]["copies"]}
+    res = quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], arms, severity=b["severity"],
+                                 out_dir=tmp_path, cfg=CFG, encoder=encoder, criteria=b["criteria"])
     json.dumps(res)  # JSON-able as it is
-    assert set(res) == {"encoder", "sets", "reference", "severity_regressor", "arms", "timings_s", "config"}
+    assert set(res) == {"encoder", "sets", "reference", "severity_regressor", "criteria_probe", "arms", "runs",
+                        "timings_s", "config"}
     assert "ImageNet" in res["encoder"]["note"]
-    oracle, identity, copies = (res["arms"][a] for a in ("oracle", "identity", "copies"))
+    oracle, identity, copies = (res["arms"][a] for a in ("mix_g0", "mix_g1", "copies"))
     assert res["severity_regressor"]["r2_val"] > 0.1
     # the oracle raised severity and the scorer sees it; identity changed nothing
     shift = oracle["severity"]["predicted_shift"]  # a rise of 0.5 in truth, seen at >= 3 standard errors
@@ -345,10 +430,55 @@ def test_evaluate_built_in_data(built_in, encoder, tmp_path):
     # the format shortcut: never-encoded pixels are easier to tell from real melanomas than the same
     # pixels written like their sources
     two = lambda arm: res["arms"][arm]["two_sample"]["features"]["synthetic"]["auc"]
-    assert two("raw") > two("oracle") + 0.1
-    for arm in res["arms"].values():
-        for path in (arm["pictures"]["pairs"], arm["pictures"]["neighbours"]):
+    assert two("raw") > two("mix_g0") + 0.1
+    for key, arm in res["arms"].items():
+        if key == "mix_g1":  # only run 0 of an arm draws pictures
+            assert "pictures" not in arm and quality_stage.picture_names(key) == {}
+            continue
+        for path in (arm["pictures"]["pairs"], arm["pictures"]["neighbours"], arm["pictures"]["criteria"]):
             assert Path(path).is_file() and Path(path).parent == tmp_path
+            assert Path(path).name in quality_stage.picture_names(key).values()
+    assert not list(tmp_path.glob("quality_mix_g1_*"))
+    _check_criteria(res, b)
+    _check_runs(res)
+    lines = "\n".join(report._quality_lines(res))
+    assert "| blue white veil |" in lines and "`mix` adds" in lines and "Added in some GAN runs only" in lines
+
+
+def _check_criteria(res: dict, b: dict):
+    """The probes see the clearest criteria; identity changes nothing; the oracle (each source redrawn
+    with a melanoma's severity) gains criteria, and its 7-point score rises."""
+    probe = res["criteria_probe"]["criteria"]
+    assert set(probe) == set(quality.CRITERIA)
+    val = b["splits"] == "val"
+    for c in ("blue_white_veil", "regression"):  # veil and regression are the clearest at 48 px
+        assert probe[c]["can_see"] and probe[c]["auc_val"] > 0.8
+        assert 0 < probe[c]["prevalence_val"] < 1 and probe[c]["n_present_val"] <= b["criteria"][c][val].sum()
+    for c, p in probe.items():
+        assert p["can_see"] == (p["auc_val"] is not None and p["auc_val"] >= 0.7)
+    identity, oracle = res["arms"]["mix_g1"]["criteria"], res["arms"]["mix_g0"]["criteria"]
+    sources = b["arms"]["identity"].sources
+    for c, v in identity["criteria"].items():
+        assert v["true_sources"] == pytest.approx(b["criteria"][c][sources].mean())
+        if "change" in v:
+            assert v["change"]["mean"] == 0 and v["change"]["ci"] == [0.0, 0.0]
+            assert v["present_sources"] == v["present_translations"]
+    assert identity["colour_shift"]["size"] == 0
+    assert oracle["seven_point"]["change"]["ci"][0] > 0
+    assert oracle["criteria"]["blue_white_veil"]["change"]["ci"][0] > 0
+
+
+def _check_runs(res: dict):
+    """Runs grouped by arm; each figure's mean and sd over the runs as numpy computes them."""
+    runs = res["runs"]
+    assert list(runs) == ["mix", "raw", "copies"] and runs["mix"]["runs"] == ["mix_g0", "mix_g1"]
+    assert runs["raw"]["runs"] == ["raw"]
+    g0, g1 = (quality_stage.headline(res["arms"][k]) for k in ("mix_g0", "mix_g1"))
+    assert set(runs["mix"]["mean"]) == set(g0) and "blue_white_veil_change" in g0 and "fd" in g0
+    for k in g0:
+        v = np.array([g0[k], g1[k]])
+        assert runs["mix"]["mean"][k] == pytest.approx(v.mean()) and runs["mix"]["sd"][k] == pytest.approx(v.std(ddof=1))
+    assert runs["raw"]["sd"]["fd"] == 0.0 and runs["raw"]["mean"] == quality_stage.headline(res["arms"]["raw"])
 
 
 def test_evaluate_without_ground_truth_and_with_given_logits(built_in, encoder):
@@ -363,6 +493,8 @@ def test_evaluate_without_ground_truth_and_with_given_logits(built_in, encoder):
                                  logits={"real": real_logits, "synthetic": {"oracle": syn_logits}}, cfg=CFG,
                                  encoder=encoder)
     assert "skipped" in res["severity_regressor"] and "skipped" in res["arms"]["oracle"]["severity"]
+    assert "skipped" in res["criteria_probe"] and "skipped" in res["arms"]["oracle"]["criteria"]
+    assert "Dermoscopic criteria: skipped" in "\n".join(report._quality_lines(res))
     ts = res["arms"]["oracle"]["translation_success"]
     val = b["splits"] == "val"
     expected = quality.translation_success(real_logits[val], b["labels"][val], syn_logits,
@@ -399,6 +531,9 @@ def test_evaluate_refuses_bad_input(built_in, encoder):
     bad_sources = {"x": quality_stage.Synthetic(b["arms"]["copies"].images, b["mel_train"][:20])}
     with pytest.raises(ValueError, match="not benign"):
         quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], bad_sources, cfg=CFG, encoder=encoder)
+    with pytest.raises(ValueError, match="multicolour"):
+        quality_stage.evaluate(b["images"], b["labels"], b["patients"], b["splits"], b["arms"], cfg=CFG,
+                               encoder=encoder, criteria={c: v for c, v in b["criteria"].items() if c != "multicolour"})
     with pytest.raises(ValueError, match="real_splits"):
         quality_stage.evaluate(b["images"], b["labels"], b["patients"], ["training"] * len(b["labels"]), b["arms"],
                                cfg=CFG, encoder=encoder)
