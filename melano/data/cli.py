@@ -15,29 +15,29 @@ from ..infra.cli import setup_logging
 from ..infra.options import add_options, from_args
 from .cache import build_cache
 from .images import MAX_PIXELS, verify_images
-from .index import read_index
+from .index import grouping_text, read_index
+from .isic import NEGATIVES
 from .split import make_split
 
 log = logging.getLogger("melano.data")
 
 
 def _check(args) -> int:
-    index = read_index(args.dir, strict=False)
+    index = read_index(args.dir, strict=False, negatives=args.negatives)
     bad = verify_images(index, workers=args.workers, strict=False, max_pixels=args.max_pixels)
     bad_names = {s.name for s in bad}
     ok = [r for r in index.records if r.image_name not in bad_names]
     skipped = index.skipped + bad
     m = sum(r.target for r in ok)
     summary = {"images": len(ok), "malignant": m, "benign": len(ok) - m,
-               "patients": len({r.patient_id for r in ok}), "skipped": [s.name for s in skipped]}
+               "patients": len({r.patient_id for r in ok}), "skipped": [s.name for s in skipped],
+               "layout": index.layout, "negatives": index.negatives, "grouping": index.grouping,
+               "rows": index.counts, "licences": index.licences, "licence_files": index.licence_files,
+               "attribution": index.attribution}
     if args.json:
         print(json.dumps(summary))
     else:
-        log.info("%s (%s layout): %d usable images, %d malignant, %d benign, %d patients, %d skipped",
-                 args.dir, index.layout, summary["images"], m, summary["benign"], summary["patients"],
-                 len(skipped))
-        for s in skipped:
-            log.info("  skipped %s: %s", s.name, s.reason)
+        _log_summary(args.dir, index, summary, skipped)
     if not ok:
         log.error("%s: no usable images", args.dir)
         return 2
@@ -48,13 +48,36 @@ def _check(args) -> int:
     return 0
 
 
+def _log_summary(folder: str, index, summary: dict, skipped) -> None:
+    log.info("%s (%s layout): %d usable images, %d malignant, %d benign, %d groups, %d skipped", folder,
+             index.layout, summary["images"], summary["malignant"], summary["benign"], summary["patients"],
+             len(skipped))
+    log.info("grouped by %s (the split keeps each group's images together)", grouping_text(index.grouping))
+    if index.counts:
+        log.info("metadata rows: %s (negatives: %s; melanoma is the positive, indeterminate and unknown rows "
+                 "are left out)", ", ".join(f"{k} {v}" for k, v in index.counts.items()), index.negatives)
+    if index.licences:
+        log.info("licences: %s", ", ".join(f"{k} {v}" for k, v in sorted(index.licences.items())))
+    if index.attribution:
+        log.info("credit the sources when you publish: %s", index.attribution)
+    for s in skipped:
+        log.info("  skipped %s: %s", s.name, s.reason)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m melano.data", description="ISIC data: check a folder, write a synthetic set, build the image cache, draw the split.")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate an ISIC-style folder (decodes every image)")
-    c.add_argument("dir", help="folder: train.csv + jpeg/train/ or train/, or benign/ + malignant/")
+    c.add_argument("dir", help="folder: train.csv + jpeg/train/ or train/; benign/ + malignant/; an ISIC Archive "
+                               "download (metadata.csv, isic-cli); ISIC 2019 (ISIC_2019_Training_GroundTruth.csv); "
+                               "HAM10000 (HAM10000_metadata.csv)")
     c.add_argument("--json", action="store_true",
-                   help='print {"images", "malignant", "benign", "patients", "skipped": [names]} as JSON')
+                   help='print {"images", "malignant", "benign", "patients" (groups), "skipped": [names], "layout", '
+                        '"negatives", "grouping": {basis: images}, "rows": {kind: metadata rows}, "licences": '
+                        '{licence: images}, "licence_files", "attribution"} as JSON')
+    c.add_argument("--negatives", choices=NEGATIVES, default="all",
+                   help="the negatives: all lesions other than melanoma (default, as in ISIC 2020; other "
+                        "malignancies are counted apart), or nevi only")
     c.add_argument("--strict", action="store_true", help="exit 2 if any image was skipped")
     add_options(sub.add_parser("synth", help="write a synthetic dermoscopy data set in the Kaggle layout"),
                 synth.SynthConfig)

@@ -1,4 +1,8 @@
-"""Which labelled images a folder holds: the three ISIC layouts, read into an `Index`."""
+"""Which labelled images a folder holds: the ISIC layouts, read into an `Index`.
+
+Kaggle (train.csv + jpeg/train/), re-upload (train.csv + train/) and benign/ + malignant/ folders
+are read here; the ISIC Archive (isic-cli), ISIC 2019 and HAM10000 metadata are parsed by
+melano.data.isic, and their names matched to files here."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from . import isic
 
 log = logging.getLogger("melano.data")
 
@@ -40,10 +46,16 @@ class Record:
 class Index:
     """The labelled images of one folder, in CSV (or sorted file) order."""
     root: str
-    layout: str                      # "kaggle" | "reupload" | "folders"
+    layout: str                      # "kaggle" | "reupload" | "folders" | "archive" | "isic2019" | "ham10000"
     records: list[Record]
     skipped: list[Skipped]           # listed but absent files
     csv_path: str | None = None
+    negatives: str = "all"           # melano.data.isic.NEGATIVES: all other lesions, or nevi only
+    counts: dict = dataclasses.field(default_factory=dict)     # metadata rows by kind (isic.KINDS), left out
+    grouping: dict = dataclasses.field(default_factory=dict)   # basis -> images: patient_id, lesion_id, image
+    licences: dict = dataclasses.field(default_factory=dict)   # copyright_license -> images kept
+    licence_files: list = dataclasses.field(default_factory=list)
+    attribution: str | None = None   # the credits file a publication owes its sources
 
     def __len__(self) -> int:
         return len(self.records)
@@ -286,44 +298,175 @@ def _read_folders(root: Path) -> tuple[list[Record], list[Skipped]]:
     return records, skipped
 
 
-def read_index(root: str | os.PathLike, strict: bool = False) -> Index:
+def _merged_listing(folders: Sequence[Path], root: Path) -> _Listing:
+    """One listing of several image folders (HAM10000's two parts); one name in two is an error."""
+    files, broken, subdirs = {}, {}, []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        part = _list_images(folder)
+        for stem, path in part.files.items():
+            if stem in files:
+                raise ValueError(f"duplicate image name {stem!r}: both {files[stem]} and {path} exist; "
+                                 f"remove one of them")
+            files[stem] = path
+        broken.update(part.broken)
+        subdirs += part.subdirs
+    folded: dict[str, list[str]] = {}
+    for stem in files:
+        folded.setdefault(stem.casefold(), []).append(stem)
+    return _Listing(root, files, broken, folded, subdirs)
+
+
+def _isic_rows(src: isic.Source) -> list[isic.Row]:
+    """The metadata rows of one ISIC source (melano.data.isic parses them)."""
+    columns, reader = open_csv(src.csv_path)
+    rows = csv_rows(reader, src.csv_path)
+    if src.layout == "archive":
+        return isic.parse_archive(columns, rows, src.csv_path)
+    if src.layout == "ham10000":
+        return isic.parse_ham(columns, rows, src.csv_path)
+    lesions = {}
+    if src.meta_csv is None:
+        log.warning("%s: no %s beside it, so no lesion ids: each image is its own group, and a lesion's "
+                    "images can land in both train and test", src.csv_path, isic.ISIC2019_META)
+    else:
+        meta_columns, meta_reader = open_csv(src.meta_csv)
+        lesions = isic.lesion_ids(meta_columns, csv_rows(meta_reader, src.meta_csv), src.meta_csv)
+    return isic.parse_isic2019(columns, rows, src.csv_path, lesions)
+
+
+def _read_isic(src: isic.Source, negatives: str) -> tuple[list[Record], list[Skipped], dict]:
+    """Records of an ISIC Archive, ISIC 2019 or HAM10000 folder, and what `check` reports of it."""
+    if not any(d.is_dir() for d in src.image_dirs):
+        raise ValueError(f"{src.csv_path} exists but its image folder {' or '.join(map(str, src.image_dirs))} "
+                         f"does not; unpack the images beside it")
+    rows = _isic_rows(src)
+    groups, bases = isic.group_keys(rows)
+    listing = _merged_listing(src.image_dirs, src.image_dirs[0].parent if len(src.image_dirs) > 1 else src.image_dirs[0])
+    counts = dict.fromkeys(isic.KINDS, 0) | {"left_out_by_negatives": 0}
+    records, skipped, owner, licences, grouping = [], [], {}, {}, {}
+    for row, group, basis in zip(rows, groups, bases):
+        counts[row.kind] += 1
+        target = isic.target_of(row.kind, negatives)
+        if target is None:
+            if row.kind not in ("indeterminate", "unknown"):
+                counts["left_out_by_negatives"] += 1
+            continue
+        path, why = _find_image(listing, row.name)
+        if path is None:
+            skipped.append(Skipped(row.name, f"listed in {src.csv_path.name} but {why}"
+                                   if why.startswith("not found") else why))
+            continue
+        _claim_file(owner, path, row.line, row.name, src.csv_path)
+        records.append(Record(row.name, group, target, str(path), row.extra))
+        grouping[basis] = grouping.get(basis, 0) + 1
+        if row.licence:
+            licences[row.licence] = licences.get(row.licence, 0) + 1
+    if counts["indeterminate"] + counts["unknown"]:
+        log.info("%s: %d indeterminate and %d unknown row(s) left out (no melanoma label)", src.csv_path,
+                 counts["indeterminate"], counts["unknown"])
+    info = {"counts": counts, "grouping": grouping, "licences": licences,
+            "licence_files": [str(p) for p in src.licence_files],
+            "attribution": str(src.attribution) if src.attribution else None}
+    return records, skipped, info
+
+
+def _nevi_only(records: list[Record], csv_path: Path) -> tuple[list[Record], int]:
+    """Melanomas and nevi of a train.csv (its `diagnosis` column, as ISIC 2020's); how many left out."""
+    if records and "diagnosis" not in records[0].extra:
+        raise ValueError(f"{csv_path}: negatives 'nevi' needs a diagnosis column (ISIC 2020's train.csv has "
+                         f"one); use negatives 'all' for this folder")
+    kept = [r for r in records if r.target == 1 or r.extra["diagnosis"].strip().lower() == "nevus"]
+    return kept, len(records) - len(kept)
+
+
+def _unrecognised(root: Path, found: Sequence[str]) -> ValueError:
+    expected = ("train.csv + jpeg/train/ (Kaggle), train.csv + train/ (re-upload), benign/ + malignant/ "
+                f"folders, {isic.ARCHIVE_CSV} + images (ISIC Archive, isic-cli), {isic.ISIC2019_CSV} + "
+                f"{isic.ISIC2019_DIR}/ (ISIC 2019), or {isic.HAM_CSV} + {'/ and '.join(isic.HAM_DIRS)}/ (HAM10000)")
+    if found:
+        return ValueError(f"{root}: holds the label files of several sources ({', '.join(found)}); melano reads "
+                          f"one per folder: move each into a folder of its own")
+    return ValueError(f"{root}: unrecognised layout. Expected {expected}")
+
+
+def _read_train_csv(root: Path, negatives: str) -> tuple[str, list[Record], list[Skipped], dict]:
+    csv_path = root / "train.csv"
+    for layout, img_dir in (("kaggle", root / "jpeg" / "train"), ("reupload", root / "train")):
+        if img_dir.is_dir():
+            break
+    else:
+        raise ValueError(f"{csv_path} exists but neither {root / 'jpeg' / 'train'}/ (Kaggle layout) nor "
+                         f"{root / 'train'}/ (re-upload layout) holds its images")
+    records, skipped = _read_csv(csv_path, img_dir)
+    info = {}
+    if negatives == "nevi":
+        records, left = _nevi_only(records, csv_path)
+        info["counts"] = {"left_out_by_negatives": left}
+    return layout, records, skipped, info
+
+
+def _read_folder(root: Path, negatives: str) -> tuple[str, list[Record], list[Skipped], dict, Path | None]:
+    """(layout, records, skipped, what check reports, label file) of whichever layout `root` holds."""
+    isic.target_of("melanoma", negatives)  # checks the option
+    sources = isic.find_source(root)
+    found = (["train.csv"] if (root / "train.csv").is_file() else []) + [s.csv_path.name for s in sources]
+    if len(found) > 1:
+        raise _unrecognised(root, found)
+    if (root / "train.csv").is_file():
+        return (*_read_train_csv(root, negatives), root / "train.csv")
+    if sources:
+        return (sources[0].layout, *_read_isic(sources[0], negatives), sources[0].csv_path)
+    if (root / "benign").is_dir() or (root / "malignant").is_dir():
+        for sub in ("benign", "malignant"):
+            if not (root / sub).is_dir():
+                raise ValueError(f"{root}: found the other class folder but no {sub}/ folder; "
+                                 f"the folder layout needs both benign/ and malignant/")
+        if negatives != "all":
+            raise ValueError(f"{root}: benign/ + malignant/ folders carry no diagnosis, so negatives "
+                             f"{negatives!r} cannot be applied; use negatives 'all'")
+        return ("folders", *_read_folders(root), {}, None)
+    raise _unrecognised(root, [])
+
+
+def read_index(root: str | os.PathLike, strict: bool = False, negatives: str = "all") -> Index:
     """The labelled images of an ISIC-style folder; nothing is decoded (`verify_images` does that).
 
     A CSV name matches its file with or without extension, or in other letter case when only one
     file does. Absent files, broken links and images in subfolders of benign/ or malignant/ are
     skipped with a warning (``strict``: ValueError). Bad input is a ValueError naming file and line.
+    `negatives` (melano.data.isic.NEGATIVES): "all" lesions other than melanoma are negatives, as
+    in ISIC 2020, or "nevi" only (needs a diagnosis: not the benign/ + malignant/ layout).
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         hint = f"; pass the folder that holds it, {root.parent}" if root.name.lower().endswith(".csv") else ""
         raise NotADirectoryError(f"{root}: not a folder but a file{hint} (expected an ISIC folder with "
-                                 f"train.csv, or benign/ and malignant/ folders)")
+                                 f"train.csv or metadata.csv, or benign/ and malignant/ folders)")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder: no such file or directory (expected an ISIC folder "
-                                f"with train.csv, or benign/ and malignant/ folders)")
-    csv_path = root / "train.csv"
-    if csv_path.is_file():
-        for layout, img_dir in (("kaggle", root / "jpeg" / "train"), ("reupload", root / "train")):
-            if img_dir.is_dir():
-                break
-        else:
-            raise ValueError(f"{csv_path} exists but neither {root / 'jpeg' / 'train'}/ (Kaggle layout) nor "
-                             f"{root / 'train'}/ (re-upload layout) holds its images")
-        records, skipped = _read_csv(csv_path, img_dir)
-    elif (root / "benign").is_dir() or (root / "malignant").is_dir():
-        for sub in ("benign", "malignant"):
-            if not (root / sub).is_dir():
-                raise ValueError(f"{root}: found the other class folder but no {sub}/ folder; "
-                                 f"the folder layout needs both benign/ and malignant/")
-        layout, csv_path = "folders", None
-        records, skipped = _read_folders(root)
-    else:
-        raise ValueError(f"{root}: unrecognised layout. Expected train.csv + jpeg/train/ (Kaggle), "
-                         f"train.csv + train/ (re-upload), or benign/ + malignant/ folders")
+                                f"with train.csv or metadata.csv, or benign/ and malignant/ folders)")
+    layout, records, skipped, info, csv_path = _read_folder(root, negatives)
     warn_skipped(skipped, "are missing" if csv_path else "were skipped", strict)
     if not records:
         raise ValueError(f"{root}: no usable images found ({len(skipped)} skipped)")
-    index = Index(str(root), layout, records, skipped, str(csv_path) if csv_path else None)
-    log.info("%s: %d images (%d malignant) of %d patients, layout %s", root, len(index),
-             int(index.targets.sum()), len(set(index.patients)), layout)
+    grouping = info.pop("grouping", None) or _patient_basis(records)
+    index = Index(str(root), layout, records, skipped, str(csv_path) if csv_path else None, negatives,
+                  grouping=grouping, **info)
+    log.info("%s: %d images (%d malignant) of %d groups (%s), layout %s", root, len(index),
+             int(index.targets.sum()), len(set(index.patients)), grouping_text(grouping), layout)
     return index
+
+
+def _patient_basis(records: list[Record]) -> dict[str, int]:
+    """Kaggle/folders: rows with a patient_id are grouped by it; the others (patient = name) by image."""
+    by_image = sum(r.patient_id == r.image_name for r in records)
+    return {k: v for k, v in (("patient_id", len(records) - by_image), ("image", by_image)) if v}
+
+
+def grouping_text(grouping: dict[str, int]) -> str:
+    """'patient_id' or 'patient_id 30, lesion_id 5, image 2': how the split groups images."""
+    if len(grouping) == 1:
+        return next(iter(grouping))
+    return ", ".join(f"{k} {v}" for k, v in grouping.items())
