@@ -597,7 +597,7 @@ def _criteria_picture(ctx: dict, key: str, show: np.ndarray, path: Path) -> Path
         moves = [("+" if after[c][i] > before[c][i] else "-") + SHORT[c] for c in before if after[c][i] != before[c][i]]
         captions.append(" ".join(moves) or "no criterion changed")
     return report.image_grid([[ctx["d"]["images"][syn.sources[picked[i]]], syn.images[picked[i]]] for i in show],
-                             path, cols=4, cell=112, gap=4, captions=captions,
+                             path, cols=2, cell=112, gap=4, col_gap=120, captions=captions,  # room for long captions
                              title=f"{key}: benign source | its translation; criteria the probe sees gained (+) "
                                    f"or lost (-)")
 
