@@ -1,26 +1,21 @@
-// Fused InstanceNorm + activation: op schemas and the CPU kernels.
+// Fused InstanceNorm + activation: the CPU kernels (the op schemas and the autograd are in
+// instance_norm_act_autograd.cpp; the activation, dx formula and argument checks shared with the CUDA
+// file in instance_norm_act.h).
 //
 //   y = act((x - mean) * rstd * w + b),   mean/var over each (n, c) plane of x (N, C, H, W),
 //   rstd = 1 / sqrt(var + eps), biased variance, act in {none, relu, leaky_relu}.
 //
-// Ops (namespace "melano"; melano/ops/__init__.py adds the fake and autograd registrations; the activation,
-// dx formula and argument checks shared with the CUDA file are in instance_norm_act.h):
-//   inorm_act_fwd(x, weight?, bias?, eps, act, slope) -> (y, mean, rstd)
-//   inorm_act_bwd(grad_y, x, weight?, bias?, mean, rstd, act, slope) -> (grad_x, grad_weight, grad_bias)
-// mean and rstd are (N, C) in the accumulation type (float, or double for double x). grad_weight and
-// grad_bias are (C,) in that type and are always returned (they are per-plane sums the backward needs
-// anyway); Python drops them when the op is not affine. A channels_last-contiguous x runs the NHWC
-// kernels and gets channels_last y and dx; any other layout runs the NCHW kernels on an NCHW copy.
-//
 // The backward saves x (not y) and recomputes y_pre from it: see reference/instance_norm_act.py.
 //
-// CPU, NCHW: one task per plane (at::parallel_for). Planes of a CycleGAN are 16 KiB to 256 KiB, so the
-// passes after the first read x from L2. Statistics: a two-pass mean/variance with the "corrected"
-// second pass (Chan, Golub & LeVeque): sum(x - mean) is added back to absorb the rounding of the mean.
-// Inner loops work on SIMD vectors (GCC vector extensions); blocks of kBlock elements are summed in
-// the accumulation type and then added in double, which bounds the float rounding error. The plane
-// loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time. NHWC: SIMD across
-// channels, tasks over chunks of pixels (see the NHWC section).
+// CPU, NCHW: one task per plane (at::parallel_for). Planes of a CycleGAN are 100 B to 256 KiB, so the
+// passes after the first read x from L1 or L2: each pass is bound by the vector adds' latency unless
+// it keeps several sums apart (kUnroll), and for small planes the per-plane and per-call costs decide.
+// Statistics: a two-pass mean/variance with the "corrected" second pass (Chan, Golub & LeVeque):
+// sum(x - mean) is added back to absorb the rounding of the mean. Inner loops work on SIMD vectors (GCC
+// vector extensions); blocks of kBlock elements are summed in the accumulation type and then added in
+// double, which bounds the float rounding error. The plane loops are compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at run time. NHWC: SIMD across channels, tasks over chunks of pixels (see
+// the NHWC section).
 
 #include "instance_norm_act.h"
 
@@ -29,15 +24,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace melano {
 
 namespace {
 
 constexpr int64_t kBlock = 2048;  // elements summed in the accumulation type before going to double
+constexpr int kUnroll = 4;        // independent vector sums per sum (see sum_lanes; written out there)
 
 // L values of the accumulation type A: a GCC vector of L lanes, or the scalar A itself when L = 1.
 // Half and BFloat16 are converted element by element on load and store.
@@ -67,37 +65,72 @@ MELANO_INLINE void store(T* p, V v) {
   else for (int j = 0; j < int(sizeof(V) / sizeof(v[0])); ++j) p[j] = T(v[j]);
 }
 
-template <typename V>
-MELANO_INLINE double hsum(V v) {
-  if constexpr (std::is_arithmetic_v<V>) return double(v);
+// The sum of a vector's lanes, as a tree (log2 L dependent adds, not L - 1).
+template <typename A, int L>
+MELANO_INLINE A hsum(Vec<A, L> v) {
+  if constexpr (L == 1) return v;
   else {
-    auto s = v[0];
-    for (int j = 1; j < int(sizeof(V) / sizeof(v[0])); ++j) s += v[j];
-    return double(s);
+    Vec<A, L / 2> lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return hsum<A, L / 2>(lo + hi);
   }
 }
 
-// Calls f(Lanes<L>, i) for the full vectors of [begin, end), then f(Lanes<1>, i) for each element left.
+// The NCHW loops below take a plane's last, partial vector whole when `spill` says that the L elements
+// from it lie inside the current task range of planes (the planes after this one, which the same
+// thread handles next): reading past the plane is then safe, and so is writing past it, since the
+// next plane's pass overwrites what spilled. The sums drop the lanes past the plane. Without spill
+// (the last planes of a range) the tail goes element by element: a chain of scalar adds and a few
+// times more instructions, which for planes of 25 to 144 elements used to cost as much as the vectors.
+
+// Calls f(Lanes<L>, i) for the vectors of [0, n) and the partial last one (spill), or f(Lanes<1>, i)
+// for each element left.
 template <int L, typename F>
-MELANO_INLINE void for_lanes(int64_t begin, int64_t end, const F& f) {
-  int64_t i = begin;
-  for (; i + L <= end; i += L) f(Lanes<L>{}, i);
-  for (; i < end; ++i) f(Lanes<1>{}, i);
+MELANO_INLINE void for_lanes(int64_t n, bool spill, const F& f) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) f(Lanes<L>{}, i);
+  if (spill && i < n) return f(Lanes<L>{}, i);
+  for (; i < n; ++i) f(Lanes<1>{}, i);
 }
 
-// total[k] += the sum over [0, n) of the K values that f(lanes, i, acc) adds into acc[k]. Each block of
-// kBlock elements is summed in A (vector lanes and the scalar tail apart), then added in double: this
-// bounds the float rounding error of long sums.
-template <typename A, int L, int K, typename F>
-MELANO_INLINE void sum_lanes(int64_t n, double (&total)[K], const F& f) {
+// acc[k] += v[k], only in the first `lanes` lanes when given.
+template <typename V, size_t K>
+MELANO_INLINE void add(V (&acc)[K], const std::array<V, K>& v) {
+  for (size_t k = 0; k < K; ++k) acc[k] += v[k];
+}
+
+template <typename A, int L, size_t K>
+MELANO_INLINE void add(Vec<A, L> (&acc)[K], const std::array<Vec<A, L>, K>& v, int64_t lanes) {
+  Vec<A, L> index;
+  for (int j = 0; j < L; ++j) index[j] = A(j);
+  for (size_t k = 0; k < K; ++k) acc[k] += index < splat<Vec<A, L>>(A(lanes)) ? v[k] : Vec<A, L>{};
+}
+
+// total[k] += the sum over [0, n) of the K values that f(lanes, i) returns. The vectors go into
+// kUnroll sets of accumulators in turn: a vector add takes ~4 cycles and two can start each cycle,
+// so one set would leave the adder idle most of the time on data in L1. Each block of kBlock
+// elements is summed in A, then added in double: this bounds the float rounding error of long sums.
+template <typename A, int L, size_t K, typename F>
+MELANO_INLINE void sum_lanes(int64_t n, bool spill, double (&total)[K], const F& f) {
   for (int64_t start = 0; start < n; start += kBlock) {
-    Vec<A, L> acc[K] = {};
+    const int64_t end = std::min(n, start + kBlock);
+    Vec<A, L> acc[kUnroll][K] = {};
     A tail[K] = {};
-    for_lanes<L>(start, std::min(n, start + kBlock), [&](auto lanes, int64_t i) MELANO_LAMBDA {
-      if constexpr (decltype(lanes)::value == 1) f(lanes, i, tail);
-      else f(lanes, i, acc);
-    });
-    for (int k = 0; k < K; ++k) total[k] += hsum(acc[k]) + double(tail[k]);
+    int64_t i = start;
+    for (; i + kUnroll * L <= end; i += kUnroll * L)
+      for (int u = 0; u < kUnroll; ++u) add(acc[u], f(Lanes<L>{}, i + u * L));
+    for (int u = 0; u < kUnroll - 1; ++u) {  // the vectors left: fewer than kUnroll (a constant index
+      if (i + L > end) break;                 // into acc, so that acc stays in registers)
+      add(acc[u], f(Lanes<L>{}, i));
+      i += L;
+    }
+    if (spill && i < end) add<A, L, K>(acc[kUnroll - 1], f(Lanes<L>{}, i), end - i);
+    else for (; i < end; ++i) add(tail, f(Lanes<1>{}, i));
+    for (size_t k = 0; k < K; ++k) {
+      const Vec<A, L> v = (acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]);
+      total[k] += double(hsum<A, L>(v)) + double(tail[k]);
+    }
   }
 }
 
@@ -125,30 +158,31 @@ struct Args {
 };
 
 // One (n, c) plane p of an NCHW tensor: three passes (mean; corrected variance; output). A plane is at
-// most a few hundred KiB in a CycleGAN, so the second and third passes read it from L2.
+// most a few hundred KiB in a CycleGAN, so the second and third passes read it from L1 or L2. spill:
+// see for_lanes.
 template <typename T, int ACT, int L>
-MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p) {
+MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p, bool spill) {
   using A = at::opmath_type<T>;
   const int64_t hw = a.hw;
   const T* __restrict__ xp = a.x + p * hw;
   T* __restrict__ yp = a.out + p * hw;
 
   double sum[1] = {0};
-  sum_lanes<A, L>(hw, sum, [&](auto lanes, int64_t i, auto& s) MELANO_LAMBDA { s[0] += load<A>(lanes, xp + i); });
+  sum_lanes<A, L>(hw, spill, sum, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+    return std::array{load<A>(lanes, xp + i)};
+  });
   const A mean0 = A(sum[0] / double(hw));
   // Sum of (x - mean0) too: it is ~0 and corrects the rounding of mean0 (Chan, Golub & LeVeque).
   double m[2] = {0, 0};
-  sum_lanes<A, L>(hw, m, [&](auto lanes, int64_t i, auto& s) MELANO_LAMBDA {
+  sum_lanes<A, L>(hw, spill, m, [&](auto lanes, int64_t i) MELANO_LAMBDA {
     const auto d = load<A>(lanes, xp + i) - mean0;
-    s[0] += d;
-    s[1] += d * d;
+    return std::array{d, d * d};
   });
   const double var = std::max(0.0, (m[1] - m[0] * m[0] / double(hw)) / double(hw));
   const A mean = A(double(mean0) + m[0] / double(hw));
   const A rstd = A(1.0 / std::sqrt(var + a.eps));
-  const int64_t c = p % a.C;
-  const auto [scale, shift] = affine_of(rstd, a.w, a.b, c);
-  for_lanes<L>(0, hw, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+  const auto [scale, shift] = affine_of(rstd, a.w, a.b, a.w || a.b ? p % a.C : 0);
+  for_lanes<L>(hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
     store(yp + i, act_fwd<ACT>(pre_act(load<A>(lanes, xp + i) - mean, scale, shift), a.slope));
   });
   a.mean[p] = mean;
@@ -157,33 +191,31 @@ MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p) {
 
 // One plane of the backward: two passes over x and dy (sums of g and g * xhat; then dx).
 template <typename T, int ACT, int L>
-MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p) {
+MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p, bool spill) {
   using A = at::opmath_type<T>;
   const int64_t hw = a.hw;
   const T* __restrict__ xp = a.x + p * hw;
   const T* __restrict__ dyp = a.dy + p * hw;
   T* __restrict__ dxp = a.out + p * hw;
-  const int64_t c = p % a.C;
   const A mean = a.mean[p], rstd = a.rstd[p];
-  const auto [scale, shift] = affine_of(rstd, a.w, a.b, c);
-  // g and d = x - mean at element i (vector or scalar, as lanes says).
-  auto g_and_d = [&](auto lanes, int64_t i) MELANO_LAMBDA {
+  const auto [scale, shift] = affine_of(rstd, a.w, a.b, a.w || a.b ? p % a.C : 0);
+  // g and xhat = (x - mean) * rstd at element i (vector or scalar, as lanes says).
+  auto g_and_xhat = [&](auto lanes, int64_t i) MELANO_LAMBDA {
     const auto d = load<A>(lanes, xp + i) - mean;
-    return std::make_pair(act_grad<ACT>(pre_act(d, scale, shift), load<A>(lanes, dyp + i), a.slope), d);
+    return std::array{act_grad<ACT>(pre_act(d, scale, shift), load<A>(lanes, dyp + i), a.slope), d * rstd};
   };
 
   double s[2] = {0, 0};
-  sum_lanes<A, L>(hw, s, [&](auto lanes, int64_t i, auto& acc) MELANO_LAMBDA {
-    const auto [g, d] = g_and_d(lanes, i);
-    acc[0] += g;
-    acc[1] += g * (d * rstd);
+  sum_lanes<A, L>(hw, spill, s, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+    const auto [g, xhat] = g_and_xhat(lanes, i);
+    return std::array{g, g * xhat};
   });
   a.sum_g[p] = s[0];
   a.sum_gx[p] = s[1];
   const A mg = A(s[0] / double(hw)), mgx = A(s[1] / double(hw));
-  for_lanes<L>(0, hw, [&](auto lanes, int64_t i) MELANO_LAMBDA {
-    const auto [g, d] = g_and_d(lanes, i);
-    store(dxp + i, grad_input(g, d * rstd, scale, mg, mgx));
+  for_lanes<L>(hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+    const auto [g, xhat] = g_and_xhat(lanes, i);
+    store(dxp + i, grad_input(g, xhat, scale, mg, mgx));
   });
 }
 
@@ -465,8 +497,9 @@ template <typename T, int ACT, int PASS, int W>
 MELANO_INLINE void tasks_generic(const Args<T>& a, int64_t begin, int64_t end) {
   constexpr int L = W / sizeof(at::opmath_type<T>);
   for (int64_t t = begin; t < end; ++t) {
-    if constexpr (PASS == kForwardPlanes) forward_plane<T, ACT, L>(a, t);
-    else if constexpr (PASS == kBackwardPlanes) backward_plane<T, ACT, L>(a, t);
+    const bool spill = (end - t - 1) * a.hw >= L;  // see for_lanes
+    if constexpr (PASS == kForwardPlanes) forward_plane<T, ACT, L>(a, t, spill);
+    else if constexpr (PASS == kBackwardPlanes) backward_plane<T, ACT, L>(a, t, spill);
     else if constexpr (PASS == kNhwcStats) nhwc_stats_chunk<T, L>(a, t);
     else if constexpr (PASS == kNhwcForward) nhwc_forward_chunk<T, ACT, L>(a, t);
     else nhwc_backward_chunk<T, ACT, L, PASS == kNhwcBackwardSums>(a, t);
@@ -600,31 +633,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
   return {y, mean, rstd};
 }
 
+// dweight and dbias: the planes' sums of g * xhat and of g, added over the batch for each channel.
+template <typename A>
+void channel_sums(const std::vector<double>& sum_gx, const std::vector<double>& sum_g, int64_t N, int64_t C,
+                  A* dw, A* db) {
+  for (int64_t c = 0; c < C; ++c) {
+    double w = 0, b = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      w += sum_gx[n * C + c];
+      b += sum_g[n * C + c];
+    }
+    dw[c] = A(w);
+    db[c] = A(b);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     c10::string_view act, double slope) {
   Inputs in = backward_inputs(grad_y, x, weight, bias, mean, rstd, act);
   at::Tensor dx = at::empty_like(in.x, in.layout);
-  at::Tensor sum_g = at::empty({in.N, in.C}, in.x.options().dtype(at::kDouble));
-  at::Tensor sum_gx = at::empty({in.N, in.C}, in.x.options().dtype(at::kDouble));
+  const auto acc = in.x.options().dtype(in.acc);
+  at::Tensor dw = at::empty({in.C}, acc), db = at::empty({in.C}, acc);
+  std::vector<double> sum_g(in.N * in.C), sum_gx(in.N * in.C);  // per plane
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
     Args<scalar_t> args = make_args<scalar_t>(in, dx, in.mean, in.rstd, 0.0, slope);
-    args.sum_g = sum_g.data_ptr<double>();
-    args.sum_gx = sum_gx.data_ptr<double>();
+    args.sum_g = sum_g.data();
+    args.sum_gx = sum_gx.data();
     dispatch_act(in.act, [&](auto a) { run_backward<scalar_t, decltype(a)::value>(args, in); });
+    channel_sums(sum_gx, sum_g, in.N, in.C, dw.data_ptr<A>(), db.data_ptr<A>());
   });
-  return backward_result(dx, sum_g, sum_gx, in.acc);
+  return {dx, dw, db};
 }
 
 }  // namespace
-
-TORCH_LIBRARY(melano, m) {
-  m.def("inorm_act_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, str act, "
-        "float negative_slope) -> (Tensor, Tensor, Tensor)");
-  m.def("inorm_act_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
-        "Tensor rstd, str act, float negative_slope) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(melano, CPU, m) {
   m.impl("inorm_act_fwd", &forward_cpu);

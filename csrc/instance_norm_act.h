@@ -163,8 +163,14 @@ struct Inputs {
   int64_t N, C, hw;
 };
 
+// t in dtype and contiguous; t itself, without a dispatcher call, when it already is (the common case).
+inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype,
+                                at::MemoryFormat layout = at::MemoryFormat::Contiguous) {
+  return t.scalar_type() == dtype ? t.contiguous(layout) : t.to(dtype).contiguous(layout);
+}
+
 inline at::Tensor param_as(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
-  return p.has_value() ? p->to(acc).contiguous() : at::Tensor();
+  return p.has_value() ? as_contiguous(*p, acc) : at::Tensor();
 }
 
 inline Inputs forward_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -188,9 +194,9 @@ inline Inputs backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
                               const at::Tensor& mean, const at::Tensor& rstd, c10::string_view act) {
   Inputs in = forward_inputs(x, weight, bias, 0.0, act);
   check_backward_inputs(grad_y, x, mean, rstd);
-  in.dy = grad_y.to(x.scalar_type()).contiguous(in.layout);
-  in.mean = mean.to(in.acc).contiguous();
-  in.rstd = rstd.to(in.acc).contiguous();
+  in.dy = as_contiguous(grad_y, x.scalar_type(), in.layout);
+  in.mean = as_contiguous(mean, in.acc);
+  in.rstd = as_contiguous(rstd, in.acc);
   return in;
 }
 

@@ -3,7 +3,7 @@
 `load()` builds if needed and loads, as MELANO_OPS says: eager: nothing; auto (default): a failed
 build logs one warning and melano.ops takes the eager path; ext: a failed build raises. The trainers
 call it; `python -m melano.ops build` prebuilds. melano.ops, the op's API, never builds: the library
-registers the op (TORCH_LIBRARY in csrc/), and melano.ops adds its fake and autograd parts.
+registers the op and its autograd (csrc/), and melano.ops adds its fake implementations.
 
 Builds (ninja) are cached in $MELANO_BUILD_DIR or ~/.cache/melano, keyed by the torch version, flags
 and CUDA arch. The CUDA source is added when torch has CUDA and nvcc is found, unless
@@ -32,7 +32,7 @@ log = logging.getLogger("melano.infra.kernels")
 
 MODES = ("auto", "ext", "eager")
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-SOURCES = ("instance_norm_act.cpp",)
+SOURCES = ("instance_norm_act_autograd.cpp", "instance_norm_act.cpp")
 CUDA_SOURCES = ("instance_norm_act_cuda.cu",)
 HEADERS = ("instance_norm_act.h",)  # included by both sources: part of the source hash
 EXT_NAME = "melano_inorm_act"
@@ -66,9 +66,7 @@ _warned = False
 def load() -> BuildInfo | None:
     """Build if needed and load the library, as MELANO_OPS says; cheap after the first call."""
     global _warned
-    mode = os.environ.get("MELANO_OPS", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"MELANO_OPS={mode!r} is not one of {', '.join(MODES)}")
+    mode = ops_mode()
     if mode == "eager":
         return None
     info = build()
@@ -84,6 +82,14 @@ def load() -> BuildInfo | None:
                 f"used instead. {_error_summary(info.error)} -- run `python -m melano.ops build --verbose` for the full error, "
                 "or set MELANO_OPS=eager.")
     return info
+
+
+def ops_mode() -> str:
+    """MELANO_OPS: auto (default), ext or eager; read at every call, so that tests and benchmarks can switch."""
+    mode = os.environ.get("MELANO_OPS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"MELANO_OPS={mode!r} is not one of {', '.join(MODES)}")
+    return mode
 
 
 def _error_summary(error: str, limit: int = 600) -> str:

@@ -14,7 +14,8 @@ read twice).
 - Backward: the op saves x, mean and rstd (not y) and recomputes the pre-activation from x; the
   formulas, their derivation and why x rather than y are in reference/instance_norm_act.py. The
   activation's gradient follows F.relu / F.leaky_relu: 0 (or the slope) where y_pre <= 0. No
-  double backward.
+  double backward. The autograd is C++ (csrc/instance_norm_act_autograd.cpp): one dispatcher call
+  per norm, forward or backward; this module adds the fake implementations torch.compile needs.
 - MELANO_OPS, read at every call: auto (default) takes the compiled op where its library is loaded
   with a kernel for the device, else the eager path with one logged warning; ext the compiled op
   or an error saying what is missing; eager the composed PyTorch ops (`eager_instance_norm_act`).
@@ -24,22 +25,23 @@ read twice).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from melano.infra import kernels
+
 log = logging.getLogger("melano.ops")
 
 ACTS = ("none", "relu", "leaky_relu")
-MODES = ("auto", "ext", "eager")
+MODES = kernels.MODES
 OPS = ("melano::inorm_act_fwd", "melano::inorm_act_bwd")
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # device type -> the dispatch key of its kernels
 
 _lock = threading.Lock()
-_registered = False  # the fake and autograd parts below
+_registered = False  # the fake implementations below
 _ready: set[str] = set()  # device types with loaded kernels (a loaded library never goes away)
 _warned: set[str] = set()  # the fallbacks already logged
 
@@ -54,8 +56,8 @@ def kernel_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _register_python_parts() -> None:
-    """Fake (meta) implementations for torch.compile/opcheck, and the autograd formula."""
+def _register_fakes() -> None:
+    """Fake (meta) implementations, for torch.compile and opcheck. The autograd is C++ (csrc/)."""
 
     def like(x, shape):  # a tensor like x in the kernels' layout, and two accumulator-dtype ones
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -70,36 +72,12 @@ def _register_python_parts() -> None:
     def _bwd_fake(grad_y, x, weight, bias, mean, rstd, act, negative_slope):  # dx; dweight and dbias (C,)
         return like(x, (x.shape[1],))
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, _eps, act, negative_slope = inputs
-        _y, mean, rstd = output
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.act, ctx.negative_slope = act, negative_slope
-
-    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.melano.inorm_act_bwd(grad_y, x, weight, bias, mean, rstd,
-                                                    ctx.act, ctx.negative_slope)
-        dw = None if weight is None else dw.to(weight.dtype)
-        db = None if bias is None else db.to(bias.dtype)
-        return dx, dw, db, None, None, None
-
-    torch.library.register_autograd("melano::inorm_act_fwd", backward, setup_context=setup_context)
-
-    def no_double_backward(ctx, *grads):
-        raise NotImplementedError("melano.ops.instance_norm_act has no double backward (create_graph=True "
-                                  "through it); use MELANO_OPS=eager for that")
-
-    torch.library.register_autograd("melano::inorm_act_bwd", no_double_backward)
-
 
 # ----------------------------------------------------------------------------- backend selection
 
 def backend(device: str | torch.device = "cpu") -> str:
     """"ext" or "eager": the path instance_norm_act takes for tensors on `device`. Never builds."""
-    mode = os.environ.get("MELANO_OPS", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"MELANO_OPS={mode!r} is not one of {', '.join(MODES)}")
+    mode = kernels.ops_mode()
     return "eager" if mode == "eager" else _compiled_or_eager(torch.device(device).type, mode)
 
 
@@ -116,7 +94,7 @@ def _compiled_or_eager(device_type: str, mode: str) -> str:
                           "loads it), so the eager PyTorch path is used; set MELANO_OPS=eager to choose it")
     with _lock:
         if not _registered:
-            _register_python_parts()
+            _register_fakes()
             _registered = True
     key = DISPATCH_KEYS.get(device_type)
     if key is not None and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for op in OPS):
