@@ -43,12 +43,18 @@ class EvaluateConfig:
 @dataclass
 class PredictConfig:
     checkpoint: str = option(help="best.pt (or last.pt) from `train`")
-    images: str = option(help="an image file (.jpg/.jpeg/.png) or a folder of them")
-    out: str | None = option(None, "CSV to write (image, probability), atomically; an existing file only if an "
-                                   "earlier predict wrote it (else --force), never an input or a file inside --images. "
-                                   "none: JSON lines on stdout")
+    images: str = option(help="an image file (.jpg/.jpeg/.png), a folder of them, or a Kaggle test folder "
+                              "(test.csv + jpeg/test/: --out is then Kaggle's submission, image_name,target)")
+    out: str | None = option(None, "CSV to write, atomically: image, probability, and for 90%% and 95%% sensitivity "
+                                   "the threshold set on the checkpoint's validation predictions (val_predictions.csv "
+                                   "beside best.pt) and whether the image is positive at it (threshold_sens90, "
+                                   "positive_sens90, ...; not with --tta). For a Kaggle test folder: submission.csv, "
+                                   "one row per test.csv row in its order. An existing file only if an earlier predict "
+                                   "wrote it (else --force), never an input or a file inside --images. none: JSON "
+                                   "lines on stdout")
     force: bool = option(False, "replace --out even if predict did not write it (never an input)")
-    strict: bool = option(False, "stop at the first image that cannot be read, instead of skipping it")
+    strict: bool = option(False, "stop at the first image that cannot be read, instead of skipping it (a Kaggle "
+                                 "test folder always stops: its submission needs every row)")
     max_pixels: int = option(data.MAX_PIXELS, "refuse (skip) images with more pixels than this, before decoding "
                                               "(decompression bombs); raise it for a real larger image", min=1)
     tta: bool = option(False, "average the logits of the 4 flips")

@@ -1,4 +1,5 @@
-"""A trained classifier at work: `evaluate` a split of its data, `predict` image files, `score_arrays`."""
+"""A trained classifier at work: `evaluate` a split of its data, `predict` image files or a Kaggle
+test folder (with the validation operating points), `score_arrays`, and the Grad-CAM picture."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import csv
 import io
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import data, metrics
+from .. import data, metrics, report
+from ..data.index import csv_rows, match_files, open_csv
 from ..detector import Normalise, infer, load_model, sigmoid
 from ..infra import checkpoints, cli, outdir, precision
 from ..infra.cli import progress
@@ -162,25 +165,77 @@ def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[Path], 
     return files, []
 
 
-def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], out_csv: str | Path | None = None,
-            tta: bool = False, device: str | None = None, batch_size: int = 64, strict: bool = False,
-            max_pixels: int = data.MAX_PIXELS, force: bool = False) -> list[tuple[str, float]]:
-    """[(path, malignancy probability), ...] of the images, also written to `out_csv` (image,
-    probability) if given. Images are decoded, resized and cropped as the training cache does. An
-    unreadable one (corrupt, not an image, over `max_pixels`, a broken link) is skipped and counted,
-    or with `strict` an error. `out_csv` follows melano.infra.outdir's rule for one file
-    (`check_file`): checked first, written atomically, never an input or inside the images folder,
-    and never a file predict did not write unless `force`."""
-    files, skipped = list_images(images)
-    folder = [images] if isinstance(images, (str, Path)) and Path(images).is_dir() else []
-    inputs = [checkpoint, *files]
-    if out_csv is not None:
-        outdir.check_file(out_csv, "predict", force=force, inputs=inputs, data=folder)
-    model, norm, state = load_classifier(checkpoint, device)
+SENSITIVITIES = (0.90, 0.95)  # the operating points predict's CSV carries, as in the report's table
+
+
+def threshold_at_sensitivity(y: np.ndarray, probs: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold t at which at least `sensitivity` of the melanomas score >= t: the
+    k-th highest melanoma probability, k = ceil(sensitivity x melanomas)."""
+    pos = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(y) == 1])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no melanoma among the validation predictions: no sensitivity to set a threshold by")
+    k = max(1, math.ceil(sensitivity * len(pos) - 1e-9))
+    return float(pos[k - 1])
+
+
+def operating_points(checkpoint: str | Path, state: dict) -> list[dict]:
+    """[{"sensitivity", "threshold", "specificity"} for each of SENSITIVITIES] from the validation
+    predictions beside `checkpoint` (val_predictions.csv, written with best.pt), when they are this
+    checkpoint's: their AUC equals its val_auc. [] (and a log line saying why) otherwise."""
+    path = Path(checkpoint).parent / "val_predictions.csv"
+    if "val_auc" not in state or not path.is_file():
+        log.info("no operating points: %s", f"{path} is missing" if "val_auc" in state else
+                 f"{checkpoint} is not a best.pt (no validation AUC in it)")
+        return []
+    _, y, p = report.read_predictions(path)
+    if abs(metrics.roc_auc(y, p) - state["val_auc"]) > 1e-6:
+        log.warning("no operating points: %s belongs to another checkpoint (its AUC %.6f, %s's %.6f)", path,
+                    metrics.roc_auc(y, p), checkpoint, state["val_auc"])
+        return []
+    points = []
+    for s in SENSITIVITIES:
+        t = threshold_at_sensitivity(y, p, s)
+        points.append({"sensitivity": s, "threshold": t, "specificity": float(np.mean(p[y == 0] < t))})
+        log.info("validation operating point: threshold %.6g gives sensitivity >= %.0f%%, specificity %.3f "
+                 "(%d melanomas, %d others)", t, 100 * s, points[-1]["specificity"], int(y.sum()), int((y == 0).sum()))
+    return points
+
+
+def kaggle_test_folder(images) -> Path | None:
+    """The folder, if it is a Kaggle test folder (test.csv + jpeg/test/); else None."""
+    p = Path(images) if isinstance(images, (str, Path)) else None
+    return p if p and (p / "test.csv").is_file() and (p / "jpeg" / "test").is_dir() else None
+
+
+def kaggle_test_images(folder: Path) -> tuple[list[str], list[Path]]:
+    """(image_name of each test.csv row in order, its file in jpeg/test/). Kaggle scores every row,
+    so a missing file is an error, not a skip."""
+    csv_path = folder / "test.csv"
+    columns, reader = open_csv(csv_path)
+    if "image_name" not in columns:
+        raise cli.UsageError(f"{csv_path}: no image_name column (found: {', '.join(columns) or 'none'}); "
+                             f"Kaggle's test.csv has image_name, patient_id, ...")
+    names, seen = [], {}
+    for line, row in csv_rows(reader, csv_path):
+        name = (row["image_name"] or "").strip()
+        if not name or name in seen:
+            raise cli.UsageError(f"{csv_path}, line {line}: image_name {name!r} is empty or repeats line "
+                                 f"{seen.get(name)}; fix test.csv")
+        seen[name] = line
+        names.append(name)
+    found = match_files(folder / "jpeg" / "test", names)
+    missing = [f"{n} ({why})" for n, (path, why) in zip(names, found) if path is None]
+    if missing:
+        raise cli.UsageError(f"{len(missing)} image(s) of {csv_path} cannot be found, e.g. {missing[0]}; a "
+                             f"Kaggle submission needs every test image: restore them")
+    return names, [path for path, _ in found]
+
+
+def _score_files(files: Sequence[Path], model, norm, state: dict, batch_size: int, tta: bool,
+                 max_pixels: int, on_skip) -> list[tuple[Path, float]]:
+    """[(file, probability)] of the files that decode; `on_skip(Skipped)` for the others."""
     dev = next(model.parameters()).device
-    for s in skipped:
-        skip(s, strict)
-    results: list[tuple[str, float]] = []
+    results: list[tuple[Path, float]] = []
     with torch.inference_mode():
         for i in progress(range(0, len(files), batch_size), total=-(-len(files) // batch_size), desc="predict"):
             arrays, read = [], []
@@ -189,21 +244,84 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
                     arrays.append(data.load_image(f, state["image_size"], max_pixels=max_pixels))
                     read.append(f)
                 except Exception as e:  # corrupt, truncated, empty, not an image, too large
-                    skipped.append(data.Skipped(str(f), f"{type(e).__name__}: {e}"))
-                    skip(skipped[-1], strict)
+                    on_skip(data.Skipped(str(f), f"{type(e).__name__}: {e}"))
             if not arrays:
                 continue
             x = to_tensor(np.stack(arrays))  # as unit_dataset: pixel/255, then Normalise
             logits, _ = infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
                               amp_dtype=inference_dtype(state["config"], dev))
-            results += [(str(f), float(p)) for f, p in zip(read, sigmoid(logits))]
+            results += list(zip(read, sigmoid(logits).tolist()))
+    return results
+
+
+def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], out_csv: str | Path | None = None,
+            tta: bool = False, device: str | None = None, batch_size: int = 64, strict: bool = False,
+            max_pixels: int = data.MAX_PIXELS, force: bool = False) -> list[tuple[str, float]]:
+    """[(path, malignancy probability), ...] of the images, also written to `out_csv` if given.
+
+    Images are decoded, resized and cropped as the training cache does. An unreadable one (corrupt,
+    not an image, over `max_pixels`, a broken link) is skipped and counted, or with `strict` an
+    error. The CSV has image, probability, and for each of SENSITIVITIES the validation threshold
+    (`operating_points`) and whether the image is positive at it: threshold_sens90, positive_sens90,
+    ... (not with `tta`: the thresholds were set without it). A Kaggle test folder (test.csv +
+    jpeg/test/) gives Kaggle's submission instead (`predict_kaggle`). `out_csv` follows
+    melano.infra.outdir's rule for one file (`check_file`): checked first, written atomically,
+    never an input or inside the images folder, and never a file predict did not write unless `force`."""
+    kaggle = kaggle_test_folder(images)
+    if kaggle is not None:
+        return predict_kaggle(checkpoint, kaggle, out_csv, tta, device, batch_size, max_pixels, force)
+    files, skipped = list_images(images)
+    folder = [images] if isinstance(images, (str, Path)) and Path(images).is_dir() else []
+    inputs = [checkpoint, *files]
+    if out_csv is not None:
+        outdir.check_file(out_csv, "predict", force=force, inputs=inputs, data=folder)
+    model, norm, state = load_classifier(checkpoint, device)
+    for s in skipped:
+        skip(s, strict)
+
+    def on_skip(s: data.Skipped) -> None:
+        skipped.append(s)
+        skip(s, strict)
+
+    results = [(str(f), p) for f, p in _score_files(files, model, norm, state, batch_size, tta, max_pixels, on_skip)]
     log.info("predict: %d image(s) scored, %d skipped", len(results), len(skipped))
     if not results:
         raise cli.UsageError(f"{images}: none of the {len(skipped)} image(s) could be read (see the lines above)")
     if out_csv is not None:
-        text = csv_text(["image", "probability"], [(n, repr(p)) for n, p in results])
-        outdir.write_file(out_csv, text, "predict", force=force, inputs=inputs, data=folder)
+        points = [] if tta else operating_points(checkpoint, state)
+        if tta:
+            log.info("no operating points with --tta: the validation thresholds were set without TTA")
+        header = ["image", "probability"] + [f"{c}_sens{round(100 * o['sensitivity'])}" for o in points
+                                             for c in ("threshold", "positive")]
+        rows = [(n, repr(p), *[v for o in points for v in (repr(o["threshold"]), int(p >= o["threshold"]))])
+                for n, p in results]
+        outdir.write_file(out_csv, csv_text(header, rows), "predict", force=force, inputs=inputs, data=folder)
         log.info("wrote %d probabilities to %s", len(results), out_csv)
+    return results
+
+
+def predict_kaggle(checkpoint: str | Path, folder: Path, out_csv: str | Path | None = None, tta: bool = False,
+                   device: str | None = None, batch_size: int = 64, max_pixels: int = data.MAX_PIXELS,
+                   force: bool = False) -> list[tuple[str, float]]:
+    """[(image_name, probability)] of every row of a Kaggle test folder's test.csv, in its order,
+    written to `out_csv` as Kaggle's submission (image_name,target). Kaggle rejects a submission
+    with a row missing, so an image that cannot be read is an error (with or without --strict),
+    never a skipped row or an invented score."""
+    names, files = kaggle_test_images(folder)
+    inputs = [checkpoint, *files]
+    if out_csv is not None:
+        outdir.check_file(out_csv, "predict", force=force, inputs=inputs, data=[folder])
+    model, norm, state = load_classifier(checkpoint, device)
+    bad: list[data.Skipped] = []
+    scored = _score_files(files, model, norm, state, batch_size, tta, max_pixels, bad.append)
+    if bad:
+        raise cli.UsageError(f"{len(bad)} test image(s) cannot be read, e.g. {bad[0].name} ({bad[0].reason}); a "
+                             f"Kaggle submission needs a score for every row of test.csv: replace them")
+    results = [(n, p) for n, (_, p) in zip(names, scored)]
+    if out_csv is not None:
+        outdir.write_file(out_csv, csv_text(["image_name", "target"], [(n, repr(p)) for n, p in results]),
+                          "predict", force=force, inputs=inputs, data=[folder])
+        log.info("wrote Kaggle's submission (%d rows, test.csv's order) to %s", len(results), out_csv)
     return results
 
 

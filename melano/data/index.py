@@ -139,6 +139,17 @@ def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
     return listing.files[stem], ""
 
 
+def match_files(folder: str | os.PathLike, names: Sequence[str]) -> list[tuple[Path | None, str]]:
+    """(the file each name refers to, or None and why not) in `folder`, by `_find_image`'s rules:
+    with or without extension, or in other letter case when only one file folds to it."""
+    listing = _list_images(Path(folder))
+    found = []
+    for name in names:
+        stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
+        found.append(_find_image(listing, stem))
+    return found
+
+
 def _file_id(path: Path) -> tuple[int, int]:
     """The file `path` leads to: all its names (other case or extension, links) give one id."""
     st = os.stat(path)
