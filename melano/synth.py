@@ -601,6 +601,19 @@ def truth(rows: list[dict], seed: int, difficulty: float, centre: int = 0, bias:
     return out
 
 
+def lesion_mask(row: dict, size: int, seed: int, difficulty: float = DEFAULT_DIFFICULTY, centre: int = 0,
+                bias: float = 0.0) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: the soft outline of a planned row's lesion, as `render` draws
+    it (the same draws up to the outline; streaks may reach past it). For saliency checks."""
+    rng, les = lesion_of(seed, row["_index"], row["target"] == "1", difficulty)
+    acq = acquisition(seed, row["_index"], row["target"] == "1", centre, bias)
+    _skin(rng, size, row["_patient"])  # the draws render makes before the outline
+    geo = _shape(rng, size, les, acq)
+    mask = np.zeros((size, size), np.float32)
+    mask[geo.ys, geo.xs] = geo.mask
+    return mask
+
+
 TRUTH_COLUMNS = ["image_name", *lesions.TRUTH_COLUMNS, "fitzpatrick", "centre", *(f"artefact_{a}" for a in ARTEFACTS)]
 
 

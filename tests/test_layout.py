@@ -22,7 +22,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "melano"
 
 SCIENCE = {"gan", "detector", "efficientnet", "ops", "augment", "schedules", "pixels", "metrics", "stats", "quality",
-           "lesions"}
+           "lesions", "saliency"}
 DATA = {"data", "synth", "encode", "pretrained"}
 EXPERIMENT = {"cyclegan", "classifier", "translate", "pipeline", "report", "quality_stage"}
 THIRD_PARTY = {"science": {"torch", "numpy"}, "plumbing": {"torch", "numpy", "tqdm"}}  # tqdm: optional

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import data, metrics, report
+from .. import data, metrics, report, saliency
 from ..data.index import csv_rows, match_files, open_csv
 from ..detector import Normalise, infer, load_model, sigmoid
 from ..infra import checkpoints, cli, outdir, precision
@@ -323,6 +323,52 @@ def predict_kaggle(checkpoint: str | Path, folder: Path, out_csv: str | Path | N
                           "predict", force=force, inputs=inputs, data=[folder])
         log.info("wrote Kaggle's submission (%d rows, test.csv's order) to %s", len(results), out_csv)
     return results
+
+
+def heat_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 image under a map in [0, 1] (black-red-yellow-white, more opaque where
+    the map is high)."""
+    c = np.clip(cam, 0, 1)[..., None]
+    heat = np.clip(np.concatenate([3 * c, 3 * c - 1, 3 * c - 2], -1), 0, 1) * 255
+    alpha = 0.15 + 0.6 * c
+    return ((1 - alpha) * image + alpha * heat + 0.5).astype(np.uint8)
+
+
+def saliency_picks(y: np.ndarray, probs: np.ndarray, per_group: int) -> list[tuple[str, list[int]]]:
+    """[(group, indices)]: the most confident true positives (melanomas, highest probability),
+    false positives (non-melanomas, highest) and false negatives (melanomas, lowest). Ranked, not
+    thresholded: the picture shows the extremes, whatever operating point one picks."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    by_p = lambda idx, high: sorted(idx, key=lambda i: (-probs[i] if high else probs[i], i))[:per_group]
+    return [("true positive", by_p(pos, True)), ("false positive", by_p(neg, True)),
+            ("false negative", by_p(pos, False))]
+
+
+def saliency_picture(checkpoint: str | Path, cache: data.Cache, predictions: str | Path, path: str | Path,
+                     per_group: int = 3, device: str | None = "cpu", title: str = "") -> Path:
+    """A PNG of Grad-CAM (melano.saliency, on the EfficientNet's last stage, ``model.head``) for the
+    `saliency_picks` of a predictions CSV (image_name, target, probability, e.g. test_predictions.csv)
+    whose images are in `cache`: one tile per image, the image beside its overlay, captioned with
+    the group and the probability the model gives it now. Written atomically (report.image_grid)."""
+    names, y, probs = report.read_predictions(predictions)
+    picks = saliency_picks(y, probs, per_group)
+    chosen = [i for _, idx in picks for i in idx]
+    images = np.asarray(cache.images[cache.rows([names[i] for i in chosen])])
+    model, norm, state = load_classifier(checkpoint, device)
+    x = to_tensor(images).to(next(model.parameters()).device)
+    size = state["image_size"]
+    if x.shape[-1] != size or x.shape[-2] != size:  # as score_arrays: the model's own input size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    cams, logits = saliency.grad_cam(model, model.head, norm(x))
+    cams = F.interpolate(saliency.normalise(cams)[:, None], size=images.shape[1:3], mode="bilinear",
+                         align_corners=False)[:, 0].cpu().numpy()
+    now = sigmoid(logits.double().cpu().numpy())
+    group = [g for g, idx in picks for _ in idx]
+    tiles = [[img, heat_overlay(img, cam)] for img, cam in zip(images, cams)]
+    captions = [f"{g} p={p:.3f}" for g, p in zip(group, now)]
+    return report.image_grid(tiles, path, cols=per_group, cell=max(96, images.shape[1]), captions=captions,
+                             title=title or f"Grad-CAM of {Path(checkpoint).parent.name}: the most confident "
+                                                   f"{', '.join(g + 's' for g, _ in picks)}")
 
 
 def skip(s: data.Skipped, strict: bool) -> None:
