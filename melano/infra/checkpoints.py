@@ -49,15 +49,13 @@ def _not_a_checkpoint(path: str | os.PathLike) -> str | None:
             head = f.read(8)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return None  # torch.load raises these with their usual messages
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+    if head.startswith((b"PK\x03\x04", b"\x80")):
         return None
     if not head:
         return "an empty file"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "a JPEG image"
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    return "another kind of file (not a PyTorch checkpoint)"
+    kinds = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image"}
+    return next((kind for magic, kind in kinds.items() if head.startswith(magic)),
+                "another kind of file (not a PyTorch checkpoint)")
 
 
 def save_state(state: dict, path: str | Path, fmt: str) -> None:
@@ -91,13 +89,22 @@ def save(path: str | Path, fmt: str, shared: dict, own: dict) -> None:
 
 def resume(path: str | Path, fmt: str, what: str, cfg: Any, may_change: set[str]) -> tuple[dict | None, dict | None]:
     """(checkpoint, this rank's own part) when cfg.resume and `path` exists, else (None, None): start
-    afresh. Read only, so a refused resume changes nothing. Collective: every rank must start from
-    the same step."""
+    afresh. Checks the config and the world size; reads only, so a refused resume changes nothing.
+    Collective: every rank must start from the same step."""
     path, state = Path(path), None
     if cfg.resume and path.exists():
         state = load_state(path, fmt, what)
-        check_resume(state["config"], cfg, may_change, path)
-        check_world(state, path)
+        # a config that differs outside `may_change` would silently continue a different experiment
+        saved, now = state["config"], to_jsonable(cfg)
+        diff = [f"{flag_name(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now
+                if k not in may_change and saved.get(k) != now[k]]
+        if diff:
+            raise UsageError(f"{path} was trained with other options ({'; '.join(diff)}): resume with the same "
+                             f"ones, or start a new run in another --out")
+        n, world = state.get("world_size", 1), dist.world_size()
+        if n != world:
+            raise UsageError(f"{path} was trained by {n} process(es), this run has {world}: the data order and the "
+                             f"per-process random streams depend on it; resume with the same number of processes")
     starts = dist.all_gather_object((state is not None, state["step"] if state else 0))
     if len(set(starts)) > 1:  # (also a barrier after reading the file)
         raise RuntimeError(f"the ranks start from different (resumed, step) {starts}: every process must read "
@@ -107,30 +114,17 @@ def resume(path: str | Path, fmt: str, what: str, cfg: Any, may_change: set[str]
     return state, state["ranks"][dist.rank()] if dist.world_size() > 1 else state
 
 
-def check_resume(saved: dict, cfg: Any, may_change: set[str], path: str | Path) -> None:
-    """Refuse a config that differs from the saved one in any field outside `may_change`: that
-    would silently continue a different experiment."""
-    now = to_jsonable(cfg)
-    diff = [f"{flag_name(k)} {saved.get(k)!r} -> {now[k]!r}" for k in now
-            if k not in may_change and saved.get(k) != now[k]]
-    if diff:
-        raise UsageError(f"{path} was trained with other options ({'; '.join(diff)}): resume with the same "
-                         f"ones, or start a new run in another --out")
-
-
-def check_world(saved: dict, path: str | Path) -> None:
-    n, now = saved.get("world_size", 1), dist.world_size()
-    if n != now:
-        raise UsageError(f"{path} was trained by {n} process(es), this run has {now}: the data order and the "
-                         f"per-process random streams depend on it; resume with the same number of processes")
-
-
 def restore(state: dict, own: dict, objects: dict[str, Any], *generators: torch.Generator) -> None:
     """Load state[name] into each object (models, optimisers, precision), and this rank's random
-    streams (`own["rng"]`) into the global generators and `generators`."""
+    streams (`own["rng"]`, from `rng_state`) into the global generators and `generators`."""
     for name, obj in objects.items():
         obj.load_state_dict(state[name])
-    set_rng_state(own["rng"], *generators)
+    rng = own["rng"]
+    torch.set_rng_state(rng["cpu"])
+    for g, s in zip(generators, rng["generators"], strict=True):
+        g.set_state(s)
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def rng_state(*generators: torch.Generator) -> dict:
@@ -140,11 +134,3 @@ def rng_state(*generators: torch.Generator) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def set_rng_state(state: dict, *generators: torch.Generator) -> None:
-    torch.set_rng_state(state["cpu"])
-    for g, s in zip(generators, state["generators"], strict=True):
-        g.set_state(s)
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,15 +1,11 @@
-"""torchrun / DistributedDataParallel for the trainers. Without torchrun, or with one process,
-every helper here is the single-process identity: `python -m melano.cyclegan train` runs exactly
-the program it ran before distribution existed.
+"""torchrun / DistributedDataParallel for the trainers. With one process every helper here is the
+identity: a single-process run is exactly the program it was before distribution existed.
 
-The conventions the trainers follow:
-- every rank initialises the models alike; streams that must differ between ranks (augmentation,
-  noisy labels, image pools, dropout) are seeded with `rank_seed`, which leaves rank 0's stream
-  the single-process one;
-- the batch size is per process: each step consumes world_size x batch images;
-- each epoch's order is one permutation seeded by (seed, epoch), and each rank takes its `shard`,
-  split as torch's DistributedSampler splits it: resuming stays exact;
-- only rank 0 logs at INFO level and writes files; `barrier` after checkpoint writes.
+The trainers' conventions: every rank initialises the models alike; streams that must differ
+between ranks (augmentation, noisy labels, image pools, dropout) are seeded with `rank_seed`, which
+leaves rank 0's the single-process one; the batch size is per process; each epoch's order is one
+permutation seeded by (seed, epoch), of which each rank takes its `shard` (as DistributedSampler
+does), so resuming stays exact; only rank 0 logs at INFO level and writes files.
 """
 
 from __future__ import annotations
@@ -52,10 +48,10 @@ def is_main() -> bool:
 def init_from_env(device: str | None = None) -> torch.device:
     """Join torchrun's process group when WORLD_SIZE > 1 (NCCL and the GPU of LOCAL_RANK on CUDA,
     else gloo); return this process's device. Ranks other than 0 then log only warnings."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return pick_device(device)
-    local = int(os.environ["LOCAL_RANK"])
     dev = pick_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return dev
+    local = int(os.environ["LOCAL_RANK"])
     if dev.type == "cuda":
         if dev.index is not None and dev.index != local:
             raise ValueError(f"--device {device}: under torchrun each process uses the GPU of its LOCAL_RANK "
@@ -109,15 +105,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rank_seed(seed: int) -> int:
-    """The seed of this rank's own stream: `seed` on rank 0 (a single-process run's), mixed with the rank on others."""
+    """This rank's own stream's seed: `seed` on rank 0 (as in one process), mixed with the rank on others."""
     r = rank()
     return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
 
 
 def shard(order: Iterable[int], drop_last: bool = False) -> list[int]:
-    """This rank's share of a global order, as DistributedSampler splits it: padded by repeating
-    from the start (or cut, with `drop_last`) to a multiple of the world size, then every
-    world_size-th item from position rank."""
+    """This rank's share of a global order, as DistributedSampler splits it: padded by repeating from
+    the start (or cut, with `drop_last`) to a multiple of the world size; every world_size-th item."""
     order, n = list(order), world_size()
     if n == 1:
         return order
@@ -138,26 +133,23 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
-def _reduce(values: Sequence[float], op) -> list[float]:
+def _reduce(values: Sequence[float], op: str) -> list[float]:  # op: a tdist.ReduceOp name
+    if world_size() == 1:
+        return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    tdist.all_reduce(t, op=op)
+    tdist.all_reduce(t, op=getattr(tdist.ReduceOp, op))
     return t.tolist()
 
 
 def mean(values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over the ranks (e.g. per-step losses, for one log of the global batch)."""
-    if world_size() == 1:
-        return values
-    total = _reduce(values.values(), tdist.ReduceOp.SUM)
-    return {k: v / world_size() for k, v in zip(values, total)}
+    return {k: v / world_size() for k, v in zip(values, _reduce(values.values(), "SUM"))}
 
 
 def max_int(value: int) -> int:
     """The largest `value` over the ranks: to agree on stopping after the same step."""
-    if world_size() == 1:
-        return value
-    return int(_reduce([value], tdist.ReduceOp.MAX)[0])
+    return int(_reduce([value], "MAX")[0])
 
 
 def gather_shards(index: Sequence[int], n: int, *arrays: np.ndarray) -> list[np.ndarray]:

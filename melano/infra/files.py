@@ -1,7 +1,5 @@
-"""Atomic files: every file melano writes goes through `atomic_write` (directly, or through an
-output folder's `Claim.write`, which also records it in the folder's manifest). Standard library
-only, so that it is cheap to import anywhere.
-"""
+"""Atomic files: every file melano writes goes through `atomic_write`, directly or through an
+output folder's `Claim.write` (which also records it in the manifest). Standard library only."""
 
 from __future__ import annotations
 
@@ -20,15 +18,17 @@ log = logging.getLogger("melano.files")
 
 def atomic_write(path: str | os.PathLike, content: bytes | str | Callable, fsync: bool = True) -> Path:
     """Write `content` (bytes, str as UTF-8, or a function called with the open binary file) to a
-    temp file beside `path`, then ``os.replace`` it: a kill leaves the old file or the new one.
-    Creates missing parent folders. The file gets the usual mode (0666 less the umask), not 0600."""
+    temp file beside `path`, then ``os.replace`` it: a kill leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
     try:
         with os.fdopen(fd, "wb") as f:
-            _put(f, content)
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -38,13 +38,6 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable, fsync
             os.unlink(tmp)
         raise
     return path
-
-
-def _put(f, content: bytes | str | Callable) -> None:
-    if callable(content):
-        content(f)
-    else:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
 
 
 def host_tag() -> str:
@@ -60,8 +53,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, and belongs to another user
+        pass
     return True
 
 
@@ -82,19 +75,17 @@ def temps_beside(path: Path, kind: str = "tmp") -> list[tuple[Path, int]]:
 _TEMP = re.compile(r"^\..+\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def remove_dead_temp_files(folder: Path) -> list[Path]:
-    """Delete, below `folder`, the temp files of `atomic_write`s whose process (on this host) was
-    killed: they are never renamed into place, so nothing else would remove them."""
-    removed = []
+def remove_dead_temp_files(folder: Path) -> None:
+    """Delete, below `folder`, the temp files of `atomic_write`s killed on this host: they are
+    never renamed into place, so nothing else would remove them."""
+    removed = 0
     for root, _, files in os.walk(folder):
-        for name in files:
-            m = _TEMP.match(name)
-            if m and m["host"] == host_tag() and not pid_alive(int(m["pid"])):
-                os.unlink(os.path.join(root, name))
-                removed.append(Path(root) / name)
+        for m in filter(None, map(_TEMP.match, files)):
+            if m["host"] == host_tag() and not pid_alive(int(m["pid"])):
+                os.unlink(os.path.join(root, m.string))
+                removed += 1
     if removed:
-        log.info("%s: removed %d temp file(s) of killed writes", folder, len(removed))
-    return removed
+        log.info("%s: removed %d temp file(s) of killed writes", folder, removed)
 
 
 def to_jsonable(obj: Any) -> Any:

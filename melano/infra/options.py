@@ -65,9 +65,8 @@ def _parser(base: str, optional: bool, name: str) -> Callable[[str], Any]:
 def add_options(p: argparse.ArgumentParser, cls: type, required: Sequence[str] = (),
                 aliases: dict[str, str] | None = None, prefix: str = "") -> None:
     """One flag per field of dataclass `cls`: --field-name, typed from its annotation, with the help
-    and choices of its `option`. Booleans get --x/--no-x; lists take several values; optional
-    fields also accept 'none'. Defaults come from the dataclass. Held settings get a group of flags
-    of their own, --<field>-<name>. `aliases`: another spelling of a flag -> its field's flat name."""
+    and choices of its `option`; booleans get --x/--no-x, lists several values, optional fields
+    also 'none'. Held settings get a group, --<field>-<name>. `aliases`: other flag -> field name."""
     for f in dataclasses.fields(cls):
         meta, dest = f.metadata, prefix + f.name
         if _held(f):

@@ -1,8 +1,7 @@
 """Output folders: the one rule for every command that writes.
 
     with outdir.claim(cfg.out, "cyclegan-train", force=cfg.force, resume=cfg.resume) as out:
-        out.write_text("config.json", text)                       # atomic, recorded
-        out.write("last.pt", lambda f: torch.save(state, f))      # atomic, recorded
+        out.write("last.pt", lambda f: torch.save(state, f))      # atomic, recorded in the manifest
 
 - A command writes only into an absent or empty folder, or over its own earlier outputs with
   ``force`` or ``resume``; a data set, files melano did not write, or another command's outputs
@@ -11,11 +10,9 @@
 - One process per folder: ``.melano.lock`` is flocked while the command runs (the kernel drops
   it when the process dies; forked workers drop their copies). Under torchrun only rank 0 claims.
 - It deletes only what its manifest says it wrote, appended *before* each write, so a kill never
-  leaves an unlisted file. The pipeline records the commands it runs in sub-folders
-  (`Claim.record_child`); `clear` deletes a sub-folder only if `foreign_files` is empty.
+  leaves an unlisted file; sub-folders of the commands it runs count too (`Claim.record_child`).
 - ``staged=True`` (synth) writes a side folder and swaps it in with two renames: a kill leaves the
-  old folder or the new one (the next claim undoes a kill between the renames). The old folder
-  goes if this command wrote all of it, else it is kept as ``<name>.replaced-<time>``.
+  old folder or the new one. The old one goes if this command wrote all of it, else it is kept.
 - A single file (``predict --out x.csv``): `check_file` before the work, `write_file` after it;
   ``.melano.outputs`` beside it keeps the SHA-256 of what each command wrote there.
 """
@@ -27,7 +24,6 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,7 +36,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .files import _TEMP, _put, atomic_write, json_text, pid_alive, remove_dead_temp_files, temp_name, temps_beside
+from .files import _TEMP, atomic_write, json_text, pid_alive, remove_dead_temp_files, temp_name, temps_beside
 
 log = logging.getLogger("melano.outdir")
 
@@ -58,9 +54,9 @@ class OutputError(ValueError):
 def claim(out: str | os.PathLike, command: str, *, force: bool = False, resume: bool = False,
           can_resume: bool = True, staged: bool = False, data: Sequence[str | os.PathLike] = (),
           rank: int = 0, option: str = "--out", can_force: bool = True) -> Claim:
-    """Check, lock and own folder `out` for `command`; or raise OutputError (PermissionError if it
-    cannot be written) naming the `option` and the fix. `can_resume` / `can_force`: whether the
-    advice may name --resume / --force. `rank` > 0 (torchrun): no checks, no lock, no writes."""
+    """Check, lock and own folder `out` for `command`, or raise OutputError (PermissionError if it
+    cannot be written) naming `option` and the fix, which names --resume / --force only if
+    `can_resume` / `can_force`. `rank` > 0 (torchrun): no checks, no lock, no writes."""
     if rank != 0:
         return Claim(Path(out), Path(out), command, [], _read_manifest(Path(out)), staged=False, writable=False)
     if staged and resume:
@@ -132,7 +128,7 @@ def _refuse(out: Path, command: str, force: bool, resume: bool, can_resume: bool
     owner = _read_json(out / OWNER)
     entries = sorted(e.name for e in os.scandir(out) if e.name not in MELANO_FILES)
     marks = [n for n in ("train.csv", "jpeg", "train", "benign", "malignant") if n in entries]
-    looks_like_data = "train.csv" in marks or "jpeg" in marks or {"benign", "malignant"} <= set(marks)
+    looks_like_data = {"train.csv", "jpeg"} & set(marks) or {"benign", "malignant"} <= set(marks)
     data_set = " + ".join(marks) if looks_like_data else None
     or_force = ", or pass --force to write there anyway" if can_force else ""
     if owner is not None and owner.get("command") == command:
@@ -185,8 +181,8 @@ def _take_ownership(out: Path, command: str) -> list[str]:
 
 
 class Claim:
-    """A folder this process may write into: locked, owned, with a manifest of what it wrote.
-    ``folder`` is where to write: ``out``, or a staged claim's side folder until the swap."""
+    """A locked folder this process owns, with a manifest of what it wrote. ``folder`` is where to
+    write: ``out``, or a staged claim's side folder until the swap."""
 
     def __init__(self, out: Path, folder: Path, command: str, lock_fds: list[int], written: list[str],
                  staged: bool, writable: bool = True):
@@ -213,16 +209,13 @@ class Claim:
             raise ValueError(f"{rel!r}: not a file name inside the output folder {self.out}")
         return self.folder / p
 
-    def record(self, rel: str | os.PathLike) -> Path:
-        """Add `rel` to the manifest (call it *before* writing the file by other means); its path."""
-        return self._append(rel, "")
-
     def record_child(self, rel: str | os.PathLike) -> Path:
         """Record, before it starts, that a melano command run by this one writes the sub-folder
         `rel`: what its own manifest lists counts as written here. Returns the folder."""
-        return self._append(rel, "/")
+        return self.record(rel, suffix="/")
 
-    def _append(self, rel: str | os.PathLike, suffix: str) -> Path:
+    def record(self, rel: str | os.PathLike, suffix: str = "") -> Path:
+        """Add `rel` to the manifest (call it *before* writing the file by other means); its path."""
         if self.closed:
             raise RuntimeError(f"the claim on {self.out} is closed")
         if not self.writable:
@@ -236,8 +229,7 @@ class Claim:
         return self.folder / key.rstrip("/")
 
     def write(self, rel: str | os.PathLike, content: bytes | str | Callable, fsync: bool = True) -> Path:
-        """Record `rel` and write `content` atomically (a staged folder, which a kill discards
-        whole, without fsync)."""
+        """Record `rel` and write `content` atomically (without fsync in a staged folder: a kill discards it whole)."""
         return atomic_write(self.record(rel), content, fsync=fsync and not self.staged)
 
     write_bytes = write_text = write  # pathlib's names
@@ -246,8 +238,7 @@ class Claim:
         return self.write(rel, json_text(obj))
 
     @property
-    def written(self) -> list[str]:
-        """Relative paths this command wrote (or was about to write) in the folder, in order."""
+    def written(self) -> list[str]:  # relative paths this command wrote (or was about to), in order
         return list(self._written)
 
     def close(self, ok: bool = True) -> None:
@@ -298,8 +289,7 @@ os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 # The lock
 def _try_lock(path: Path, create: bool) -> int | None:
-    """An fd holding an exclusive flock on `path`; None if another process holds it (or, without
-    `create`, if there is no such file)."""
+    """An fd holding a flock on `path`; None if another process holds it (or, without `create`, no such file)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o666)
     except FileNotFoundError:
@@ -362,9 +352,9 @@ def _repair(out: Path, command: str) -> None:
 
 # What melano wrote below a folder: the one test before anything is cleared
 def foreign_files(folder: Path, written: Iterable[str] = (), under: str = ".") -> list[str]:
-    """Files and links under `folder`/`under` (relative to `folder`) that melano did not write: not
-    in `written`, nor, for each "<sub>/" in it, in <sub>'s own manifest or side folders; not
-    melano's hidden or temp files. (A data set made with `melano.data synth` is the user's.)"""
+    """Files and links under `folder`/`under` (relative to `folder`) that are neither in `written`
+    nor, for each "<sub>/" in it, in <sub>'s own manifest or side folders, nor melano's hidden or
+    temp files. (A data set made with `melano.data synth` is the user's.)"""
     written = list(written)
     mine = {w for w in written if not w.endswith("/")}
     children = [Path(w.rstrip("/")) for w in written if w.endswith("/")]
@@ -385,8 +375,8 @@ def foreign_files(folder: Path, written: Iterable[str] = (), under: str = ".") -
 
 
 def check_clearable(folder: Path, written: Iterable[str], under: str, what: str) -> None:
-    """OutputError if `folder`/`under` is a link or a file, or holds anything melano did not write
-    (`foreign_files`), naming them by their top-level entry: "notes.txt, my_set/ (8 files)"."""
+    """OutputError if `folder`/`under` is a link, a file, or holds `foreign_files` (named by their
+    top-level entry: "notes.txt, my_set/ (8 files)")."""
     target = folder / under
     if not os.path.lexists(target):
         return
@@ -414,7 +404,7 @@ def clear(folder: Path, written: Iterable[str], under: str, what: str) -> None:
 def check_file(path: str | os.PathLike, command: str, *, force: bool = False, inputs: Iterable = (),
                data: Sequence = (), option: str = "--out") -> Path:
     """The absolute path for `command`'s one output file, or OutputError naming `option` and the
-    fix. Without `force` too: a file `command` did not write there. Reads only."""
+    fix (without `force`, also for a file `command` did not write there). Reads only."""
     if not str(path).strip():
         raise OutputError(f"{option} is empty; give a file name, e.g. {option} predictions.csv")
     p = Path(os.path.abspath(path))
@@ -441,8 +431,7 @@ def check_file(path: str | os.PathLike, command: str, *, force: bool = False, in
 
 
 def probe_writable(folder: Path, option: str) -> None:
-    """PermissionError naming `option` if a file cannot be created in `folder` (or in the nearest
-    folder above it that exists): before the work, not after."""
+    """PermissionError naming `option` if no file can be created in `folder` (or the nearest one above that exists)."""
     while not folder.is_dir():
         folder = folder.parent
     probe = temp_name(folder / "melano-write-test")
@@ -453,36 +442,33 @@ def probe_writable(folder: Path, option: str) -> None:
     os.unlink(probe)
 
 
-def write_file(path: str | os.PathLike, content: bytes | str | Callable, command: str, *, force: bool = False,
+def write_file(path: str | os.PathLike, content: bytes | str, command: str, *, force: bool = False,
                inputs: Iterable = (), data: Sequence = (), option: str = "--out") -> Path:
-    """Write `command`'s one output file atomically, after `check_file` (again under the lock: the
-    file may have appeared during the work), and record its SHA-256 in .melano.outputs."""
-    inputs = list(inputs)
+    """Write `command`'s one output file atomically after `check_file` (again under the lock: it
+    may have appeared during the work), and record its SHA-256 in .melano.outputs."""
+    inputs, body = list(inputs), content.encode("utf-8") if isinstance(content, str) else content
     p = check_file(path, command, force=force, inputs=inputs, data=data, option=option)
     p.parent.mkdir(parents=True, exist_ok=True)
     for target in (p, p.parent / OUTPUTS):  # the temp files of earlier writes that were killed
         for tmp, pid in temps_beside(target):
             if not pid_alive(pid):
                 os.unlink(tmp)
-    buf = io.BytesIO()
-    _put(buf, content)
     lock = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # writers to this folder update .melano.outputs in turn
         check_file(path, command, force=force, inputs=inputs, data=data, option=option)
         files = _outputs(p.parent)
         old = _own_hash(p, command)  # the file in place, if ours, stays ours: a kill may fall before the rename
-        digests = [hashlib.sha256(buf.getvalue()).hexdigest()] + ([old] if old else [])
+        digests = [hashlib.sha256(body).hexdigest()] + ([old] if old else [])
         files[p.name] = {"command": command, "sha256": digests}
         atomic_write(p.parent / OUTPUTS, json.dumps({"format": "melano-outputs/1", "files": files}, indent=1))
-        atomic_write(p, buf.getvalue())
+        atomic_write(p, body)
     finally:
         os.close(lock)  # releases the flock
     return p
 
 
-def _outputs(folder: Path) -> dict[str, dict]:
-    """.melano.outputs in `folder`: {file name: {"command": ..., "sha256": [...]}}."""
+def _outputs(folder: Path) -> dict[str, dict]:  # .melano.outputs: {file name: {"command": ..., "sha256": [...]}}
     files = (_read_json(folder / OUTPUTS) or {}).get("files")
     return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 

@@ -22,9 +22,8 @@ def amp_setup(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch
 
 
 class Precision:
-    """--amp as the three things a training step does with it: `autocast()` around the forward,
-    `backward(loss)` (scaled under fp16), and `step(opt)` (unscaled, skipped on overflow), then
-    `update()` once per iteration."""
+    """--amp as what a training step does with it: `autocast()` around the forward, `backward(loss)`
+    (scaled under fp16), `step(opt)`, then `update()` once per iteration."""
 
     def __init__(self, amp: str, device: torch.device):
         self.dtype, self.scaler = amp_setup(amp, device)
@@ -36,11 +35,8 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, opt: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.step(opt)
-        else:
-            opt.step()
+    def step(self, opt: torch.optim.Optimizer) -> None:  # under fp16: unscaled, and skipped on inf/NaN gradients
+        self.scaler.step(opt) if self.scaler is not None else opt.step()
 
     def update(self) -> None:
         if self.scaler is not None:

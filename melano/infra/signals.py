@@ -23,33 +23,24 @@ class Stopped(KeyboardInterrupt):
     shell's convention for a signal."""
 
     def __init__(self, signum: int, checkpoint: str | Path | None = None):
-        name = signal.Signals(signum).name
         saved = f"; {checkpoint} is saved, rerun with --resume to continue" if checkpoint else ""
-        super().__init__(f"stopped by {name}{saved}")
-        self.signum, self.checkpoint = signum, checkpoint
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}{saved}")
+        self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
 
 
-REPEAT_WINDOW_S = 1.0  # a repeat of the first signal within this is the same request
-
-
-def repeats(signum: int, first: int, at: float) -> bool:
-    """Whether `signum` repeats the `first` signal (received at time.monotonic() `at`) soon enough to
-    be the same request: a signal to a process group (Ctrl-C, `timeout`, kill -PGID) reaches a
-    trainer directly and again as forwarded by its parent, and `timeout` signals its command, then
-    its group. Counting those as two would abort the trainer without its checkpoint."""
-    return signum == first and time.monotonic() - at < REPEAT_WINDOW_S
+# The first signal repeated within this many seconds is the same request: a signal to a process
+# group (Ctrl-C, `timeout`, kill -PGID) reaches a trainer directly and again as forwarded by its
+# parent, and `timeout` signals its command, then its group. Counting those as two would abort the
+# trainer without its checkpoint.
+REPEAT_WINDOW_S = 1.0
 
 
 class StopOnSignal:
     """While the block runs, the first SIGINT/SIGTERM sets `signum` and calls `received`: the loop
     finishes its step, saves, and raises Stopped. A later signal calls `aborting`, then interrupts
-    at once, unless it repeats the first (`repeats`), or under torchrun, which forwards the signal
-    it got and kills its workers itself after a timeout: there repeats are ignored. Handlers are
-    installed only in the main thread (elsewhere Python gets no signals)."""
+    at once, unless it repeats the first (REPEAT_WINDOW_S), or under torchrun, which forwards the
+    signal it got and kills its workers itself after a timeout: there repeats are ignored. Handlers
+    are installed only in the main thread (elsewhere Python gets no signals)."""
 
     doing = "saving a checkpoint after this step"  # what the first signal does, for the log
 
@@ -64,7 +55,7 @@ class StopOnSignal:
 
     def _handler(self, signum, frame):
         if self.signum:
-            if dist.world_size() > 1 or repeats(signum, self.signum, self.at):
+            if dist.world_size() > 1 or (signum == self.signum and time.monotonic() - self.at < REPEAT_WINDOW_S):
                 return
             self.aborting(signum)
             raise KeyboardInterrupt
