@@ -34,3 +34,22 @@ def one_thread():
 def root(request, tmp_path_factory):
     """A folder the tests of one module share (their data sets and trained runs)."""
     return tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+
+
+# A test module's classifier data set and trained run, shaped by the module's own constants:
+# CLF_DATA = (benign, malignant, images per patient); CLF_RUN = more trainer options (optional).
+@pytest.fixture(scope="module")
+def clf_data(request, root):
+    from helpers import make_data
+    benign, malignant, per_patient = request.module.CLF_DATA
+    return make_data(root / "clf_data", benign, malignant, images_per_patient=per_patient)
+
+
+@pytest.fixture(scope="module")
+def clf_run(request, root, clf_data):
+    """A classifier trained 2 steps on clf_data: its run folder (best.pt, last.pt)."""
+    from helpers import clf_train_argv, trained
+    from melano import classifier
+    options = getattr(request.module, "CLF_RUN", {})
+    trained(classifier.main, clf_train_argv(clf_data, root / "clf", max_steps=2, cache_dir=root / "cache", **options))
+    return root / "clf"

@@ -43,14 +43,12 @@ def predict_argv(ckpt, images, *more) -> list:
 
 # ----------------------------------------------------------------------------- shared runs
 
+CLF_DATA, CLF_RUN = (50, 30, 3.0), dict(evaluate=False)  # conftest's clf_data and clf_run
+
+
 @pytest.fixture(scope="module")
 def gan_data(root):
     return make_data(root / "gan_data", 40, 20)
-
-
-@pytest.fixture(scope="module")
-def clf_data(root):
-    return make_data(root / "clf_data", 50, 30, images_per_patient=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +56,6 @@ def gan_ckpt(root, gan_data):
     """A CycleGAN trained 2 steps: its checkpoint.pt."""
     trained(cyclegan.main, gan_train_argv(gan_data, root / "gan", max_steps=2, cache_dir=root / "cache"))
     return root / "gan" / "checkpoint.pt"
-
-
-@pytest.fixture(scope="module")
-def clf_run(root, clf_data):
-    """A classifier trained 2 steps: its run folder (best.pt, last.pt)."""
-    torch.set_num_threads(1)
-    out = root / "clf"
-    argv = clf_train_argv(clf_data, out, max_steps=2, cache_dir=root / "cache", evaluate=False)
-    assert call(classifier.main, argv) == 0
-    return out
 
 
 # ----------------------------------------------------------------------------- data loss

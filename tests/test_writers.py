@@ -16,23 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import bomb_png, call, clf_train_argv, make_data, read_csv, refused, trained, tree
+from helpers import bomb_png, call, make_data, read_csv, refused, tree
 from melano import classifier, pipeline
 from melano.infra import outdir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def clf_data(root):
-    return make_data(root / "derm", 40, 24, images_per_patient=2.0)
-
-
-@pytest.fixture(scope="module")
-def clf_run(root, clf_data):
-    """A classifier trained 2 steps (best.pt), its test split scored by the trainer."""
-    trained(classifier.main, clf_train_argv(clf_data, root / "clf", max_steps=2, cache_dir=root / "cache"))
-    return root / "clf"
+CLF_DATA = (40, 24, 2.0)  # conftest's clf_data; its clf_run scores the test split (test_predictions.csv)
 
 
 # ----------------------------------------------------------------------------- the pipeline
