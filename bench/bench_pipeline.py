@@ -62,10 +62,10 @@ def compare_gans(before: Path, after: Path) -> dict:
     (each wall taken as the longer stage's seconds: the two start together)."""
     runs = {}
     for name, folder in (("before", before), ("after", after)):
-        seconds = {k: json.loads((folder / k / "done.json").read_text())["seconds"] for k in ("gan", "gan_ls")}
-        params = json.loads((folder / "gan" / "params.json").read_text())["params"]
+        seconds = {k: json.loads((folder / k / "done.json").read_text())["seconds"] for k in ("gan_0", "gan_ls_0")}
+        params = json.loads((folder / "gan_0" / "params.json").read_text())["params"]
         runs[name] = {"run": str(folder), "channels_last": params["channels_last"], "stage_seconds": seconds,
-                      "wall_s": max(seconds.values()), "steps": gan_steps(folder / "gan" / "losses.csv")}
+                      "wall_s": max(seconds.values()), "steps": gan_steps(folder / "gan_0" / "losses.csv")}
     ratio = runs["before"]["wall_s"] / runs["after"]["wall_s"]
     print(f"GAN stages: {runs['before']['wall_s']:.0f} s before, {runs['after']['wall_s']:.0f} s after: {ratio:.2f}x")
     return {**runs, "wall_ratio_before_over_after": ratio}

@@ -4,12 +4,16 @@ runs/<preset>), run top to bottom by `run_stages`:
 
     data              the --data ISIC folder, or the built-in synthetic set; one patient-grouped
                       split (splits.csv) that every arm shares
-    gan, gan_ls       CycleGAN benign->malignant on the training split only (gan_ls: with the
-                      study's noisy "label smoothing")
-    synth, synth_ls   G_A's synthetic melanomas, from training-split benign images, to balance the
-                      classes (or --synthetic-ratio)
+    ood_data          the second test set (another clinic): --ood-data, or the synthetic
+                      generator's second centre (other patients, skin types, scope and camera)
+    gan_<k>, gan_ls_<k>      CycleGAN run k (seed + k) benign->malignant on the training split
+                      only (gan_ls: with the study's noisy "label smoothing"), one per seed
+    synth_<k>, synth_ls_<k>  GAN run k's synthetic melanomas, from training-split benign images,
+                      to balance the classes (or --synthetic-ratio)
     arm_<arm>_<k>     one classifier per arm and seed k, each the same number of optimiser steps:
-                      --clf-epochs epochs of the real training split
+                      --clf-epochs epochs of the real training split; a CycleGAN arm's seed k
+                      trains on GAN run k's images, so its seeds cover the GAN's training variance
+    ood_scores        every arm and seed scored on the second test set
     quality, report   how convincing the synthetic melanomas are; metrics.json, report.md, figures
 
 The arms: none (no augmentation), traditional (flips, rotations, crops), oversample (real melanomas
@@ -34,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +50,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import classifier, cyclegan, data, pretrained, quality_stage as qstage, report, synth
+from .detector import sigmoid
 from .translate import TranslateConfig, translate
 from .infra import cli, kernels, options, outdir, signals
 from .infra.checkpoints import load_checkpoint
@@ -89,14 +95,19 @@ class PipelineConfig:
                                     "none: the built-in synthetic set, generated on first use")
     out: str | None = option(None, "run folder. none: runs/<preset>")
     seed: int = option(0, "seed for data generation, split, GANs, and the first classifier seed")
-    seeds: int = option(3, "classifier replicates per arm (seeds seed .. seed+K-1), same split and synthetic "
-                           "images", min=1)
+    seeds: int = option(3, "replicates per arm (seeds seed .. seed+K-1), on the same split; a CycleGAN arm's "
+                           "seed k trains on the images of its own GAN run k", min=1)
     arms: list[str] = option(help=f"arms to run, from {', '.join(ARMS)}", factory=lambda: list(ARMS))
     # built-in synthetic data (ignored with --data)
     synth_benign: int = option(5000, "synthetic set: benign images", min=0)
     synth_malignant: int = option(1000, "synthetic set: malignant images", min=1)
     synth_size: int = option(64, "synthetic set: image side in pixels", min=16)
     synth_difficulty: float = option(synth.DEFAULT_DIFFICULTY, "synthetic set: class overlap", min=0, max=0.5)
+    synth_ood_images: int = option(2400, "synthetic set: images of the second clinic's test set (the same "
+                                         "share of melanomas; 0: none)", min=0)
+    ood_data: str | None = option(None, "a second labelled folder (another clinic, the same layouts as --data), "
+                                        "scored as a second, out-of-distribution test set. none: the built-in "
+                                        "second clinic without --data, else no second test set")
     # split
     val_frac: float = option(0.15, "share of patients in validation", min=0, max=0.9, min_open=True)
     test_frac: float = option(0.45, "share of patients in the test split", min=0, max=0.9, min_open=True)
@@ -131,6 +142,9 @@ class PipelineConfig:
         bad = set(self.arms) - set(ARMS)
         if bad or not self.arms:
             raise cli.UsageError(f"--arms {' '.join(self.arms)}: choose from {', '.join(ARMS)}")
+        if self.ood_data is not None and not Path(self.ood_data).is_dir():
+            raise cli.UsageError(f"--ood-data {self.ood_data}: no such folder (a labelled folder in a layout "
+                                 f"--data reads)")
         if self.clf.weights and not self.clf.pretrained:
             raise cli.UsageError("--weights and --no-pretrained contradict each other; drop one")
 
@@ -142,6 +156,7 @@ class PipelineConfig:
 PRESETS: dict[str, dict] = {
     # Every stage and arm in a few minutes of 2 CPU cores; what the tests run.
     "smoke": dict(synth_benign=160, synth_malignant=60, synth_size=32, val_frac=0.2, test_frac=0.25, seeds=2,
+                  synth_ood_images=60,
                   gan_size=32, gan_ngf=8, gan_ndf=8, gan_n_blocks=1, gan_batch_size=4, gan_max_steps=6,
                   clf_size=32, clf_epochs=1, clf_batch_size=32),
     # The default: a meaningful answer on a 2-core CPU in at most 15 minutes. Its GANs are small
@@ -213,8 +228,8 @@ class Stages:
     def check_places(self, stages: list[str], files: list[str]) -> None:
         check_places(self.root, self.claim.written, stages, files)
 
-    def forced(self, name: str) -> bool:
-        return name in self.rerun or any(name.startswith(f + "_") for f in self.rerun if f.startswith("arm_"))
+    def forced(self, name: str) -> bool:  # a group (arm_<arm>, gan, synth_ls, ...) names all its replicates
+        return name in self.rerun or any(re.fullmatch(rf"{re.escape(f)}_\d+", name) for f in self.rerun)
 
     def run(self, name: str, params: dict, fn: Callable[[Path, bool], dict]) -> dict:
         CHILDREN.check()  # a signal came while a trainer was running: start nothing more
@@ -290,11 +305,22 @@ def parallel(cfg: PipelineConfig) -> tuple[int, int | None, dict]:
     return jobs, threads, {"nproc_per_node": cfg.nproc_per_node} if cfg.nproc_per_node > 1 else {}
 
 
+def has_ood(cfg: PipelineConfig) -> bool:
+    return cfg.ood_data is not None or (cfg.data is None and cfg.synth_ood_images > 0)
+
+
+def stage_groups(cfg: PipelineConfig) -> list[str]:
+    """The names --rerun takes for every replicate of a stage: arm_<arm>, gan, synth, gan_ls, synth_ls."""
+    return [f"arm_{a}" for a in ARMS if a in cfg.arms] + [s for a, (g, syn, _) in GAN_ARMS.items()
+                                                          if a in cfg.arms for s in (g, syn)]
+
+
 def stage_names(cfg: PipelineConfig) -> list[str]:
-    names = ["data"]
+    names = ["data"] + (["ood_data"] if has_ood(cfg) else [])
     for arm, (gan, syn, _) in GAN_ARMS.items():
-        names += [gan, syn] if arm in cfg.arms else []
+        names += [f"{s}_{k}" for s in (gan, syn) for k in range(cfg.seeds)] if arm in cfg.arms else []
     names += [f"arm_{a}_{k}" for a in ARMS if a in cfg.arms for k in range(cfg.seeds)]
+    names += ["ood_scores"] if has_ood(cfg) else []
     return names + (["quality"] if set(GAN_ARMS) & set(cfg.arms) else []) + ["report"]
 
 
@@ -323,6 +349,30 @@ def data_stage(cfg: PipelineConfig, cache_dir: Path, claim: outdir.Claim, folder
                                  f"{sizes[s]['images']} images, so its AUC is undefined; give more images or a "
                                  f"larger --{s}-frac")
     return {"data": str(src), "split_csv": str(split_csv), "split_hash": file_hash(split_csv), "split_sizes": sizes}
+
+
+def ood_data_stage(cfg: PipelineConfig, d: dict, claim: outdir.Claim, folder: Path, resume: bool) -> dict:
+    """The second test set: --ood-data, or the built-in generator's second centre (its own patients,
+    skin types, scope and camera; the same lesion model and share of melanomas), and its patients."""
+    if cfg.ood_data is None:
+        src = claim.record_child(folder / "synthetic")
+        n_mal = round(cfg.synth_ood_images * cfg.synth_malignant / (cfg.synth_benign + cfg.synth_malignant))
+        synth.generate(synth.SynthConfig(out=str(src), benign=cfg.synth_ood_images - n_mal, malignant=n_mal,
+                                         size=cfg.synth_size, seed=cfg.seed, difficulty=cfg.synth_difficulty,
+                                         centre=1, workers=data.default_workers(), force=True))
+    else:
+        src = Path(cfg.ood_data).resolve()
+    index = data.read_index(src)
+    y = index.targets
+    if len(index) == 0 or y.min() == y.max():
+        raise cli.UsageError(f"--ood-data {src}: {len(index)} images, {int(y.sum())} malignant; a test set's AUC "
+                             f"needs both classes")
+    patients = claim.write_text(folder / "patients.csv", "image_name,patient_id\n" + "".join(
+        f"{r.image_name},{r.patient_id}\n" for r in index.records))
+    main = data.read_index(d["data"])
+    return {"data": str(src), "patients_csv": str(patients), "images": len(index), "malignant": int(y.sum()),
+            "patients": len(set(index.patients)), "shared_images": len(set(index.names) & set(main.names)),
+            "shared_patients": len(set(index.patients) & set(main.patients))}
 
 
 def gan_stage(gan_cfg: cyclegan.CycleGANConfig, nproc: int, threads: int | None, claim: outdir.Claim, folder: Path,
@@ -355,10 +405,11 @@ def arm_stage(clf_cfg: classifier.ClassifierConfig, nproc: int, threads: int | N
     return dataclasses.asdict(classifier.train(run_cfg))
 
 
-def gan_config(cfg: PipelineConfig, d: dict, cache_dir: Path, smoothing: str) -> cyclegan.CycleGANConfig:
+def gan_config(cfg: PipelineConfig, d: dict, cache_dir: Path, smoothing: str, k: int) -> cyclegan.CycleGANConfig:
+    """GAN run k of a CycleGAN arm: its own seed, the shared split."""
     return cyclegan.CycleGANConfig(
         **dataclasses.asdict(cfg.gan), data=d["data"], split_csv=d["split_csv"], cache_dir=str(cache_dir),
-        label_smoothing=smoothing, gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", seed=cfg.seed,
+        label_smoothing=smoothing, gen_act=cfg.gan_ls_gen_act if smoothing == "noisy" else "relu", seed=cfg.seed + k,
         device=cfg.device, sample_every=max(1, (cfg.gan.max_steps or 2000) // 4), checkpoint_every=200)
 
 
@@ -380,10 +431,10 @@ def run_experiment(cfg: PipelineConfig) -> dict:
     """The whole experiment. Returns the content of metrics.json. A rerun into the same --out
     continues it; an --out holding anything else, or in use by another process, is refused."""
     out = Path(cfg.out or f"runs/{cfg.preset}")
-    unknown = {f for f in cfg.rerun if f not in stage_names(cfg) and f not in {f"arm_{a}" for a in ARMS}}
+    unknown = {f for f in cfg.rerun if f not in stage_names(cfg) + stage_groups(cfg)}
     if unknown:
         raise cli.UsageError(f"--rerun {' '.join(sorted(unknown))}: not a stage; stages are "
-                             f"{', '.join(stage_names(cfg))} (arm_<arm> for every seed of an arm)")
+                             f"{', '.join(stage_names(cfg))} ({', '.join(stage_groups(cfg))} for every replicate)")
     if cfg.data is not None and not Path(cfg.data).is_dir():
         raise FileNotFoundError(f"--data {cfg.data}: no such folder. Give an ISIC folder (train.csv + jpeg/train/ "
                                 f"or train/, or benign/ + malignant/), or omit --data to use the built-in synthetic set")
@@ -395,7 +446,7 @@ def run_experiment(cfg: PipelineConfig) -> dict:
                                  f"tf_efficientnet_lite0's do); pass --weights PATH_OR_URL (a checkpoint listed in "
                                  f"melano.pretrained's docstring), or --no-pretrained to start from random "
                                  f"weights") from None
-    data_dirs = [cfg.data] if cfg.data else []
+    data_dirs = [d for d in (cfg.data, cfg.ood_data) if d]
     # before the claim, which rewrites the run folder's owner and lock files: a refusal changes nothing
     check_places(out, outdir.manifest(out, "pipeline"), stage_names(cfg), list(ROOT_FILES))
     with CHILDREN, outdir.claim(out, "pipeline", resume=True, data=data_dirs, can_force=False) as claim:
@@ -419,66 +470,95 @@ def run_stages(cfg: PipelineConfig, stages: Stages) -> dict:
         data_params.update({k: getattr(cfg, k) for k in ("synth_benign", "synth_malignant", "synth_size",
                                                          "synth_difficulty")})
     d = stages.run("data", data_params, functools.partial(data_stage, cfg, cache_dir, stages.claim))
+    ood = None
+    if has_ood(cfg):
+        ood_params = {"data_run": d["run_id"], "ood_data": cfg.ood_data,
+                      "images": None if cfg.ood_data else cfg.synth_ood_images}
+        ood = stages.run("ood_data", ood_params, functools.partial(ood_data_stage, cfg, d, stages.claim))
     n_needed = synthetic_needed(d["split_sizes"]["train"], cfg.synthetic_ratio)
     for arm in cfg.arms:  # a classifier config that cannot train fails now, not after the GANs
         classifier.check_config(arm_config(cfg, d, cache_dir, arm, 0, [], 0))
 
-    # 2. CycleGANs and their synthetic melanomas, one per CycleGAN arm
+    # 2. CycleGANs and their synthetic melanomas: K runs per CycleGAN arm, one per seed
     gans = gan_stages(cfg, stages, d, cache_dir, n_needed)
 
     # 3. one classifier per arm and seed: same split, same test images, same steps
     arms = arm_stages(cfg, stages, d, cache_dir, n_needed, gans)
+    if ood:  # and every one of them on the second clinic's test set
+        ood_params = {"ood_run": ood["run_id"], "arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}}
+        ood["scores"] = stages.run("ood_scores", ood_params, functools.partial(
+            ood_scores_stage, cfg, ood, arms, cache_dir, stages.claim))["predictions"]
 
     # 4. how good the synthetic melanomas are, scored by the real-only oversample classifier
     q = None
     if gans:
         scorer = arms["oversample"][0] if "oversample" in arms else None
-        q = stages.run("quality", {"synth": [g["run_id"] for g in gans.values()],
+        q = stages.run("quality", {"synth": [g["run_id"] for runs in gans.values() for g in runs],
                                    "scorer": scorer and scorer["run_id"], "seed": cfg.seed,
-                                   "images": cfg.quality_images, "reference": cfg.quality_reference},
+                                   "images": cfg.quality_images, "reference": cfg.quality_reference, "criteria": 1},
                        functools.partial(quality_stage, cfg, d, gans, cache_dir, scorer and scorer["best_checkpoint"],
                                          stages.claim))
 
     # 5. the report
-    report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}, "quality": q and q["run_id"]}
+    report_params = {"arms": {a: [r["run_id"] for r in rs] for a, rs in arms.items()}, "quality": q and q["run_id"],
+                     "ood": ood and ood["run_id"]}
     stages.run("report", report_params, functools.partial(
-        report_stage, cfg, stages.claim, d, gans, arms, q, stages.timings, wall0))
+        report_stage, cfg, stages.claim, d, ood, gans, arms, q, stages.timings, wall0))
     result = json.loads((out / "metrics.json").read_text())
     log.info("report: %s", out / "report.md")
     return result
 
 
-def gan_stages(cfg: PipelineConfig, stages: Stages, d: dict, cache_dir: Path, n_needed: int) -> dict[str, dict]:
-    """The GAN of each CycleGAN arm (side by side), then its synthetic melanomas."""
+def gan_stages(cfg: PipelineConfig, stages: Stages, d: dict, cache_dir: Path, n_needed: int
+               ) -> dict[str, list[dict]]:
+    """K GAN runs per CycleGAN arm (side by side), then each run's synthetic melanomas."""
     jobs, threads, procs = parallel(cfg)
     todo = {}
     for arm, (gan_name, _, smoothing) in GAN_ARMS.items():
-        if arm in cfg.arms:
-            gan_cfg = gan_config(cfg, d, cache_dir, smoothing)
-            todo[arm] = (gan_name, {**dataclasses.asdict(gan_cfg), "data_run": d["run_id"], "out": None, **procs},
-                         functools.partial(gan_stage, gan_cfg, cfg.nproc_per_node, threads, stages.claim))
-    gans = {}
-    for arm, g in zip(todo, stages.run_all(list(todo.values()), jobs)):
-        s = stages.run(GAN_ARMS[arm][1], {"gan_run": g["run_id"], "n": n_needed},
+        for k in range(cfg.seeds if arm in cfg.arms else 0):
+            gan_cfg = gan_config(cfg, d, cache_dir, smoothing, k)
+            todo[arm, k] = (f"{gan_name}_{k}", {**dataclasses.asdict(gan_cfg), "data_run": d["run_id"], "out": None,
+                                                **procs},
+                            functools.partial(gan_stage, gan_cfg, cfg.nproc_per_node, threads, stages.claim))
+    gans: dict[str, list[dict]] = {}
+    for (arm, k), g in zip(todo, stages.run_all(list(todo.values()), jobs)):
+        s = stages.run(f"{GAN_ARMS[arm][1]}_{k}", {"gan_run": g["run_id"], "n": n_needed},
                        functools.partial(synth_stage, g, d, cache_dir, n_needed, cfg.device, stages.claim))
-        gans[arm] = {**g, "synthetic": s["folder"], "synthetic_images": s["images"]}
+        gans.setdefault(arm, []).append({**g, "name": f"{GAN_ARMS[arm][0]}_{k}", "synthetic": s["folder"],
+                                         "synthetic_images": s["images"]})
     return gans
 
 
 def arm_stages(cfg: PipelineConfig, stages: Stages, d: dict, cache_dir: Path, n_needed: int,
-               gans: dict[str, dict]) -> dict[str, list[dict]]:
-    """Every arm's classifiers, one per seed (side by side); their results by arm."""
+               gans: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every arm's classifiers, one per seed (side by side); their results by arm. A CycleGAN arm's
+    seed k trains on GAN run k's synthetic melanomas."""
     jobs, threads, procs = parallel(cfg)
     todo = []
     for arm in [a for a in ARMS if a in cfg.arms]:
-        extra = [gans[arm]["synthetic"]] if arm in gans else []
-        upstream = [d["run_id"]] + ([gans[arm]["run_id"]] if arm in gans else [])
         for k in range(cfg.seeds):
+            gan = gans[arm][k] if arm in gans else None
+            extra = [gan["synthetic"]] if gan else []
+            upstream = [d["run_id"]] + ([gan["run_id"]] if gan else [])
             clf_cfg = arm_config(cfg, d, cache_dir, arm, k, extra, n_needed if arm == "oversample" else 0)
             todo.append((f"arm_{arm}_{k}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream, **procs},
                          functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node, threads, stages.claim)))
     results = iter(stages.run_all(todo, jobs))
     return {a: [next(results) for _ in range(cfg.seeds)] for a in ARMS if a in cfg.arms}
+
+
+def ood_scores_stage(cfg: PipelineConfig, ood: dict, arms: dict[str, list[dict]], cache_dir: Path,
+                     claim: outdir.Claim, folder: Path, resume: bool) -> dict:
+    """Each arm's best checkpoints on the second test set, decoded as the first test set is (the
+    cache at the classifier's input size): one predictions CSV per arm and seed."""
+    cache = data.build_cache(data.read_index(ood["data"]), classifier.config.image_size(cfg.clf), cache_dir)
+    preds = {}
+    for arm, runs in arms.items():
+        for k, r in enumerate(runs):
+            probs = sigmoid(classifier.score_arrays(r["best_checkpoint"], cache.images, device=cfg.device))
+            text = classifier.inference.predictions_csv(cache.names, cache.targets, probs)
+            preds.setdefault(arm, []).append(str(claim.write_text(folder / f"arm_{arm}_{k}.csv", text)))
+    return {"predictions": preds}
 
 
 def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, scorer: str | None, claim: outdir.Claim,
@@ -491,11 +571,13 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
     splits = np.array([where[n] for n in cache.names])
     row = {n: i for i, n in enumerate(cache.names)}
     synthetic = {}
-    for arm, g in gans.items():
-        index = data.read_index(g["synthetic"])
-        source_of = {r.image_name: r.extra["source_image"] for r in index.records}
-        syn = data.build_cache(index, cfg.gan.size, cache_dir)  # decoded exactly as the real images
-        synthetic[arm] = qstage.Synthetic(np.asarray(syn.images), np.array([row[source_of[n]] for n in syn.names]))
+    for arm, runs in gans.items():
+        for k, g in enumerate(runs):
+            index = data.read_index(g["synthetic"])
+            source_of = {r.image_name: r.extra["source_image"] for r in index.records}
+            syn = data.build_cache(index, cfg.gan.size, cache_dir)  # decoded exactly as the real images
+            synthetic[f"{arm}_g{k}"] = qstage.Synthetic(np.asarray(syn.images),
+                                                        np.array([row[source_of[n]] for n in syn.names]))
     logits = None
     if scorer is not None:  # score what the stage needs: validation images, sources, translations
         need = (splits == "val") | np.isin(np.arange(len(splits)), np.concatenate([s.sources for s in synthetic.values()]))
@@ -503,11 +585,12 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
         real[need] = classifier.score_arrays(scorer, np.asarray(cache.images)[need])
         logits = {"real": real, "synthetic": {a: classifier.score_arrays(scorer, s.images) for a, s in synthetic.items()}}
     sev = qstage.hidden_severity(d["data"])
-    for arm in gans:
-        for name in qstage.picture_names(arm).values():
+    for key in synthetic:
+        for name in qstage.picture_names(key).values():
             claim.record(folder / name)
     result = qstage.evaluate(np.asarray(cache.images), cache.targets, cache.patients, splits, synthetic,
                              severity=None if sev is None else np.array([sev[n] for n in cache.names]),
+                             criteria=qstage.hidden_criteria(d["data"], cache.names),
                              logits=logits, out_dir=folder,
                              cfg=qstage.QualityConfig(max_images=cfg.quality_images,
                                                       max_reference=cfg.quality_reference, seed=cfg.seed))
@@ -517,21 +600,26 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
     return {"quality": str(folder / "quality.json")}
 
 
-def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, arms: dict[str, list[dict]],
-                 q: dict | None, timings: dict, wall0: float, folder: Path, resume: bool) -> dict:
+def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, ood: dict | None, gans: dict,
+                 arms: dict[str, list[dict]], q: dict | None, timings: dict, wall0: float, folder: Path,
+                 resume: bool) -> dict:
     """metrics.json, report.md and the figures, from the arms' saved test predictions."""
     out = Path(cfg.out or f"runs/{cfg.preset}")
     for name in ROOT_FILES:
         claim.record(name)
-    guards = leakage_guards(d, gans)
-    preds = {a: [r["test"]["predictions"] for r in rs] for a, rs in arms.items()}
+    guards = leakage_guards(d, ood, gans)
+    test_sets = {"test": ({a: [r["test"]["predictions"] for r in rs] for a, rs in arms.items()}, d["split_csv"])}
+    if ood:
+        test_sets["ood"] = (ood["scores"], ood["patients_csv"])
     result = {
         "preset": cfg.preset, "data": d["data"], "arch": cfg.clf.arch, "size": cfg.clf.size or "native",
         "split_sizes": d["split_sizes"],
-        **report.experiment_metrics(preds, split_csv=d["split_csv"], seed=cfg.seed),
+        "ood_data": ood and {k: ood[k] for k in ("data", "images", "malignant", "patients")},
+        **report.experiment_metrics(*test_sets["test"], seed=cfg.seed, ood=test_sets.get("ood"),
+                                    gan_runs={a: [g["name"] for g in runs] for a, runs in gans.items()}),
         "budget": {a: {"steps": rs[0]["steps"], "images_seen": rs[0]["images_seen"],
                        "batch_size": cfg.clf.batch_size} for a, rs in arms.items()},
-        "synthetic_images": {a: g["synthetic_images"] for a, g in gans.items()},
+        "synthetic_images": {a: [g["synthetic_images"] for g in runs] for a, runs in gans.items()},
         "synthetic_quality": json.loads(Path(q["quality"]).read_text()) if q else None,
         "best_val_auc": {a: [r["best_val_auc"] for r in rs] for a, rs in arms.items()},
         "leakage_guards": guards,
@@ -544,9 +632,10 @@ def report_stage(cfg: PipelineConfig, claim: outdir.Claim, d: dict, gans: dict, 
         a.update(result["budget"][a["name"]])
     claim.write_json("metrics.json", result)
     report.write_report(result, out / "report.md")
-    report.roc_plot({a: p[0] for a, p in preds.items()}, out / "roc.png", title=f"test ROC ({cfg.preset}, seed 0)")
+    report.roc_plot({a: p[0] for a, p in test_sets["test"][0].items()}, out / "roc.png",
+                    title=f"test ROC ({cfg.preset}, seed 0)")
     if gans:
-        first = next(iter(gans.values()))
+        first = next(iter(gans.values()))[0]
         if report.plot_losses(first["losses"], out / "gan_losses.png") is None:
             log.info("no loss plot")
         report.image_grid(synthetic_pairs(d["data"], Path(first["synthetic"])), out / "synthetic_samples.png",
@@ -696,9 +785,10 @@ def synthetic_pairs(data_dir: str, root: Path, n: int = 16) -> list:
     return pairs
 
 
-def leakage_guards(d: dict, gans: dict) -> dict[str, bool]:
+def leakage_guards(d: dict, ood: dict | None, gans: dict[str, list[dict]]) -> dict[str, bool]:
     """Checked on the files, not assumed: the split on disk, what each GAN's own data code selects
-    from the config in its checkpoint, and the synthetic images' recorded sources."""
+    from the config in its checkpoint, the synthetic images' recorded sources, and the second test
+    set's images and patients."""
     with open(d["split_csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     owner: dict[str, set] = {}
@@ -707,8 +797,11 @@ def leakage_guards(d: dict, gans: dict) -> dict[str, bool]:
     held_out = {r["image_name"] for r in rows if r["split"] != "train"}
     train_benign = {r["image_name"] for r in rows if r["split"] == "train" and r["target"] == "0"}
     guards = {"no patient appears in two splits": all(len(s) == 1 for s in owner.values())}
+    if ood:
+        guards["the second test set shares no image or patient with the data"] = not (
+            ood["shared_images"] or ood["shared_patients"])
     synth_ok, gan_ok = True, True
-    for g in gans.values():
+    for g in [g for runs in gans.values() for g in runs]:
         with open(Path(g["synthetic"]) / "train.csv", newline="") as f:
             sources = {r["source_image"] for r in csv.DictReader(f)}
         synth_ok &= sources <= train_benign

@@ -29,10 +29,13 @@ COMPARISONS = (("cyclegan", "oversample", "primary"), ("cyclegan", "traditional"
 VARIANCE_NOTE = (
     "each seed's DeLong CI covers test sampling only, with the test images independent; its clustered CI, "
     "a patient-level bootstrap, covers test sampling only too, with a patient's images correlated; the "
-    "mean ± sd over seeds shows the training variance (same split and synthetic images, other classifier "
-    "seeds); each comparison's CI and p come from a hierarchical bootstrap over test patients and each "
-    "arm's seeds, so they cover both (the test-only interval is in metrics.json too). None covers the "
-    "variance of the CycleGAN's own training or of the split.")
+    "mean ± sd over seeds shows the training variance: other classifier seeds on the same split and, for "
+    "the CycleGAN arms, other GAN runs too (seed k trained on the images of its own GAN run k, trained with "
+    "its own seed); each comparison's CI and p come from a hierarchical bootstrap over test patients and "
+    "each arm's seeds, so they cover test sampling and all that training variance, the GANs' included (the "
+    "test-only interval is in metrics.json too). None covers the variance of the split. The second "
+    "clinic's figures are computed the same way, on its own patients.")
+TEST_SETS = {"test": "the held-out test split", "ood": "the second clinic (out of distribution)"}
 
 
 # ----------------------------------------------------------------------------- the numbers
@@ -82,9 +85,9 @@ def test_patients(split_csv: str | Path | None, names: list[str]) -> np.ndarray:
 
 
 def arm_metrics(arm: str, y: np.ndarray, groups: np.ndarray, probs: np.ndarray, n_boot: int, seed: int,
-                level: float) -> dict:
-    """One arm's row: per seed the AUC with DeLong and clustered CIs and the operating points;
-    the mean and sd of the AUC over seeds."""
+                level: float, gan_runs: Sequence[str] | None = None) -> dict:
+    """One arm's row: per seed the AUC with DeLong and clustered CIs and the operating points (and
+    the GAN run whose images it trained on); the mean and sd of the AUC over seeds."""
     seeds = []
     for k, p in enumerate(probs):
         auc, lo, hi = metrics.delong_ci(y, p, level=level)
@@ -92,7 +95,8 @@ def arm_metrics(arm: str, y: np.ndarray, groups: np.ndarray, probs: np.ndarray, 
         points = {m: {"estimate": v["estimate"], "ci": v["ci"]} for m, v in ops.items() if isinstance(v, dict)}
         # ops["auc"] is the cluster bootstrap of the AUC: stats.cluster_bootstrap_auc's draws and interval
         seeds.append({"seed": k, "auc": auc, "ci_low": lo, "ci_high": hi, "clustered_ci": ops["auc"]["ci"],
-                      "clustered_se": ops["auc"]["se"], "operating_points": points})
+                      "clustered_se": ops["auc"]["se"], "operating_points": points,
+                      **({"gan_run": gan_runs[k]} if gan_runs else {})})
     aucs = np.array([s["auc"] for s in seeds])
     mean_points = {m: float(np.mean([s["operating_points"][m]["estimate"] for s in seeds]))
                    for m in seeds[0]["operating_points"]}
@@ -101,14 +105,12 @@ def arm_metrics(arm: str, y: np.ndarray, groups: np.ndarray, probs: np.ndarray, 
             "n_test": int(y.size), "n_test_positive": int(y.sum()), "n_test_patients": int(len(set(groups)))}
 
 
-def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str | Path | None, seed: int = 0,
-                       level: float = 0.95, n_boot: int = 2000) -> dict:
-    """Per arm: each seed's test AUC (DeLong and patient-clustered CIs) and operating points, the
-    mean and sd over seeds; the declared comparisons, each with a ΔAUC CI and p covering test
-    sampling and training variance, Holm-adjusted as one family."""
+def test_set_metrics(predictions: dict[str, list[str | Path]], patients_csv: str | Path | None, seed: int,
+                     level: float, n_boot: int, gan_runs: dict[str, list[str]]) -> dict:
+    """One test set: each arm's row (`arm_metrics`) and the declared comparisons, not yet adjusted."""
     names, y, probs = load_arm_predictions(predictions)
-    groups = test_patients(split_csv, names)
-    arms = [arm_metrics(a, y, groups, p, n_boot, seed, level) for a, p in probs.items()]
+    groups = test_patients(patients_csv, names)
+    arms = [arm_metrics(a, y, groups, p, n_boot, seed, level, gan_runs.get(a)) for a, p in probs.items()]
     comparisons = []
     for i, (a, b, role) in enumerate(COMPARISONS):
         if a in probs and b in probs:
@@ -116,9 +118,24 @@ def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str 
             comparisons.append({"a": a, "b": b, "role": role, "delta": c["delta"], "ci_low": c["ci"][0],
                                 "ci_high": c["ci"][1], "p": c["p"], "covers": c["covers"],
                                 "test_only": c["test_only"], "p_delong_seed_mean": c["p_delong"]})
-    for c, adj in zip(comparisons, stats.holm([c["p"] for c in comparisons]) if comparisons else []):
+    return {"arms": arms, "comparisons": comparisons}
+
+
+def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str | Path | None, seed: int = 0,
+                       level: float = 0.95, n_boot: int = 2000, ood: tuple | None = None,
+                       gan_runs: dict[str, list[str]] | None = None) -> dict:
+    """Per arm: each seed's test AUC (DeLong and patient-clustered CIs) and operating points, the
+    mean and sd over seeds; the declared comparisons, each with a ΔAUC CI and p covering test
+    sampling and training variance. `ood` = (predictions, patients CSV) of a second test set, scored
+    the same way; the comparisons of both test sets are Holm-adjusted as one family."""
+    sets = {"test": test_set_metrics(predictions, split_csv, seed, level, n_boot, gan_runs or {})}
+    if ood is not None:
+        sets["ood"] = test_set_metrics(*ood, seed, level, n_boot, gan_runs or {})
+    family = [{**c, "test_set": name} for name, s in sets.items() for c in s["comparisons"]]
+    for c, adj in zip(family, stats.holm([c["p"] for c in family]) if family else []):
         c["p_holm"] = float(adj)
-    return {"arms": arms, "comparisons": comparisons, "variance_note": VARIANCE_NOTE, "n_boot": n_boot}
+    return {"arms": sets["test"]["arms"], "ood": {"arms": sets["ood"]["arms"]} if ood is not None else None,
+            "comparisons": family, "variance_note": VARIANCE_NOTE, "n_boot": n_boot}
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -270,29 +287,44 @@ def _point(arm: dict, key: str) -> str:
             f"{first['ci'][0]:.3f}–{first['ci'][1]:.3f})")
 
 
-def _results_lines(result: dict) -> list[str]:
-    """The arms' AUCs, their operating points, and the declared comparisons with the verdict."""
-    arms, comparisons = result["arms"], result.get("comparisons", [])
-    lines = _table(("arm", "steps", "images seen", "test AUC, mean ± sd over seeds",
-                    "each seed: AUC (DeLong CI; clustered CI)", "study reported"), [
+def _arms_table(arms: list[dict]) -> list[str]:
+    return _table(("arm", "steps", "images seen", "AUC, mean ± sd over seeds",
+                   "each seed: AUC (DeLong CI; clustered CI)", "study reported"), [
         (a["name"], a.get("steps", "?"), a.get("images_seen", "?"), f"{a['auc_mean']:.3f} ± {a['auc_sd']:.3f}",
          "; ".join(f"{s['auc']:.3f} ({s['ci_low']:.3f}–{s['ci_high']:.3f}; {s['clustered_ci'][0]:.3f}–"
                    f"{s['clustered_ci'][1]:.3f})" for s in a["seeds"]), STUDY_AUC.get(a["name"], "—"))
         for a in arms])
+
+
+def _results_lines(result: dict) -> list[str]:
+    """The arms' AUCs on each test set, their operating points, and the declared comparisons with
+    the verdict for each test set."""
+    arms, comparisons = result["arms"], result.get("comparisons", [])
+    lines = _arms_table(arms)
+    if result.get("ood"):
+        lines += ["### The second clinic (out of distribution)", "", "The same classifiers, scored on "
+                  "another clinic's images: other patients, skin types, scope and camera.", ""]
+        lines += _arms_table([{**a, **{k: v for k, v in b.items() if k in ("steps", "images_seen")}}
+                              for a, b in zip(result["ood"]["arms"], arms)])
     if arms and "operating_points" in arms[0]["seeds"][0]:
-        lines += ["### Operating points", "", "Mean over seeds; in brackets seed 0's estimate and its "
-                  "patient-clustered bootstrap 95% CI (test sampling only).", ""]
+        lines += ["### Operating points", "", "Held-out test split. Mean over seeds; in brackets seed 0's estimate "
+                  "and its patient-clustered bootstrap 95% CI (test sampling only).", ""]
         lines += _table(("operating point", *(a["name"] for a in arms)),
                         [(label, *(_point(a, key) for a in arms)) for key, label in OPERATING_POINTS])
+    sets = list(dict.fromkeys(c.get("test_set", "test") for c in comparisons))
     lines += ["## Declared comparisons", "", "Declared before any result was seen: primary `cyclegan` vs "
               "`oversample` (balance with synthetic or with resampled real melanomas); secondary `cyclegan` vs "
-              "`traditional` and `cyclegan_ls` vs `cyclegan` (the study's two claims). The p-values are "
-              "Holm-adjusted across this family, and the verdict uses the adjusted values.", ""]
-    lines += _table(("comparison", "role", "ΔAUC", "95% CI", "p", "Holm-adjusted p"), [
-        (f"{c['a']} − {c['b']}", c["role"], f"{c['delta']:+.3f}",
+              "`traditional` and `cyclegan_ls` vs `cyclegan` (the study's two claims)"
+              + (", each on both test sets" if len(sets) > 1 else "") + ". The p-values are Holm-adjusted across "
+              f"this family of {len(comparisons)}, and the verdict uses the adjusted values.", ""]
+    lines += _table(("test set", "comparison", "role", "ΔAUC", "95% CI", "p", "Holm-adjusted p"), [
+        (c.get("test_set", "test"), f"{c['a']} − {c['b']}", c["role"], f"{c['delta']:+.3f}",
          "—" if c.get("ci_low") is None else f"{c['ci_low']:.3f} to {c['ci_high']:.3f}", _fmt_p(c["p"]),
          _fmt_p(c["p_holm"])) for c in comparisons])
-    return lines + [verdict(comparisons), ""]
+    for s in sets:
+        lines += [f"On {TEST_SETS.get(s, s)}: " + verdict([c for c in comparisons if c.get("test_set", "test") == s]),
+                  ""]
+    return lines
 
 
 def _over_runs(q: dict, arm: str, key: str, digits: int = 3, sign: str = "") -> str:

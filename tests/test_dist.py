@@ -406,9 +406,9 @@ def test_pipeline_runs_its_training_stages_under_torchrun(tmp_path, monkeypatch)
     cfg = pipeline.make_config("smoke", out=str(tmp_path), arms=["traditional", "cyclegan"], nproc_per_node=2,
                                seeds=1)
     result = pipeline.run_experiment(cfg)
-    gan = load_checkpoint(tmp_path / "gan" / "checkpoint.pt")
+    gan = load_checkpoint(tmp_path / "gan_0" / "checkpoint.pt")
     assert gan["world_size"] == 2 and gan["step"] == cfg.gan.max_steps
-    assert json.loads((tmp_path / "gan" / "params.json").read_text())["params"]["nproc_per_node"] == 2
+    assert json.loads((tmp_path / "gan_0" / "params.json").read_text())["params"]["nproc_per_node"] == 2
     # the report read each arm's outputs, written by rank 0 of its torchrun
     for arm in result["arms"]:
         assert load_checkpoint(tmp_path / f"arm_{arm['name']}_0" / "last.pt")["world_size"] == 2

@@ -2,9 +2,11 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -37,12 +39,49 @@ def test_smoke_outputs_and_schema(smoke):
             assert s["auc"] == pytest.approx(aucs[-1], abs=1e-12)
             assert len(rows) == result["split_sizes"]["test"]["images"]
         assert a["auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
-    assert all(result["leakage_guards"].values()) and len(result["leakage_guards"]) == 3
+    assert all(result["leakage_guards"].values()) and len(result["leakage_guards"]) == 4
     assert "no validation or test image touches GAN training" in result["leakage_guards"]
     assert set(result["timings_s"]) >= set(pipeline.stage_names(cfg)) - {"report"}
     md = (out / "report.md").read_text()
     assert "| cyclegan_ls |" in md and "Leakage guards" in md and "Holm" in md
+    assert "second clinic" in md and "other GAN runs" in md
     assert Image.open(out / "roc.png").size[0] > 100
+
+
+def test_every_arm_and_seed_is_scored_on_the_second_clinic(smoke):
+    cfg, result, out = smoke
+    patients = {r["image_name"]: r["patient_id"] for r in read_csv(out / "ood_data" / "patients.csv")}
+    home = read_csv(out / "data" / "synthetic" / "train.csv")
+    assert len(patients) == cfg.synth_ood_images and not set(patients) & {r["image_name"] for r in home}
+    assert not set(patients.values()) & {r["patient_id"] for r in home}
+    assert [a["name"] for a in result["ood"]["arms"]] == list(pipeline.ARMS)
+    for a in result["ood"]["arms"]:
+        assert len(a["seeds"]) == cfg.seeds and a["n_test"] == cfg.synth_ood_images
+        for k, s in enumerate(a["seeds"]):
+            rows = read_csv(out / "ood_scores" / f"arm_{a['name']}_{k}.csv")
+            assert {r["image_name"] for r in rows} == set(patients)
+            auc = roc_auc_score([int(r["target"]) for r in rows], [float(r["probability"]) for r in rows])
+            assert s["auc"] == pytest.approx(auc, abs=1e-12)
+            assert ("gan_run" in s) == (a["name"] in pipeline.GAN_ARMS)
+
+
+def test_each_cyclegan_seed_reads_its_own_gan_run(smoke):
+    cfg, result, out = smoke
+    for arm, (gan, synth, _) in pipeline.GAN_ARMS.items():
+        seeds = next(a for a in result["arms"] if a["name"] == arm)["seeds"]
+        weights, images = [], []
+        for k in range(cfg.seeds):
+            assert seeds[k]["gan_run"] == f"{gan}_{k}"
+            extra = json.loads((out / f"arm_{arm}_{k}" / "config.json").read_text())["extra"]
+            assert [str(p) for p in map(Path, extra)] == [str(out / f"{synth}_{k}" / "images")]
+            gan_cfg = json.loads((out / f"{gan}_{k}" / "config.json").read_text())
+            assert gan_cfg["seed"] == cfg.seed + k
+            state = torch.load(out / f"{gan}_{k}" / "checkpoint.pt", weights_only=True)
+            weights.append(torch.cat([w.float().flatten() for w in state["G_A"].values()]))
+            images.append(sorted((out / f"{synth}_{k}" / "images" / "jpeg" / "train").iterdir())[0].read_bytes())
+        # the K GAN runs differ: in their weights and in the images they made from the same source
+        assert all(not torch.equal(weights[0], w) for w in weights[1:])
+        assert all(images[0] != b for b in images[1:])
 
 
 def test_every_arm_trains_the_same_steps(smoke):
@@ -63,18 +102,20 @@ def test_every_arm_trains_the_same_steps(smoke):
     assert {a["images_seen"] for a in result["arms"]} == {steps.pop() * batches.pop()}
 
 
-def test_declared_comparisons_are_holm_adjusted(smoke):
+def test_declared_comparisons_are_holm_adjusted_over_both_test_sets(smoke):
     cfg, result, out = smoke
     comps = result["comparisons"]
-    assert [(c["a"], c["b"], c["role"]) for c in comps] == [
-        ("cyclegan", "oversample", "primary"), ("cyclegan", "traditional", "secondary"),
-        ("cyclegan_ls", "cyclegan", "secondary")]
-    # Holm by hand: sort the p-values, multiply the i-th smallest by (m - i), keep it monotone, cap at 1
-    p = [c["p"] for c in comps]
-    order = sorted(range(3), key=lambda i: p[i])
-    want, running = [0.0] * 3, 0.0
+    declared = [("cyclegan", "oversample", "primary"), ("cyclegan", "traditional", "secondary"),
+                ("cyclegan_ls", "cyclegan", "secondary")]
+    assert [(c["test_set"], c["a"], c["b"], c["role"]) for c in comps] == [
+        (s, *d) for s in ("test", "ood") for d in declared]
+    # Holm by hand over the family of 6: sort the p-values, multiply the i-th smallest by (m - i),
+    # keep it monotone, cap at 1
+    p, m = [c["p"] for c in comps], len(comps)
+    order = sorted(range(m), key=lambda i: p[i])
+    want, running = [0.0] * m, 0.0
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (3 - rank) * p[i]))
+        running = max(running, min(1.0, (m - rank) * p[i]))
         want[i] = running
     assert [c["p_holm"] for c in comps] == pytest.approx(want, abs=1e-12)
 
@@ -94,7 +135,7 @@ def test_synthetic_images_balance_training_and_come_from_train_benign(smoke):
     cfg, result, out = smoke
     train = result["split_sizes"]["train"]
     split = {r["image_name"]: r for r in read_csv(out / "data" / "splits.csv")}
-    for folder in ("synth", "synth_ls"):
+    for folder in [f"{s}_{k}" for s in ("synth", "synth_ls") for k in range(cfg.seeds)]:
         rows = read_csv(out / folder / "images" / "train.csv")
         assert len(rows) == train["images"] - 2 * train["malignant"]  # ratio 1: balanced
         for r in rows:
@@ -143,6 +184,8 @@ def test_bad_data_folder_fails_clearly(tmp_path, caplog):
 def test_unknown_stage_and_arm_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not a stage"):
         pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), rerun=["gan2"]))
+    with pytest.raises(ValueError, match="not a stage"):
+        pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), rerun=["gan_7"]))
     with pytest.raises(ValueError, match="--arms"):
         pipeline.run_experiment(pipeline.PipelineConfig(out=str(tmp_path), arms=["none", "gan"]))
     assert not any(tmp_path.iterdir())  # a refused command changes nothing
@@ -151,10 +194,10 @@ def test_unknown_stage_and_arm_are_refused(tmp_path):
 def test_rerun_a_stage_and_everything_downstream(smoke):
     cfg, result, out = smoke
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "rerun": ["gan"]}))
+    pipeline.run_experiment(pipeline.PipelineConfig(**{**vars(cfg), "rerun": ["gan_1"]}))
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/done.json")}
-    assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan_0", "arm_cyclegan_1", "gan",
-                                                                   "quality", "report", "synth"]
+    assert sorted(s for s in after if after[s] != before[s]) == ["arm_cyclegan_1", "gan_1", "ood_scores",
+                                                                   "quality", "report", "synth_1"]
 
 
 def test_given_weights_are_used_by_every_arm(tmp_path):
@@ -171,7 +214,7 @@ def test_unavailable_weights_fail_before_any_gan_training(tmp_path):
     cfg = pipeline.make_config("smoke", out=str(tmp_path), arch="efficientnet_b0")
     with pytest.raises(ValueError, match="no pretrained weights for it ship offline.*--no-pretrained"):
         pipeline.run_experiment(cfg)
-    assert not (tmp_path / "gan").exists()
+    assert not (tmp_path / "gan_0").exists()
 
 
 def test_study_preset_prints_its_configuration_and_deviations(capsys):
@@ -205,7 +248,7 @@ def test_the_trainers_settings_reach_their_configs_under_every_spelling():
     for preset in pipeline.PRESETS:
         cfg = pipeline.make_config(preset)
         for smoothing in ("none", "noisy"):
-            gan = dataclasses.asdict(pipeline.gan_config(cfg, d, Path("c"), smoothing))
+            gan = dataclasses.asdict(pipeline.gan_config(cfg, d, Path("c"), smoothing, 0))
             assert dataclasses.asdict(cfg.gan).items() <= gan.items()
             assert gan["gen_act"] == (cfg.gan_ls_gen_act if smoothing == "noisy" else "relu")
         for arm in pipeline.ARMS:
@@ -264,7 +307,7 @@ def test_smoke_training_stages_ran_in_child_processes_on_a_cpu(smoke):
     cfg, _, out = smoke
     if pipeline.default_jobs(None) == 1:
         pytest.skip("one core: the stages train in the pipeline's process")
-    for name in ("gan", "gan_ls", "arm_none_0", "arm_cyclegan_1"):
+    for name in ("gan_0", "gan_ls_1", "arm_none_0", "arm_cyclegan_1"):
         log = (out / name / "train.log").read_text()
         assert "train" in log and "Traceback" not in log
 
