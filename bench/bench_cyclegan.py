@@ -128,7 +128,8 @@ def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, 
     batches = random_batches(cfg, args.steps, device)
     torch.manual_seed(cfg.seed)
     base = gan.build_models(cfg)
-    names = [name for name, c in CONFIGS.items() if compiled or not c[3]]
+    names = [name for name, c in CONFIGS.items() if (compiled or not c[3])
+             and (args.configs is None or name in args.configs or name == "nchw_eager")]
     states = {name: make_state(base, cfg, name, device, amp) for name in names}
     sync = device.type == "cuda"
     first, first_s = {}, {}
@@ -149,14 +150,11 @@ def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, 
             times[name].append((time.perf_counter() - t) / len(batches))
     it_s = {name: 1 / statistics.median(v) for name, v in times.items()}
     row = {**shape, "threads": torch.get_num_threads(), "amp": amp, "steps_per_round": args.steps,
-           "rounds": args.rounds, "it_s": it_s, "first_step_s": first_s,
-           "ratio_cl_fused_over_nchw_fused": it_s["cl_fused"] / it_s["nchw_fused"],
-           "ratio_cl_fused_over_plain_nchw": it_s["cl_fused"] / it_s["plain_nchw"],
-           "ratio_cl_fused_over_plain_cl": it_s["cl_fused"] / it_s["plain_cl"],
-           "ratio_nchw_fused_over_nchw_eager": it_s["nchw_fused"] / it_s["nchw_eager"],
-           "first_step_max_rel_loss_diff": worst}
-    if compiled:
-        row["ratio_cl_compiled_over_cl_fused"] = it_s["cl_compiled"] / it_s["cl_fused"]
+           "rounds": args.rounds, "it_s": it_s, "first_step_s": first_s, "first_step_max_rel_loss_diff": worst}
+    for a, b in [("cl_fused", "nchw_fused"), ("cl_fused", "plain_nchw"), ("cl_fused", "plain_cl"),
+                 ("nchw_fused", "nchw_eager"), ("cl_fused", "nchw_eager"), ("cl_compiled", "cl_fused")]:
+        if a in it_s and b in it_s:
+            row[f"ratio_{a}_over_{b}"] = it_s[a] / it_s[b]
     return row
 
 
@@ -202,6 +200,9 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", nargs="+", default=None, choices=["none", "bf16", "fp16"],
                    help="precisions (default: none on CPU; none and bf16 on CUDA)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration")
+    p.add_argument("--quick", action="store_true", help="CPU: only the quick preset's GAN (1 and 2 threads)")
+    p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                   help="the configurations to time (default: all; nchw_eager is always timed, as the reference)")
     p.add_argument("--name", default=None, help="results name (default cyclegan_cpu / cyclegan_cuda)")
     p.add_argument("--profile", action="store_true", help="instead of timing: profile the CPU shapes' fused steps "
                                                           "in both layouts (writes cyclegan_cpu_profile.json)")
@@ -236,17 +237,18 @@ def main(argv: list[str] | None = None):
     host = machine()  # once: it times a convolution
     rows = []
     print(f"{'size':>5}{'batch':>6}{'ngf':>5}{'thr':>4}{'amp':>6}" + "".join(f"{n:>12}" for n in CONFIGS)
-          + f"{'cl/nchw':>9}{'cl/plain':>9}{'compiled/cl':>12}")
-    for shape, threads, compiled in REHEARSAL_SHAPES if args.rehearse else CUDA_SHAPES if cuda else CPU_SHAPES:
+          + f"{'cl/nchw':>9}{'cl/plain':>9}{'compiled/cl':>12}{'nchw f/e':>12}")
+    cpu_shapes = CPU_SHAPES[:2] if args.quick else CPU_SHAPES
+    for shape, threads, compiled in REHEARSAL_SHAPES if args.rehearse else CUDA_SHAPES if cuda else cpu_shapes:
         for amp in args.amp or (["none", "bf16"] if cuda else ["none"]):
             r = bench_shape(shape, threads, compiled and not args.no_compile, args, device, amp)
             rows.append(r)
             rate = lambda n: f"{r['it_s'][n]:>12.3f}" if n in r["it_s"] else f"{'-':>12}"  # noqa: E731
+            ratio = lambda k, w: f"{r[k]:>{w - 1}.2f}x" if k in r else f"{'-':>{w}}"  # noqa: E731
             print(f"{r['size']:>5}{r['batch_size']:>6}{r['ngf']:>5}{r['threads']:>4}{amp:>6}"
-                  + "".join(rate(n) for n in CONFIGS)
-                  + f"{r['ratio_cl_fused_over_nchw_fused']:>8.2f}x{r['ratio_cl_fused_over_plain_nchw']:>8.2f}x"
-                  + (f"{r['ratio_cl_compiled_over_cl_fused']:>11.2f}x" if "cl_compiled" in r["it_s"] else ""),
-                  flush=True)
+                  + "".join(rate(n) for n in CONFIGS) + ratio("ratio_cl_fused_over_nchw_fused", 9)
+                  + ratio("ratio_cl_fused_over_plain_nchw", 9) + ratio("ratio_cl_compiled_over_cl_fused", 12)
+                  + ratio("ratio_nchw_fused_over_nchw_eager", 12), flush=True)
             # after each row (atomically): a timeout keeps the rows done
             write_results(name, {**head, "rows": rows, "complete": False}, folder, host, quiet=True)
     os.environ.pop("MELANO_OPS", None)

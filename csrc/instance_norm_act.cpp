@@ -171,15 +171,16 @@ MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p, bool spill) {
   sum_lanes<A, L>(hw, spill, sum, [&](auto lanes, int64_t i) MELANO_LAMBDA {
     return std::array{load<A>(lanes, xp + i)};
   });
-  const A mean0 = A(sum[0] / double(hw));
+  const double inv_hw = 1.0 / double(hw);  // one division per plane: they are on its critical path
+  const A mean0 = A(sum[0] * inv_hw);
   // Sum of (x - mean0) too: it is ~0 and corrects the rounding of mean0 (Chan, Golub & LeVeque).
   double m[2] = {0, 0};
   sum_lanes<A, L>(hw, spill, m, [&](auto lanes, int64_t i) MELANO_LAMBDA {
     const auto d = load<A>(lanes, xp + i) - mean0;
     return std::array{d, d * d};
   });
-  const double var = std::max(0.0, (m[1] - m[0] * m[0] / double(hw)) / double(hw));
-  const A mean = A(double(mean0) + m[0] / double(hw));
+  const double var = std::max(0.0, (m[1] - m[0] * m[0] * inv_hw) * inv_hw);
+  const A mean = A(double(mean0) + m[0] * inv_hw);
   const A rstd = A(1.0 / std::sqrt(var + a.eps));
   const auto [scale, shift] = affine_of(rstd, a.w, a.b, a.w || a.b ? p % a.C : 0);
   for_lanes<L>(hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
@@ -212,7 +213,8 @@ MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p, bool spill) {
   });
   a.sum_g[p] = s[0];
   a.sum_gx[p] = s[1];
-  const A mg = A(s[0] / double(hw)), mgx = A(s[1] / double(hw));
+  const double inv_hw = 1.0 / double(hw);
+  const A mg = A(s[0] * inv_hw), mgx = A(s[1] * inv_hw);
   for_lanes<L>(hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
     const auto [g, xhat] = g_and_xhat(lanes, i);
     store(dxp + i, grad_input(g, xhat, scale, mg, mgx));
@@ -233,7 +235,7 @@ MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p, bool spill) {
 constexpr int64_t kChunkElems = 16384;
 constexpr int64_t kRowBlock = 8;
 constexpr int64_t kPrefetchBlocks = 3;  // how far ahead for_groups prefetches
-constexpr int kGroup = 4;  // vectors per group
+constexpr int kGroup = 4;  // vectors per group, at most (see nhwc_task)
 
 // Pixels per NHWC chunk for C channels and H * W = hw.
 int64_t nhwc_rows(int64_t C, int64_t hw) {
@@ -310,10 +312,9 @@ at::opmath_type<T>* channel_constants(const Args<T>& a, int64_t n) {
 }
 
 // Forward, first task loop: chunk t's per-channel mean and M2 (two passes) into a.part.
-template <typename T, int L>
+template <typename T, int L, int G>
 MELANO_INLINE void nhwc_stats_chunk(const Args<T>& a, int64_t t) {
   using A = at::opmath_type<T>;
-  constexpr int G = kGroup;
   constexpr Lanes<L> lanes{};
   const Chunk<T> ch = chunk_of(a, t);
   const int64_t C = a.C, Cp = a.Cp;
@@ -386,13 +387,12 @@ void nhwc_merge_stats(const Args<T>& a, int64_t n) {
 }
 
 // Forward, second task loop: chunk t's output.
-template <typename T, int ACT, int L>
+template <typename T, int ACT, int L, int G>
 MELANO_INLINE void nhwc_forward_chunk(const Args<T>& a, int64_t t) {
   using A = at::opmath_type<T>;
   const Chunk<T> ch = chunk_of(a, t);
   const int64_t C = a.C, Cp = a.Cp;
   constexpr Lanes<L> lanes{};
-  constexpr int G = kGroup;
   for_groups<L, G>(ch.rows, C, [&](auto partial, int64_t c, int64_t r0, int64_t r1) MELANO_LAMBDA {
     constexpr bool P = decltype(partial)::value;
     Vec<A, L> mean[G], scale[G], shift[G];
@@ -411,7 +411,7 @@ MELANO_INLINE void nhwc_forward_chunk(const Args<T>& a, int64_t t) {
 }
 
 // The backward's two task loops, chunk t: sums of g and g * xhat into a.part (SUMS), or dx.
-template <typename T, int ACT, int L, bool SUMS>
+template <typename T, int ACT, int L, int G, bool SUMS>
 MELANO_INLINE void nhwc_backward_chunk(const Args<T>& a, int64_t t) {
   using A = at::opmath_type<T>;
   const Chunk<T> ch = chunk_of(a, t);
@@ -421,7 +421,6 @@ MELANO_INLINE void nhwc_backward_chunk(const Args<T>& a, int64_t t) {
   const A* k = ch.consts;
   const int64_t C = a.C, Cp = a.Cp;
   constexpr Lanes<L> lanes{};
-  constexpr int G = kGroup;
   std::vector<A> sums(SUMS ? 2 * Cp : 0, A(0));  // per channel: the sums of g and of g * xhat
   for_groups<L, G>(ch.rows, C, [&](auto partial, int64_t c, int64_t r0, int64_t r1) MELANO_LAMBDA {
     constexpr bool P = decltype(partial)::value;
@@ -488,6 +487,15 @@ enum Pass : int {
   kNhwcStats, kNhwcForward, kNhwcBackwardSums, kNhwcBackward  // NHWC
 };
 
+// An NHWC task with groups of G vectors: the fewest that hold C channels, up to kGroup, so that few
+// channels (C = 16 in 8-lane AVX2 vectors) do not leave half of each group's vectors empty.
+template <typename T, int ACT, int PASS, int L, int G>
+MELANO_INLINE void nhwc_task(const Args<T>& a, int64_t t) {
+  if constexpr (PASS == kNhwcStats) nhwc_stats_chunk<T, L, G>(a, t);
+  else if constexpr (PASS == kNhwcForward) nhwc_forward_chunk<T, ACT, L, G>(a, t);
+  else nhwc_backward_chunk<T, ACT, L, G, PASS == kNhwcBackwardSums>(a, t);
+}
+
 // The task loops, compiled for three instruction sets and picked at run time: the cached build must
 // run on any x86-64 CPU (no -march=native), yet AVX-512 and AVX2 are worth 2-4x on the passes that
 // run from cache. Each variant uses its native vector width of W bytes, so the sums' rounding differs
@@ -500,9 +508,9 @@ MELANO_INLINE void tasks_generic(const Args<T>& a, int64_t begin, int64_t end) {
     const bool spill = (end - t - 1) * a.hw >= L;  // see for_lanes
     if constexpr (PASS == kForwardPlanes) forward_plane<T, ACT, L>(a, t, spill);
     else if constexpr (PASS == kBackwardPlanes) backward_plane<T, ACT, L>(a, t, spill);
-    else if constexpr (PASS == kNhwcStats) nhwc_stats_chunk<T, L>(a, t);
-    else if constexpr (PASS == kNhwcForward) nhwc_forward_chunk<T, ACT, L>(a, t);
-    else nhwc_backward_chunk<T, ACT, L, PASS == kNhwcBackwardSums>(a, t);
+    else if (a.C <= L) nhwc_task<T, ACT, PASS, L, 1>(a, t);  // see nhwc_task
+    else if (a.C <= 2 * L) nhwc_task<T, ACT, PASS, L, 2>(a, t);
+    else nhwc_task<T, ACT, PASS, L, kGroup>(a, t);
   }
 }
 

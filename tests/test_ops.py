@@ -234,19 +234,39 @@ def test_gradcheck(ext, device, layout, affine, act):
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout,shape", [
+    ("nchw", (3, 5, 13, 11)),  # 143-element planes: vectors plus a tail
+    ("nhwc", (2, 37, 6, 5)),   # groups of 4 vectors, full and partial
+    ("nhwc", (2, 16, 6, 5)),   # groups of 2 vectors of AVX2's 8 lanes (4 of baseline's 4)
+    ("nhwc", (2, 12, 6, 5)),   # groups of 2, the last vector partial
+    ("nhwc", (2, 5, 6, 5)),    # one vector, partial (2 with baseline's 4 lanes)
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpu_instruction_set_variants(ext, monkeypatch, isa, layout, dtype):
-    """The CPU loops are compiled for baseline x86-64, AVX2 and (NCHW) AVX-512; MELANO_CPU_ISA caps the pick."""
+def test_cpu_instruction_set_variants(ext, monkeypatch, isa, layout, shape, dtype):
+    """The CPU loops are compiled for baseline x86-64, AVX2 and (NCHW) AVX-512; MELANO_CPU_ISA caps the pick.
+    NHWC groups of vectors are as few as hold C channels: each group size is run here."""
     if isa != "best":
         monkeypatch.setenv("MELANO_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(3)
-    # NCHW: 143-element planes, vectors plus a tail; NHWC: 37 channels, full and partial vectors.
-    shape = (3, 5, 13, 11) if layout == "nchw" else (2, 37, 6, 5)
     x = to_layout((torch.randn(shape, generator=gen) * 2).to(dtype), layout)
     w, b = make_params(shape[1], True, "cpu", dtype, gen)
     for act in ops.ACTS:
         check_against_oracle(x, w, b, act)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_nchw_tails_across_task_ranges(ext, act):
+    """Two CPU threads, each a range of 700 planes of 49 elements: a plane's partial last vector is read
+    and written whole when later planes of the same range follow, and element by element at the end of
+    a range, so that no thread writes into the other's planes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(23)
+        x = torch.randn(2, 700, 7, 7, generator=gen) * 3 + 1
+        check_against_oracle(x, None, None, act)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.gpu
