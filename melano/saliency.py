@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 
-def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, index: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, index: int = 0,
+             sign: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(maps (N, H, W) >= 0 at x's size, the logits (N,) of output `index`) for a batch `x` that
     `model` takes as it is (normalise first). `layer` is the convolutional module whose output
-    (N, C, h, w) is weighed: for melano's EfficientNet, ``model.head``. Run outside
+    (N, C, h, w) is weighed: for melano's EfficientNet, ``model.head``. The score explained is
+    sign x logit: a one-logit binary classifier's other class (benign) has the score -logit, so
+    sign -1 (per image, an (N,) tensor, or for all) maps the evidence for it. Run outside
     torch.inference_mode: the map needs a gradient. Each image's score depends on its own
     activations only (eval mode), so one backward pass of the summed scores serves the batch."""
     captured = []
@@ -31,7 +33,7 @@ def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, in
         with torch.enable_grad():
             logits = model(x)[:, index].float()
             act = captured[-1]
-            grads, = torch.autograd.grad(logits.sum(), act)
+            grads, = torch.autograd.grad((logits * sign).sum(), act)
     finally:
         hook.remove()
     alpha = grads.float().mean((2, 3), keepdim=True)               # (N, C, 1, 1): channel weights

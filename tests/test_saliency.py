@@ -29,9 +29,15 @@ def upsample(cam: torch.Tensor, size) -> torch.Tensor:
 def test_grad_cam_of_efficientnet_is_its_class_activation_map():
     torch.manual_seed(0)
     model = efficientnet("tf_efficientnet_lite0", num_classes=1).eval()
-    with torch.no_grad():
-        model.classifier.weight.normal_()  # a head that gives the map some structure
     x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():  # untrained, the activations are ~1e-9: BatchNorm statistics of x make them O(1)
+        model.classifier.weight.normal_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.momentum = 1.0
+        model.train()(x)
+        model.eval()
     cams, logits = saliency.grad_cam(model, model.head, x)
     with torch.no_grad():
         A = model.head(model.blocks(model.stem(x)))               # (N, C, h, w)
@@ -40,7 +46,14 @@ def test_grad_cam_of_efficientnet_is_its_class_activation_map():
         assert torch.allclose(logits, model(x)[:, 0])
     assert cams.shape == (3, 64, 64)
     assert torch.allclose(cams, upsample(cam, (64, 64)), rtol=1e-4, atol=1e-6)
-    assert cams.amax() > 0
+    assert cams.amax() > 0.1 and (cams == 0).float().mean() > 0.05  # a map with structure, and the ReLU at work
+    # the other class of a one-logit model (score -logit), for some images: the negative evidence
+    sign = torch.tensor([1.0, -1.0, -1.0])
+    other, _ = saliency.grad_cam(model, model.head, x, sign=sign)
+    with torch.no_grad():
+        cam_other = F.relu(torch.einsum("c,nchw->nhw", w, A) * sign[:, None, None]) / (A.shape[2] * A.shape[3])
+    assert torch.allclose(other, upsample(cam_other, (64, 64)), rtol=1e-4, atol=1e-6)
+    assert torch.equal(other[0], cams[0]) and not torch.allclose(other[1:], cams[1:])
 
 
 def test_grad_cam_weights_are_the_mean_gradient():
