@@ -344,12 +344,17 @@ def saliency_picks(y: np.ndarray, probs: np.ndarray, per_group: int) -> list[tup
             ("false negative", by_p(pos, False))]
 
 
+SALIENCY_SIGN = {"true positive": 1.0, "false positive": 1.0, "false negative": -1.0}  # the class it chose
+
+
 def saliency_picture(checkpoint: str | Path, cache: data.Cache, predictions: str | Path, path: str | Path,
                      per_group: int = 3, device: str | None = "cpu", title: str = "") -> Path:
     """A PNG of Grad-CAM (melano.saliency, on the EfficientNet's last stage, ``model.head``) for the
     `saliency_picks` of a predictions CSV (image_name, target, probability, e.g. test_predictions.csv)
     whose images are in `cache`: one tile per image, the image beside its overlay, captioned with
-    the group and the probability the model gives it now. Written atomically (report.image_grid)."""
+    the group and the probability the model gives it now. Each map shows the evidence for the
+    class the model chose: melanoma for the positives, benign (the score -logit) for the false
+    negatives. Written atomically (report.image_grid)."""
     names, y, probs = report.read_predictions(predictions)
     picks = saliency_picks(y, probs, per_group)
     chosen = [i for _, idx in picks for i in idx]
@@ -359,14 +364,15 @@ def saliency_picture(checkpoint: str | Path, cache: data.Cache, predictions: str
     size = state["image_size"]
     if x.shape[-1] != size or x.shape[-2] != size:  # as score_arrays: the model's own input size
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    cams, logits = saliency.grad_cam(model, model.head, norm(x))
+    group = [g for g, idx in picks for _ in idx]
+    sign = torch.tensor([SALIENCY_SIGN[g] for g in group], device=x.device)
+    cams, logits = saliency.grad_cam(model, model.head, norm(x), sign=sign)
     cams = F.interpolate(saliency.normalise(cams)[:, None], size=images.shape[1:3], mode="bilinear",
                          align_corners=False)[:, 0].cpu().numpy()
     now = sigmoid(logits.double().cpu().numpy())
-    group = [g for g, idx in picks for _ in idx]
     tiles = [[img, heat_overlay(img, cam)] for img, cam in zip(images, cams)]
-    captions = [f"{g} p={p:.3f}" for g, p in zip(group, now)]
-    return report.image_grid(tiles, path, cols=per_group, cell=max(96, images.shape[1]), captions=captions,
+    captions = [f"{g} p={p:.3f}" + (" (benign map)" if SALIENCY_SIGN[g] < 0 else "") for g, p in zip(group, now)]
+    return report.image_grid(tiles, path, cols=per_group, cell=max(112, images.shape[1]), captions=captions,
                              title=title or f"Grad-CAM of {Path(checkpoint).parent.name}: the most confident "
                                                    f"{', '.join(g + 's' for g, _ in picks)}")
 
