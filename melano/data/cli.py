@@ -58,8 +58,12 @@ def _log_summary(folder: str, index, summary: dict, skipped) -> None:
                  "are left out)", ", ".join(f"{k} {v}" for k, v in index.counts.items()), index.negatives)
     if index.licences:
         log.info("licences: %s", ", ".join(f"{k} {v}" for k, v in sorted(index.licences.items())))
+    if index.licence_files:
+        log.info("licence texts: %s", ", ".join(index.licence_files))
     if index.attribution:
         log.info("credit the sources when you publish: %s", index.attribution)
+    elif index.layout in ("archive", "isic2019", "ham10000"):
+        log.info("no attribution file in this folder: credit the source as its download page asks")
     for s in skipped:
         log.info("  skipped %s: %s", s.name, s.reason)
 
