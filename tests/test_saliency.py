@@ -113,3 +113,12 @@ def test_saliency_picture_picks_the_extremes(clf_run, clf_data, root, tmp_path):
     out = inference.saliency_picture(clf_run / "best.pt", cache, preds, tmp_path / "gradcam.png", per_group=2)
     img = Image.open(out)
     assert img.format == "PNG" and img.width > 4 * 96 and img.height > 3 * 96  # 3 rows of 2 tiles of 2 cells
+
+
+def test_translation_picture_scores_both_sides(clf_run, clf_data, root, tmp_path):
+    cache = data.build_cache(data.read_index(clf_data), 32, root / "cache")
+    sources = np.asarray(cache.images[:4])
+    translated = sources[:, ::-1].copy()  # any other image stands in for a translation
+    out = inference.translation_saliency_picture(clf_run / "best.pt", sources, translated, tmp_path / "t.png")
+    img = Image.open(out)
+    assert img.format == "PNG" and img.width > 2 * 4 * 96 and img.height > 2 * 96

@@ -377,6 +377,31 @@ def saliency_picture(checkpoint: str | Path, cache: data.Cache, predictions: str
                                                    f"{', '.join(g + 's' for g, _ in picks)}")
 
 
+def translation_saliency_picture(checkpoint: str | Path, sources: np.ndarray, translations: np.ndarray,
+                                 path: str | Path, device: str | None = "cpu", title: str = "") -> Path:
+    """A PNG of Grad-CAM (the melanoma class) before and after translation: per pair of (N, S, S, 3)
+    uint8 images, a benign source and its CycleGAN translation, the tile source | its map |
+    translation | its map, captioned with the probability of each. Where the map moves, the
+    translation changed what the classifier reads as melanoma."""
+    model, norm, state = load_classifier(checkpoint, device)
+    size = state["image_size"]
+    maps, probs = [], []
+    for images in (sources, translations):
+        x = to_tensor(np.array(images)).to(next(model.parameters()).device)  # a copy: memmaps are read-only
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        cams, logits = saliency.grad_cam(model, model.head, norm(x))
+        maps.append(F.interpolate(saliency.normalise(cams)[:, None], size=images.shape[1:3], mode="bilinear",
+                                  align_corners=False)[:, 0].cpu().numpy())
+        probs.append(sigmoid(logits.double().cpu().numpy()))
+    tiles = [[s, heat_overlay(s, ms), t, heat_overlay(t, mt)]
+             for s, t, ms, mt in zip(sources, translations, maps[0], maps[1])]
+    captions = [f"p={a:.3f} -> {b:.3f} after translation" for a, b in zip(*probs)]
+    return report.image_grid(tiles, path, cols=2, cell=max(96, sources.shape[1]), captions=captions,
+                             title=title or f"Grad-CAM (melanoma) of {Path(checkpoint).parent.name}: "
+                                            f"source | map | translation | map")
+
+
 def skip(s: data.Skipped, strict: bool) -> None:
     if strict:
         raise cli.UsageError(f"{s.name}: cannot read this image ({s.reason}) [--strict: fix or remove it, or run "
