@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import call, refused
-from melano import data, synth
+from helpers import call, clf_train_argv, read_csv, refused, trained
+from melano import classifier, data, synth
 from melano.data import isic
 
 MEL = "Malignant melanocytic proliferations (Melanoma)"
@@ -187,7 +187,7 @@ def test_archive_layout_of_the_builtin_set_reads_as_the_kaggle_one(tmp_path):
     """The built-in set, converted to isic-cli's layout, gives the same images, labels, groups,
     cache and split as its Kaggle layout."""
     kag = tmp_path / "kaggle"
-    synth.generate(synth.SynthConfig(out=str(kag), benign=24, malignant=8, size=32, seed=2))
+    synth.generate(synth.SynthConfig(out=str(kag), benign=40, malignant=16, size=32, seed=2, images_per_patient=2.0))
     rows = list(csv.DictReader(open(kag / "train.csv", newline="")))
     arc = tmp_path / "archive"
     arc.mkdir()
@@ -202,6 +202,11 @@ def test_archive_layout_of_the_builtin_set_reads_as_the_kaggle_one(tmp_path):
     ca, ck = data.build_cache(a, 16, tmp_path / "ca"), data.build_cache(k, 16, tmp_path / "ck")
     assert np.array_equal(np.asarray(ca.images), np.asarray(ck.images))
     assert data.make_split(ca, tmp_path / "sa.csv", seed=3) == data.make_split(ck, tmp_path / "sk.csv", seed=3)
+    # a classifier trained on either folder (same options, each drawing its own split) scores the same
+    for folder in (kag, arc):
+        trained(classifier.main, clf_train_argv(folder, tmp_path / f"run_{folder.name}", max_steps=2))
+    pa, pk = (read_csv(tmp_path / f"run_{f.name}" / "test_predictions.csv") for f in (arc, kag))
+    assert pa == pk and len(pa) > 0
 
 
 def test_kaggle_nevi_only_uses_the_diagnosis_column(tmp_path):
