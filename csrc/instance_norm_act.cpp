@@ -157,16 +157,14 @@ struct Args {
   A* consts = nullptr;
 };
 
-// One (n, c) plane p of an NCHW tensor: three passes (mean; corrected variance; output). A plane is at
-// most a few hundred KiB in a CycleGAN, so the second and third passes read it from L1 or L2. spill:
-// see for_lanes.
-template <typename T, int ACT, int L>
-MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p, bool spill) {
+// One (n, c) plane p of an NCHW tensor, forward: its statistics (two passes: the mean; the corrected
+// variance), then its output. A plane is at most a few hundred KiB in a CycleGAN, so the passes after
+// the first read it from L1 or L2. spill: see for_lanes.
+template <typename T, int L>
+MELANO_INLINE void forward_stats(const Args<T>& a, int64_t p, bool spill) {
   using A = at::opmath_type<T>;
   const int64_t hw = a.hw;
   const T* __restrict__ xp = a.x + p * hw;
-  T* __restrict__ yp = a.out + p * hw;
-
   double sum[1] = {0};
   sum_lanes<A, L>(hw, spill, sum, [&](auto lanes, int64_t i) MELANO_LAMBDA {
     return std::array{load<A>(lanes, xp + i)};
@@ -180,45 +178,87 @@ MELANO_INLINE void forward_plane(const Args<T>& a, int64_t p, bool spill) {
     return std::array{d, d * d};
   });
   const double var = std::max(0.0, (m[1] - m[0] * m[0] * inv_hw) * inv_hw);
-  const A mean = A(double(mean0) + m[0] * inv_hw);
-  const A rstd = A(1.0 / std::sqrt(var + a.eps));
-  const auto [scale, shift] = affine_of(rstd, a.w, a.b, a.w || a.b ? p % a.C : 0);
-  for_lanes<L>(hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
-    store(yp + i, act_fwd<ACT>(pre_act(load<A>(lanes, xp + i) - mean, scale, shift), a.slope));
-  });
-  a.mean[p] = mean;
-  a.rstd[p] = rstd;
+  a.mean[p] = A(double(mean0) + m[0] * inv_hw);
+  a.rstd[p] = A(1.0 / std::sqrt(var + a.eps));
 }
 
-// One plane of the backward: two passes over x and dy (sums of g and g * xhat; then dx).
 template <typename T, int ACT, int L>
-MELANO_INLINE void backward_plane(const Args<T>& a, int64_t p, bool spill) {
+MELANO_INLINE void forward_output(const Args<T>& a, int64_t p, bool spill) {
   using A = at::opmath_type<T>;
-  const int64_t hw = a.hw;
-  const T* __restrict__ xp = a.x + p * hw;
-  const T* __restrict__ dyp = a.dy + p * hw;
-  T* __restrict__ dxp = a.out + p * hw;
+  const T* __restrict__ xp = a.x + p * a.hw;
+  T* __restrict__ yp = a.out + p * a.hw;
+  const A mean = a.mean[p];
+  const auto [scale, shift] = affine_of(a.rstd[p], a.w, a.b, a.w || a.b ? p % a.C : 0);
+  for_lanes<L>(a.hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+    store(yp + i, act_fwd<ACT>(pre_act(load<A>(lanes, xp + i) - mean, scale, shift), a.slope));
+  });
+}
+
+// The backward of plane p: the sums of g and g * xhat (one pass over x and dy), then dx (another),
+// with g = dy * act'(y_pre) and xhat = (x - mean) * rstd computed by each pass as f(lanes, i, g, xhat).
+template <typename T, int ACT, typename F>
+MELANO_INLINE void backward_elements(const Args<T>& a, int64_t p, const F& f) {
+  using A = at::opmath_type<T>;
+  const T* __restrict__ xp = a.x + p * a.hw;
+  const T* __restrict__ dyp = a.dy + p * a.hw;
   const A mean = a.mean[p], rstd = a.rstd[p];
   const auto [scale, shift] = affine_of(rstd, a.w, a.b, a.w || a.b ? p % a.C : 0);
-  // g and xhat = (x - mean) * rstd at element i (vector or scalar, as lanes says).
-  auto g_and_xhat = [&](auto lanes, int64_t i) MELANO_LAMBDA {
+  f([&](auto lanes, int64_t i) MELANO_LAMBDA {
     const auto d = load<A>(lanes, xp + i) - mean;
     return std::array{act_grad<ACT>(pre_act(d, scale, shift), load<A>(lanes, dyp + i), a.slope), d * rstd};
-  };
+  }, scale);
+}
 
-  double s[2] = {0, 0};
-  sum_lanes<A, L>(hw, spill, s, [&](auto lanes, int64_t i) MELANO_LAMBDA {
-    const auto [g, xhat] = g_and_xhat(lanes, i);
-    return std::array{g, g * xhat};
+template <typename T, int ACT, int L>
+MELANO_INLINE void backward_sums(const Args<T>& a, int64_t p, bool spill) {
+  using A = at::opmath_type<T>;
+  backward_elements<T, ACT>(a, p, [&](const auto& g_and_xhat, A) MELANO_LAMBDA {
+    double s[2] = {0, 0};
+    sum_lanes<A, L>(a.hw, spill, s, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+      const auto [g, xhat] = g_and_xhat(lanes, i);
+      return std::array{g, g * xhat};
+    });
+    a.sum_g[p] = s[0];
+    a.sum_gx[p] = s[1];
   });
-  a.sum_g[p] = s[0];
-  a.sum_gx[p] = s[1];
-  const double inv_hw = 1.0 / double(hw);
-  const A mg = A(s[0] * inv_hw), mgx = A(s[1] * inv_hw);
-  for_lanes<L>(hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
-    const auto [g, xhat] = g_and_xhat(lanes, i);
-    store(dxp + i, grad_input(g, xhat, scale, mg, mgx));
+}
+
+template <typename T, int ACT, int L>
+MELANO_INLINE void backward_dx(const Args<T>& a, int64_t p, bool spill) {
+  using A = at::opmath_type<T>;
+  T* __restrict__ dxp = a.out + p * a.hw;
+  const double inv_hw = 1.0 / double(a.hw);
+  const A mg = A(a.sum_g[p] * inv_hw), mgx = A(a.sum_gx[p] * inv_hw);
+  backward_elements<T, ACT>(a, p, [&](const auto& g_and_xhat, A scale) MELANO_LAMBDA {
+    for_lanes<L>(a.hw, spill, [&](auto lanes, int64_t i) MELANO_LAMBDA {
+      const auto [g, xhat] = g_and_xhat(lanes, i);
+      store(dxp + i, grad_input(g, xhat, scale, mg, mgx));
+    });
   });
+}
+
+// NCHW planes [begin, end) of a task range, in groups of about kGroupBytes: first each plane's
+// statistics (forward) or sums (backward), then each one's output. A small plane's statistics are
+// a chain of dependent adds, a division and a square root; the next plane's, close behind in the
+// instruction stream, run alongside it. A group stays in L1 between its two loops.
+constexpr int64_t kGroupBytes = 16384;
+
+template <typename T, int ACT, int L, bool FORWARD>
+MELANO_INLINE void planes(const Args<T>& a, int64_t begin, int64_t end) {
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / int64_t(a.hw * sizeof(T)));
+  for (int64_t g0 = begin; g0 < end; g0 += group) {
+    const int64_t g1 = std::min(end, g0 + group);
+    for (int64_t t = g0; t < g1; ++t) {
+      const bool spill = (end - t - 1) * a.hw >= L;  // see for_lanes
+      if constexpr (FORWARD) forward_stats<T, L>(a, t, spill);
+      else backward_sums<T, ACT, L>(a, t, spill);
+    }
+    for (int64_t t = g0; t < g1; ++t) {
+      const bool spill = (end - t - 1) * a.hw >= L;
+      if constexpr (FORWARD) forward_output<T, ACT, L>(a, t, spill);
+      else backward_dx<T, ACT, L>(a, t, spill);
+    }
+  }
 }
 
 // ---- NHWC (channels_last): SIMD across channels -------------------------------------------------
@@ -504,13 +544,14 @@ MELANO_INLINE void nhwc_task(const Args<T>& a, int64_t t) {
 template <typename T, int ACT, int PASS, int W>
 MELANO_INLINE void tasks_generic(const Args<T>& a, int64_t begin, int64_t end) {
   constexpr int L = W / sizeof(at::opmath_type<T>);
-  for (int64_t t = begin; t < end; ++t) {
-    const bool spill = (end - t - 1) * a.hw >= L;  // see for_lanes
-    if constexpr (PASS == kForwardPlanes) forward_plane<T, ACT, L>(a, t, spill);
-    else if constexpr (PASS == kBackwardPlanes) backward_plane<T, ACT, L>(a, t, spill);
-    else if (a.C <= L) nhwc_task<T, ACT, PASS, L, 1>(a, t);  // see nhwc_task
-    else if (a.C <= 2 * L) nhwc_task<T, ACT, PASS, L, 2>(a, t);
-    else nhwc_task<T, ACT, PASS, L, kGroup>(a, t);
+  if constexpr (PASS == kForwardPlanes || PASS == kBackwardPlanes) {
+    planes<T, ACT, L, PASS == kForwardPlanes>(a, begin, end);
+  } else {
+    for (int64_t t = begin; t < end; ++t) {
+      if (a.C <= L) nhwc_task<T, ACT, PASS, L, 1>(a, t);  // see nhwc_task
+      else if (a.C <= 2 * L) nhwc_task<T, ACT, PASS, L, 2>(a, t);
+      else nhwc_task<T, ACT, PASS, L, kGroup>(a, t);
+    }
   }
 }
 
