@@ -1,4 +1,6 @@
-// Fused InstanceNorm + activation: CUDA kernels for the ops defined in instance_norm_act.cpp.
+// Fused InstanceNorm + activation: CUDA kernels for the ops defined in instance_norm_act_autograd.cpp
+// (the schemas and the autograd, registered once at the Autograd key for every device; this file only
+// registers the CUDA kernels).
 // fp32, fp16 and bf16 (fp32 accumulation) and fp64; forward and backward; affine or not. The formulas
 // are those of reference/instance_norm_act.py; the activation, dx and checks are in instance_norm_act.h.
 //

@@ -25,18 +25,17 @@ read twice).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melano.infra import kernels
-
 log = logging.getLogger("melano.ops")
 
 ACTS = ("none", "relu", "leaky_relu")
-MODES = kernels.MODES
+MODES = ("auto", "ext", "eager")  # also in infra.kernels.ops_mode (science may not import plumbing)
 OPS = ("melano::inorm_act_fwd", "melano::inorm_act_bwd")
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # device type -> the dispatch key of its kernels
 
@@ -77,7 +76,9 @@ def _register_fakes() -> None:
 
 def backend(device: str | torch.device = "cpu") -> str:
     """"ext" or "eager": the path instance_norm_act takes for tensors on `device`. Never builds."""
-    mode = kernels.ops_mode()
+    mode = os.environ.get("MELANO_OPS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"MELANO_OPS={mode!r} is not one of {', '.join(MODES)}")
     return "eager" if mode == "eager" else _compiled_or_eager(torch.device(device).type, mode)
 
 
