@@ -43,6 +43,8 @@ CHECKPOINT = "checkpoint.pt"  # the latest checkpoint in a run folder; --resume 
 class CycleGANConfig:
     data: str = option("", "ISIC-layout folder (train.csv + images) or synthetic folder; its training split is used")
     out: str = option("", "run folder: config.json, losses.csv/png, samples/, checkpoint.pt, splits.csv")
+    negatives: str = option("all", "which lesions are domain A: all non-melanomas (as ISIC 2020) or nevi only "
+                                   "(needs a diagnosis column)", choices=mdata.NEGATIVES)
     split_csv: str | None = option(None, "patient-grouped split file; used as is when it exists, else drawn "
                                          "(seeded by --seed) and written there. none: <out>/splits.csv")
     cache_dir: str | None = option(None, "folder of melano.data's uint8 image caches. none: <out>/cache")
@@ -144,7 +146,8 @@ class TrainData:
 
     def __init__(self, cfg: CycleGANConfig):
         self.cfg = cfg
-        _, self.cache, split = mdata.load_split_data(cfg.data, cfg.size, mdata.cache_path(cfg), mdata.split_path(cfg), cfg.seed)
+        _, self.cache, split = mdata.load_split_data(cfg.data, cfg.size, mdata.cache_path(cfg), mdata.split_path(cfg),
+                                                     cfg.seed, cfg.negatives)
         rows = self.cache.rows(split["train"])
         t = self.cache.targets[rows]
         self.rows_A, self.rows_B = rows[t == 0], rows[t == 1]

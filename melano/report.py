@@ -523,7 +523,12 @@ def markdown_report(result: dict) -> str:
     lines += ["## Figures", "", "- `roc.png`: every arm's test ROC curve (seed 0).",
               "- `gan_losses.png`: the CycleGAN losses per step.",
               "- `synthetic_samples.png`: training-split benign sources (left) and their synthetic "
-              "malignant translations (right).", ""]
+              "malignant translations (right).",
+              "- `gradcam_<arm>.png`: where each arm's seed-0 classifier looks (Grad-CAM on its last stage) on "
+              "its most confident true positives, false positives and false negatives; "
+              "`gradcam_translation_<arm>.png`: the same map on benign sources and their translations.",
+              "- `quality/`: the quality stage's pictures (nearest neighbours, distributions, and source → "
+              "translation pairs captioned with the criteria the probe says were gained or lost).", ""]
     return "\n".join(lines)
 
 

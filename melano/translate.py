@@ -78,7 +78,8 @@ def synthetic_row(name: str, src: mdata.Record) -> dict:
 def write_translations(cfg: TranslateConfig, G: torch.nn.Module, gcfg: SimpleNamespace, split_csv: Path,
                        device: torch.device, claim: outdir.Claim) -> list[dict]:
     """G_A over the chosen benign images, each written like its source; then train.csv."""
-    index, cache, splits = mdata.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or mdata.cache_path(gcfg), split_csv)
+    index, cache, splits = mdata.load_split_data(cfg.data, gcfg.size, cfg.cache_dir or mdata.cache_path(gcfg), split_csv,
+                                                 negatives=getattr(gcfg, "negatives", "all"))
     records = {r.image_name: r for r in index.records}
     split_names = splits[cfg.split]
     names = sample_benign(split_names, cache.targets[cache.rows(split_names)], cfg.limit, gcfg.seed)

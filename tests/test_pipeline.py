@@ -254,6 +254,12 @@ def test_the_trainers_settings_reach_their_configs_under_every_spelling():
         for arm in pipeline.ARMS:
             clf = dataclasses.asdict(pipeline.arm_config(cfg, d, Path("c"), arm, 1, [], 0))
             assert dataclasses.asdict(cfg.clf).items() <= clf.items() and clf["seed"] == cfg.seed + 1
+    # one --negatives for both trainers (the GANs' domain A and the classifiers' negatives)
+    cfg = pipeline.parse_config(["--negatives", "nevi"])[0]
+    assert pipeline.gan_config(cfg, d, Path("c"), "none", 2).negatives == "nevi"
+    assert pipeline.arm_config(cfg, d, Path("c"), "none", 0, [], 0).negatives == "nevi"
+    with pytest.raises(SystemExit):
+        pipeline.parse_config(["--negatives", "moles"])
     old = ["--gan-blocks", "2", "--arch", "tf_efficientnet_b0", "--no-pretrained", "--clf-size", "none"]
     new = ["--gan-n-blocks", "2", "--clf-arch", "tf_efficientnet_b0", "--no-clf-pretrained", "--clf-size", "none"]
     cfg = pipeline.parse_config(old)[0]
@@ -320,7 +326,7 @@ def test_a_stopped_child_stage_stops_the_pipeline_as_a_signal(tmp_path, monkeypa
     from melano.infra import signals
     real = subprocess.Popen
     child = [sys.executable, "-c", "import sys; print('stopped by SIGINT'); sys.exit(130)"]
-    monkeypatch.setattr(pipeline.subprocess, "Popen", lambda cmd, **kw: real(child, **kw))
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: real(child, **kw))
     cfg = classifier.ClassifierConfig(data="d", out=str(tmp_path / "arm"), pretrained=False, size=32)
     (tmp_path / "arm").mkdir()
     with pytest.raises(signals.Stopped) as stopped:

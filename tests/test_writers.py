@@ -35,10 +35,10 @@ def smoke(out, *more) -> list:
 def test_a_data_set_where_a_stage_goes_is_refused_and_kept(tmp_path, caplog):
     # finding 1: a data set made by `melano.data synth --out R/gan` was deleted by the GAN stage, exit 0
     run = tmp_path / "study_run"
-    make_data(run / "gan", 10, 6)
+    make_data(run / "gan_0", 10, 6)
     before = tree(run)
     assert call(pipeline.main, smoke(run)) == 2
-    refused(caplog, run, "gan")
+    refused(caplog, run, "gan_0")
     assert tree(run) == before
 
 
@@ -49,14 +49,14 @@ def test_a_folder_in_a_stage_place_of_an_earlier_run_is_refused_and_kept(tmp_pat
     # and lock files with its own pid, so the trees below also check that the refusal comes first
     subprocess.run([sys.executable, "-c", f"from melano.infra import outdir; outdir.claim({str(run)!r}, 'pipeline').close()"],
                    check=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    make_data(run / "gan_ls", 10, 6)  # written by melano (synth), but not by this pipeline
+    make_data(run / "gan_ls_0", 10, 6)  # written by melano (synth), but not by this pipeline
     (run / "arm_none_1").mkdir()
     (run / "arm_none_1" / "my_notes.txt").write_text("mine")
     before = tree(run)
     assert call(pipeline.main, smoke(run)) == 2
-    refused(caplog, run / "gan_ls")  # the first of the two in the order the stages run
+    refused(caplog, run / "gan_ls_0")  # the first of the two in the order the stages run
     assert tree(run) == before
-    kept = shutil.move(run / "gan_ls", tmp_path / "gan_ls")
+    kept = shutil.move(run / "gan_ls_0", tmp_path / "gan_ls_0")
     before = tree(run)
     caplog.clear()
     assert call(pipeline.main, smoke(run)) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..efficientnet import config as model_config
 from ..infra import cli, options, precision
+from ..data import NEGATIVES
 from ..infra.options import option
 
 
@@ -25,6 +26,7 @@ class ClassifierConfig:
     data: str = option("", "ISIC-style folder: train.csv + jpeg/train/ (or train/), or benign/ + malignant/; "
                            "its split gives train/val/test")
     out: str = option("", "run folder for checkpoints, predictions and history")
+    negatives: str = option("all", "which lesions are negatives: all (every non-melanoma, as ISIC 2020) or nevi (melanoma vs nevi only; needs a diagnosis column)", choices=NEGATIVES)
     extra: list[str] = option(help="training-only folders in the same layouts (e.g. `cyclegan translate` output); "
                                    "never used for validation or test, and refused if they derive from val/test "
                                    "images", factory=list)

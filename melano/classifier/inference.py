@@ -104,7 +104,8 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
                              f"(and --split-csv) where it is now")
     if claim is None:
         outdir.check(out_dir, "evaluate", force=force, can_resume=False, data=[cfg.data])  # before any work
-    cache = data.build_cache(data.read_index(cfg.data), state["image_size"], data.cache_path(cfg), workers)
+    cache = data.build_cache(data.read_index(cfg.data, negatives=cfg.negatives), state["image_size"],
+                             data.cache_path(cfg), workers)
     names = load_split(cfg, cache, draw=False)[split]
     loader = data.make_loader(unit_dataset(cache, names), batch_size, workers=workers)
     logits, y = infer(model, norm, loader, dev, tta=tta, amp_dtype=inference_dtype(saved, dev))
@@ -126,9 +127,9 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
 
 
 def score_arrays(checkpoint: str | Path, images: np.ndarray, batch_size: int = 256,
-                 device: str | None = "cpu") -> np.ndarray:
+                 device: str | None = "cpu", tta: bool = False) -> np.ndarray:
     """Logits of a checkpoint for (N, H, W, 3) uint8 images (e.g. a cache's memmap), resized
-    (antialiased bilinear) to the checkpoint's size when they differ."""
+    (antialiased bilinear) to the checkpoint's size when they differ; `tta`: averaged over the 4 flips."""
     model, norm, state = load_classifier(checkpoint, device)
     dev, size = next(model.parameters()).device, state["image_size"]
     out = []
@@ -136,7 +137,8 @@ def score_arrays(checkpoint: str | Path, images: np.ndarray, batch_size: int = 2
         x = to_tensor(np.array(images[i:i + batch_size]))
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(infer(model, norm, [(x, torch.zeros(len(x)))], dev, amp_dtype=inference_dtype(state["config"], dev))[0])
+        out.append(infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
+                         amp_dtype=inference_dtype(state["config"], dev))[0])
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -118,7 +118,8 @@ def prepare_data(cfg: ClassifierConfig) -> Data:
     """Caches, the split, the datasets; one process per node builds caches and draws the split."""
     size, world = image_size(cfg), dist.world_size()
     with dist.local_main_first():
-        cache = data.build_cache(data.read_index(cfg.data), size, data.cache_path(cfg), cfg.workers)
+        cache = data.build_cache(data.read_index(cfg.data, negatives=cfg.negatives), size, data.cache_path(cfg),
+                                 cfg.workers)
         split = load_split(cfg, cache)
         sets = [unit_dataset(cache, split["train"])]
         for d in cfg.extra:

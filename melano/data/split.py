@@ -99,10 +99,11 @@ def make_split(data, out_csv: str | os.PathLike, val_frac: float = 0.15, test_fr
 
 
 def load_split_data(data_dir: str | Path, size: int, cache_dir: str | Path, split_csv: str | Path,
-                    seed: int = 0) -> tuple[Index, Cache, dict[str, list[str]]]:
-    """The folder's index, its uint8 cache at `size`, and the experiment's split: `split_csv` as
-    it is (whatever seed drew it), or drawn there with the default fractions and `seed`."""
-    index = read_index(data_dir)
+                    seed: int = 0, negatives: str = "all") -> tuple[Index, Cache, dict[str, list[str]]]:
+    """The folder's index (`read_index`'s `negatives`), its uint8 cache at `size`, and the
+    experiment's split: `split_csv` as it is (whatever seed drew it), or drawn there with the
+    default fractions and `seed`."""
+    index = read_index(data_dir, negatives=negatives)
     cache = build_cache(index, size, cache_dir)
     return index, cache, make_split(cache, split_csv, seed=seed, same_params=False)
 
