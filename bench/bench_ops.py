@@ -11,7 +11,8 @@ load from other processes hits all alike:
     eager_nchw  eager PyTorch on NCHW input
 and a plain copy of the same tensor (x.clone()): each fused variant's achieved bandwidth (its
 minimum traffic: x read and y written; plus x and dy read and dx written in the backward) is
-reported as a fraction of that copy's. Ratios are of medians.
+reported as a fraction of that copy's. So is that of the NCHW kernels alone (the forward and backward
+ops called directly, without the Python wrapper and autograd). Ratios are of medians.
 
 Before timing, each shape's fused outputs and gradients in both layouts are checked against eager
 (llm.c style: a wrong kernel is never timed). The run starts with a calibration (a fixed conv's
@@ -258,6 +259,12 @@ def timed_fns(n, c, h, act, device, dtype, slope, compile_ok):
                 xg.grad = None
 
             fns[f"{path}_{layout}_fwd"], fns[f"{path}_{layout}_fwd_bwd"] = fwd, fwd_bwd
+    # The NCHW kernels alone: the forward op, and the backward op on its statistics, called directly (no
+    # Python wrapper, no autograd), each allocating only its outputs.
+    _, mean, rstd = torch.ops.melano.inorm_act_fwd(x, None, None, 1e-5, act, slope)
+    gy = torch.randn_like(x)
+    fns["kernel_nchw_fwd"] = lambda: torch.ops.melano.inorm_act_fwd(x, None, None, 1e-5, act, slope)
+    fns["kernel_nchw_bwd"] = lambda: torch.ops.melano.inorm_act_bwd(gy, x, None, None, mean, rstd, act, slope)
     return x, fns
 
 
@@ -290,7 +297,8 @@ def bench_shape(n, c, h, act, device, dtype, timer, reps, compile_ok, slope=0.2)
         fns["compile_nchw_fwd"]()  # compile outside the timings
         fns["compile_nchw_fwd_bwd"]()
         row["compile_seconds"] = round(time.monotonic() - t0, 1)
-    runs = interleaved_times({k: f for k, f in fns.items() if k == "copy" or k.endswith("_fwd")}, timer, reps)
+    runs = interleaved_times({k: f for k, f in fns.items() if k == "copy" or k.endswith(("_fwd", "_bwd"))
+                              and not k.endswith("_fwd_bwd")}, timer, reps)
     runs.update(interleaved_times({k: f for k, f in fns.items() if k.endswith("_fwd_bwd")}, timer, reps))
     t = {k: statistics.median(v) for k, v in sorted(runs.items())}
     row["seconds"] = t  # medians
@@ -306,6 +314,8 @@ def bench_shape(n, c, h, act, device, dtype, timer, reps, compile_ok, slope=0.2)
         for layout in ("cl", "nchw"):
             row[f"fused_{layout}_{p}_GBps"] = TRAFFIC[p] * nbytes / t[f"fused_{layout}_{p}"] / 1e9
             row[f"fused_{layout}_{p}_copy_fraction"] = row[f"fused_{layout}_{p}_GBps"] * 1e9 / copy_Bps
+    kernels_s = t["kernel_nchw_fwd"] + t["kernel_nchw_bwd"]
+    row["kernel_nchw_fwd_bwd_copy_fraction"] = TRAFFIC["fwd_bwd"] * nbytes / kernels_s / copy_Bps
     row["copy_GBps"] = copy_Bps / 1e9
     if device == "cuda":
         g = row["graph_seconds"] = graph_row(x, act, slope)
@@ -319,7 +329,8 @@ def bench_shape(n, c, h, act, device, dtype, timer, reps, compile_ok, slope=0.2)
 def summarize(rows, device, shapes="full") -> dict:
     keys = [k for k in rows[0] if k.startswith(("nhwc_", "nchw_")) and "_vs_" in k]
     summary = {f"median_{k}": statistics.median(r[k] for r in rows if k in r) for k in keys}
-    for k in ("fused_cl_fwd_bwd_copy_fraction", "fused_nchw_fwd_bwd_copy_fraction"):
+    for k in ("fused_cl_fwd_bwd_copy_fraction", "fused_nchw_fwd_bwd_copy_fraction",
+              "kernel_nchw_fwd_bwd_copy_fraction"):
         summary[f"median_{k}"] = statistics.median(r[k] for r in rows)
     if device == "cuda":
         big = [r for r in rows if r["shape"][2] >= 256]
@@ -353,7 +364,7 @@ def print_table(result, rows, device) -> None:
     print(f"\nInstanceNorm+act on {result['machine']['device_name']} ({device}, {result['dtype']}, "
           f"{result['machine']['torch_threads']} threads, torch {torch.__version__}); fwd+bwd medians in ms")
     head = (f"{'shape':<16} {'act':<10} {'fused_cl':>9} {'eager_cl':>9} {'fused_nchw':>10} {'eager_nchw':>10}"
-            f" {'cl/eager':>9} {'cl/nchw':>8} {'cl %copy':>8} {'nchw/eager':>10} {'nchw %copy':>10}")
+            f" {'cl/eager':>9} {'cl/nchw':>8} {'cl %copy':>8} {'nchw/eager':>10} {'nchw %copy':>10} {'kernels %copy':>13}")
     if device == "cuda":
         head += f" {'kernel cl %copy':>15}"
     print(head)
@@ -363,7 +374,8 @@ def print_table(result, rows, device) -> None:
             f"{t[f'{v}_fwd_bwd'] * 1e3:>{max(9, len(v))}.3f}" for v in VARIANTS)
         line += (f" {r['nhwc_fwd_bwd_vs_eager_cl']:>9.2f} {r['nhwc_fwd_bwd_vs_fused_nchw']:>8.2f}"
                  f" {100 * r['fused_cl_fwd_bwd_copy_fraction']:>7.0f}%"
-                 f" {r['nchw_fwd_bwd_vs_eager_nchw']:>10.2f} {100 * r['fused_nchw_fwd_bwd_copy_fraction']:>9.0f}%")
+                 f" {r['nchw_fwd_bwd_vs_eager_nchw']:>10.2f} {100 * r['fused_nchw_fwd_bwd_copy_fraction']:>9.0f}%"
+                 f" {100 * r['kernel_nchw_fwd_bwd_copy_fraction']:>12.0f}%")
         if device == "cuda":
             k = r.get("graph_fused_cl_fwd_bwd_copy_fraction")
             line += f" {100 * k:>14.0f}%" if k else f" {'-':>15}"
