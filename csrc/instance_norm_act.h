@@ -208,7 +208,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const Inpu
 }
 
 // (dx, dweight, dbias) from the per-plane sums of g and g * xhat, of shape (N, C): dbias sums g over each
-// channel's planes and dweight sums g * xhat. Both are returned even when not affine (Python drops them).
+// channel's planes and dweight sums g * xhat. Both are returned even when not affine (the autograd drops
+// them). The CUDA op's; the CPU op adds its per-plane sums itself, without tensor ops.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(const at::Tensor& dx,
                                                                       const at::Tensor& sum_g,
                                                                       const at::Tensor& sum_gx,
