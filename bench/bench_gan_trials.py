@@ -26,6 +26,7 @@ from melano import pipeline, synth  # noqa: E402
 from melano.infra.cli import setup_logging  # noqa: E402
 
 DEFAULT_TRIALS = ("48:16:3:500", "48:16:3:250", "64:16:3:250", "48:16:2:350")
+RESULTS_FILE = Path(__file__).resolve().parent / "results" / "gan_trials.json"
 
 
 def parse_trial(text: str) -> dict:
@@ -56,7 +57,8 @@ def run_trial(data: Path, out: Path, settings: dict) -> dict:
     load = list(os.getloadavg())
     t0 = time.monotonic()
     result = pipeline.run_experiment(cfg)
-    return {"settings": settings, "gan_seconds": result["timings_s"]["gan_0"],
+    return {"settings": settings, "data": {"benign": cfg.synth_benign, "malignant": cfg.synth_malignant,
+                                           "size": cfg.synth_size}, "gan_seconds": result["timings_s"]["gan_0"],
             "quality_seconds": result["timings_s"].get("quality"), "wall_s": time.monotonic() - t0,
             "load_average_at_start": load, **figures(result["synthetic_quality"])}
 
@@ -65,6 +67,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trial", action="append", help="size:ngf:blocks:steps (repeatable; default: "
                                                      f"{' '.join(DEFAULT_TRIALS)})")
+    p.add_argument("--append", action="store_true", help="add these trials to bench/results/gan_trials.json")
     args = p.parse_args()
     setup_logging()
     trials = [parse_trial(t) for t in (args.trial or DEFAULT_TRIALS)]
@@ -76,6 +79,9 @@ def main():
             rows.append(run_trial(data, Path(tmp) / f"trial{i}", settings))
             r = rows[-1]
             print(json.dumps({k: r[k] for k in ("settings", "gan_seconds", "probe_can_see")}))
+    if args.append and RESULTS_FILE.exists():  # earlier trials kept, each with the host state it ran under
+        earlier = json.loads(RESULTS_FILE.read_text())["trials"]
+        rows = earlier + [dict(r, host_at_start=host) for r in rows]
     write_results("gan_trials", {"host_at_start": host, "trials": rows})
 
 

@@ -68,23 +68,31 @@ def load_model(state: dict, device: torch.device) -> tuple[torch.nn.Module, Norm
     return model, Normalise(state["mean"], state["std"], channels_last).to(device)
 
 
+def views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Test-time views of a (B, C, H, W) batch: 1 (itself), 4 (the flips: identity, horizontal,
+    vertical, both) or 8 (the dihedral group: those and their transposes, i.e. the quarter turns
+    and the two diagonal mirrors). A lesion has no up or left, so each view is as valid as the image."""
+    flips = [x.flip(dims) for dims in ((), (3,), (2,), (2, 3))][:n]
+    return flips + ([v.transpose(2, 3) for v in flips] if n == 8 else [])
+
+
 @torch.inference_mode()
-def infer(model: torch.nn.Module, norm: Normalise, loader, device: torch.device, tta: bool = False,
+def infer(model: torch.nn.Module, norm: Normalise, loader, device: torch.device, tta: bool | int = False,
           amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, targets) of every image the loader yields, in its order; float64 numpy arrays.
 
-    Logits stay on the device until the end (no per-batch sync). With `tta` the logit is the mean
-    over the identity, horizontal, vertical and both flips."""
+    Logits stay on the device until the end (no per-batch sync). `tta`: the logit is the mean over
+    `views` of the image: True or 4, the flips; 8, the dihedral group; False or 1, the image alone."""
+    n_views = 4 if tta is True else int(tta) or 1
+    if n_views not in (1, 4, 8):
+        raise ValueError(f"tta: 1, 4 or 8 views, got {tta!r}")
     was_training = model.training
     model.eval()
     logits, targets = [], []
     for x, y in loader:
         x = norm(x.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if tta:
-                z = torch.stack([model(x.flip(dims)).float() for dims in ((), (3,), (2,), (2, 3))]).mean(0)
-            else:
-                z = model(x).float()
+            z = torch.stack([model(v).float() for v in views(x, n_views)]).mean(0)
         logits.append(z.squeeze(1))
         targets.append(y)
     model.train(was_training)

@@ -287,12 +287,14 @@ def _point(arm: dict, key: str) -> str:
             f"{first['ci'][0]:.3f}–{first['ci'][1]:.3f})")
 
 
-def _arms_table(arms: list[dict]) -> list[str]:
+def _arms_table(arms: list[dict], study: bool = True) -> list[str]:
+    """One row per arm; `study`: with the AUC the study reported (on its own test split only)."""
     return _table(("arm", "steps", "images seen", "AUC, mean ± sd over seeds",
-                   "each seed: AUC (DeLong CI; clustered CI)", "study reported"), [
+                   "each seed: AUC (DeLong CI; clustered CI)", *(("study reported",) if study else ())), [
         (a["name"], a.get("steps", "?"), a.get("images_seen", "?"), f"{a['auc_mean']:.3f} ± {a['auc_sd']:.3f}",
          "; ".join(f"{s['auc']:.3f} ({s['ci_low']:.3f}–{s['ci_high']:.3f}; {s['clustered_ci'][0]:.3f}–"
-                   f"{s['clustered_ci'][1]:.3f})" for s in a["seeds"]), STUDY_AUC.get(a["name"], "—"))
+                   f"{s['clustered_ci'][1]:.3f})" for s in a["seeds"]),
+         *((STUDY_AUC.get(a["name"], "—"),) if study else ()))
         for a in arms])
 
 
@@ -305,7 +307,7 @@ def _results_lines(result: dict) -> list[str]:
         lines += ["### The second clinic (out of distribution)", "", "The same classifiers, scored on "
                   "another clinic's images: other patients, skin types, scope and camera.", ""]
         lines += _arms_table([{**a, **{k: v for k, v in b.items() if k in ("steps", "images_seen")}}
-                              for a, b in zip(result["ood"]["arms"], arms)])
+                              for a, b in zip(result["ood"]["arms"], arms)], study=False)
     if arms and "operating_points" in arms[0]["seeds"][0]:
         lines += ["### Operating points", "", "Held-out test split. Mean over seeds; in brackets seed 0's estimate "
                   "and its patient-clustered bootstrap 95% CI (test sampling only).", ""]
@@ -487,7 +489,7 @@ def verdict(comparisons: list[dict], alpha: float = 0.05) -> str:
         name = f"`{c['a']}` vs `{c['b']}` ({c['role']})"
         if c["p_holm"] < alpha:
             word = "higher" if c["delta"] > 0 else "lower"
-            out.append(f"{name}: `{c['a']}` scored a {word} test AUC ({c['delta']:+.3f}, Holm-adjusted "
+            out.append(f"{name}: `{c['a']}` scored a {word} AUC ({c['delta']:+.3f}, Holm-adjusted "
                        f"p = {_fmt_p(c['p_holm'])}).")
         else:
             out.append(f"{name}: no detectable difference ({c['delta']:+.3f}, Holm-adjusted p = "

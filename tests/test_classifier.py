@@ -222,6 +222,26 @@ def test_evaluate_with_tta_scores_the_same_test_split(dataset, run, tmp_path):
     assert r["auc"] == pytest.approx(auc, abs=1e-12) and r["tta"] is True
 
 
+def test_tta_views_are_the_flips_and_the_dihedral_group():
+    # oracle: torch.rot90 of the image and of its mirror image gives the 8 dihedral views; a
+    # model that is not symmetric (a random conv net) gives each a different logit
+    from melano.detector import Normalise, infer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(1))
+    x = torch.rand(5, 3, 7, 7)
+    model(x)  # materialise the lazy layer
+    norm = Normalise((0.0,) * 3, (1.0,) * 3, channels_last=False)
+    batch = [(x, torch.zeros(5))]
+    logit = lambda imgs: torch.stack([model(i).squeeze(1) for i in imgs]).mean(0).double().detach().numpy()
+    dihedral = [torch.rot90(x, k, (2, 3)) for k in range(4)] + [torch.rot90(x.flip(3), k, (2, 3)) for k in range(4)]
+    flips = [x, x.flip(3), x.flip(2), x.flip((2, 3))]
+    for tta, imgs in ((False, [x]), (1, [x]), (True, flips), (4, flips), (8, dihedral)):
+        np.testing.assert_allclose(infer(model, norm, batch, torch.device("cpu"), tta=tta)[0], logit(imgs), atol=1e-6)
+    assert len({round(float(v), 6) for v in (model(i)[0, 0] for i in dihedral)}) == 8
+    with pytest.raises(ValueError, match="1, 4 or 8 views"):
+        infer(model, norm, batch, torch.device("cpu"), tta=3)
+
+
 def test_bad_inputs_fail_clearly(dataset, tmp_path, caplog):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -95,7 +95,7 @@ def test_report_files(arms, tmp_path):
                                  "split_sizes": {"test": {"images": 300, "malignant": 60, "patients": 90}}})
     for r in m["arms"]:
         assert f"| {r['name']} |" in md and f"{r['auc_mean']:.3f} ± {r['auc_sd']:.3f}" in md
-    assert "`cyclegan` vs `traditional` (secondary): `cyclegan` scored a higher test AUC" in md
+    assert "`cyclegan` vs `traditional` (secondary): `cyclegan` scored a higher AUC" in md
     png = report.roc_plot({a: p[0] for a, p in arms.items()}, tmp_path / "roc.png")
     assert Image.open(png).size[0] > 100
     pairs = [(Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 40), "blue"))] * 5

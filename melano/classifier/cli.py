@@ -31,7 +31,8 @@ class EvaluateConfig:
     data: str | None = option(None, "data folder, if moved since training")
     split_csv: str | None = option(None, "splits.csv, if moved since training")
     cache_dir: str | None = option(None, "cache folder. none: the one used in training")
-    tta: bool = option(False, "average the logits of the 4 flips")
+    tta: bool = option(False, "average the logits of --tta-views views")
+    tta_views: int = option(4, "views --tta averages: 4 (the flips) or 8 (the dihedral group)", choices=(4, 8))
     device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
     batch_size: int = option(64, "images per forward pass", min=1)
     workers: int | None = option(None, "DataLoader workers", min=0)
@@ -57,7 +58,8 @@ class PredictConfig:
                                  "test folder always stops: its submission needs every row)")
     max_pixels: int = option(data.MAX_PIXELS, "refuse (skip) images with more pixels than this, before decoding "
                                               "(decompression bombs); raise it for a real larger image", min=1)
-    tta: bool = option(False, "average the logits of the 4 flips")
+    tta: bool = option(False, "average the logits of --tta-views views")
+    tta_views: int = option(4, "views --tta averages: 4 (the flips) or 8 (the dihedral group)", choices=(4, 8))
     device: str | None = option(None, "cpu, cuda, ... none: CUDA when available")
     batch_size: int = option(64, "images per forward pass", min=1)
 
@@ -73,16 +75,16 @@ def _train_command(args) -> None:
 
 def _evaluate_command(args) -> None:
     c = options.from_args(EvaluateConfig, args)
-    result = evaluate(c.checkpoint, split=c.split, out_dir=c.out, tta=c.tta, data_dir=c.data, split_csv=c.split_csv,
-                      cache_dir=c.cache_dir, device=c.device, batch_size=c.batch_size, workers=c.workers,
-                      force=c.force)
+    result = evaluate(c.checkpoint, split=c.split, out_dir=c.out, tta=c.tta and c.tta_views, data_dir=c.data,
+                      split_csv=c.split_csv, cache_dir=c.cache_dir, device=c.device, batch_size=c.batch_size,
+                      workers=c.workers, force=c.force)
     print(json.dumps(to_jsonable(result)))
 
 
 def _predict_command(args) -> None:
     c = options.from_args(PredictConfig, args)
-    rows = predict(c.checkpoint, c.images, out_csv=c.out, tta=c.tta, device=c.device, batch_size=c.batch_size,
-                   strict=c.strict, max_pixels=c.max_pixels, force=c.force)
+    rows = predict(c.checkpoint, c.images, out_csv=c.out, tta=c.tta and c.tta_views, device=c.device,
+                   batch_size=c.batch_size, strict=c.strict, max_pixels=c.max_pixels, force=c.force)
     if c.out is None:
         for name, prob in rows:
             print(json.dumps({"image": name, "probability": prob}))

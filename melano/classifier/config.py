@@ -67,7 +67,9 @@ class ClassifierConfig:
     seed: int = option(0, "seed for weights init, batch order, augmentation")
     val_every: int = option(0, "validate every N steps (and at the last). 0: after each epoch", min=0)
     eval_batch_size: int | None = option(None, "batch for validation/test. none: 2x --batch-size", min=1)
-    tta: bool = option(False, "test-time augmentation: average the logits of the 4 flips")
+    tta: bool = option(False, "test-time augmentation: average the logits of --tta-views views")
+    tta_views: int = option(4, "views --tta averages: 4 (the flips) or 8 (the dihedral group: the flips and "
+                               "their transposes)", choices=(4, 8))
     evaluate: bool = option(True, "score best.pt on the test split after training")
     channels_last: bool = option(True, "NHWC memory format (faster on CPU and GPU)")
     amp: str = option("auto", "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none",
@@ -91,7 +93,7 @@ class ClassifierConfig:
 
 # Config fields that may change between a run and its --resume; every other field must match.
 RESUMABLE = {"resume", "force", "epochs", "max_steps", "device", "workers", "threads", "evaluate", "tta",
-             "eval_batch_size", "out"}
+             "tta_views", "eval_batch_size", "out"}
 
 
 def image_size(cfg: ClassifierConfig) -> int:

@@ -304,7 +304,7 @@ def train(cfg: ClassifierConfig) -> TrainResult:
         # ---- finish: the result, and the test split scored once, by rank 0
         result = summary(cfg, d, p, pos_weight, total, start, time.perf_counter() - t0, val_seconds)
         if main and cfg.evaluate:
-            result.test = evaluate(out / "best.pt", tta=cfg.tta, device=str(device), batch_size=eval_batch_size(cfg),
+            result.test = evaluate(out / "best.pt", tta=cfg.tta and cfg.tta_views, device=str(device), batch_size=eval_batch_size(cfg),
                                    workers=cfg.workers, claim=claim)
         if main:
             claim.write_json("result.json", result)

@@ -114,7 +114,8 @@ def ood_scores_stage(cfg: PipelineConfig, ood: dict, arms: dict[str, list[dict]]
     preds = {}
     for arm, runs in arms.items():
         for k, r in enumerate(runs):
-            logits = classifier.score_arrays(r["best_checkpoint"], cache.images, device=cfg.device, tta=cfg.clf.tta)
+            logits = classifier.score_arrays(r["best_checkpoint"], cache.images, device=cfg.device,
+                                             tta=cfg.clf.tta and cfg.clf.tta_views)
             probs = sigmoid(logits)  # as the arm's own test predictions: the same TTA, the same decoding
             text = classifier.inference.predictions_csv(cache.names, cache.targets, probs)
             preds.setdefault(arm, []).append(str(claim.write_text(folder / f"arm_{arm}_{k}.csv", text)))
