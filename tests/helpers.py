@@ -116,3 +116,27 @@ def trained(main, argv) -> None:
     import torch
     torch.set_num_threads(1)
     assert call(main, argv) == 0
+
+
+# isic-cli's metadata.csv header (isic_id, attribution, copyright_license, then the other fields sorted)
+ARCHIVE_HEADER = ["isic_id", "attribution", "copyright_license", "age_approx", "anatom_site_general",
+                  "diagnosis_1", "diagnosis_2", "diagnosis_3", "image_type", "lesion_id", "patient_id", "sex"]
+ARCHIVE_MEL = "Malignant melanocytic proliferations (Melanoma)"
+
+
+def kaggle_to_archive(kaggle: Path, out: Path) -> Path:
+    """A Kaggle-layout folder (train.csv + jpeg/train/, e.g. melano.synth's) rewritten as `isic image
+    download` writes the ISIC Archive: one folder of images and a metadata.csv."""
+    import shutil
+    with open(kaggle / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out.mkdir(parents=True)
+    for r in rows:
+        shutil.copy(kaggle / "jpeg" / "train" / f"{r['image_name']}.jpg", out / f"{r['image_name']}.jpg")
+    with open(out / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(ARCHIVE_HEADER)
+        w.writerows([[r["image_name"], "melano synth", "CC-0", r["age_approx"], r["anatom_site_general_challenge"],
+                      "Malignant" if r["target"] == "1" else "Benign", ARCHIVE_MEL if r["target"] == "1" else "", "",
+                      "dermoscopic", "", r["patient_id"], r["sex"]] for r in rows])
+    return out

@@ -14,15 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import call, clf_train_argv, read_csv, refused, trained
+from helpers import (ARCHIVE_HEADER, ARCHIVE_MEL as MEL, call, clf_train_argv, kaggle_to_archive, read_csv,
+                     refused, trained)
 from melano import classifier, data, synth
 from melano.data import isic
 
-MEL = "Malignant melanocytic proliferations (Melanoma)"
 NEVI = "Benign melanocytic proliferations"
-# isic-cli's header: isic_id, attribution, copyright_license, then the other fields sorted
-ARCHIVE_HEADER = ["isic_id", "attribution", "copyright_license", "age_approx", "anatom_site_general",
-                  "diagnosis_1", "diagnosis_2", "diagnosis_3", "image_type", "lesion_id", "patient_id", "sex"]
 ISIC2019_HEADER = ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 ISIC2019_META_HEADER = ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]
 HAM_HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -188,15 +185,7 @@ def test_archive_layout_of_the_builtin_set_reads_as_the_kaggle_one(tmp_path):
     cache and split as its Kaggle layout."""
     kag = tmp_path / "kaggle"
     synth.generate(synth.SynthConfig(out=str(kag), benign=40, malignant=16, size=32, seed=2, images_per_patient=2.0))
-    rows = list(csv.DictReader(open(kag / "train.csv", newline="")))
-    arc = tmp_path / "archive"
-    arc.mkdir()
-    for r in rows:
-        shutil.copy(kag / "jpeg" / "train" / f"{r['image_name']}.jpg", arc / f"{r['image_name']}.jpg")
-    write_csv(arc / "metadata.csv", ARCHIVE_HEADER,
-              [[r["image_name"], "melano synth", "CC-0", r["age_approx"], r["anatom_site_general_challenge"],
-                "Malignant" if r["target"] == "1" else "Benign", MEL if r["target"] == "1" else "", "", "dermoscopic",
-                "", r["patient_id"], r["sex"]] for r in rows])
+    arc = kaggle_to_archive(kag, tmp_path / "archive")
     a, k = data.read_index(arc), data.read_index(kag)
     assert (a.names, a.targets.tolist(), a.patients) == (k.names, k.targets.tolist(), k.patients)
     ca, ck = data.build_cache(a, 16, tmp_path / "ca"), data.build_cache(k, 16, tmp_path / "ck")

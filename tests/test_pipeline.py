@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from helpers import read_csv
+from helpers import kaggle_to_archive, read_csv
 from melano import classifier, pipeline
 
 
@@ -46,6 +46,23 @@ def test_smoke_outputs_and_schema(smoke):
     assert "| cyclegan_ls |" in md and "Leakage guards" in md and "Holm" in md
     assert "second clinic" in md and "other GAN runs" in md
     assert Image.open(out / "roc.png").size[0] > 100
+
+
+def test_the_experiment_on_an_isic_archive_folder_equals_the_kaggle_layout_run(smoke, tmp_path):
+    # the smoke run's data as `isic image download` writes it: the same split, GAN run, classifiers
+    # and numbers (one seed, two arms, the primary comparison; the test-only interval: one seed)
+    cfg, result, out = smoke
+    archive = kaggle_to_archive(out / "data" / "synthetic", tmp_path / "archive")
+    arms = ["oversample", "cyclegan"]
+    again = pipeline.run_experiment(pipeline.make_config("smoke", data=str(archive), out=str(tmp_path / "run"),
+                                                         seeds=1, arms=arms))
+    assert read_csv(tmp_path / "run" / "data" / "splits.csv") == read_csv(out / "data" / "splits.csv")
+    for a, b in zip(again["arms"], [a for a in result["arms"] if a["name"] in arms]):
+        assert a["seeds"][0]["auc"] == pytest.approx(b["seeds"][0]["auc"], abs=1e-12), a["name"]
+        rows = read_csv(tmp_path / "run" / f"arm_{a['name']}_0" / "test_predictions.csv")
+        assert rows == read_csv(out / f"arm_{a['name']}_0" / "test_predictions.csv")
+    (c,) = again["comparisons"]
+    assert (c["a"], c["b"], c["role"]) == ("cyclegan", "oversample", "primary") and again["ood"] is None
 
 
 def test_every_arm_and_seed_is_scored_on_the_second_clinic(smoke):

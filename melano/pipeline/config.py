@@ -67,11 +67,11 @@ class PipelineConfig:
                            "seed k trains on the images of its own GAN run k", min=1)
     arms: list[str] = option(help=f"arms to run, from {', '.join(ARMS)}", factory=lambda: list(ARMS))
     # built-in synthetic data (ignored with --data)
-    synth_benign: int = option(5000, "synthetic set: benign images", min=0)
-    synth_malignant: int = option(1000, "synthetic set: malignant images", min=1)
+    synth_benign: int = option(3500, "synthetic set: benign images", min=0)
+    synth_malignant: int = option(700, "synthetic set: malignant images", min=1)
     synth_size: int = option(64, "synthetic set: image side in pixels", min=16)
     synth_difficulty: float = option(synth.DEFAULT_DIFFICULTY, "synthetic set: class overlap", min=0, max=0.5)
-    synth_ood_images: int = option(2400, "synthetic set: images of the second clinic's test set (the same "
+    synth_ood_images: int = option(1200, "synthetic set: images of the second clinic's test set (the same "
                                          "share of melanomas; 0: none)", min=0)
     ood_data: str | None = option(None, "a second labelled folder (another clinic, the same layouts as --data), "
                                         "scored as a second, out-of-distribution test set. none: the built-in "
