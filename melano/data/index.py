@@ -224,16 +224,8 @@ def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped
                              f"image_name, patient_id, ..., target.")
     extra_cols = [c for c in columns if c not in ("image_name", "target", "patient_id")]
     for line, row in csv_rows(reader, csv_path):
-        if None in row:  # more cells than header columns
-            raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
-        name = (row["image_name"] or "").strip()
+        name = isic.row_name(row, "image_name", line, csv_path, seen)
         where = f"{csv_path}, line {line} (image {name!r})"
-        if not name:
-            raise ValueError(f"{csv_path}, line {line}: empty image_name")
-        if name in seen:
-            raise ValueError(f"{csv_path}: image_name {name!r} appears twice, on lines {seen[name]} "
-                             f"and {line}; remove the duplicate")
-        seen[name] = line
         target = _parse_target(row["target"] or "", where)
         bm = (row.get("benign_malignant") or "").strip().lower()
         if bm and bm != ("malignant" if target else "benign"):

@@ -102,7 +102,7 @@ def require(columns: list[str], needed: Iterable[str], csv_path: Path, what: str
                          f"{', '.join(columns) or 'none'}); {what}")
 
 
-def _name(row: dict, col: str, line: int, csv_path: Path, seen: dict[str, int]) -> str:
+def row_name(row: dict, col: str, line: int, csv_path: Path, seen: dict[str, int]) -> str:
     """The row's image id; a missing or repeated one is an error naming both lines."""
     if None in row:
         raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
@@ -144,7 +144,7 @@ def parse_archive(columns: list[str], rows, csv_path: Path) -> list[Row]:
                          f"benign_malignant); download the clinical metadata too (isic image download)")
     out, seen = [], {}
     for line, row in rows:
-        name = _name(row, "isic_id", line, csv_path, seen)
+        name = row_name(row, "isic_id", line, csv_path, seen)
         kind = archive_kind(row, f"{csv_path}, line {line} (image {name!r})")
         extra = {c: (row.get(c) or "").strip() for c in columns if c != "isic_id"}
         out.append(Row(name, kind, line, extra.get("patient_id", ""), extra.get("lesion_id", ""),
@@ -156,7 +156,7 @@ def lesion_ids(columns: list[str], rows, csv_path: Path) -> dict[str, str]:
     """image -> lesion_id of ISIC_2019_Training_Metadata.csv (empty where the row has none)."""
     require(columns, ["image", "lesion_id"], csv_path, "ISIC 2019's metadata has image, ..., lesion_id")
     seen: dict[str, int] = {}
-    return {_name(row, "image", line, csv_path, seen): (row["lesion_id"] or "").strip() for line, row in rows}
+    return {row_name(row, "image", line, csv_path, seen): (row["lesion_id"] or "").strip() for line, row in rows}
 
 
 def parse_isic2019(columns: list[str], rows, csv_path: Path, lesions: dict[str, str]) -> list[Row]:
@@ -165,7 +165,7 @@ def parse_isic2019(columns: list[str], rows, csv_path: Path, lesions: dict[str, 
     require(columns, ["image"] + classes, csv_path, f"ISIC 2019's ground truth has image, {', '.join(classes)}")
     out, seen = [], {}
     for line, row in rows:
-        name = _name(row, "image", line, csv_path, seen)
+        name = row_name(row, "image", line, csv_path, seen)
         ones = []
         for c in classes:
             v = (row[c] or "").strip()
@@ -191,7 +191,7 @@ def parse_ham(columns: list[str], rows, csv_path: Path) -> list[Row]:
             "HAM10000_metadata.csv has lesion_id, image_id, dx, dx_type, age, sex, localization")
     out, seen = [], {}
     for line, row in rows:
-        name = _name(row, "image_id", line, csv_path, seen)
+        name = row_name(row, "image_id", line, csv_path, seen)
         dx = (row["dx"] or "").strip()
         if dx not in HAM_DX:
             raise ValueError(f"{csv_path}, line {line} (image {name!r}): dx {dx!r} is not one of "

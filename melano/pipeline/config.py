@@ -67,8 +67,8 @@ class PipelineConfig:
                            "seed k trains on the images of its own GAN run k", min=1)
     arms: list[str] = option(help=f"arms to run, from {', '.join(ARMS)}", factory=lambda: list(ARMS))
     # built-in synthetic data (ignored with --data)
-    synth_benign: int = option(3500, "synthetic set: benign images", min=0)
-    synth_malignant: int = option(700, "synthetic set: malignant images", min=1)
+    synth_benign: int = option(3000, "synthetic set: benign images", min=0)
+    synth_malignant: int = option(600, "synthetic set: malignant images", min=1)
     synth_size: int = option(64, "synthetic set: image side in pixels", min=16)
     synth_difficulty: float = option(synth.DEFAULT_DIFFICULTY, "synthetic set: class overlap", min=0, max=0.5)
     synth_ood_images: int = option(1200, "synthetic set: images of the second clinic's test set (the same "
@@ -88,6 +88,8 @@ class PipelineConfig:
     quality_images: int = option(96, "quality stage: translations, sources and benign images encoded per set",
                                  min=2)
     quality_reference: int = option(250, "quality stage: real melanomas encoded per split", min=2)
+    quality_resolution: int = option(160, "quality stage: the ImageNet encoder's input side (224, Lite0's own, "
+                                          "for images that large; the quick preset's are 48 px)", min=32)
     # the classifiers
     clf: ClfSettings = option(help="the classifier of every arm (melano.classifier train's options)",
                               factory=ClfSettings)
@@ -136,7 +138,8 @@ PRESETS: dict[str, dict] = {
     "full": dict(synth_benign=32542, synth_malignant=584, synth_size=256, test_frac=0.15, gan_size=256, gan_ngf=64,
                  gan_ndf=64, gan_n_blocks=9, gan_batch_size=1, gan_epochs=100, gan_epochs_decay=100,
                  gan_max_steps=None, gan_upsample="nearest", gan_residual=False, gan_lambda_identity=0.5,
-                 gan_pairing="longest", gan_lr=2e-4, quality_images=500, quality_reference=1000, clf_size=None,
+                 gan_pairing="longest", gan_lr=2e-4, quality_images=500, quality_reference=1000,
+                 quality_resolution=224, clf_size=None,
                  clf_epochs=15, clf_batch_size=32, seeds=5, gan_channels_last=False),
 }
 

@@ -145,6 +145,7 @@ def quality_run(cfg: PipelineConfig, stages: Stages, d: dict, gans: dict[str, li
                 scorer: dict | None) -> dict:
     return stages.run("quality", {"synth": [g["run_id"] for runs in gans.values() for g in runs],
                                   "scorer": scorer and scorer["run_id"], "seed": cfg.seed,
-                                  "images": cfg.quality_images, "reference": cfg.quality_reference, "criteria": 1},
+                                  "images": cfg.quality_images, "reference": cfg.quality_reference,
+                                  "resolution": cfg.quality_resolution, "criteria": 1},
                       functools.partial(quality_stage, cfg, d, gans, cache_dir, scorer and scorer["best_checkpoint"],
                                         stages.claim))

@@ -154,7 +154,8 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
                              criteria=qstage.hidden_criteria(d["data"], cache.names),
                              logits=logits, out_dir=folder,
                              cfg=qstage.QualityConfig(max_images=cfg.quality_images,
-                                                      max_reference=cfg.quality_reference, seed=cfg.seed))
+                                                      max_reference=cfg.quality_reference,
+                                                      resolution=cfg.quality_resolution, seed=cfg.seed))
     result["scorer"] = (f"the oversample arm's seed-0 classifier (real images only, {scorer})" if scorer else
                         "a logistic regression on the features of real training images")
     claim.write_json(folder / "quality.json", result)
