@@ -127,18 +127,15 @@ def quality_stage(cfg: PipelineConfig, d: dict, gans: dict, cache_dir: Path, sco
     """How good each GAN arm's synthetic melanomas are (melano.quality): distances with their scale,
     two-sample tests, translation success, hidden severity, memorisation, pictures. `scorer` is a
     classifier trained on real images only (the oversample arm's), or None for the stage's own."""
-    cache = data.build_cache(data.read_index(d["data"], negatives=cfg.negatives), cfg.gan.size, cache_dir)
+    cache = real_cache(cfg, d, cache_dir)
     where = {n: s for s, names in data.load_split(d["split_csv"], cache).items() for n in names}
     splits = np.array([where[n] for n in cache.names])
     row = {n: i for i, n in enumerate(cache.names)}
     synthetic = {}
     for arm, runs in gans.items():
         for k, g in enumerate(runs):
-            index = data.read_index(g["synthetic"])
-            source_of = {r.image_name: r.extra["source_image"] for r in index.records}
-            syn = data.build_cache(index, cfg.gan.size, cache_dir)  # decoded exactly as the real images
-            synthetic[f"{arm}_g{k}"] = qstage.Synthetic(np.asarray(syn.images),
-                                                        np.array([row[source_of[n]] for n in syn.names]))
+            syn, sources = translations(g, cfg, cache_dir)
+            synthetic[f"{arm}_g{k}"] = qstage.Synthetic(np.asarray(syn.images), np.array([row[s] for s in sources]))
     logits = None
     if scorer is not None:  # score what the stage needs: validation images, sources, translations
         need = (splits == "val") | np.isin(np.arange(len(splits)), np.concatenate([s.sources for s in synthetic.values()]))
@@ -244,23 +241,34 @@ def synthetic_pairs(data_dir: str, root: Path, n: int = 16) -> list:
     return pairs
 
 
+def real_cache(cfg: PipelineConfig, d: dict, cache_dir: Path) -> data.Cache:
+    """The data stage's image cache (at the GAN's size), found again by the stages that read it."""
+    return data.build_cache(data.read_index(d["data"], negatives=cfg.negatives), cfg.gan.size, cache_dir)
+
+
+def translations(gan: dict, cfg: PipelineConfig, cache_dir: Path) -> tuple[data.Cache, list[str]]:
+    """A GAN run's synthetic melanomas, decoded exactly as the real images (a cache at the GAN's
+    size), and the benign source of each cached row."""
+    index = data.read_index(gan["synthetic"])
+    source_of = {r.image_name: r.extra["source_image"] for r in index.records}
+    syn = data.build_cache(index, cfg.gan.size, cache_dir)
+    return syn, [source_of[n] for n in syn.names]
+
+
 def saliency_pictures(cfg: PipelineConfig, d: dict, gans: dict, arms: dict[str, list[dict]], cache_dir: Path,
                       out: Path) -> None:
     """Where each arm's seed-0 classifier looks (Grad-CAM) on its most confident hits and misses,
     and, for a CycleGAN arm, on benign sources before and after translation."""
-    cache = data.build_cache(data.read_index(d["data"], negatives=cfg.negatives), cfg.gan.size, cache_dir)
+    cache = real_cache(cfg, d, cache_dir)
     for arm, runs in arms.items():
         classifier.inference.saliency_picture(runs[0]["best_checkpoint"], cache, runs[0]["test"]["predictions"],
                                               out / f"gradcam_{arm}.png", device=cfg.device,
                                               title=f"{arm}, seed 0: Grad-CAM on test images")
     for arm, g in ((a, runs[0]) for a, runs in gans.items() if a in arms):
-        index = data.read_index(g["synthetic"])
-        syn = data.build_cache(index, cfg.gan.size, cache_dir)
-        source_of = {r.image_name: r.extra["source_image"] for r in index.records}
-        picked = syn.names[:6]
+        syn, sources = translations(g, cfg, cache_dir)
         classifier.inference.translation_saliency_picture(
-            arms[arm][0]["best_checkpoint"], np.stack([cache.images[cache.row(source_of[n])] for n in picked]),
-            np.stack([syn.images[syn.row(n)] for n in picked]), out / f"gradcam_translation_{arm}.png",
+            arms[arm][0]["best_checkpoint"], np.asarray(cache.images)[cache.rows(sources[:6])],
+            np.asarray(syn.images[:6]), out / f"gradcam_translation_{arm}.png",
             device=cfg.device, title=f"{arm}, seed 0: Grad-CAM before and after translation (GAN run 0)")
 
 
