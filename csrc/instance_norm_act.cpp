@@ -1,6 +1,7 @@
 // Fused InstanceNorm + activation: the CPU kernels (the op schemas and the autograd are in
 // instance_norm_act_autograd.cpp; the activation, dx formula and argument checks shared with the CUDA
-// file in instance_norm_act.h).
+// file in instance_norm_act.h). This file compiles twice: as the forward half, and, through
+// instance_norm_act_backward.cpp, as the backward half (MELANO_CPU_BACKWARD), in parallel.
 //
 //   y = act((x - mean) * rstd * w + b),   mean/var over each (n, c) plane of x (N, C, H, W),
 //   rstd = 1 / sqrt(var + eps), biased variance, act in {none, relu, leaky_relu}.
@@ -668,6 +669,7 @@ void run_backward(Args<T>& args, const Inputs& in) {
   run_tasks<T, ACT, kNhwcBackward>(args, in.N * args.chunks, args.rows * in.C);
 }
 
+#ifndef MELANO_CPU_BACKWARD
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
                                                            const c10::optional<at::Tensor>& weight,
                                                            const c10::optional<at::Tensor>& bias,
@@ -681,6 +683,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
   });
   return {y, mean, rstd};
 }
+
+#else  // the backward half
 
 // dweight and dbias: the planes' sums of g * xhat and of g, added over the batch for each channel.
 template <typename A>
@@ -716,12 +720,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   });
   return {dx, dw, db};
 }
+#endif
 
 }  // namespace
 
+// Each half registers its own kernel (TORCH_LIBRARY_IMPL may appear once per source file).
 TORCH_LIBRARY_IMPL(melano, CPU, m) {
+#ifndef MELANO_CPU_BACKWARD
   m.impl("inorm_act_fwd", &forward_cpu);
+#else
   m.impl("inorm_act_bwd", &backward_cpu);
+#endif
 }
 
 }  // namespace melano

@@ -32,7 +32,9 @@ log = logging.getLogger("melano.infra.kernels")
 
 MODES = ("auto", "ext", "eager")
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-SOURCES = ("instance_norm_act_autograd.cpp", "instance_norm_act.cpp")
+# The CPU kernels compile in two halves (instance_norm_act_backward.cpp includes instance_norm_act.cpp),
+# so that ninja builds them on two cores at once.
+SOURCES = ("instance_norm_act.cpp", "instance_norm_act_backward.cpp", "instance_norm_act_autograd.cpp")
 CUDA_SOURCES = ("instance_norm_act_cuda.cu",)
 HEADERS = ("instance_norm_act.h",)  # included by both sources: part of the source hash
 EXT_NAME = "melano_inorm_act"
