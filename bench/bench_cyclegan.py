@@ -3,6 +3,7 @@
     cl_fused      melano, channels_last (NHWC) models and images, fused InstanceNorm+act op
     nchw_fused    melano, NCHW, fused op (MELANO_OPS=ext)
     nchw_eager    melano, NCHW, the eager PyTorch path of the same modules (MELANO_OPS=eager)
+    cl_eager      melano, channels_last, the eager path: the baseline in the quick preset's own layout
     plain_nchw, plain_cl
                   what a user would otherwise write: the same layer list with nn.InstanceNorm2d +
                   nn.ReLU / nn.LeakyReLU, in both layouts
@@ -51,7 +52,8 @@ from melano.infra import kernels  # noqa: E402
 EAGER = "eager"
 # name: (MELANO_OPS, channels_last, plain nn.InstanceNorm2d modules, torch.compile)
 CONFIGS = {"cl_fused": ("ext", True, False, False), "nchw_fused": ("ext", False, False, False),
-           "nchw_eager": (EAGER, False, False, False), "plain_nchw": (EAGER, False, True, False),
+           "nchw_eager": (EAGER, False, False, False), "cl_eager": (EAGER, True, False, False),
+           "plain_nchw": (EAGER, False, True, False),
            "plain_cl": (EAGER, True, True, False), "cl_compiled": ("ext", True, False, True)}
 
 
@@ -151,7 +153,7 @@ def bench_shape(shape: dict, threads: int | None, compiled: bool, args, device, 
     it_s = {name: 1 / statistics.median(v) for name, v in times.items()}
     row = {**shape, "threads": torch.get_num_threads(), "amp": amp, "steps_per_round": args.steps,
            "rounds": args.rounds, "it_s": it_s, "first_step_s": first_s, "first_step_max_rel_loss_diff": worst}
-    for a, b in [("cl_fused", "nchw_fused"), ("cl_fused", "plain_nchw"), ("cl_fused", "plain_cl"),
+    for a, b in [("cl_fused", "nchw_fused"), ("cl_fused", "cl_eager"), ("cl_fused", "plain_nchw"), ("cl_fused", "plain_cl"),
                  ("nchw_fused", "nchw_eager"), ("cl_fused", "nchw_eager"), ("cl_compiled", "cl_fused")]:
         if a in it_s and b in it_s:
             row[f"ratio_{a}_over_{b}"] = it_s[a] / it_s[b]
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None):
     host = machine()  # once: it times a convolution
     rows = []
     print(f"{'size':>5}{'batch':>6}{'ngf':>5}{'thr':>4}{'amp':>6}" + "".join(f"{n:>12}" for n in CONFIGS)
-          + f"{'cl/nchw':>9}{'cl/plain':>9}{'compiled/cl':>12}{'nchw f/e':>12}")
+          + f"{'cl/nchw':>9}{'cl f/e':>9}{'cl/plain':>9}{'compiled/cl':>12}{'nchw f/e':>12}")
     cpu_shapes = CPU_SHAPES[:2] if args.quick else CPU_SHAPES
     for shape, threads, compiled in REHEARSAL_SHAPES if args.rehearse else CUDA_SHAPES if cuda else cpu_shapes:
         for amp in args.amp or (["none", "bf16"] if cuda else ["none"]):
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None):
             ratio = lambda k, w: f"{r[k]:>{w - 1}.2f}x" if k in r else f"{'-':>{w}}"  # noqa: E731
             print(f"{r['size']:>5}{r['batch_size']:>6}{r['ngf']:>5}{r['threads']:>4}{amp:>6}"
                   + "".join(rate(n) for n in CONFIGS) + ratio("ratio_cl_fused_over_nchw_fused", 9)
-                  + ratio("ratio_cl_fused_over_plain_nchw", 9) + ratio("ratio_cl_compiled_over_cl_fused", 12)
+                  + ratio("ratio_cl_fused_over_cl_eager", 9) + ratio("ratio_cl_fused_over_plain_nchw", 9) + ratio("ratio_cl_compiled_over_cl_fused", 12)
                   + ratio("ratio_nchw_fused_over_nchw_eager", 12), flush=True)
             # after each row (atomically): a timeout keeps the rows done
             write_results(name, {**head, "rows": rows, "complete": False}, folder, host, quiet=True)
