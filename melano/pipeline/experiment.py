@@ -132,13 +132,18 @@ def arm_stages(cfg: PipelineConfig, stages: Stages, d: dict, cache_dir: Path, n_
             todo.append((f"arm_{arm}_{k}", {**dataclasses.asdict(clf_cfg), "out": None, "upstream": upstream, **procs},
                          functools.partial(arm_stage, clf_cfg, cfg.nproc_per_node, threads, stages.claim)))
     calls = [lambda futures, t=t: stages.run(*t) for t in todo]
+    q_at = None
     if gans:
+        # Quality starts once its scorer is done, `jobs` calls after it (the scorer's neighbours started
+        # with it), so that the remaining arms run beside it rather than it running alone at the end.
         scorer_at = next((i for i, t in enumerate(todo) if t[0] == "arm_oversample_0"), None)
-        calls.append(lambda futures: quality_run(cfg, stages, d, gans, cache_dir,
-                                                 None if scorer_at is None else futures[scorer_at].result()))
+        q_at = len(calls) if scorer_at is None else min(len(calls), scorer_at + jobs)
+        calls.insert(q_at, lambda futures: quality_run(
+            cfg, stages, d, gans, cache_dir, None if scorer_at is None else futures[scorer_at].result()))
     results = stages.side_by_side(calls, jobs)
+    q = results.pop(q_at) if q_at is not None else None
     it = iter(results)
-    return {a: [next(it) for _ in range(cfg.seeds)] for a in ARMS if a in cfg.arms}, next(it, None)
+    return {a: [next(it) for _ in range(cfg.seeds)] for a in ARMS if a in cfg.arms}, q
 
 
 def quality_run(cfg: PipelineConfig, stages: Stages, d: dict, gans: dict[str, list[dict]], cache_dir: Path,
