@@ -11,12 +11,11 @@ Three sources, told apart by their files (`find_source`):
     ham10000  ``HAM10000_metadata.csv`` (lesion_id, image_id, dx, dx_type, age, sex, localization),
               images in ``HAM10000_images_part_1/`` and ``HAM10000_images_part_2/``.
 
-Each row gets a *kind*: melanoma, nevus, other_benign, other_malignant, indeterminate or unknown.
-The target is melanoma, as in ISIC 2020: 1 for melanoma only. The negatives (`NEGATIVES`) are
-"all" other lesions (the default, as in ISIC 2020: basal and squamous cell carcinomas count as
-negatives, and are counted apart) or "nevi" only. Indeterminate and unknown rows are left out and
-counted. Rows are grouped by patient_id, else lesion_id, else the image: HAM10000 and ISIC 2019
-hold several images of one lesion, and a split by image would leak them across train and test.
+Each row gets a *kind* (`KINDS`). The target is melanoma, as in ISIC 2020; the negatives
+(`NEGATIVES`) are "all" other lesions (the default, as in ISIC 2020: carcinomas included, and
+counted apart) or "nevi" only. Indeterminate and unknown rows are left out and counted. Rows are
+grouped by patient_id, else lesion_id, else the image: HAM10000 and ISIC 2019 hold several images
+of one lesion, and a split by image would leak them across train and test.
 
 Nothing here touches the image files: melano.data.index matches the names to files.
 """
@@ -81,18 +80,32 @@ def find_source(root: Path) -> list[Source]:
     found = []
     if (root / ARCHIVE_CSV).is_file():
         licences = sorted((root / "licenses").glob("*.txt")) if (root / "licenses").is_dir() else []
-        attribution = root / "attribution.txt"
-        found.append(Source("archive", root / ARCHIVE_CSV, [root], None,
-                            attribution if attribution.is_file() else None, licences))
+        found.append(Source("archive", root / ARCHIVE_CSV, [root], None, _file(root / "attribution.txt"), licences))
     if (root / ISIC2019_CSV).is_file():
         images = root / ISIC2019_DIR
-        meta = root / ISIC2019_META
-        found.append(Source("isic2019", root / ISIC2019_CSV, [images], meta if meta.is_file() else None,
-                            next((p for p in [images / "ATTRIBUTION.txt"] if p.is_file()), None),
-                            [p for p in [images / "LICENSE.txt"] if p.is_file()]))
+        found.append(Source("isic2019", root / ISIC2019_CSV, [images], _file(root / ISIC2019_META),
+                            _file(images / "ATTRIBUTION.txt"), [p for p in [images / "LICENSE.txt"] if p.is_file()]))
     if (root / HAM_CSV).is_file():
         found.append(Source("ham10000", root / HAM_CSV, [root / d for d in HAM_DIRS]))
     return found
+
+
+def _file(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def cell(row: dict, column: str) -> str:
+    """A CSV row's cell, stripped; "" where the row has none."""
+    return (row.get(column) or "").strip()
+
+
+def binary(value: str) -> int | None:
+    """0 or 1 from a cell such as "1" or "0.0"; None for anything else."""
+    try:
+        f = float(value.strip())
+    except ValueError:
+        return None
+    return int(f) if f in (0.0, 1.0) else None
 
 
 def require(columns: list[str], needed: Iterable[str], csv_path: Path, what: str) -> None:
@@ -106,7 +119,7 @@ def row_name(row: dict, col: str, line: int, csv_path: Path, seen: dict[str, int
     """The row's image id; a missing or repeated one is an error naming both lines."""
     if None in row:
         raise ValueError(f"{csv_path}, line {line}: more cells than header columns")
-    name = (row[col] or "").strip()
+    name = cell(row, col)
     if not name:
         raise ValueError(f"{csv_path}, line {line}: empty {col}")
     if name in seen:
@@ -119,8 +132,8 @@ def row_name(row: dict, col: str, line: int, csv_path: Path, seen: dict[str, int
 def archive_kind(row: dict, where: str) -> str:
     """What an ISIC Archive row shows: diagnosis_1..2 (today's hierarchy), else the older
     diagnosis / benign_malignant fields; no diagnosis at all is unknown."""
-    d1, d2 = (row.get("diagnosis_1") or "").strip(), (row.get("diagnosis_2") or "").strip()
-    old, bm = (row.get("diagnosis") or "").strip().lower(), (row.get("benign_malignant") or "").strip().lower()
+    d1, d2 = cell(row, "diagnosis_1"), cell(row, "diagnosis_2")
+    old, bm = cell(row, "diagnosis").lower(), cell(row, "benign_malignant").lower()
     if d2 == ARCHIVE_MELANOMA or old == "melanoma":
         return "melanoma"
     if d2 == ARCHIVE_NEVI or old == "nevus":
@@ -146,7 +159,7 @@ def parse_archive(columns: list[str], rows, csv_path: Path) -> list[Row]:
     for line, row in rows:
         name = row_name(row, "isic_id", line, csv_path, seen)
         kind = archive_kind(row, f"{csv_path}, line {line} (image {name!r})")
-        extra = {c: (row.get(c) or "").strip() for c in columns if c != "isic_id"}
+        extra = {c: cell(row, c) for c in columns if c != "isic_id"}
         out.append(Row(name, kind, line, extra.get("patient_id", ""), extra.get("lesion_id", ""),
                        extra.get("copyright_license", ""), extra))
     return out
@@ -156,7 +169,7 @@ def lesion_ids(columns: list[str], rows, csv_path: Path) -> dict[str, str]:
     """image -> lesion_id of ISIC_2019_Training_Metadata.csv (empty where the row has none)."""
     require(columns, ["image", "lesion_id"], csv_path, "ISIC 2019's metadata has image, ..., lesion_id")
     seen: dict[str, int] = {}
-    return {row_name(row, "image", line, csv_path, seen): (row["lesion_id"] or "").strip() for line, row in rows}
+    return {row_name(row, "image", line, csv_path, seen): cell(row, "lesion_id") for line, row in rows}
 
 
 def parse_isic2019(columns: list[str], rows, csv_path: Path, lesions: dict[str, str]) -> list[Row]:
@@ -166,20 +179,14 @@ def parse_isic2019(columns: list[str], rows, csv_path: Path, lesions: dict[str, 
     out, seen = [], {}
     for line, row in rows:
         name = row_name(row, "image", line, csv_path, seen)
-        ones = []
+        where = f"{csv_path}, line {line} (image {name!r})"
         for c in classes:
-            v = (row[c] or "").strip()
-            try:
-                f = float(v)
-            except ValueError:
-                f = None
-            if f not in (0.0, 1.0):
-                raise ValueError(f"{csv_path}, line {line} (image {name!r}): {c} is {v!r}, not 0 or 1")
-            if f == 1.0:
-                ones.append(c)
+            if binary(cell(row, c)) is None:
+                raise ValueError(f"{where}: {c} is {cell(row, c)!r}, not 0 or 1")
+        ones = [c for c in classes if binary(cell(row, c))]
         if len(ones) != 1:
-            raise ValueError(f"{csv_path}, line {line} (image {name!r}): {len(ones)} classes are 1 "
-                             f"({', '.join(ones) or 'none'}); a one-hot row has exactly one")
+            raise ValueError(f"{where}: {len(ones)} classes are 1 ({', '.join(ones) or 'none'}); "
+                             f"a one-hot row has exactly one")
         out.append(Row(name, ISIC2019_CLASSES[ones[0]], line, lesion=lesions.get(name, ""),
                        extra={"diagnosis": ones[0]}))
     return out
@@ -192,12 +199,12 @@ def parse_ham(columns: list[str], rows, csv_path: Path) -> list[Row]:
     out, seen = [], {}
     for line, row in rows:
         name = row_name(row, "image_id", line, csv_path, seen)
-        dx = (row["dx"] or "").strip()
+        dx = cell(row, "dx")
         if dx not in HAM_DX:
             raise ValueError(f"{csv_path}, line {line} (image {name!r}): dx {dx!r} is not one of "
                              f"{', '.join(HAM_DX)}; fix this row")
-        extra = {c: (row.get(c) or "").strip() for c in columns if c not in ("image_id", "lesion_id")}
-        out.append(Row(name, HAM_DX[dx], line, lesion=(row["lesion_id"] or "").strip(), extra=extra))
+        extra = {c: cell(row, c) for c in columns if c not in ("image_id", "lesion_id")}
+        out.append(Row(name, HAM_DX[dx], line, lesion=cell(row, "lesion_id"), extra=extra))
     return out
 
 
@@ -219,13 +226,8 @@ def group_keys(rows: list[Row]) -> tuple[list[str], list[str]]:
     patient_of = {r.lesion: r.patient for r in rows if r.lesion and r.patient}
     keys, bases = [], []
     for r in rows:
-        if r.patient or patient_of.get(r.lesion):
-            keys.append(r.patient or patient_of[r.lesion])
-            bases.append("patient_id")
-        elif r.lesion:
-            keys.append(r.lesion)
-            bases.append("lesion_id")
-        else:
-            keys.append(r.name)
-            bases.append("image")
+        ids = {"patient_id": r.patient or patient_of.get(r.lesion), "lesion_id": r.lesion, "image": r.name}
+        basis = next(b for b, key in ids.items() if key)  # the first one the row has
+        keys.append(ids[basis])
+        bases.append(basis)
     return keys, bases
