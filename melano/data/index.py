@@ -95,13 +95,11 @@ def link_problem(path: str) -> str | None:
     return None
 
 
-def _list_images(folder: Path) -> _Listing:
-    """The image files directly in one folder, by stem: one listdir. Two files of one stem
-    (``a.jpg`` and ``a.png``) would make a label ambiguous: ValueError."""
-    files: dict[str, Path] = {}
-    broken: dict[str, str] = {}
-    subdirs: list[Path] = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+def _list_images(*folders: Path) -> _Listing:
+    """The image files directly in the folders (HAM10000 has two), by stem: one listdir each. Two
+    files of one stem (``a.jpg`` and ``a.png``) would make a label ambiguous: ValueError."""
+    files, broken, subdirs = {}, {}, []
+    for entry in (e for folder in folders for e in sorted(os.scandir(folder), key=lambda e: e.name)):
         if entry.name.startswith("."):
             continue
         problem = link_problem(entry.path) if entry.is_symlink() else None  # before is_dir: a loop raises
@@ -120,7 +118,7 @@ def _list_images(folder: Path) -> _Listing:
     folded: dict[str, list[str]] = {}
     for stem in files:
         folded.setdefault(stem.casefold(), []).append(stem)
-    return _Listing(folder, files, broken, folded, subdirs)
+    return _Listing(folders[0], files, broken, folded, subdirs)
 
 
 def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
@@ -139,15 +137,15 @@ def _find_image(listing: _Listing, stem: str) -> tuple[Path | None, str]:
     return listing.files[stem], ""
 
 
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
+
+
 def match_files(folder: str | os.PathLike, names: Sequence[str]) -> list[tuple[Path | None, str]]:
     """(the file each name refers to, or None and why not) in `folder`, by `_find_image`'s rules:
     with or without extension, or in other letter case when only one file folds to it."""
     listing = _list_images(Path(folder))
-    found = []
-    for name in names:
-        stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
-        found.append(_find_image(listing, stem))
-    return found
+    return [_find_image(listing, _stem(name)) for name in names]
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -156,14 +154,23 @@ def _file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _parse_target(value: str, where: str) -> int:
-    try:
-        f = float(value.strip())
-    except ValueError:
-        f = None
-    if f not in (0.0, 1.0):
-        raise ValueError(f"{where}: target {value!r} is not 0 or 1 (1 = malignant, 0 = benign); fix this row")
-    return int(f)
+def _labelled_file(listing: _Listing, stem: str, name: str, line: int, csv_path: Path, owner: dict,
+                   skipped: list[Skipped]) -> Path | None:
+    """The file CSV `line` labels, or None (noted in `skipped`) when there is none. Labels belong to
+    files, not to spellings of names: another row for the same file (`owner`: file id -> its row)
+    would give it two labels, or put it in train and test."""
+    path, why = _find_image(listing, stem)
+    if path is None:
+        skipped.append(Skipped(name, f"listed in {csv_path.name} but {why}" if why.startswith("not found") else why))
+        return None
+    fid = _file_id(path)
+    if fid in owner:
+        line0, name0, path0 = owner[fid]
+        same = f"the image file {path}" if path0 == path else f"one image file ({path0} and {path} are links to it)"
+        raise ValueError(f"{csv_path}: lines {line0} ({name0!r}) and {line} ({name!r}) both name {same}; "
+                         f"an image has one label: remove one of the rows")
+    owner[fid] = (line, name, path)
+    return path
 
 
 def warn_skipped(skipped: Sequence[Skipped], what: str, strict: bool) -> None:
@@ -213,8 +220,7 @@ def csv_rows(reader: csv.DictReader, csv_path: Path) -> Iterator[tuple[int, dict
 
 def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped]]:
     listing = _list_images(img_dir)
-    records, skipped, seen = [], [], {}
-    owner: dict[tuple[int, int], tuple[int, str, Path]] = {}  # file id -> (line, name, path)
+    records, skipped, seen, owner = [], [], {}, {}
     no_patient = 0
     columns, reader = open_csv(csv_path)
     for col in REQUIRED_COLUMNS:
@@ -226,39 +232,25 @@ def _read_csv(csv_path: Path, img_dir: Path) -> tuple[list[Record], list[Skipped
     for line, row in csv_rows(reader, csv_path):
         name = isic.row_name(row, "image_name", line, csv_path, seen)
         where = f"{csv_path}, line {line} (image {name!r})"
-        target = _parse_target(row["target"] or "", where)
-        bm = (row.get("benign_malignant") or "").strip().lower()
+        value = row["target"] or ""
+        target = isic.binary(value)
+        if target is None:
+            raise ValueError(f"{where}: target {value!r} is not 0 or 1 (1 = malignant, 0 = benign); fix this row")
+        bm = isic.cell(row, "benign_malignant").lower()
         if bm and bm != ("malignant" if target else "benign"):
             raise ValueError(f"{where}: benign_malignant is {bm!r} but target is {target}; "
                              f"the labels contradict each other, fix one of them")
-        patient = (row.get("patient_id") or "").strip()
+        patient = isic.cell(row, "patient_id")
         if not patient:
             no_patient += 1
             patient = name
-        stem = os.path.splitext(name)[0] if name.lower().endswith(IMAGE_EXTS) else name
-        path, why = _find_image(listing, stem)
-        if path is None:
-            reason = f"listed in {csv_path.name} but {why}" if why.startswith("not found") else why
-            skipped.append(Skipped(name, reason))
-            continue
-        _claim_file(owner, path, line, name, csv_path)
-        records.append(Record(name, patient, target, str(path), {c: (row.get(c) or "").strip() for c in extra_cols}))
+        path = _labelled_file(listing, _stem(name), name, line, csv_path, owner, skipped)
+        if path is not None:
+            records.append(Record(name, patient, target, str(path), {c: isic.cell(row, c) for c in extra_cols}))
     if no_patient:
         log.warning("%s: %d row(s) have no patient_id; each such image counts as its own patient, "
                     "so the split cannot keep their patient's images together", csv_path, no_patient)
     return records, skipped
-
-
-def _claim_file(owner: dict, path: Path, line: int, name: str, csv_path: Path) -> None:
-    """Record that CSV `line` labels the file at `path`. Labels belong to files, not to spellings
-    of names: another row for the same file would give it two labels, or put it in train and test."""
-    fid = _file_id(path)
-    if fid in owner:
-        line0, name0, path0 = owner[fid]
-        same = f"the image file {path}" if path0 == path else f"one image file ({path0} and {path} are links to it)"
-        raise ValueError(f"{csv_path}: lines {line0} ({name0!r}) and {line} ({name!r}) both name {same}; "
-                         f"an image has one label: remove one of the rows")
-    owner[fid] = (line, name, path)
 
 
 def _nested_images(root: Path, subdirs: Sequence[Path]) -> list[Skipped]:
@@ -301,26 +293,6 @@ def _read_folders(root: Path) -> tuple[list[Record], list[Skipped]]:
     return records, skipped
 
 
-def _merged_listing(folders: Sequence[Path], root: Path) -> _Listing:
-    """One listing of several image folders (HAM10000's two parts); one name in two is an error."""
-    files, broken, subdirs = {}, {}, []
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        part = _list_images(folder)
-        for stem, path in part.files.items():
-            if stem in files:
-                raise ValueError(f"duplicate image name {stem!r}: both {files[stem]} and {path} exist; "
-                                 f"remove one of them")
-            files[stem] = path
-        broken.update(part.broken)
-        subdirs += part.subdirs
-    folded: dict[str, list[str]] = {}
-    for stem in files:
-        folded.setdefault(stem.casefold(), []).append(stem)
-    return _Listing(root, files, broken, folded, subdirs)
-
-
 def _isic_rows(src: isic.Source) -> list[isic.Row]:
     """The metadata rows of one ISIC source (melano.data.isic parses them)."""
     columns, reader = open_csv(src.csv_path)
@@ -346,7 +318,9 @@ def _read_isic(src: isic.Source, negatives: str) -> tuple[list[Record], list[Ski
                          f"does not; unpack the images beside it")
     rows = _isic_rows(src)
     groups, bases = isic.group_keys(rows)
-    listing = _merged_listing(src.image_dirs, src.image_dirs[0].parent if len(src.image_dirs) > 1 else src.image_dirs[0])
+    listing = _list_images(*[d for d in src.image_dirs if d.is_dir()])
+    if len(src.image_dirs) > 1:  # HAM10000's two parts: a missing image is named as missing from their folder
+        listing = listing._replace(folder=src.image_dirs[0].parent)
     counts = dict.fromkeys(isic.KINDS, 0) | {"left_out_by_negatives": 0}
     records, skipped, owner, licences, grouping = [], [], {}, {}, {}
     for row, group, basis in zip(rows, groups, bases):
@@ -356,12 +330,9 @@ def _read_isic(src: isic.Source, negatives: str) -> tuple[list[Record], list[Ski
             if row.kind not in ("indeterminate", "unknown"):
                 counts["left_out_by_negatives"] += 1
             continue
-        path, why = _find_image(listing, row.name)
+        path = _labelled_file(listing, row.name, row.name, row.line, src.csv_path, owner, skipped)
         if path is None:
-            skipped.append(Skipped(row.name, f"listed in {src.csv_path.name} but {why}"
-                                   if why.startswith("not found") else why))
             continue
-        _claim_file(owner, path, row.line, row.name, src.csv_path)
         records.append(Record(row.name, group, target, str(path), row.extra))
         grouping[basis] = grouping.get(basis, 0) + 1
         if row.licence:
@@ -375,26 +346,18 @@ def _read_isic(src: isic.Source, negatives: str) -> tuple[list[Record], list[Ski
     return records, skipped, info
 
 
-def _nevi_only(records: list[Record], csv_path: Path) -> tuple[list[Record], int]:
-    """Melanomas and nevi of a train.csv (its `diagnosis` column, as ISIC 2020's); how many left out."""
-    if records and "diagnosis" not in records[0].extra:
-        raise ValueError(f"{csv_path}: negatives 'nevi' needs a diagnosis column (ISIC 2020's train.csv has "
-                         f"one); use negatives 'all' for this folder")
-    kept = [r for r in records if r.target == 1 or r.extra["diagnosis"].strip().lower() == "nevus"]
-    return kept, len(records) - len(kept)
-
-
 def _unrecognised(root: Path, found: Sequence[str]) -> ValueError:
-    expected = ("train.csv + jpeg/train/ (Kaggle), train.csv + train/ (re-upload), benign/ + malignant/ "
-                f"folders, {isic.ARCHIVE_CSV} + images (ISIC Archive, isic-cli), {isic.ISIC2019_CSV} + "
-                f"{isic.ISIC2019_DIR}/ (ISIC 2019), or {isic.HAM_CSV} + {'/ and '.join(isic.HAM_DIRS)}/ (HAM10000)")
     if found:
         return ValueError(f"{root}: holds the label files of several sources ({', '.join(found)}); melano reads "
                           f"one per folder: move each into a folder of its own")
-    return ValueError(f"{root}: unrecognised layout. Expected {expected}")
+    return ValueError(f"{root}: unrecognised layout. Expected train.csv + jpeg/train/ (Kaggle), train.csv + train/ "
+                      f"(re-upload), benign/ + malignant/ folders, {isic.ARCHIVE_CSV} + images (ISIC Archive, "
+                      f"isic-cli), {isic.ISIC2019_CSV} + {isic.ISIC2019_DIR}/ (ISIC 2019), or {isic.HAM_CSV} + "
+                      f"{'/ and '.join(isic.HAM_DIRS)}/ (HAM10000)")
 
 
 def _read_train_csv(root: Path, negatives: str) -> tuple[str, list[Record], list[Skipped], dict]:
+    """A Kaggle or re-upload folder; negatives 'nevi' keeps melanomas and nevi (the diagnosis column)."""
     csv_path = root / "train.csv"
     for layout, img_dir in (("kaggle", root / "jpeg" / "train"), ("reupload", root / "train")):
         if img_dir.is_dir():
@@ -403,11 +366,13 @@ def _read_train_csv(root: Path, negatives: str) -> tuple[str, list[Record], list
         raise ValueError(f"{csv_path} exists but neither {root / 'jpeg' / 'train'}/ (Kaggle layout) nor "
                          f"{root / 'train'}/ (re-upload layout) holds its images")
     records, skipped = _read_csv(csv_path, img_dir)
-    info = {}
-    if negatives == "nevi":
-        records, left = _nevi_only(records, csv_path)
-        info["counts"] = {"left_out_by_negatives": left}
-    return layout, records, skipped, info
+    if negatives != "nevi":
+        return layout, records, skipped, {}
+    if records and "diagnosis" not in records[0].extra:
+        raise ValueError(f"{csv_path}: negatives 'nevi' needs a diagnosis column (ISIC 2020's train.csv has "
+                         f"one); use negatives 'all' for this folder")
+    kept = [r for r in records if r.target == 1 or r.extra["diagnosis"].strip().lower() == "nevus"]
+    return layout, kept, skipped, {"counts": {"left_out_by_negatives": len(records) - len(kept)}}
 
 
 def _read_folder(root: Path, negatives: str) -> tuple[str, list[Record], list[Skipped], dict, Path | None]:
@@ -443,13 +408,12 @@ def read_index(root: str | os.PathLike, strict: bool = False, negatives: str = "
     in ISIC 2020, or "nevi" only (needs a diagnosis: not the benign/ + malignant/ layout).
     """
     root = Path(root)
+    expected = "expected an ISIC folder with train.csv or metadata.csv, or benign/ and malignant/ folders"
     if root.exists() and not root.is_dir():
         hint = f"; pass the folder that holds it, {root.parent}" if root.name.lower().endswith(".csv") else ""
-        raise NotADirectoryError(f"{root}: not a folder but a file{hint} (expected an ISIC folder with "
-                                 f"train.csv or metadata.csv, or benign/ and malignant/ folders)")
+        raise NotADirectoryError(f"{root}: not a folder but a file{hint} ({expected})")
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder: no such file or directory (expected an ISIC folder "
-                                f"with train.csv or metadata.csv, or benign/ and malignant/ folders)")
+        raise FileNotFoundError(f"{root}: not a folder: no such file or directory ({expected})")
     layout, records, skipped, info, csv_path = _read_folder(root, negatives)
     warn_skipped(skipped, "are missing" if csv_path else "were skipped", strict)
     if not records:
