@@ -22,9 +22,8 @@ from .efficientnet import ConvBNAct
 from .lesions import SEVEN_POINT
 from .pixels import to_tensor
 
-# ----------------------------------------------------------------------------------------------
-# Linear algebra in torch, on one thread: numpy's multi-threaded OpenBLAS stalls for seconds on
-# these small products when another process shares the cores; one torch thread never does.
+# ---------- Linear algebra in torch, on one thread: numpy's multi-threaded OpenBLAS stalls for
+# seconds on these small products when another process shares the cores; one torch thread never does.
 
 @contextlib.contextmanager
 def one_thread():
@@ -45,16 +44,16 @@ def matmul(a, b) -> np.ndarray:
         return (_t(a) @ _t(b)).numpy()
 
 
-def eigvalsh(a) -> np.ndarray:
-    with one_thread():
-        return torch.linalg.eigvalsh(_t(a)).numpy()
+def sample_sd(values) -> float:
+    """The sample standard deviation (ddof 1); 0 for a single value."""
+    v = np.asarray(values, np.float64)
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# Features
+# ---------- Features
 
 def as_nhwc(images, name: str = "images") -> np.ndarray:
-    """uint8 images (N, H, W, 3) or (N, 3, H, W), as a numpy array (N, H, W, 3) (a view if possible)."""
+    """uint8 images (N, H, W, 3) or (N, 3, H, W) as a numpy array (N, H, W, 3), a view if possible."""
     a = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if a.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 pixels 0-255, got dtype {a.dtype}; convert with "
@@ -68,8 +67,8 @@ def as_nhwc(images, name: str = "images") -> np.ndarray:
 
 @torch.no_grad()
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold each eval-mode BatchNorm into the convolution before it (in place): the same function,
-    faster. Only for inference: the model can no longer be trained."""
+    """Fold each eval-mode BatchNorm into the convolution before it, in place: the same function,
+    faster, and no longer trainable."""
     for m in model.modules():
         if isinstance(m, ConvBNAct) and isinstance(m.bn, torch.nn.BatchNorm2d):
             k = m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)
@@ -83,9 +82,8 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 class Encoder:
     """An ImageNet EfficientNet as a feature extractor: uint8 images -> (N, dim) float64 pooled features.
 
-    Takes a built model (the caller loads its weights) and folds its BatchNorm, so the model is
-    spent. Images are resized (bilinear; antialiased when shrinking) to `resolution` and normalised
-    with the model's own default_cfg mean and std."""
+    Folds the given model's BatchNorm, so the model is spent. Images are resized (bilinear, antialiased
+    when shrinking) to `resolution` and normalised with the model's default_cfg mean and std."""
 
     def __init__(self, model: torch.nn.Module, resolution: int = 224, batch_size: int = 32,
                  device: str | torch.device = "cpu"):
@@ -97,8 +95,7 @@ class Encoder:
         self.model.to(self.device, memory_format=torch.channels_last)
         cfg = self.model.default_cfg
         self.mean, self.std = (torch.tensor(cfg[k], device=self.device).view(1, 3, 1, 1) for k in ("mean", "std"))
-        self.resolution, self.batch_size = resolution, batch_size
-        self.dim = self.model.num_features
+        self.resolution, self.batch_size, self.dim = resolution, batch_size, self.model.num_features
 
     @torch.inference_mode()
     def __call__(self, images) -> np.ndarray:
@@ -123,9 +120,9 @@ def pixel_features(images, size: int = 16) -> np.ndarray:
     """Raw pixels for the two-sample test, downsampled, plus their fine detail: (N, 2 * size^2 * 3).
 
     First half: the RGB pixels in [0, 1], area-averaged to size x size. Second half: the magnitude of
-    each Y, Cb, Cr channel's high-pass residual (pixel minus its 3x3 mean, edges replicated) at full
-    resolution, area-averaged the same way. Downsampling alone averages away exactly what a file
-    format changes (JPEG quantisation, chroma subsampling, resampling blur); the residual keeps it."""
+    each Y, Cb, Cr channel's high-pass residual (pixel minus its 3x3 mean, edges replicated), area-
+    averaged the same way: downsampling alone averages away what a file format changes (JPEG
+    quantisation, chroma subsampling, resampling blur)."""
     x = to_tensor(as_nhwc(images), dtype=torch.float64)
     with one_thread():
         ycc = torch.einsum("cd,ndhw->nchw", _YCBCR, x)
@@ -135,21 +132,20 @@ def pixel_features(images, size: int = 16) -> np.ndarray:
     return torch.cat([x.flatten(1), detail.flatten(1)], 1).numpy()
 
 
-# ----------------------------------------------------------------------------------------------
-# Distances between two sets of features
+# ---------- Distances between two sets of features
 
 def _frechet(d: np.ndarray, tr1: float, tr2: float, m: np.ndarray) -> float:
-    """||d||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), with tr (S1 S2)^(1/2) the sum of the square roots
-    of the eigenvalues of m: a symmetric PSD matrix with the non-zero eigenvalues of S1 S2, so no
-    complex square root is needed."""
-    return float(d @ d + tr1 + tr2 - 2 * np.sqrt(np.clip(eigvalsh(m), 0, None)).sum())
+    """||d||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), the last from the eigenvalues of m: symmetric PSD
+    with the non-zero eigenvalues of S1 S2, so no complex square root is needed."""
+    with one_thread():
+        eig = torch.linalg.eigvalsh(_t(m)).numpy()
+    return float(d @ d + tr1 + tr2 - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def frechet_from_moments(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the Fréchet distance of two Gaussians;
     S1^(1/2) S2 S1^(1/2) is similar to S1 S2, and symmetric."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     if sigma1.shape != (mu1.size, mu1.size) or sigma2.shape != sigma1.shape or mu2.shape != mu1.shape:
         raise ValueError(f"moments do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
                          f"sigma2 {sigma2.shape}")
@@ -171,10 +167,9 @@ def _two_sets(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(x, y) -> float:
     """Fréchet distance between the Gaussians fitted to feature sets x (n, d) and y (m, d).
 
-    Unbiased covariances (ddof 1). With fewer samples than dimensions, tr (S1 S2)^(1/2) comes from
-    the small Gram matrix: with centred data A (n, d), B (m, d) and C = A B^T / sqrt((n-1)(m-1)),
-    the non-zero eigenvalues of S1 S2 are those of the symmetric C C^T (n x n).
-    FD is biased upwards at small n: compare FDs only at equal sample sizes."""
+    Unbiased covariances. With fewer samples than dimensions, tr (S1 S2)^(1/2) comes from the small
+    Gram matrix: with centred data A, B and C = A B^T / sqrt((n-1)(m-1)), the non-zero eigenvalues of
+    S1 S2 are those of C C^T. FD is biased upwards at small n: compare FDs only at equal sizes."""
     x, y = _two_sets(x, y, "frechet_distance")
     if min(len(x), len(y)) > x.shape[1]:
         return frechet_from_moments(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
@@ -193,16 +188,14 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
     """Unbiased MMD^2 from kernel matrices: off-diagonal means of Kxx and Kyy minus twice mean Kxy."""
-    m, n = len(kxx), len(kyy)
-    sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(sxx + syy - 2 * kxy.mean())
+    off_diagonal_mean = lambda k: (k.sum() - np.trace(k)) / (len(k) * (len(k) - 1))
+    return float(off_diagonal_mean(kxx) + off_diagonal_mean(kyy) - 2 * kxy.mean())
 
 
 def kid_subsets(n_x: int, n_y: int, subset_size: int, n_subsets: int, seed: int = 0
                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (rows of x, rows of y) of each KID subset: `subset_size` rows of each set, drawn without
-    replacement, seeded; subset_size is cut to the smaller set."""
+    """The (rows of x, rows of y) of each KID subset: `subset_size` rows of each set (cut to the
+    smaller set), drawn without replacement, seeded."""
     m = min(subset_size, n_x, n_y)
     if m < 2:
         raise ValueError(f"KID needs subsets of at least 2 images, got sets of {n_x} and {n_y}")
@@ -214,26 +207,23 @@ def kid_subsets(n_x: int, n_y: int, subset_size: int, n_subsets: int, seed: int 
 def kid(x, y, subset_size: int = 1000, n_subsets: int = 100, seed: int = 0) -> dict:
     """Kernel Inception Distance (on our ImageNet features): unbiased MMD^2 with the cubic polynomial
     kernel, mean and sd over `n_subsets` random subsets of min(subset_size, len(x), len(y)) images
-    of each set. Unbiased: the mean does not depend on the subset size, and may be slightly negative
-    for sets from one distribution. The sd measures subsampling, and is 0 when a subset is a set."""
+    of each set. Unbiased, so the mean does not depend on the subset size and may be slightly
+    negative for sets from one distribution; the sd measures subsampling only."""
     x, y = _two_sets(x, y, "kid")
     # Kernel matrices once; each subset is then a gather of rows and columns.
     kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
     subsets = kid_subsets(len(x), len(y), subset_size, n_subsets, seed)
-    values = np.array([mmd2_unbiased(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)])
-                       for i, j in subsets])
-    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "subset_size": int(len(subsets[0][0])), "n_subsets": len(subsets)}
+    values = [mmd2_unbiased(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)]) for i, j in subsets]
+    return {"mean": float(np.mean(values)), "sd": sample_sd(values), "subset_size": int(len(subsets[0][0])),
+            "n_subsets": len(subsets)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Two-sample test: can a logistic regression tell the two sets apart?
+# ---------- Two-sample test: can a logistic regression tell the two sets apart?
 
 def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and scale. A feature (nearly) constant in training, such as the block mean
-    of a corner the scope blacks out, must not be blown up by standardising (a new image where it
-    varies would get an arbitrary prediction): its scale is floored at 1% of the median feature's,
-    and a constant feature stays 0, not NaN."""
+    """Per-feature mean and scale. A feature (nearly) constant in training, such as a corner the scope
+    blacks out, must not be blown up (a new image where it varies would get an arbitrary prediction):
+    its scale is floored at 1% of the median feature's, and a constant feature stays 0, not NaN."""
     mean, scale = x.mean(0), x.std(0)
     floor = 0.01 * float(np.median(scale[scale > 0])) if (scale > 0).any() else 1.0
     return mean, np.maximum(scale, floor)
@@ -260,7 +250,7 @@ def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) 
     Minimises sum_i logloss(y_i, x_i . w + b) + l2 / 2 ||w||^2 (the intercept is not penalised):
     scikit-learn's LogisticRegression(C=1 / l2) on the standardised features. Stops when no
     gradient entry of the objective / n exceeds `tol` (1e-6 moves logits by about 1e-3: enough
-    for an AUC; the tests use 1e-10 to compare coefficients)."""
+    for an AUC)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.shape != (len(x),):
         raise ValueError(f"fit_logistic: need x (n, d) and y (n,), got {x.shape} and {y.shape}")
@@ -274,12 +264,11 @@ def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) 
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=tol * 1e-4, line_search_fn="strong_wolfe")
-    n = len(x)
 
     def closure():
         opt.zero_grad()
         # divided by n: the same minimiser, with gradients of a size that suits the tolerances
-        loss = (F.binary_cross_entropy_with_logits(xs @ w + b, yt, reduction="sum") + l2 / 2 * w @ w) / n
+        loss = (F.binary_cross_entropy_with_logits(xs @ w + b, yt, reduction="sum") + l2 / 2 * w @ w) / len(x)
         loss.backward()
         return loss
 
@@ -289,9 +278,8 @@ def fit_logistic(x, y, l2: float = 1.0, tol: float = 1e-6, max_iter: int = 500) 
 
 
 def grouped_folds(groups: Sequence, labels, k: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold (0..k-1) of each sample; all samples of a group share a fold. Groups are placed largest
-    first (random order among equal sizes), each into the fold where it keeps the per-class counts
-    most even."""
+    """Fold (0..k-1) of each sample, all samples of a group in one fold. Groups are placed largest first
+    (random order among equal sizes), each where it keeps the per-class counts most even."""
     labels = np.asarray(labels).astype(int)
     members: dict = {}
     for i, g in enumerate(groups):
@@ -299,11 +287,10 @@ def grouped_folds(groups: Sequence, labels, k: int = 5, seed: int = 0) -> np.nda
     if len(members) < k:
         raise ValueError(f"{len(members)} groups (patients) cannot fill {k} folds; use fewer folds")
     keys = list(members)
-    order = np.random.default_rng([seed, 5]).permutation(len(keys))
-    keys = sorted((keys[i] for i in order), key=lambda g: -len(members[g]))
+    keys = sorted((keys[i] for i in np.random.default_rng([seed, 5]).permutation(len(keys))),
+                  key=lambda g: -len(members[g]))
     totals = np.maximum(np.bincount(labels, minlength=2), 1)
-    counts = np.zeros((k, 2))
-    fold = np.empty(len(labels), dtype=np.int64)
+    counts, fold = np.zeros((k, 2)), np.empty(len(labels), dtype=np.int64)
     for g in keys:
         add = np.bincount(labels[members[g]], minlength=2)
         f = int(np.argmin(((counts + add) / totals).max(1)))
@@ -314,21 +301,16 @@ def grouped_folds(groups: Sequence, labels, k: int = 5, seed: int = 0) -> np.nda
 
 def two_sample_auc(a, b, groups_a: Sequence, groups_b: Sequence, folds: int = 5, l2: float = 1.0,
                    seed: int = 0) -> dict:
-    """Cross-validated AUC of a logistic regression telling set b (label 1) from set a (label 0).
-
-    Folds keep each group (patient) in one fold, so a patient's look cannot carry from training to
-    test. The AUC pools the out-of-fold logits; 0.5 means the two sets are indistinguishable to
-    this model. Also the mean and sd of the per-fold AUCs."""
+    """Cross-validated AUC of a logistic regression telling set b (label 1) from set a (label 0), and
+    the mean and sd of the per-fold AUCs. Each group (patient) stays in one fold, so a patient's look
+    cannot carry from training to test; the AUC pools the out-of-fold logits (0.5: indistinguishable)."""
     a, b = _two_sets(a, b, "two_sample_auc")
     if len(groups_a) != len(a) or len(groups_b) != len(b):
         raise ValueError(f"two_sample_auc: {len(groups_a)} and {len(groups_b)} groups for sets of "
                          f"{len(a)} and {len(b)}")
-    x = np.concatenate([a, b])
-    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
-    groups = list(groups_a) + list(groups_b)
-    fold = grouped_folds(groups, y, folds, seed)
-    logits = np.empty(len(x))
-    fold_aucs = []
+    x, y = np.concatenate([a, b]), np.r_[np.zeros(len(a)), np.ones(len(b))]
+    fold = grouped_folds(list(groups_a) + list(groups_b), y, folds, seed)
+    logits, fold_aucs = np.empty(len(x)), []
     for f in range(folds):
         test = fold == f
         if len(np.unique(y[~test])) < 2:
@@ -337,19 +319,16 @@ def two_sample_auc(a, b, groups_a: Sequence, groups_b: Sequence, folds: int = 5,
         if len(np.unique(y[test])) == 2:
             fold_aucs.append(metrics.roc_auc(y[test], logits[test]))
     return {"auc": metrics.roc_auc(y, logits), "fold_auc_mean": float(np.mean(fold_aucs)),
-            "fold_auc_sd": float(np.std(fold_aucs, ddof=1)) if len(fold_aucs) > 1 else 0.0,
-            "n_a": len(a), "n_b": len(b), "folds": folds, "l2": l2}
+            "fold_auc_sd": sample_sd(fold_aucs), "n_a": len(a), "n_b": len(b), "folds": folds, "l2": l2}
 
 
-# ----------------------------------------------------------------------------------------------
-# Translation success: does a classifier trained on real images call the translations malignant?
+# ---------- Translation success: does a classifier trained on real images call the translations malignant?
 
 def translation_success(val_logits, val_labels, translation_logits, source_logits,
                         sensitivity: float = 0.9) -> dict:
-    """Classifier logits -> how many translations (and their benign sources) it calls malignant.
-
-    The threshold is the highest logit that still flags `sensitivity` of the real validation
-    melanomas (logit >= threshold); translation i is paired with source i for the logit shift."""
+    """Classifier logits -> how many translations (and their benign sources) it calls malignant: at the
+    highest threshold that still flags `sensitivity` of the real validation melanomas (logit >=
+    threshold). Translation i is paired with source i for the logit shift."""
     val_logits, val_labels = np.asarray(val_logits, np.float64), np.asarray(val_labels)
     t_logits, s_logits = np.asarray(translation_logits, np.float64), np.asarray(source_logits, np.float64)
     if val_logits.shape != val_labels.shape or t_logits.shape != s_logits.shape or t_logits.ndim != 1:
@@ -357,8 +336,7 @@ def translation_success(val_logits, val_labels, translation_logits, source_logit
                          f"translations {t_logits.shape}, sources {s_logits.shape}; each pair must match")
     if not 0 < sensitivity <= 1:
         raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
-    mel = np.sort(val_logits[val_labels == 1])[::-1]
-    benign = val_logits[val_labels == 0]
+    mel, benign = np.sort(val_logits[val_labels == 1])[::-1], val_logits[val_labels == 0]
     if mel.size == 0 or t_logits.size == 0:
         raise ValueError("translation_success: needs validation melanomas and at least one translation")
     threshold = mel[math.ceil(sensitivity * mel.size) - 1]
@@ -367,14 +345,12 @@ def translation_success(val_logits, val_labels, translation_logits, source_logit
             "val_specificity": float((benign < threshold).mean()) if benign.size else None,
             "fraction_translations_above": float((t_logits >= threshold).mean()),
             "fraction_sources_above": float((s_logits >= threshold).mean()),
-            "mean_logit_shift": float(shift.mean()),
-            "sd_logit_shift": float(shift.std(ddof=1)) if shift.size > 1 else 0.0,
+            "mean_logit_shift": float(shift.mean()), "sd_logit_shift": sample_sd(shift),
             "fraction_shift_positive": float((shift > 0).mean()), "n": int(t_logits.size),
             "n_val_melanomas": int(mel.size)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Ground truth: how well do features predict a hidden truth (melano.synth's severity)?
+# ---------- Ground truth: how well do features predict a hidden truth (melano.synth's severity)?
 
 def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0.5))) -> Linear:
     """Ridge regression on standardised features, its penalty chosen by exact leave-one-out error.
@@ -390,17 +366,14 @@ def fit_ridge(x, y, alphas: Sequence[float] = tuple(10.0 ** np.arange(-2, 6.5, 0
         u, s, vt = (t.numpy() for t in torch.linalg.svd(_t((x - mean) / scale), full_matrices=False))
     yc = y - y.mean()
     uty = u.T @ yc
-    best = None
-    for a in alphas:
+
+    def loo_mse(a: float) -> float:
         shrink = s ** 2 / (s ** 2 + a)
-        fitted = u @ (shrink * uty)
         h = 1 / len(x) + (u ** 2) @ shrink
-        loo = float(np.mean(((yc - fitted) / (1 - h)) ** 2))
-        if best is None or loo < best[1]:
-            best = (a, loo)
-    a, loo = best
-    coef = vt.T @ (s / (s ** 2 + a) * uty)
-    return Linear(mean, scale, coef, float(y.mean()), float(a), loo)
+        return float(np.mean(((yc - u @ (shrink * uty)) / (1 - h)) ** 2))
+
+    a, loo = min(((a, loo_mse(a)) for a in alphas), key=lambda t: t[1])
+    return Linear(mean, scale, vt.T @ (s / (s ** 2 + a) * uty), float(y.mean()), float(a), loo)
 
 
 def r2_score(y, pred) -> float:
@@ -414,12 +387,11 @@ def summarise(values) -> dict:
     if v.size == 0:
         return {"n": 0}
     q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
-    return {"n": int(v.size), "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+    return {"n": int(v.size), "mean": float(v.mean()), "sd": sample_sd(v),
             **{k: float(x) for k, x in zip(("q05", "q25", "median", "q75", "q95"), q)}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Memorisation: are synthetic images closer to the GAN's training melanomas than new real ones are?
+# ---------- Memorisation: are synthetic images closer to the GAN's training melanomas than new real ones are?
 
 def nearest(x, ref) -> tuple[np.ndarray, np.ndarray]:
     """For each row of x: the Euclidean distance to its nearest row of ref, and that row's index."""
@@ -432,11 +404,10 @@ def nearest(x, ref) -> tuple[np.ndarray, np.ndarray]:
 def memorisation(synthetic, real_test, real_train, n_closest: int = 8, percentile: float = 1.0) -> dict:
     """Nearest-training-melanoma distances of synthetic images against those of real test melanomas.
 
-    `fraction_below_real_percentile`: the share of synthetic images closer to a training melanoma
-    than the `percentile`-th percentile of the real test -> train distances: about percentile/100
-    for images like the real test melanomas, far more for copies (plain images lie nearer to
-    everything: read it against the same fraction for the sources). `closest`: the `n_closest`
-    (synthetic index, training index, distance) triples, indices into the given arrays."""
+    `fraction_below_real_percentile`: the share of synthetic images closer to a training melanoma than
+    the `percentile`-th percentile of the real test -> train distances: about percentile/100 for images
+    like the real test melanomas, far more for copies. `closest`: the `n_closest` (synthetic index,
+    training index, distance) triples."""
     d_syn, i_syn = nearest(synthetic, real_train)
     d_real, _ = nearest(real_test, real_train)
     cut = float(np.percentile(d_real, percentile))
@@ -448,8 +419,7 @@ def memorisation(synthetic, real_test, real_train, n_closest: int = 8, percentil
                         for i in order]}
 
 
-# ----------------------------------------------------------------------------------------------
-# Criterion probe: which dermoscopic criteria can a linear model read from the features?
+# ---------- Criterion probe: which dermoscopic criteria can a linear model read from the features?
 
 # The seven criteria of the 7-point checklist, and multicolour (3 or more of Stolz's six colours):
 # the malignant structures whose gain or loss in a translation the probe reports.
@@ -466,9 +436,9 @@ class Probe(NamedTuple):
 
 
 def prevalence_threshold(logits, present) -> float:
-    """The logit at which the probe calls as many images "present" as truly are: the k-th largest
-    logit, k the number of true positives. On held-out images (whose logits are not overfit), so
-    the predicted prevalence matches the real one whatever the regularisation does to calibration."""
+    """The k-th largest logit, k the number of true positives: the probe then calls as many images
+    "present" as truly are. Taken on held-out images (logits not overfit), so the predicted prevalence
+    matches the real one whatever the regularisation does to calibration."""
     logits, present = np.asarray(logits, np.float64), np.asarray(present).astype(bool)
     k = int(present.sum())
     if k == 0 or logits.shape != present.shape:
@@ -478,9 +448,8 @@ def prevalence_threshold(logits, present) -> float:
 
 
 def fit_probe(x_train, y_train, x_val, y_val, l2: float = 100.0, min_auc: float = 0.7) -> Probe:
-    """A criterion probe fit on training features, judged on validation features: its validation
-    ROC AUC, whether it can see the criterion (AUC >= min_auc), and its prevalence threshold on the
-    validation images (`prevalence_threshold`)."""
+    """A criterion probe fit on training features, with its validation ROC AUC, whether it can see the
+    criterion (AUC >= min_auc) and its `prevalence_threshold` on the validation images."""
     model = fit_logistic(x_train, y_train, l2)
     val_logits = predict(model, x_val)
     auc = metrics.roc_auc(y_val, val_logits)
@@ -493,28 +462,25 @@ def probe_present(probe: Probe, x) -> np.ndarray:
 
 
 def seven_point_score(present: dict) -> np.ndarray:
-    """The 7-point checklist score (Argenziano 1998: major criteria 2 points, minor 1) of each
-    image from {criterion: (n,) 0/1}; criteria not given count 0."""
+    """Each image's 7-point checklist score (Argenziano 1998: major criteria 2 points, minor 1) from
+    {criterion: (n,) 0/1}; criteria not given count 0."""
     n = len(next(iter(present.values())))
     return sum((SEVEN_POINT[c] * np.asarray(v) for c, v in present.items() if c in SEVEN_POINT), np.zeros(n))
 
 
 def paired_change(after, before, level: float = 0.95) -> dict:
-    """Mean of the per-pair change after - before with a paired normal CI: mean +- z sd / sqrt(n),
-    z the normal quantile (1.96 at 95%); the pairs are independent images. sd is 0 (a point CI)
-    when every pair changed by the same amount."""
+    """Mean of the per-pair change after - before with a paired normal CI, mean +- z sd / sqrt(n)
+    (z = 1.96 at 95%; the pairs are independent images)."""
     diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
     if diff.ndim != 1 or diff.size < 2:
         raise ValueError(f"paired_change: need two equal 1-D arrays of at least 2 pairs, got {diff.shape}")
-    z = NormalDist().inv_cdf(0.5 + level / 2)
     mean, sd = float(diff.mean()), float(diff.std(ddof=1))
-    half = z * sd / math.sqrt(diff.size)
+    half = NormalDist().inv_cdf(0.5 + level / 2) * sd / math.sqrt(diff.size)
     return {"mean": mean, "sd": sd, "n": int(diff.size), "ci": [mean - half, mean + half], "level": level,
             "gained": int((diff > 0).sum()), "lost": int((diff < 0).sum())}
 
 
-# ----------------------------------------------------------------------------------------------
-# GAN runs: several training runs of one GAN arm, named f"{arm}_g{k}"
+# ---------- GAN runs: several training runs of one GAN arm, named f"{arm}_g{k}"
 
 def run_arm(key: str) -> str:
     """The arm of a GAN run's key: "cyclegan_ls_g2" -> "cyclegan_ls"; a key without _g<k> is its own arm."""
@@ -530,10 +496,8 @@ def run_index(key: str) -> int:
 
 def group_runs(keys: Sequence[str]) -> dict[str, list[str]]:
     """{arm: its run keys, by run index}, arms in the order they first appear."""
-    out: dict[str, list[str]] = {}
-    for key in keys:
-        out.setdefault(run_arm(key), []).append(key)
-    return {arm: sorted(ks, key=run_index) for arm, ks in out.items()}
+    arms = dict.fromkeys(run_arm(k) for k in keys)
+    return {arm: sorted((k for k in keys if run_arm(k) == arm), key=run_index) for arm in arms}
 
 
 def mean_sd_over_runs(runs: Sequence[dict]) -> tuple[dict, dict]:
@@ -541,5 +505,4 @@ def mean_sd_over_runs(runs: Sequence[dict]) -> tuple[dict, dict]:
     in) any run is left out, so every figure averages the same runs."""
     keys = [k for k in runs[0] if all(r.get(k) is not None for r in runs)]
     values = {k: np.array([r[k] for r in runs], np.float64) for k in keys}
-    return ({k: float(v.mean()) for k, v in values.items()},
-            {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()})
+    return {k: float(v.mean()) for k, v in values.items()}, {k: sample_sd(v) for k, v in values.items()}
