@@ -69,7 +69,8 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device | None = 
                     ) -> tuple[torch.nn.Module, Normalise, dict]:
     """(model in eval mode, its Normalise, the checkpoint dict) from a best.pt or last.pt."""
     path = Path(checkpoint)
-    state = checkpoints.load_state(path, FORMAT, "melano classifier checkpoint (best.pt or last.pt of `melano.classifier train`)")
+    state = checkpoints.load_state(path, FORMAT,
+                                   "melano classifier checkpoint (best.pt or last.pt of `melano.classifier train`)")
     if state.get("version") != VERSION:
         raise cli.UsageError(f"{path}: classifier checkpoint version {state.get('version')}, this code reads "
                          f"{VERSION}; retrain with this version of melano")
@@ -97,8 +98,8 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
         raise cli.UsageError("evaluate: give one output folder (--out)")
     dev = next(model.parameters()).device
     saved = state["config"]
-    cfg = ClassifierConfig(**{**saved, "data": data_dir or saved["data"],
-                              "split_csv": split_csv or saved["split_csv"], "cache_dir": cache_dir or saved["cache_dir"]})
+    cfg = ClassifierConfig(**{**saved, "data": data_dir or saved["data"], "split_csv": split_csv or saved["split_csv"],
+                              "cache_dir": cache_dir or saved["cache_dir"]})
     if not Path(cfg.data).is_dir():
         raise cli.UsageError(f"{cfg.data}: the data folder {checkpoint} was trained on is not there; pass --data "
                              f"(and --split-csv) where it is now")
@@ -126,19 +127,29 @@ def evaluate(checkpoint: str | Path, split: str = "test", out_dir: str | Path | 
     return result
 
 
+def _resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch at the model's input size (antialiased bilinear), when it has another."""
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def _logits(model: torch.nn.Module, norm: Normalise, state: dict, x: torch.Tensor, tta: bool) -> np.ndarray:
+    """The logits of one batch of pixel/255 images (as `unit_dataset` gives them)."""
+    dev = next(model.parameters()).device
+    amp_dtype = inference_dtype(state["config"], dev)
+    return infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta, amp_dtype=amp_dtype)[0]
+
+
 def score_arrays(checkpoint: str | Path, images: np.ndarray, batch_size: int = 256,
                  device: str | None = "cpu", tta: bool = False) -> np.ndarray:
     """Logits of a checkpoint for (N, H, W, 3) uint8 images (e.g. a cache's memmap), resized
     (antialiased bilinear) to the checkpoint's size when they differ; `tta`: averaged over the 4 flips."""
     model, norm, state = load_classifier(checkpoint, device)
-    dev, size = next(model.parameters()).device, state["image_size"]
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_tensor(np.array(images[i:i + batch_size]))
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
-                         amp_dtype=inference_dtype(state["config"], dev))[0])
+        x = _resized(to_tensor(np.array(images[i:i + batch_size])), state["image_size"])
+        out.append(_logits(model, norm, state, x, tta))
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -147,14 +158,11 @@ def list_images(images: str | Path | Sequence[str | Path]) -> tuple[list[Path], 
     not recursive) or a list of files. A folder's links that do not resolve, or that loop, are
     skipped and counted; a named file that is missing is an error."""
     if isinstance(images, (str, Path)) and Path(images).is_dir():
-        p, files, skipped = Path(images), [], []
-        for f in sorted(p.iterdir()):
-            if f.suffix.lower() not in data.IMAGE_EXTS:
-                continue
-            if f.is_file():
-                files.append(f)
-            elif f.is_symlink():
-                skipped.append(data.Skipped(str(f), data.link_problem(str(f)) or "a link to a folder"))
+        p = Path(images)
+        entries = [f for f in sorted(p.iterdir()) if f.suffix.lower() in data.IMAGE_EXTS]
+        files = [f for f in entries if f.is_file()]
+        skipped = [data.Skipped(str(f), data.link_problem(str(f)) or "a link to a folder")
+                   for f in entries if not f.is_file() and f.is_symlink()]
         if not files and not skipped:
             raise cli.UsageError(f"{p}: no {'/'.join(data.IMAGE_EXTS)} files in this folder (not searched "
                                  f"recursively; for a Kaggle layout pass DIR/jpeg/train)")
@@ -236,7 +244,6 @@ def kaggle_test_images(folder: Path) -> tuple[list[str], list[Path]]:
 def _score_files(files: Sequence[Path], model, norm, state: dict, batch_size: int, tta: bool,
                  max_pixels: int, on_skip) -> list[tuple[Path, float]]:
     """[(file, probability)] of the files that decode; `on_skip(Skipped)` for the others."""
-    dev = next(model.parameters()).device
     results: list[tuple[Path, float]] = []
     with torch.inference_mode():
         for i in progress(range(0, len(files), batch_size), total=-(-len(files) // batch_size), desc="predict"):
@@ -249,9 +256,7 @@ def _score_files(files: Sequence[Path], model, norm, state: dict, batch_size: in
                     on_skip(data.Skipped(str(f), f"{type(e).__name__}: {e}"))
             if not arrays:
                 continue
-            x = to_tensor(np.stack(arrays))  # as unit_dataset: pixel/255, then Normalise
-            logits, _ = infer(model, norm, [(x, torch.zeros(len(x)))], dev, tta=tta,
-                              amp_dtype=inference_dtype(state["config"], dev))
+            logits = _logits(model, norm, state, to_tensor(np.stack(arrays)), tta)
             results += list(zip(read, sigmoid(logits).tolist()))
     return results
 
@@ -266,9 +271,9 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
     error. The CSV has image, probability, and for each of SENSITIVITIES the validation threshold
     (`operating_points`) and whether the image is positive at it: threshold_sens90, positive_sens90,
     ... (not with `tta`: the thresholds were set without it). A Kaggle test folder (test.csv +
-    jpeg/test/) gives Kaggle's submission instead (`predict_kaggle`). `out_csv` follows
-    melano.infra.outdir's rule for one file (`check_file`): checked first, written atomically,
-    never an input or inside the images folder, and never a file predict did not write unless `force`."""
+    jpeg/test/) gives Kaggle's submission instead (`predict_kaggle`). `out_csv` is checked first and
+    written atomically (melano.infra.outdir.check_file: never an input, inside the images folder, or
+    a file predict did not write, unless `force`)."""
     kaggle = kaggle_test_folder(images)
     if kaggle is not None:
         return predict_kaggle(checkpoint, kaggle, out_csv, tta, device, batch_size, max_pixels, force)
@@ -280,15 +285,12 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path], o
     model, norm, state = load_classifier(checkpoint, device)
     for s in skipped:
         skip(s, strict)
-
-    def on_skip(s: data.Skipped) -> None:
-        skipped.append(s)
-        skip(s, strict)
-
-    results = [(str(f), p) for f, p in _score_files(files, model, norm, state, batch_size, tta, max_pixels, on_skip)]
-    log.info("predict: %d image(s) scored, %d skipped", len(results), len(skipped))
+    scored = _score_files(files, model, norm, state, batch_size, tta, max_pixels, lambda s: skip(s, strict))
+    results = [(str(f), p) for f, p in scored]
+    n_skipped = len(skipped) + len(files) - len(results)
+    log.info("predict: %d image(s) scored, %d skipped", len(results), n_skipped)
     if not results:
-        raise cli.UsageError(f"{images}: none of the {len(skipped)} image(s) could be read (see the lines above)")
+        raise cli.UsageError(f"{images}: none of the {n_skipped} image(s) could be read (see the lines above)")
     if out_csv is not None:
         points = [] if tta else operating_points(checkpoint, state)
         if tta:
@@ -349,6 +351,18 @@ def saliency_picks(y: np.ndarray, probs: np.ndarray, per_group: int) -> list[tup
 SALIENCY_SIGN = {"true positive": 1.0, "false positive": 1.0, "false negative": -1.0}  # the class it chose
 
 
+def _cams(model: torch.nn.Module, norm: Normalise, size: int, images: np.ndarray, sign: list[float] | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(Grad-CAM maps in [0, 1] at the images' own size, probabilities) of (N, H, W, 3) uint8 images,
+    fed to the model at its input `size`. `sign`: per image, the class explained (melano.saliency)."""
+    x = _resized(to_tensor(np.array(images)).to(next(model.parameters()).device), size)  # a copy: memmaps are read-only
+    cams, logits = saliency.grad_cam(model, model.head, norm(x),
+                                     sign=1.0 if sign is None else torch.tensor(sign, device=x.device))
+    maps = F.interpolate(saliency.normalise(cams)[:, None], size=images.shape[1:3], mode="bilinear",
+                         align_corners=False)
+    return maps[:, 0].cpu().numpy(), sigmoid(logits.double().cpu().numpy())
+
+
 def saliency_picture(checkpoint: str | Path, cache: data.Cache, predictions: str | Path, path: str | Path,
                      per_group: int = 3, device: str | None = "cpu", title: str = "") -> Path:
     """A PNG of Grad-CAM (melano.saliency, on the EfficientNet's last stage, ``model.head``) for the
@@ -359,19 +373,10 @@ def saliency_picture(checkpoint: str | Path, cache: data.Cache, predictions: str
     negatives. Written atomically (report.image_grid)."""
     names, y, probs = report.read_predictions(predictions)
     picks = saliency_picks(y, probs, per_group)
-    chosen = [i for _, idx in picks for i in idx]
-    images = np.asarray(cache.images[cache.rows([names[i] for i in chosen])])
+    images = np.asarray(cache.images[cache.rows([names[i] for _, idx in picks for i in idx])])
     model, norm, state = load_classifier(checkpoint, device)
-    x = to_tensor(images).to(next(model.parameters()).device)
-    size = state["image_size"]
-    if x.shape[-1] != size or x.shape[-2] != size:  # as score_arrays: the model's own input size
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     group = [g for g, idx in picks for _ in idx]
-    sign = torch.tensor([SALIENCY_SIGN[g] for g in group], device=x.device)
-    cams, logits = saliency.grad_cam(model, model.head, norm(x), sign=sign)
-    cams = F.interpolate(saliency.normalise(cams)[:, None], size=images.shape[1:3], mode="bilinear",
-                         align_corners=False)[:, 0].cpu().numpy()
-    now = sigmoid(logits.double().cpu().numpy())
+    cams, now = _cams(model, norm, state["image_size"], images, [SALIENCY_SIGN[g] for g in group])
     tiles = [[img, heat_overlay(img, cam)] for img, cam in zip(images, cams)]
     captions = [f"{g} p={p:.3f}" + (" (benign map)" if SALIENCY_SIGN[g] < 0 else "") for g, p in zip(group, now)]
     return report.image_grid(tiles, path, cols=per_group, cell=max(112, images.shape[1]), captions=captions,
@@ -386,19 +391,10 @@ def translation_saliency_picture(checkpoint: str | Path, sources: np.ndarray, tr
     translation | its map, captioned with the probability of each. Where the map moves, the
     translation changed what the classifier reads as melanoma."""
     model, norm, state = load_classifier(checkpoint, device)
-    size = state["image_size"]
-    maps, probs = [], []
-    for images in (sources, translations):
-        x = to_tensor(np.array(images)).to(next(model.parameters()).device)  # a copy: memmaps are read-only
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        cams, logits = saliency.grad_cam(model, model.head, norm(x))
-        maps.append(F.interpolate(saliency.normalise(cams)[:, None], size=images.shape[1:3], mode="bilinear",
-                                  align_corners=False)[:, 0].cpu().numpy())
-        probs.append(sigmoid(logits.double().cpu().numpy()))
+    (maps_s, p_s), (maps_t, p_t) = (_cams(model, norm, state["image_size"], im) for im in (sources, translations))
     tiles = [[s, heat_overlay(s, ms), t, heat_overlay(t, mt)]
-             for s, t, ms, mt in zip(sources, translations, maps[0], maps[1])]
-    captions = [f"p={a:.3f} -> {b:.3f} after translation" for a, b in zip(*probs)]
+             for s, t, ms, mt in zip(sources, translations, maps_s, maps_t)]
+    captions = [f"p={a:.3f} -> {b:.3f} after translation" for a, b in zip(p_s, p_t)]
     return report.image_grid(tiles, path, cols=2, cell=max(96, sources.shape[1]), captions=captions,
                              title=title or f"Grad-CAM (melanoma) of {Path(checkpoint).parent.name}: "
                                             f"source | map | translation | map")
