@@ -30,10 +30,10 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 
 from . import data, metrics, pretrained, report, synth
-from .quality import (CRITERIA, MALIGNANT_STRUCTURES, Encoder, as_nhwc, fit_logistic, fit_probe, fit_ridge, frechet_distance,
-                      group_runs, kid, mean_sd_over_runs, memorisation, paired_change, pixel_features, predict,
-                      probe_present, r2_score, run_index, seven_point_score, summarise, translation_success,
-                      two_sample_auc)
+from .quality import (CRITERIA, MALIGNANT_STRUCTURES, Encoder, as_nhwc, fit_logistic, fit_probe, fit_ridge,
+                      frechet_distance, group_runs, kid, mean_sd_over_runs, memorisation, paired_change,
+                      pixel_features, predict, probe_present, r2_score, run_index, sample_sd, seven_point_score,
+                      summarise, translation_success, two_sample_auc)
 
 log = logging.getLogger("melano.quality")
 
@@ -49,17 +49,15 @@ def imagenet_encoder(weights: str | None = None, resolution: int = 224, batch_si
 
 
 def hidden_severity(data_dir) -> dict[str, float] | None:
-    """{image_name: severity} for a folder written by `melano.synth.generate`, from the hidden
-    truth it wrote beside train.csv (synth_criteria.csv); None for any other folder: real data has
-    no hidden truth. ValueError if train.csv lists images the truth file does not describe."""
+    """{image_name: severity} from the hidden truth `melano.synth.generate` wrote beside train.csv
+    (synth_criteria.csv); None for any other folder (real data has no hidden truth)."""
     truth = synth.read_truth(data_dir)
     return None if truth is None else {name: float(t["s"]) for name, t in truth.items()}
 
 
 def hidden_criteria(data_dir, names: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """{criterion: (N,) 0/1 in the order of `names`} for each of `quality.CRITERIA` (the seven
-    7-point criteria, and multicolour = 3 or more colours), from the truth file melano.synth wrote;
-    None for any other folder. ValueError naming an image the truth file does not describe."""
+    """{criterion: (N,) 0/1 in the order of `names`} for each of `quality.CRITERIA` (multicolour: 3 or
+    more colours), from the truth file melano.synth wrote; None for any other folder."""
     truth = synth.read_truth(data_dir)
     if truth is None:
         return None
@@ -119,15 +117,11 @@ def load_translations(folder, size: int, real_names: Sequence[str]) -> Synthetic
     return Synthetic(images, np.array([row[s] for s in sources], dtype=np.int64))
 
 
-def draws_pictures(key: str) -> bool:
-    """Only run 0 of each arm draws pictures: one set per arm keeps the files few."""
-    return run_index(key) == 0
-
-
 def picture_names(key: str) -> dict[str, str]:
     """The files `evaluate` may write for the GAN run `key` into out_dir (the distribution is of
-    severity or logit; criteria: the probe's gained/lost criteria); none for runs after run 0."""
-    if not draws_pictures(key):
+    severity or logit; criteria: the probe's gained/lost criteria). Only run 0 of each arm draws
+    pictures, which keeps the files few."""
+    if run_index(key) != 0:
         return {}
     return {k: f"quality_{key}_{k}.png" for k in ("pairs", "neighbours", "severity", "logit", "criteria")}
 
@@ -158,7 +152,7 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
     cfg = cfg or QualityConfig()
     t_start, cpu_start = time.monotonic(), time.process_time()
     d = _check_inputs(real_images, real_labels, real_patients, real_splits, severity, synthetic, logits)
-    d["criteria"] = _check_criteria(criteria, len(d["labels"]))
+    d["criteria"] = None if criteria is None else _check_criteria(criteria, len(d["labels"]))
     sets, picked = _choose_sets(d, cfg)
     encoder = encoder or imagenet_encoder(cfg.weights, cfg.resolution, cfg.batch_size, cfg.device)
     # Features: the stage's cost, timed apart
@@ -178,7 +172,9 @@ def evaluate(real_images, real_labels, real_patients, real_splits, synthetic: Ma
                             "not with published FIDs"},
         "sets": {**{k: len(v) for k, v in sets.items()}, **{f"evaluated_{a}": len(p) for a, p in picked.items()},
                  "fd_n": n_fd, "encoded_images": n_encoded},
-        "reference": _reference(ctx), "severity_regressor": _fit_severity(ctx), "criteria_probe": _fit_probes(ctx)}
+        "reference": _reference(ctx)}
+    result["severity_regressor"] = ctx["severity_regressor"] = _fit_severity(ctx)
+    result["criteria_probe"] = ctx["criteria_probe"] = _fit_probes(ctx)
     if logits is None:  # the in-stage scorer: melanoma vs benign on real training features
         ctx["scorer"] = fit_logistic(feats[ctx["train"]], d["labels"][ctx["train"]], cfg.scorer_l2)
     result["arms"] = {key: _evaluate_arm(ctx, key) for key in d["arms"]}
@@ -229,9 +225,7 @@ def _check_inputs(images, labels, patients, splits, severity, synthetic, logits)
             "severity": None if severity is None else np.asarray(severity, np.float64)}
 
 
-def _check_criteria(criteria, n: int) -> dict | None:
-    if criteria is None:
-        return None
+def _check_criteria(criteria: Mapping[str, np.ndarray], n: int) -> dict:
     missing = [c for c in CRITERIA if c not in criteria]
     if missing:
         raise ValueError(f"criteria: missing {missing}; pass hidden_criteria(data_dir, names), which has all of "
@@ -255,9 +249,9 @@ def _choose_sets(d: dict, cfg: QualityConfig) -> tuple[dict, dict]:
     rng = np.random.default_rng([cfg.seed, 11])
     sets = {f"real_mel_{s}": _sample(np.flatnonzero((labels == 1) & (splits == s)), cfg.max_reference, rng)
             for s in SPLIT_NAMES}
-    picked = {}
-    for arm, syn in d["arms"].items():  # the same seed per arm: arms with the same sources share them
-        picked[arm] = _sample(np.arange(len(syn.images)), cfg.max_images, np.random.default_rng([cfg.seed, 12]))
+    # the same seed per arm: arms with the same sources share them
+    picked = {arm: _sample(np.arange(len(syn.images)), cfg.max_images, np.random.default_rng([cfg.seed, 12]))
+              for arm, syn in d["arms"].items()}
     evaluated_sources = np.unique(np.concatenate([d["arms"][a].sources[p] for a, p in picked.items()]))
     # Training benign images that are not evaluated sources: the regressor and scorer learn from them.
     train_benign = np.setdiff1d(np.flatnonzero((labels == 0) & (splits == "train")), evaluated_sources)
@@ -288,11 +282,10 @@ def _versus_mel_train(ctx: dict, feats: np.ndarray, groups, pixel_images: np.nda
     d, cfg, mel = ctx["d"], ctx["cfg"], ctx["sets"]["real_mel_train"]
     f_mel, p_mel = ctx["feats"][mel], d["patients"][mel]
     rx, ry = np.random.default_rng([cfg.seed, 18]), np.random.default_rng([cfg.seed, 19])
-    fds = np.array([frechet_distance(feats[_sample(np.arange(len(feats)), ctx["n_fd"], rx)],
-                                     f_mel[_sample(np.arange(len(f_mel)), ctx["n_fd"], ry)])
-                    for _ in range(cfg.fd_draws)])
-    distances = {"fd": float(fds.mean()), "fd_sd": float(fds.std(ddof=1)) if len(fds) > 1 else 0.0,
-                 "fd_n": ctx["n_fd"], "kid": kid(feats, f_mel, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)}
+    fds = [frechet_distance(feats[_sample(np.arange(len(feats)), ctx["n_fd"], rx)],
+                            f_mel[_sample(np.arange(len(f_mel)), ctx["n_fd"], ry)]) for _ in range(cfg.fd_draws)]
+    distances = {"fd": float(np.mean(fds)), "fd_sd": sample_sd(fds), "fd_n": ctx["n_fd"],
+                 "kid": kid(feats, f_mel, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)}
     on_features = two_sample_auc(f_mel, feats, p_mel, groups, cfg.folds, cfg.l2, cfg.seed)
     # Pixels need no encoder, so more of them: a larger sample of the real melanomas
     rr = _sample(mel, cfg.max_pixel_images, np.random.default_rng([cfg.seed, 16]))
@@ -323,19 +316,17 @@ def _fit_severity(ctx: dict) -> dict:
     sev, labels = d["severity"], d["labels"]
     ctx["regressor"] = None
     if sev is None:
-        ctx["severity_regressor"] = {"skipped": "no hidden severity for these images (not a melano.synth data "
-                                                "set, e.g. real ISIC images): ground truth not checked"}
-        return ctx["severity_regressor"]
+        return {"skipped": "no hidden severity for these images (not a melano.synth data set, e.g. real ISIC "
+                           "images): ground truth not checked"}
     model = ctx["regressor"] = fit_ridge(ctx["feats"][train], sev[train])
     pred = predict(model, ctx["feats"][val])
     ctx["severity_val_pred"] = (pred[labels[val] == 0], pred[labels[val] == 1])
-    ctx["severity_regressor"] = {
+    return {
         "r2_val": r2_score(sev[val], pred), "alpha": model.alpha, "loo_mse_train": model.loo_mse,
         "n_train": int(len(train)), "n_val": int(len(val)),
         "true_benign": summarise(sev[labels == 0]), "true_malignant": summarise(sev[labels == 1]),
         "predicted_val_benign": summarise(ctx["severity_val_pred"][0]),
         "predicted_val_malignant": summarise(ctx["severity_val_pred"][1])}
-    return ctx["severity_regressor"]
 
 
 # ----------------------------------------------------------------------------- criterion probe
@@ -344,9 +335,7 @@ THRESHOLD_NOTE = ("predicted present: logit >= the probe's prevalence threshold,
                   "validation images as truly show the criterion (held-out logits, not overfit ones)")
 CI_NOTE = ("paired normal 95% CI over the evaluated translations: mean change (translation minus its own "
            "source) +- 1.96 sd / sqrt(n)")
-SHORT = {"atypical_network": "network", "blue_white_veil": "veil", "atypical_vessels": "vessels",
-         "irregular_streaks": "streaks", "irregular_dots": "dots", "irregular_blotches": "blotches",
-         "regression": "regression", "multicolour": "multicolour"}
+SHORT = {c: c.rsplit("_", 1)[-1] for c in CRITERIA}  # the last word: "network", "veil", ...
 
 
 def _fit_probes(ctx: dict) -> dict:
@@ -355,9 +344,8 @@ def _fit_probes(ctx: dict) -> dict:
     d, cfg, feats, train, val = ctx["d"], ctx["cfg"], ctx["feats"], ctx["train"], ctx["val"]
     ctx["probes"] = {}
     if d["criteria"] is None:
-        ctx["criteria_probe"] = {"skipped": "no hidden criteria for these images (not a melano.synth data set, "
-                                            "e.g. real ISIC images): criterion probe not run"}
-        return ctx["criteria_probe"]
+        return {"skipped": "no hidden criteria for these images (not a melano.synth data set, e.g. real ISIC "
+                           "images): criterion probe not run"}
     per = {}
     for c in CRITERIA:
         y_tr, y_val = d["criteria"][c][train], d["criteria"][c][val]
@@ -371,13 +359,11 @@ def _fit_probes(ctx: dict) -> dict:
         probe = ctx["probes"][c] = fit_probe(feats[train], y_tr, feats[val], y_val, cfg.probe_l2, cfg.probe_min_auc)
         per[c] = {**row, "auc_val": probe.auc_val, "can_see": bool(probe.can_see), "threshold": probe.threshold,
                   **_within_class_auc(predict(probe.model, feats[val]), y_val, d["labels"][val])}
-    ctx["criteria_probe"] = {
-        "criteria": per, "n_train": int(len(train)), "n_val": int(len(val)), "l2": cfg.probe_l2,
-        "min_auc": cfg.probe_min_auc, "threshold_rule": THRESHOLD_NOTE,
-        "malignant_structures": list(MALIGNANT_STRUCTURES), "short_names": SHORT,
-        "model": "one L2 logistic regression per criterion on the encoder's features of real training images; "
-                 "multicolour = 3 or more of Stolz's six colours"}
-    return ctx["criteria_probe"]
+    return {"criteria": per, "n_train": int(len(train)), "n_val": int(len(val)), "l2": cfg.probe_l2,
+            "min_auc": cfg.probe_min_auc, "threshold_rule": THRESHOLD_NOTE,
+            "malignant_structures": list(MALIGNANT_STRUCTURES), "short_names": SHORT,
+            "model": "one L2 logistic regression per criterion on the encoder's features of real training images; "
+                     "multicolour = 3 or more of Stolz's six colours"}
 
 
 def _within_class_auc(logits: np.ndarray, present: np.ndarray, labels: np.ndarray) -> dict:
@@ -493,15 +479,12 @@ def _evaluate_arm(ctx: dict, arm: str) -> dict:
                                                         scores["sources"], cfg.sensitivity),
                                   "scorer": scores["scorer"]}
     # Ground truth: the predicted hidden severity of translations and their sources
-    sev = None
-    if ctx["regressor"] is None:
-        out["severity"] = {"skipped": ctx["severity_regressor"]["skipped"]}
-    else:
-        sev = (predict(ctx["regressor"], f_syn), predict(ctx["regressor"], f_src))
-        out["severity"] = _arm_severity(*sev, d["severity"][src_rows], ctx["severity_regressor"])
+    sev = None if ctx["regressor"] is None else (predict(ctx["regressor"], f_syn), predict(ctx["regressor"], f_src))
+    out["severity"] = (_arm_severity(*sev, d["severity"][src_rows], ctx["severity_regressor"]) if sev
+                       else {"skipped": ctx["severity_regressor"]["skipped"]})
     out["memorisation"] = _arm_memorisation(ctx, f_syn, f_src, picked)
     out["criteria"] = _arm_criteria(ctx, arm, f_syn, f_src, src_rows)
-    if ctx["out_dir"] is not None and draws_pictures(arm):
+    if ctx["out_dir"] is not None and picture_names(arm):
         out["pictures"] = _arm_pictures(ctx, arm, scores, sev, out["memorisation"])
     return out
 
@@ -509,8 +492,7 @@ def _evaluate_arm(ctx: dict, arm: str) -> dict:
 def _arm_scores(ctx: dict, arm: str) -> dict:
     """Logits of the real validation images, all scored translations and their sources, and of the
     evaluated (picked) ones: from the given logits, or from the in-stage scorer on features."""
-    d, syn, picked = ctx["d"], ctx["d"]["arms"][arm], ctx["picked"][arm]
-    logits = ctx["logits"]
+    d, syn, picked, logits = ctx["d"], ctx["d"]["arms"][arm], ctx["picked"][arm], ctx["logits"]
     if logits is not None:
         real = np.asarray(logits["real"], np.float64)
         val = np.flatnonzero((d["splits"] == "val") & np.isfinite(real))
