@@ -8,11 +8,10 @@ Everything is drawn before a pixel is painted, so the truth is cheap to recomput
 (melano.lesions: severity, phenotype, the 7-point criteria with intensity and place, Stolz's
 colours and structures, diameter, contour), the patient (Fitzpatrick skin type, hairiness) and
 the acquisition (hairs, bubbles, rulers, ink, glare, the scope's corners, JPEG quality, defocus,
-noise, by clinic; independent of the label unless `artefact_bias`). Colour comes from chromophores:
-reflectance = skin x exp(-sum of amount x absorbance) of epidermal melanin, dermal melanin
-(blue-grey), haemoglobin, under a whitish haze for veil and regression. Each pattern and criterion
-paints from a random stream of its own, so a lesion with one criterion more or less differs only
-by that criterion. Calibration: ``bench/bench_data.py --calibrate``.
+noise, by clinic; independent of the label unless `artefact_bias`). Colour comes from chromophores
+(`_K_MELANIN` and the rest). Each pattern and criterion paints from a random stream of its own,
+so a lesion with one criterion more or less differs only by that criterion (tests use this).
+Calibration: ``bench/bench_data.py --calibrate``.
 
 Image i draws from ``default_rng([seed, 1, i])`` (lesion and paint) and ``[seed, 5, i]``
 (acquisition), patient p from ``[seed, 2, p]``: the same arguments give the same bytes (with the
@@ -52,7 +51,8 @@ _SITES = ["torso", "lower extremity", "upper extremity", "head/neck", "palms/sol
 _SITE_P = np.array([16845, 8417, 4983, 1855, 375, 124, 527], np.float64)
 _SITE_P /= _SITE_P.sum()
 
-# Colour from chromophores: reflectance = base * exp(-sum(amount * absorbance)), per RGB channel.
+# Colour from chromophores: reflectance = skin * exp(-sum(amount * absorbance)), per RGB channel,
+# under a whitish haze (_HAZE) for veil and regression.
 # Epidermal melanin absorbs blue most (light brown to black); dermal melanin, seen through the
 # epidermis, is blue-grey (Tyndall scattering: red absorbed most); haemoglobin absorbs green.
 _BASE_SKIN = np.array([0.97, 0.86, 0.80], np.float32)
@@ -120,21 +120,19 @@ def check_config(cfg: SynthConfig) -> None:
         raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
 
 
-# ----------------------------------------------------------------------------------------------
 # Smooth random fields: white noise on a coarse k x k grid, upsampled bicubically by Pillow.
 # Far cheaper than filtering a full-size image, and single-threaded: numpy's matmul would call a
 # multi-threaded BLAS that spins on these tiny products and runs ~10x slower on a busy machine.
 
-def _fields(rng: np.random.Generator, size: int, k: int, n: int) -> np.ndarray:
-    """n smooth fields (size, size), about unit variance and k bumps per side. Coarse ones are drawn
+def _field(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
+    """A smooth field (size, size), about unit variance and k bumps per side. A coarse one is drawn
     on a 2k grid and smoothed there first: white noise upsampled directly shows square blocks."""
     if 8 * k > size:  # bumps of a few pixels: no block to see
-        g = rng.standard_normal((n, k, k), dtype=np.float32)
+        g = rng.standard_normal((k, k), dtype=np.float32)
     else:
         b = _binomial(2 * k)
-        g = b @ rng.standard_normal((n, 2 * k, 2 * k), dtype=np.float32) @ b.T
-    return np.stack([np.asarray(Image.fromarray(gi, "F").resize((size, size), Image.Resampling.BICUBIC))
-                     for gi in g])
+        g = b @ rng.standard_normal((2 * k, 2 * k), dtype=np.float32) @ b.T
+    return np.asarray(Image.fromarray(g, "F").resize((size, size), Image.Resampling.BICUBIC))
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,7 +161,6 @@ def _over(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return img
 
 
-# ----------------------------------------------------------------------------------------------
 # Patients, lesions and acquisitions: all drawn before any pixel, so the truth is known cheaply
 
 def _patient(seed: int, pid: int, centre: int = 0) -> dict:
@@ -183,8 +180,7 @@ severity = lesions.severity  # the hidden severity of one lesion
 def lesion_of(seed: int, index: int, malignant: bool, difficulty: float) -> tuple[np.random.Generator, lesions.Lesion]:
     """Image `index`'s lesion, and the generator its rendering continues with."""
     rng = np.random.default_rng([seed, 1, index])
-    s = lesions.severity(rng, malignant, difficulty)
-    return rng, lesions.draw(rng, s, malignant)
+    return rng, lesions.draw(rng, lesions.severity(rng, malignant, difficulty), malignant)
 
 
 def acquisition(seed: int, index: int, malignant: bool, centre: int, bias: float) -> dict:
@@ -202,7 +198,6 @@ def acquisition(seed: int, index: int, malignant: bool, centre: int, bias: float
             "fov_mm": float(rng.uniform(14, 20))}
 
 
-# ----------------------------------------------------------------------------------------------
 # Rendering: skin, the lesion's pigment maps, colour, then what the dermoscope adds
 
 class _Geometry(NamedTuple):
@@ -226,16 +221,14 @@ def render(rng: np.random.Generator, size: int, les: lesions.Lesion, patient: di
     """One dermoscopy image (size, size, 3) uint8 of lesion `les`. The parts draw from `rng` in a
     fixed order: keep it, or every seed's images change. `show_lesion=False` leaves skin where the
     lesion would be (a control: what skin and artefacts alone tell a classifier)."""
-    S = size
-    img, skin_tex = _skin(rng, S, patient)
-    geo = _shape(rng, S, les, acq)
+    img, skin_tex = _skin(rng, size, patient)
+    geo = _shape(rng, size, les, acq)
     if show_lesion:
-        E, D, H, W = _pigment(rng, S, les, geo)
-        ys, xs = geo.ys, geo.xs
+        E, D, H, W = _pigment(rng, size, les, geo)
         absorb = E[..., None] * _K_MELANIN + D[..., None] * _K_DERMAL + H[..., None] * _K_BLOOD
-        img[ys, xs] *= np.exp(-absorb)
+        img[geo.ys, geo.xs] *= np.exp(-absorb)
         if W.any():  # veil, regression, milia
-            img[ys, xs] = _over(img[ys, xs], _HAZE, W)
+            img[geo.ys, geo.xs] = _over(img[geo.ys, geo.xs], _HAZE, W)
     img *= skin_tex[..., None]
     img = _artefacts(rng, img, geo, patient, acq)
     return _optics(rng, img, acq)
@@ -244,7 +237,7 @@ def render(rng: np.random.Generator, size: int, les: lesions.Lesion, patient: di
 def _skin(rng: np.random.Generator, S: int, patient: dict) -> tuple[np.ndarray, np.ndarray]:
     """Skin colour from its melanin and blood, with erythema patches; and its texture (furrows,
     pores, fine grain) as a multiplier: one of `_skin_textures`."""
-    blood = patient["blood"] * (1 + 0.4 * np.maximum(_fields(rng, S, 5, 1)[0], 0))
+    blood = patient["blood"] * (1 + 0.4 * np.maximum(_field(rng, S, 5), 0))
     img = _BASE_SKIN * np.exp(-(patient["melanin"] * _K_MELANIN + blood[..., None] * _K_BLOOD))
     bank = _skin_textures(S)
     return img.astype(np.float32), bank[int(rng.integers(len(bank)))]
@@ -258,9 +251,9 @@ def _skin_textures(S: int, n: int = 24) -> np.ndarray:
     out = []
     for _ in range(n):
         furrows = _cells(rng, S, max(4, min(S // 6, 28)), jitter=0.9)
-        pores = _smoothstep((_fields(rng, S, min(S // 2, 160), 1)[0] - 2.2) * 2) * min(1, S / 320)
-        grain = _fields(rng, S, min(S // 2, 384), 1)[0] * min(1, S / 768)  # finer than a pixel: averaged
-        mottle = _fields(rng, S, max(4, min(S // 16, 64)), 1)[0]
+        pores = _smoothstep((_field(rng, S, min(S // 2, 160)) - 2.2) * 2) * min(1, S / 320)
+        grain = _field(rng, S, min(S // 2, 384)) * min(1, S / 768)  # finer than a pixel: averaged
+        mottle = _field(rng, S, max(4, min(S // 16, 64)))
         out.append(1 - 0.12 * (1 - _smoothstep(furrows / 0.08)) - 0.15 * pores + 0.13 * grain + 0.04 * mottle)
     return np.stack(out).astype(np.float32)
 
@@ -343,7 +336,7 @@ def _region(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, k: i
     py = geo.cy + place.offset * geo.R * math.sin(place.angle)
     d2 = ((geo.X - px) ** 2 + (geo.Y - py) ** 2) / (place.spread * geo.R) ** 2
     h, w = geo.X.shape
-    noise = _fields(rng, max(h, w), k, 1)[0][:h, :w]
+    noise = _field(rng, max(h, w), k)[:h, :w]
     area = _smoothstep(1.1 - 0.6 * d2 + 0.8 * noise) * geo.mask
     return area / max(float(area.max()), 0.5, 1e-6) if area.max() < 1 else area  # a core wherever it sits
 
@@ -413,7 +406,7 @@ def _criteria(g: dict, S: int, les: lesions.Lesion, geo: _Geometry, cell_k: int,
         r, i = g["atypical_network"], c["atypical_network"]
         area = _region(r, geo, les.places["atypical_network"])
         f = _pattern(r, S, max(3, cell_k), 1.0, geo.ys, geo.xs) / r.uniform(0.8, 1.2)  # larger, uneven holes
-        broken = _smoothstep(_fields(r, S, 9, 1)[0][geo.ys, geo.xs] * 2 + 1.0)
+        broken = _smoothstep(_field(r, S, 9)[geo.ys, geo.xs] * 2 + 1.0)
         E = E + (1.2 + 1.0 * i) * (1 - _smoothstep(f / (0.35 + 0.3 * i))) * np.minimum(area * 1.5, 1) * broken
     if "irregular_blotches" in c:  # structureless black or dark brown, off-centre
         r, i = g["irregular_blotches"], c["irregular_blotches"]
@@ -421,7 +414,7 @@ def _criteria(g: dict, S: int, les: lesions.Lesion, geo: _Geometry, cell_k: int,
     if "blue_white_veil" in c:  # confluent blue-grey (dermal melanin) under a whitish haze
         r, i = g["blue_white_veil"], c["blue_white_veil"]
         area = _smoothstep(_region(r, geo, les.places["blue_white_veil"]) * 2.2 - 0.2)
-        mottle = 0.8 + 0.4 * _fields(r, max(h, w), max(4, int(px / 4)), 1)[0][:h, :w]
+        mottle = 0.8 + 0.4 * _field(r, max(h, w), max(4, int(px / 4)))[:h, :w]
         D = D + (1.0 + 0.8 * i) * area * mottle
         E = E * (1 - 0.95 * area)
         W = np.maximum(W, (0.08 + 0.5 * max(i - 0.55, 0)) * area)  # whitish only when strong (lesions.py)
@@ -452,9 +445,10 @@ def _streaks(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, i: 
     d = np.angle(np.exp(1j * (geo.theta - place.angle)))
     sector = np.exp(-0.5 * (d / width) ** 2)
     n = int(rng.integers(5, 12))
-    wobble = rng.normal(0, 0.15, 64).cumsum()[((geo.theta + np.pi) * (63 / (2 * np.pi))).astype(np.int32)]
+    bin64 = ((geo.theta + np.pi) * (63 / (2 * np.pi))).astype(np.int32)  # the angle in 64 steps
+    wobble = rng.normal(0, 0.15, 64).cumsum()[bin64]
     comb = np.cos(geo.theta * n * 2 * np.pi / width + wobble + rng.uniform(0, 6.3))
-    reach = 1.05 + 0.2 * rng.random(64)[((geo.theta + np.pi) * (63 / (2 * np.pi))).astype(np.int32)]
+    reach = 1.05 + 0.2 * rng.random(64)[bin64]
     radial = _smoothstep((geo.rn - 0.75) / 0.15) * (1 - _smoothstep((geo.rn - reach) / 0.06))
     return (0.9 + 0.9 * i) * sector * radial * _smoothstep(comb * 2.5 - 1.0)
 
@@ -462,10 +456,10 @@ def _streaks(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, i: 
 def _artefacts(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, patient: dict, acq: dict) -> np.ndarray:
     """What the dermoscope and the clinic add: hairs, gel bubbles, ruler marks, ink, glare."""
     S = img.shape[0]
+    X, Y = _grid(S)
     if acq["hair"]:
         img = _hairs(rng, img, patient)
     if acq["bubbles"]:
-        X, Y = _grid(S)
         for _ in range(int(rng.integers(1, 5))):
             bx, by, br = rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.9), rng.uniform(0.03, 0.15)
             d = np.sqrt((X - bx) ** 2 + (Y - by) ** 2) / br
@@ -478,12 +472,10 @@ def _artefacts(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, patien
             draw.line([(x, y0), (x, y0 - S * (0.06 if j % 5 == 0 else 0.03))], fill=230, width=max(1, S // 200))
         img = _over(img, np.array([0.1, 0.1, 0.1], np.float32), np.asarray(layer, np.float32) / 255)
     if acq["ink"]:
-        X, Y = _grid(S)
         a = rng.uniform(0, 2 * np.pi)
         ix, iy, ir = geo.cx + 1.3 * geo.R * math.cos(a), geo.cy + 1.3 * geo.R * math.sin(a), rng.uniform(0.02, 0.05)
         img = _over(img, _INK, 0.8 * _smoothstep(1.5 - np.sqrt((X - ix) ** 2 + (Y - iy) ** 2) / ir))
     if acq["glare"]:
-        X, Y = _grid(S)
         for _ in range(int(rng.integers(1, 4))):
             gx, gy, gr = rng.uniform(-0.7, 0.7), rng.uniform(-0.7, 0.7), rng.uniform(0.01, 0.04)
             img = _over(img, np.ones(3, np.float32), 0.9 * np.exp(-((X - gx) ** 2 + (Y - gy) ** 2) / gr ** 2))
