@@ -267,8 +267,7 @@ def _cells(rng: np.random.Generator, S: int, k: int, jitter: float) -> np.ndarra
     iu, iv = np.floor(u).astype(np.int32), np.floor(v).astype(np.int32)
     fu, fv = u - iu, v - iv
     pu, pv = rng.uniform(0.5 - jitter / 2, 0.5 + jitter / 2, (2, k * k)).astype(np.float32)
-    f1 = np.full(u.shape, np.inf, np.float32)
-    f2 = np.full(u.shape, np.inf, np.float32)
+    f1, f2 = np.full((2, *u.shape), np.inf, np.float32)  # the nearest and second-nearest squared distance
     for dv in (-1, 0, 1):
         for du in (-1, 0, 1):
             c = ((iv + dv) % k) * k + (iu + du) % k
@@ -338,7 +337,7 @@ def _region(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, k: i
     h, w = geo.X.shape
     noise = _field(rng, max(h, w), k)[:h, :w]
     area = _smoothstep(1.1 - 0.6 * d2 + 0.8 * noise) * geo.mask
-    return area / max(float(area.max()), 0.5, 1e-6) if area.max() < 1 else area  # a core wherever it sits
+    return area / max(float(area.max()), 0.5) if area.max() < 1 else area  # a core wherever it sits
 
 
 def _dots(rng: np.random.Generator, shape: tuple, where: np.ndarray, n: int, radius: float,
