@@ -128,13 +128,12 @@ def experiment_metrics(predictions: dict[str, list[str | Path]], split_csv: str 
     mean and sd over seeds; the declared comparisons, each with a ΔAUC CI and p covering test
     sampling and training variance. `ood` = (predictions, patients CSV) of a second test set, scored
     the same way; the comparisons of both test sets are Holm-adjusted as one family."""
-    sets = {"test": test_set_metrics(predictions, split_csv, seed, level, n_boot, gan_runs or {})}
-    if ood is not None:
-        sets["ood"] = test_set_metrics(*ood, seed, level, n_boot, gan_runs or {})
+    sets = {name: test_set_metrics(*args, seed, level, n_boot, gan_runs or {})
+            for name, args in (("test", (predictions, split_csv)), ("ood", ood)) if args is not None}
     family = [{**c, "test_set": name} for name, s in sets.items() for c in s["comparisons"]]
     for c, adj in zip(family, stats.holm([c["p"] for c in family]) if family else []):
         c["p_holm"] = float(adj)
-    return {"arms": sets["test"]["arms"], "ood": {"arms": sets["ood"]["arms"]} if ood is not None else None,
+    return {"arms": sets["test"]["arms"], "ood": {"arms": sets["ood"]["arms"]} if "ood" in sets else None,
             "comparisons": family, "variance_note": VARIANCE_NOTE, "n_boot": n_boot}
 
 
@@ -155,7 +154,6 @@ def pyplot():
 def save_figure(fig, path: str | Path, dpi: float | None = None) -> Path:
     """Lay out, write and close a pyplot figure."""
     import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -455,8 +453,8 @@ def _structure_sentence(q: dict, arm: str) -> str:
         if not probe["criteria"][c]["can_see"]:
             blind.append(name)
             continue
-        up = sum(lo > 0 for lo, _ in _change_cis(q, arm, c))
-        down = sum(hi < 0 for _, hi in _change_cis(q, arm, c))
+        cis = _change_cis(q, arm, c)
+        up, down = sum(lo > 0 for lo, _ in cis), sum(hi < 0 for _, hi in cis)
         (added if up == n else removed if down == n else some if up else still).append((name, up))
     runs = "every GAN run" if n > 1 else "its GAN run"
     names = lambda xs: ", ".join(x for x, _ in xs)
@@ -486,14 +484,13 @@ def verdict(comparisons: list[dict], alpha: float = 0.05) -> str:
     """One sentence per declared comparison, decided by its Holm-adjusted p-value."""
     out = []
     for c in comparisons:
-        name = f"`{c['a']}` vs `{c['b']}` ({c['role']})"
+        name, p = f"`{c['a']}` vs `{c['b']}` ({c['role']})", _fmt_p(c["p_holm"])
         if c["p_holm"] < alpha:
             word = "higher" if c["delta"] > 0 else "lower"
-            out.append(f"{name}: `{c['a']}` scored a {word} AUC ({c['delta']:+.3f}, Holm-adjusted "
-                       f"p = {_fmt_p(c['p_holm'])}).")
+            out.append(f"{name}: `{c['a']}` scored a {word} AUC ({c['delta']:+.3f}, Holm-adjusted p = {p}).")
         else:
-            out.append(f"{name}: no detectable difference ({c['delta']:+.3f}, Holm-adjusted p = "
-                       f"{_fmt_p(c['p_holm'])}); this experiment cannot tell them apart.")
+            out.append(f"{name}: no detectable difference ({c['delta']:+.3f}, Holm-adjusted p = {p}); this "
+                       f"experiment cannot tell them apart.")
     return " ".join(out)
 
 
