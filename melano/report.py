@@ -353,13 +353,13 @@ def _quality_lines(q: dict) -> list[str]:
          _fd(ref["distances"]["real_mel_test_vs_real_mel_train"])),
         ("real benign vs real training melanomas (scale: the class difference)",
          _fd(ref["distances"]["real_benign_val_vs_real_mel_train"]))] + [
-        row for arm in runs for row in ((f"{arm}: translations vs real training melanomas", fd(arm, "")),
-                                        (f"{arm}: their benign sources vs real training melanomas", fd(arm, "_sources")))])
+        (f"{arm}: {kind} vs real training melanomas", fd(arm, s))
+        for arm in runs for kind, s in (("translations", ""), ("their benign sources", "_sources"))])
     lines += ["Two-sample tests: a logistic regression told each set from the real training melanomas with "
               "patient-grouped cross-validation (AUC 0.5: indistinguishable).", ""]
     two = [(name.split("_vs_")[0].replace("_", " "), f"{t['features']['auc']:.3f}", f"{t['pixels']['auc']:.3f}")
            for name, t in ref["two_sample"].items()]
-    two += [(f"{arm} {kind}", _over_runs(q, arm, "two_sample_features" + s), _over_runs(q, arm, "two_sample_pixels" + s))
+    two += [(f"{arm} {kind}", *(_over_runs(q, arm, f"two_sample_{on}{s}") for on in ("features", "pixels")))
             for arm in runs for kind, s in (("translations", ""), ("sources", "_sources"))]
     lines += _table(("set vs real training melanomas", "on features", "on 16x16 pixels"), two)
     lines += [f"Translation success, scored by {q.get('scorer', 'a classifier trained on real images only')}: "
