@@ -330,8 +330,7 @@ def predict_kaggle(checkpoint: str | Path, folder: Path, out_csv: str | Path | N
 
 
 def heat_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """An (H, W, 3) uint8 image under a map in [0, 1] (black-red-yellow-white, more opaque where
-    the map is high)."""
+    """An (H, W, 3) uint8 image under a map in [0, 1] (black-red-yellow-white, more opaque where high)."""
     c = np.clip(cam, 0, 1)[..., None]
     heat = np.clip(np.concatenate([3 * c, 3 * c - 1, 3 * c - 2], -1), 0, 1) * 255
     alpha = 0.15 + 0.6 * c
