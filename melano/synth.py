@@ -502,10 +502,11 @@ def _hairs(rng: np.random.Generator, img: np.ndarray, patient: dict) -> np.ndarr
 def _optics(rng: np.random.Generator, img: np.ndarray, acq: dict) -> np.ndarray:
     """Illumination fall-off, the scope's black corners, white balance, defocus, sensor noise."""
     S = img.shape[0]
-    r2, r = _radius(S)
+    X, Y = _grid(S)
+    r2 = X * X + Y * Y  # the squared distance from the centre, in [-1, 1] units
     light = (1 - np.float32(acq["falloff"]) * r2) * np.float32(acq["exposure"])
     if acq["corners"]:
-        light *= 1 - 0.97 * _smoothstep((r - np.float32(rng.uniform(1.0, 1.3))) / 0.05 + 0.5)
+        light *= 1 - 0.97 * _smoothstep((np.sqrt(r2) - np.float32(rng.uniform(1.0, 1.3))) / 0.05 + 0.5)
     img *= light[..., None]
     img *= acq["gain"] * 255
     out = Image.fromarray((np.clip(img, 0, 255) + 0.5).astype(np.uint8))
@@ -521,14 +522,6 @@ def _optics(rng: np.random.Generator, img: np.ndarray, acq: dict) -> np.ndarray:
 def _noise_bank(S: int) -> np.ndarray:
     """Four fields of unit Gaussian noise (S, S, 3) from a fixed seed; a shifted one is each image's."""
     return np.random.default_rng([20261206, 3, S]).standard_normal((4, S, S, 3), np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _radius(S: int) -> tuple[np.ndarray, np.ndarray]:
-    """The squared distance from the image centre, and the distance, in [-1, 1] units."""
-    X, Y = _grid(S)
-    r2 = (X * X + Y * Y).astype(np.float32)
-    return r2, np.sqrt(r2)
 
 
 def _render_one(job: tuple) -> bytes:
