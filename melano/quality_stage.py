@@ -553,11 +553,9 @@ def _arm_pictures(ctx: dict, arm: str, scores: dict, sev: tuple | None, memo: di
         [[img[syn.sources[c["synthetic"]]], syn.images[c["synthetic"]], img[c["real_train"]]] for c in memo["closest"]],
         out_dir / names["neighbours"], cols=2, captions=[f"d = {c['distance']:.2f}" for c in memo["closest"]],
         title=f"{arm}: the 8 translations closest to a real training melanoma: source | translation | that melanoma")
-    if sev:
-        (benign, mel), sources, translations = ctx["severity_val_pred"], sev[1], sev[0]
-    else:
-        v, labels = scores["val"], scores["val_labels"]
-        benign, mel, sources, translations = v[labels == 0], v[labels == 1], scores["sources"], scores["translations"]
+    v, labels = scores["val"], scores["val_labels"]
+    benign, mel = ctx["severity_val_pred"] if sev else (v[labels == 0], v[labels == 1])
+    sources, translations = (sev[1], sev[0]) if sev else (scores["sources"], scores["translations"])
     samples = {"real benign (val)": benign, "real melanoma (val)": mel, "sources": sources,
                "translations": translations}
     plot = distribution_plot(samples, out_dir / names[what], title=arm,
@@ -574,10 +572,9 @@ def _criteria_picture(ctx: dict, key: str, show: np.ndarray, path: Path) -> Path
     if not before:
         return None
     syn, picked = ctx["d"]["arms"][key], ctx["picked"][key]
-    captions = []
-    for i in show:
-        moves = [("+" if after[c][i] > before[c][i] else "-") + SHORT[c] for c in before if after[c][i] != before[c][i]]
-        captions.append(" ".join(moves) or "no criterion changed")
+    move = lambda c, i: ("+" if after[c][i] > before[c][i] else "-") + SHORT[c]
+    captions = [" ".join(move(c, i) for c in before if after[c][i] != before[c][i]) or "no criterion changed"
+                for i in show]
     return report.image_grid([[ctx["d"]["images"][syn.sources[picked[i]]], syn.images[picked[i]]] for i in show],
                              path, cols=2, cell=112, gap=4, col_gap=120, captions=captions,  # room for long captions
                              title=f"{key}: benign source | its translation; criteria the probe sees gained (+) "
