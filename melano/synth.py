@@ -340,11 +340,10 @@ def _region(rng: np.random.Generator, geo: _Geometry, place: lesions.Place, k: i
     return area / max(float(area.max()), 0.5) if area.max() < 1 else area  # a core wherever it sits
 
 
-def _dots(rng: np.random.Generator, shape: tuple, where: np.ndarray, n: int, radius: float,
-          size_sd: float = 0.3) -> np.ndarray:
+def _dots(rng: np.random.Generator, where: np.ndarray, n: int, radius: float, size_sd: float = 0.3) -> np.ndarray:
     """n round dots with volume (a soft, dome-shaped profile), placed with density `where`."""
-    h, w = shape
-    out = np.zeros(shape, np.float32)
+    h, w = where.shape
+    out = np.zeros(where.shape, np.float32)
     p = where.ravel().astype(np.float64)
     if n == 0 or p.sum() <= 0:
         return out
@@ -369,7 +368,6 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
     """The lesion's chromophore maps in its bounding box: epidermal melanin E, dermal melanin D,
     blood H, and whitish haze W. The phenotype sets the pattern; then `_criteria`."""
     g = dict(zip(_PATTERNS, rng.spawn(len(_PATTERNS))))
-    h, w = geo.mask.shape
     m, rn, c, ph = geo.mask, geo.rn, les.criteria, les.phenotype
     px = geo.R * S / 2  # the radius in pixels
     base = (0.4 + 0.8 * les.base_dark) * (0.75 + 0.25 * np.clip(1 - rn * rn, 0, 1))
@@ -383,11 +381,11 @@ def _pigment(rng: np.random.Generator, S: int, les: lesions.Lesion, geo: _Geomet
         E = E + 0.55 * lines * m * np.clip(1.2 - rn, 0, 1) * (0.8 + 0.4 * les.base_dark)
     if ph == "globular_nevus":  # regular brown globules over the whole lesion
         r = g[ph]
-        E = E + 1.1 * _dots(r, (h, w), m * (rn < 0.85), int(r.integers(12, 30)), max(px / 9, 1.0), 0.15)
+        E = E + 1.1 * _dots(r, m * (rn < 0.85), int(r.integers(12, 30)), max(px / 9, 1.0), 0.15)
     if ph == "seborrhoeic_keratosis":  # milia-like cysts (white) and comedo-like openings (dark plugs)
         r = g[ph]
-        W = np.maximum(W, 0.75 * _dots(r, (h, w), m, int(r.integers(4, 12)), max(px / 14, 0.8)))
-        E = E + 1.4 * _dots(r, (h, w), m, int(r.integers(3, 10)), max(px / 12, 0.8))
+        W = np.maximum(W, 0.75 * _dots(r, m, int(r.integers(4, 12)), max(px / 14, 0.8)))
+        E = E + 1.4 * _dots(r, m, int(r.integers(3, 10)), max(px / 12, 0.8))
         E = E + 0.3 * (1 - _smoothstep(_pattern(r, S, cell_k, 0.9, geo.ys, geo.xs) / 0.3)) * m
     if les.colours["red"] and "atypical_vessels" not in c:  # an inflamed lesion: diffuse redness
         r = g["inflamed"]
@@ -422,17 +420,17 @@ def _criteria(g: dict, S: int, les: lesions.Lesion, geo: _Geometry, cell_k: int,
         area = _smoothstep(_region(r, geo, les.places["regression"]) * 1.6 - 0.4)
         W = np.maximum(W, (0.35 + 0.3 * i) * area)
         E = E * (1 - 0.9 * area)
-        D = D + 0.9 * _dots(r, (h, w), area, int(10 + 30 * i), max(px / 30, 0.6), 0.2)
+        D = D + 0.9 * _dots(r, area, int(10 + 30 * i), max(px / 30, 0.6), 0.2)
     if "irregular_dots" in c:  # black dots and brown globules of mixed sizes, off-centre or peripheral
         r, i = g["irregular_dots"], c["irregular_dots"]
         area = _region(r, geo, les.places["irregular_dots"]) * (0.3 + rn)
-        E = E + (2.0 + 1.2 * i) * _dots(r, (h, w), area, int(6 + 14 * i), max(px / 7, 1.2), 0.4)
+        E = E + (2.0 + 1.2 * i) * _dots(r, area, int(6 + 14 * i), max(px / 7, 1.2), 0.4)
     if "irregular_streaks" in c:  # pseudopods and radial streaming in one sector, past the border
         E = E + _streaks(g["irregular_streaks"], geo, les.places["irregular_streaks"], c["irregular_streaks"], S)
     if "atypical_vessels" in c:  # red dotted and irregular linear vessels
         r, i = g["atypical_vessels"], c["atypical_vessels"]
         area = _region(r, geo, les.places["atypical_vessels"])
-        H = H + (2.0 + 1.0 * i) * _dots(r, (h, w), area, int(8 + 20 * i), max(px / 18, 0.9), 0.25)
+        H = H + (2.0 + 1.0 * i) * _dots(r, area, int(8 + 20 * i), max(px / 18, 0.9), 0.25)
         H = H + (1.6 + 0.8 * i) * (1 - _smoothstep(_pattern(r, S, cell_k, 1.0, geo.ys, geo.xs) / 0.15)) * area
         E = E * (1 - 0.85 * area)  # vessels show where the pigment thins
     return E, D, H, W
