@@ -189,8 +189,7 @@ def acquisition(seed: int, index: int, malignant: bool, centre: int, bias: float
     rng = np.random.default_rng([seed, 5, index])
     c = _CENTRES[centre]
     tilt = 1 + bias * (1 if malignant else -1)
-    p = {"hair": c["hair"], "bubbles": c["bubbles"], "ruler": min(1.0, c["ruler"] * tilt),
-         "ink": min(1.0, c["ink"] * tilt), "glare": c["glare"], "corners": c["corners"]}
+    p = {a: min(1.0, c[a] * tilt) if a in ("ruler", "ink") else c[a] for a in ARTEFACTS}
     found = {a: bool(rng.random() < p[a]) for a in ARTEFACTS}
     return {**found, "jpeg": int(rng.integers(*c["jpeg"])), "blur": float(rng.uniform(0, 1.5)),
             "noise": float(rng.uniform(0.008, 0.025)), "falloff": float(rng.uniform(0.05, 0.3)),
