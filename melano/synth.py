@@ -120,9 +120,8 @@ def check_config(cfg: SynthConfig) -> None:
         raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
 
 
-# Smooth random fields: white noise on a coarse k x k grid, upsampled bicubically by Pillow.
-# Far cheaper than filtering a full-size image, and single-threaded: numpy's matmul would call a
-# multi-threaded BLAS that spins on these tiny products and runs ~10x slower on a busy machine.
+# Smooth random fields: white noise on a coarse k x k grid, upsampled bicubically by Pillow: far
+# cheaper than filtering a full-size image, and single-threaded (a multi-threaded BLAS spins on a busy machine).
 
 def _field(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
     """A smooth field (size, size), about unit variance and k bumps per side. A coarse one is drawn
