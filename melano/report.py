@@ -394,10 +394,12 @@ def _severity_lines(q: dict) -> list[str]:
                     "minus predicted source)", ""]
 
 
-def _change_cis(q: dict, arm: str, c: str) -> list:
-    """The 95% CI of criterion c's paired change (or the 7-point score's) in each GAN run of `arm`."""
+def _change_cis(q: dict, arm: str, c: str) -> tuple[list, int, int]:
+    """The 95% CI of criterion c's paired change (or the 7-point score's) in each GAN run of `arm`, and
+    in how many runs it lies above 0 and below 0."""
     crit = [q["arms"][k]["criteria"] for k in q["runs"][arm]["runs"]]
-    return [(a["seven_point"] if c == "seven_point" else a["criteria"][c])["change"]["ci"] for a in crit]
+    cis = [(a["seven_point"] if c == "seven_point" else a["criteria"][c])["change"]["ci"] for a in crit]
+    return cis, sum(lo > 0 for lo, _ in cis), sum(hi < 0 for _, hi in cis)
 
 
 def _change_cell(q: dict, arm: str, c: str) -> str:
@@ -405,10 +407,9 @@ def _change_cell(q: dict, arm: str, c: str) -> str:
     and in how many runs the CI lies above (below) 0."""
     if c + "_change" not in q["runs"][arm]["mean"]:
         return "—"
-    cis = _change_cis(q, arm, c)
+    cis, up, down = _change_cis(q, arm, c)
     if len(cis) == 1:
         return f"{_over_runs(q, arm, c + '_change', sign='+')} ({cis[0][0]:+.3f} to {cis[0][1]:+.3f})"
-    up, down = sum(lo > 0 for lo, _ in cis), sum(hi < 0 for _, hi in cis)
     return (f"{_over_runs(q, arm, c + '_change', sign='+')}; CI above 0 in {up}/{len(cis)} runs, "
             f"below 0 in {down}/{len(cis)}")
 
@@ -453,8 +454,7 @@ def _structure_sentence(q: dict, arm: str) -> str:
         if not probe["criteria"][c]["can_see"]:
             blind.append(name)
             continue
-        cis = _change_cis(q, arm, c)
-        up, down = sum(lo > 0 for lo, _ in cis), sum(hi < 0 for _, hi in cis)
+        _, up, down = _change_cis(q, arm, c)
         (added if up == n else removed if down == n else some if up else still).append((name, up))
     runs = "every GAN run" if n > 1 else "its GAN run"
     names = lambda xs: ", ".join(x for x, _ in xs)
@@ -511,8 +511,7 @@ def markdown_report(result: dict) -> str:
         lines += ["## Data and split", ""] + _table(("split", "images", "malignant", "patients"), [
             (n, s["images"], s["malignant"], s["patients"]) for n, s in result["split_sizes"].items()])
     if result.get("deviations_from_study"):
-        lines += ["## Deviations from the study's recipe", ""]
-        lines += [f"- {d}" for d in result["deviations_from_study"]] + [""]
+        lines += ["## Deviations from the study's recipe", "", *(f"- {d}" for d in result["deviations_from_study"]), ""]
     if result.get("leakage_guards"):
         lines += ["## Leakage guards", ""] + [f"- {t}: **{'yes' if ok else 'NO'}**"
                                                for t, ok in result["leakage_guards"].items()] + [""]
