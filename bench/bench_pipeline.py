@@ -26,6 +26,10 @@ def main():
                                                     "to record instead of running")
     p.add_argument("--command-seconds", type=float, default=None,
                    help="wall time of the whole `make train` (install included), timed outside, to record beside it")
+    p.add_argument("--install-seconds", type=float, default=None,
+                   help="of --command-seconds, the venv and package install, timed outside")
+    p.add_argument("--build-seconds", type=float, default=None,
+                   help="of --command-seconds, the kernel build (the CLI's start until its first stage), timed outside")
     p.add_argument("--gan-runs", nargs=2, default=None, metavar=("BEFORE", "AFTER"),
                    help="two run folders whose finished gan and gan_ls stages to compare")
     args = p.parse_args()
@@ -54,7 +58,7 @@ def main():
         "gan_stages_compared": args.gan_runs and compare_gans(*map(Path, args.gan_runs)),
         "gan_channels_last": result["config"].get("gan_channels_last"),
         "synthetic_quality": result.get("synthetic_quality"),  # the README's quality table
-        "slow_host_projection": slow_host_projection(result["wall_s"])})
+        "slow_host_projection": slow_host_projection(result["wall_s"], args)})
 
 
 def compare_gans(before: Path, after: Path) -> dict:
@@ -80,9 +84,11 @@ def gan_steps(losses_csv: Path) -> int:
 SLOW_HOST_STEP_S = 1.45
 
 
-def slow_host_projection(wall_s: float) -> dict | None:
+def slow_host_projection(wall_s: float, args) -> dict | None:
     """This run's wall scaled by (slow box's GAN step / this host's), if cyclegan_cpu.json has it.
-    Valid only when cyclegan_cpu.json was measured on this host, under the same ISA caps."""
+    Valid only when cyclegan_cpu.json was measured on this host, under the same ISA caps. With the
+    whole `make train` timed, also the command projected three ways: only the pipeline scaled; the
+    kernel build scaled too (it is CPU-bound); everything scaled, the install included."""
     path = Path(__file__).resolve().parent / "results" / "cyclegan_cpu.json"
     if not path.exists():
         return None
@@ -92,7 +98,15 @@ def slow_host_projection(wall_s: float) -> dict | None:
         return None
     factor = SLOW_HOST_STEP_S * quick[0]["it_s"]["nchw_fused"]
     print(f"projected on the slowest AVX2 box (x{factor:.2f}): {wall_s * factor:.0f} s")
-    return {"factor": factor, "slow_host_step_s": SLOW_HOST_STEP_S,
+    command = None
+    if None not in (args.command_seconds, args.install_seconds, args.build_seconds):
+        extra = factor - 1  # what scaling a measured part adds to the measured command
+        command = {"measured_s": args.command_seconds, "install_s": args.install_seconds, "build_s": args.build_seconds,
+                   "pipeline_scaled_s": args.command_seconds + extra * wall_s,
+                   "pipeline_and_build_scaled_s": args.command_seconds + extra * (wall_s + args.build_seconds),
+                   "all_scaled_s": args.command_seconds * factor}
+        print("make train projected: " + ", ".join(f"{k} {v:.0f}" for k, v in command.items()))
+    return {"make_train": command, "factor": factor, "slow_host_step_s": SLOW_HOST_STEP_S,
             "this_host_step_s": 1 / quick[0]["it_s"]["nchw_fused"], "reference": "bench/results/cyclegan_cpu.json",
             "machine_of_reference": saved["machine"], "projected_wall_s": wall_s * factor,
             "note": "a projection by one benchmark's ratio, not a measurement on that box"}
