@@ -318,6 +318,21 @@ def test_stages_run_side_by_side_in_order_and_stop_at_a_failure(tmp_path):
     assert not (tmp_path / "f0" / "done.json").exists()
 
 
+def test_stages_in_this_process_take_one_jobs_share_of_the_cores(tmp_path, monkeypatch):
+    """Beside the trainers' processes, a stage that runs in the pipeline's own process (quality,
+    translations) uses cores / jobs torch threads, and the process's setting comes back after."""
+    import os
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        seen = pipeline.Stages.side_by_side([lambda futures: torch.get_num_threads()] * 3, jobs=2)
+        assert seen == [2, 2, 2] and torch.get_num_threads() == 3
+        assert pipeline.Stages.side_by_side([lambda futures: torch.get_num_threads()], jobs=1) == [3]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_failing_child_stage_names_its_log(tmp_path):
     cfg = classifier.ClassifierConfig(data=str(tmp_path / "missing"), out=str(tmp_path / "arm"), pretrained=False,
                                       size=32, max_steps=1)
