@@ -322,7 +322,8 @@ def bench_shape(n, c, h, act, device, dtype, timer, reps, compile_ok, slope=0.2)
             row[f"fused_{layout}_{p}_GBps"] = TRAFFIC[p] * nbytes / t[f"fused_{layout}_{p}"] / 1e9
             row[f"fused_{layout}_{p}_copy_fraction"] = row[f"fused_{layout}_{p}_GBps"] * 1e9 / copy_Bps
     for layout in ("cl", "nchw"):
-        row[f"fused_{layout}_fwd_bwd_copy_fraction_same_loop"] = row[f"fused_{layout}_fwd_bwd_GBps"] * 1e9 / copy_loop_Bps
+        gbps = row[f"fused_{layout}_fwd_bwd_GBps"]
+        row[f"fused_{layout}_fwd_bwd_copy_fraction_same_loop"] = gbps * 1e9 / copy_loop_Bps
     kernels_s = t["kernel_nchw_fwd"] + t["kernel_nchw_bwd"]
     row["kernel_nchw_fwd_bwd_copy_fraction"] = TRAFFIC["fwd_bwd"] * nbytes / kernels_s / copy_Bps
     row["copy_GBps"] = copy_Bps / 1e9

@@ -36,7 +36,7 @@ CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 # so that ninja builds them on two cores at once.
 SOURCES = ("instance_norm_act.cpp", "instance_norm_act_backward.cpp", "instance_norm_act_autograd.cpp")
 CUDA_SOURCES = ("instance_norm_act_cuda.cu",)
-HEADERS = ("instance_norm_act.h",)  # included by both sources: part of the source hash
+HEADERS = ("instance_norm_act.h",)  # included by every source: part of the source hash
 EXT_NAME = "melano_inorm_act"
 # -ffp-contract=off: no FMA contraction, so the backward recomputes y_pre bit for bit as the forward did.
 # -fno-trapping-math: lets the compiler vectorise the activation's select (both sides evaluated).

@@ -87,8 +87,8 @@ class Stages:
                 futures[-1].set_result(call(futures))
             return [f.result() for f in futures]
         # The stages that run in this process (translations, quality) take one job's share of the
-        # cores, as the trainers' processes do: with torch's default of every core beside a trainer,
-        # quality took 79 s instead of 46 and slowed the arms beside it.
+        # cores, as the trainers' processes do: with torch's default of every core beside the arms,
+        # quality took 79 s instead of 42 and slowed them.
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
         pool = concurrent.futures.ThreadPoolExecutor(jobs)
