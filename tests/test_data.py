@@ -617,3 +617,23 @@ def test_a_damaged_cache_meta_says_to_rebuild(isic, tmp_path):
     (cache.path / "meta.json").write_text('{"version": 1, "size":')
     with pytest.raises(ValueError, match="meta.json: unreadable .*delete .* and build it again"):
         data.Cache(cache.path)
+
+
+def test_decoding_off_the_main_thread_forks_no_pool(tmp_path, monkeypatch):
+    """A pipeline stage running in a thread beside others decodes in that thread: a pool forked
+    there once hung at shutdown. From the main thread, a pool still serves large batches."""
+    import threading
+    from melano.data import images
+    paths = []
+    for i in range(70):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(paths[-1])
+    pools = []
+    real = images.mp.get_context
+    monkeypatch.setattr(images.mp, "get_context", lambda *a: pools.append(1) or real(*a))
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(errors=images.decode_all(paths, 8, None, None, 2, "t")))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and out["errors"] == {} and pools == []
+    assert images.decode_all(paths, 8, None, None, 2, "t") == {} and pools == [1]

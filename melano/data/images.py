@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import threading
 import warnings
 from typing import Sequence
 
@@ -128,7 +129,10 @@ def decode_all(paths: Sequence[str], size: int, out: str | None, shape: tuple | 
     """Decode every path (into `out` rows when given). Returns {row: error} for failures."""
     workers = default_workers() if workers is None else check_workers(workers)
     jobs = [(i, p, size, max_pixels) for i, p in enumerate(paths)]
-    serial = workers == 1 or len(jobs) < 64  # a pool costs more than it saves on a handful of images
+    # A pool costs more than it saves on a handful of images. And it forks: a pool forked from a thread
+    # other than the main one (a pipeline stage running beside others) once never finished shutting
+    # down (a worker that was not terminated, in the quality stage), so such a thread decodes here.
+    serial = workers == 1 or len(jobs) < 64 or threading.current_thread() is not threading.main_thread()
     if serial:
         _worker_init(out, shape)
     try:
