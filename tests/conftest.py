@@ -1,7 +1,38 @@
+import faulthandler
 import os
+import sys
+import threading
 
 import pytest
 import torch
+
+# No test may hang CI: past HARD_LIMIT_S, one test (its setup, module fixtures included, and teardown)
+# prints every thread's stack and ends the run with exit code 1; faulthandler's own watchdog ends it
+# a minute later if Python cannot run the timer. The longest, the pipeline smoke fixture, takes ~3 min.
+HARD_LIMIT_S = 1200
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    timer = threading.Timer(HARD_LIMIT_S, _time_out, args=(item,))
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(HARD_LIMIT_S + 60, exit=True)
+    try:
+        yield
+    finally:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _time_out(item):
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.suspend_global_capture(in_=True)  # so that the message reaches the terminal
+    sys.stderr.write(f"\n{item.nodeid}: over the {HARD_LIMIT_S} s limit for one test; every thread's stack:\n")
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def pytest_sessionstart(session):
