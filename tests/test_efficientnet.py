@@ -123,6 +123,65 @@ def test_training_step_matches_timm():
     torch.testing.assert_close(ours.classifier.weight.grad, ref.classifier.weight.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("h, k, stride, same", [(2, 5, 1, False), (3, 5, 1, False), (2, 3, 1, False),
+                                                (3, 5, 2, True), (4, 5, 2, True), (3, 3, 2, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_gradients_at_planes_smaller_than_the_kernel(h, k, stride, same, channels_last):
+    """There the layer trains through DepthwiseConv (its own weight gradient); values and both
+    gradients equal F.conv2d's autograd in float64, SAME padding and stride included."""
+    torch.manual_seed(0)
+    c = 6
+    layer = (E.Conv2dSame(c, c, k, stride, padding=0, groups=c, bias=False) if same else
+             E.Conv2d(c, c, k, stride, padding=k // 2, groups=c, bias=False)).double()
+    x = torch.randn(3, c, h, h, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x.requires_grad_(True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "DepthwiseConvBackward"
+    xr, wr = x.detach().clone().requires_grad_(True), layer.weight.detach().clone().requires_grad_(True)
+    pad = max((-(-h // stride) - 1) * stride + k - h, 0) if same else 0
+    padded = torch.nn.functional.pad(xr, [pad // 2, pad - pad // 2] * 2)
+    ref = torch.nn.functional.conv2d(padded, wr, None, stride, layer.padding, 1, c)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    gx, gw = torch.autograd.grad(y, (x, layer.weight), g)
+    rx, rw = torch.autograd.grad(ref, (xr, wr), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_path_only_where_the_plane_is_smaller_than_the_kernel():
+    layer = E.Conv2d(4, 4, 3, 1, padding=1, groups=4, bias=False)
+    assert type(layer(torch.randn(2, 4, 6, 6)).grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(layer(torch.randn(2, 4, 2, 2)).grad_fn).__name__ == "DepthwiseConvBackward"
+    with torch.no_grad():
+        assert layer(torch.randn(2, 4, 2, 2)).grad_fn is None
+    dense = E.Conv2d(4, 8, 3, 1, padding=1, bias=False)
+    assert type(dense(torch.randn(2, 4, 2, 2)).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def test_lite0_training_gradients_match_timm_at_48px(monkeypatch):
+    """The quick preset's regime: Lite0 at 48 px, where the last stages' planes (3x3, 2x2) are smaller
+    than their 5x5 kernels; every parameter's gradient agrees with timm's model."""
+    torch.manual_seed(0)
+    ref = scramble_bn(timm.create_model("tf_efficientnet_lite0")).train()
+    ours = efficientnet("tf_efficientnet_lite0", drop_rate=0.0, drop_path_rate=0.0)
+    load_pretrained(ours, ref.state_dict())
+    ours.train()
+    x = torch.randn(4, 3, 48, 48)
+    calls, apply = [], E.DepthwiseConv.apply
+    monkeypatch.setattr(E.DepthwiseConv, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    ref(x).square().mean().backward()
+    ours(x).square().mean().backward()
+    # of its 16 depthwise layers: 480 and 672 channels at 3x3 (k5), 672 from 7x7 padded at stride 2
+    # (k5), and the 2x2 stage (three k5, one k3)
+    assert [tuple(s[1:]) for s in calls] == [(480, 3, 3), (672, 3, 3), (672, 3, 3), (672, 7, 7)] + [(1152, 2, 2)] * 4
+    theirs = dict(ref.named_parameters())
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert len(theirs) == len(list(ours.parameters()))
+
+
 def test_parameter_counts_of_every_variant():
     assert n_params(efficientnet("efficientnet_b0")) == 5_288_548
     assert n_params(efficientnet("tf_efficientnet_lite0")) == 4_652_008

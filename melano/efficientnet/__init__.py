@@ -108,7 +108,52 @@ def round_channels(channels: float, multiplier: float, divisor: int = 8) -> int:
 
 # ----------------------------------------------------------------------------- layers
 
-class Conv2dSame(nn.Conv2d):
+class DepthwiseConv(torch.autograd.Function):
+    """A depthwise convolution whose weight gradient is itself a grouped convolution: every
+    (sample, channel) input plane correlated with its gradient plane, then summed over samples.
+    Where a plane is smaller than the kernel (Lite0's last stages at 48 px), oneDNN takes 8-15 ms
+    for that gradient and this way under 1 ms (bench/bench_classifier.py). The same sums, so the
+    same gradient up to float rounding; the input gradient is torch's own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        (n, c, h, w), (kh, kw) = x.shape, weight.shape[-2:]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, ctx.stride, ctx.padding, [1, 1],
+                                                         False, [0, 0], c, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            planes = x.transpose(0, 1).reshape(1, c * n, h, w).contiguous(memory_format=torch.channels_last)
+            kernels = grad.transpose(0, 1).reshape(c * n, 1, *grad.shape[-2:])
+            # stride becomes dilation; rows past the last stride step reach no output and are cut off
+            grad_w = F.conv2d(planes, kernels, None, 1, ctx.padding, ctx.stride, c * n)[..., :kh, :kw]
+            grad_w = grad_w.reshape(c, n, kh, kw).sum(1, keepdim=True)
+        return grad_x, grad_w, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that trains a depthwise layer through `DepthwiseConv` where oneDNN's weight
+    gradient is slow: on the CPU, without autocast, at an output plane smaller than the kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        small = all((size + 2 * pp - kk) // ss + 1 < kk for size, kk, ss, pp in zip(x.shape[-2:], k, s, p))
+        if (small and self.groups == self.in_channels == self.out_channels > 1 and self.bias is None
+                and self.dilation == (1, 1) and x.device.type == "cpu" and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
+            return DepthwiseConv.apply(x, self.weight, s, p)
+        return super().forward(x)
+
+
+class Conv2dSame(Conv2d):
     """Conv2d with TensorFlow "SAME" padding: output size ceil(in / stride); the odd pixel of padding
     goes bottom/right. Only strided convs need it (stride 1 with an odd kernel is symmetric)."""
 
@@ -127,7 +172,7 @@ class ConvBNAct(nn.Sequential):
         if cfg.tf_padding and stride > 1:
             self.conv = Conv2dSame(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
         else:
-            self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
+            self.conv = Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         if act:
             self.act = nn.ReLU6(inplace=True) if cfg.lite else nn.SiLU(inplace=True)
