@@ -16,6 +16,7 @@ against translated images, two-sample AUC 0.82 that way, 0.55 this way, which is
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -47,10 +48,20 @@ def jpeg_settings(source: Image.Image) -> dict:
     return settings
 
 
+@functools.lru_cache(maxsize=32)
+def _resize_matrix(n: int, size: int, method: Image.Resampling) -> np.ndarray:
+    """(size, n): Pillow's resize of a length-n axis to `size`, as the matrix it applies (its resize
+    of each row of an identity image; "F" mode, so nothing is clipped or rounded on the way)."""
+    eye = Image.fromarray(np.eye(n, dtype=np.float32), "F")
+    return np.asarray(eye.resize((size, n), method), np.float64).T
+
+
 def _resize_float(a: np.ndarray, size: int, method: Image.Resampling) -> np.ndarray:
-    """Resize (H, W, C) float32 to size x size per channel ("F" mode keeps an error's sign and fractions)."""
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c]), "F").resize((size, size), method))
-                     for c in range(a.shape[2])], -1)
+    """Resize (H, W, C) float32 to size x size with Pillow's filter, both axes and channels at once:
+    the same numbers as Pillow's "F" mode per channel (which keeps an error's sign and fractions)
+    within float32 rounding, in a fifth of the time (a translated image takes 33 resizes)."""
+    rows, cols = _resize_matrix(a.shape[0], size, method), _resize_matrix(a.shape[1], size, method)
+    return (rows @ a.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0).astype(np.float32)
 
 
 def enlarge_for_loader(image: Image.Image, side: int, iterations: int = 5) -> Image.Image:

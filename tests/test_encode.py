@@ -122,6 +122,19 @@ def test_refusals(tmp_path):
         encode.save_like(np.zeros((32, 32, 3), np.uint8), bmp, tmp_path / "out")
 
 
+@pytest.mark.parametrize("n, size", [(48, 64), (64, 48), (48, 192), (30, 17)])
+@pytest.mark.parametrize("method", [Image.Resampling.LANCZOS, Image.Resampling.BILINEAR])
+def test_float_resize_is_pillows(n, size, method):
+    """The matrix form gives what Pillow's "F" mode gives channel by channel, negative values and
+    fractions included (the oracle: Pillow itself)."""
+    a = np.random.default_rng(n + size).normal(0, 40, (n, n, 3)).astype(np.float32)
+    ours = encode._resize_float(a, size, method)
+    pillow = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c]), "F").resize((size, size), method))
+                       for c in range(3)], -1)
+    assert ours.shape == pillow.shape == (size, size, 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, pillow, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("side", [96, 300])
 def test_enlarged_translation_reads_back_as_itself(tmp_path, side):
     """The loader shrinks the written file back to the GAN's size: with back-projection that gives the
