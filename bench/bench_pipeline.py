@@ -9,9 +9,13 @@ recorded too, with the ratio of their wall times.
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
@@ -80,24 +84,40 @@ def gan_steps(losses_csv: Path) -> int:
 
 
 # The slowest 2-core AVX2 box seen took 1.45 s for the quick-settings CycleGAN step (issue 12's
-# report); this host's time for the same step comes from bench_cyclegan.py's NCHW fused figure.
+# report); this host's time for the same step is measured by reference_step_seconds.
 SLOW_HOST_STEP_S = 1.45
 
 
-def slow_host_projection(wall_s: float, args) -> dict | None:
-    """This run's wall scaled by (slow box's GAN step / this host's), if cyclegan_cpu.json has it.
-    Valid only when cyclegan_cpu.json was measured on this host, under the same ISA caps. With the
-    whole `make train` timed, also the command projected three ways: only the pipeline scaled; the
-    kernel build scaled too (it is CPU-bound); everything scaled, the install included."""
-    path = Path(__file__).resolve().parent / "results" / "cyclegan_cpu.json"
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    quick = [r for r in saved["rows"] if (r["size"], r["batch_size"], r["ngf"], r["n_blocks"]) == (64, 4, 32, 6)]
-    if not quick:
-        return None
-    factor = SLOW_HOST_STEP_S * quick[0]["it_s"]["nchw_fused"]
-    print(f"projected on the slowest AVX2 box (x{factor:.2f}): {wall_s * factor:.0f} s")
+def reference_step_seconds(rounds: int = 3, steps: int = 3) -> float:
+    """This host's time, now, for the step the slow box was timed on: the CycleGAN at 64 px, batch 4,
+    ngf 32, 6 blocks, NCHW, fused kernels, torch's default threads (median of `rounds`, after a warm-up
+    step). Hosts of one kind differ by tens of percent from day to day, so the ratio is taken in the
+    same hour as the run it scales, not from an older cyclegan_cpu.json."""
+    from bench import bench_cyclegan as bc
+    from melano import cyclegan as cg, gan
+    from melano.infra import kernels
+    kernels.load()
+    cfg = cg.CycleGANConfig(size=64, batch_size=4, ngf=32, ndf=32, n_blocks=6)
+    batches = bc.random_batches(cfg, steps, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    state = bc.make_state(gan.build_models(cfg), cfg, "nchw_fused", torch.device("cpu"), "none")
+    bc.run_steps("nchw_fused", state, batches[:1], cfg, False)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        bc.run_steps("nchw_fused", state, batches, cfg, False)
+        times.append((time.perf_counter() - t) / steps)
+    return statistics.median(times)
+
+
+def slow_host_projection(wall_s: float, args) -> dict:
+    """This run's wall scaled by (slow box's GAN step / this host's, measured now). With the whole
+    `make train` timed, also the command projected three ways: only the pipeline scaled; the kernel
+    build scaled too (it is CPU-bound); everything scaled, the install included."""
+    step_s = reference_step_seconds()
+    factor = SLOW_HOST_STEP_S / step_s
+    print(f"the reference step took {step_s:.3f} s here: x{factor:.2f} to the slowest AVX2 box, "
+          f"{wall_s * factor:.0f} s projected")
     command = None
     if None not in (args.command_seconds, args.install_seconds, args.build_seconds):
         extra = factor - 1  # what scaling a measured part adds to the measured command
@@ -106,10 +126,10 @@ def slow_host_projection(wall_s: float, args) -> dict | None:
                    "pipeline_and_build_scaled_s": args.command_seconds + extra * (wall_s + args.build_seconds),
                    "all_scaled_s": args.command_seconds * factor}
         print("make train projected: " + ", ".join(f"{k} {v:.0f}" for k, v in command.items()))
-    return {"make_train": command, "factor": factor, "slow_host_step_s": SLOW_HOST_STEP_S,
-            "this_host_step_s": 1 / quick[0]["it_s"]["nchw_fused"], "reference": "bench/results/cyclegan_cpu.json",
-            "machine_of_reference": saved["machine"], "projected_wall_s": wall_s * factor,
-            "note": "a projection by one benchmark's ratio, not a measurement on that box"}
+    return {"make_train": command, "factor": factor, "slow_host_step_s": SLOW_HOST_STEP_S, "this_host_step_s": step_s,
+            "reference": "the step of bench_cyclegan.py's 64-px row (nchw_fused), timed right after the run",
+            "projected_wall_s": wall_s * factor, "note": "a projection by one benchmark's ratio, not a measurement "
+                                                         "on that box"}
 
 
 if __name__ == "__main__":
