@@ -71,7 +71,7 @@ class PipelineConfig:
     synth_malignant: int = option(600, "synthetic set: malignant images", min=1)
     synth_size: int = option(64, "synthetic set: image side in pixels", min=16)
     synth_difficulty: float = option(synth.DEFAULT_DIFFICULTY, "synthetic set: class overlap", min=0, max=0.5)
-    synth_ood_images: int = option(1000, "synthetic set: images of the second clinic's test set (the same "
+    synth_ood_images: int = option(1300, "synthetic set: images of the second clinic's test set (the same "
                                          "share of melanomas; 0: none)", min=0)
     ood_data: str | None = option(None, "a second labelled folder (another clinic, the same layouts as --data), "
                                         "scored as a second, out-of-distribution test set. none: the built-in "
