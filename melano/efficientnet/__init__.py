@@ -1,6 +1,6 @@
 """EfficientNet B0-B7 and EfficientNet-Lite0-4, the model only, in one file: the config and the
-variant table, the layers (TF "SAME" conv, conv+BN+activation, squeeze-excitation, the MBConv
-block), then the model. `melano.pretrained` loads weights (offline, torchvision, timm, lukemelas).
+variant table, the layers (a depthwise conv with its own weight gradient, TF "SAME" conv,
+conv+BN+activation, squeeze-excitation, the MBConv block), then the model. `melano.pretrained` loads weights (offline, torchvision, timm, lukemelas).
 
 Names follow timm's (`MODEL_NAMES`): efficientnet_b0..b7 and efficientnet_lite0..4 pad
 symmetrically (k//2) with BN eps 1e-5 (b5-b7: 1e-3, as torchvision builds them for the TF-trained
