@@ -158,6 +158,9 @@ def test_depthwise_path_only_where_the_plane_is_smaller_than_the_kernel():
         assert layer(torch.randn(2, 4, 2, 2)).grad_fn is None
     dense = E.Conv2d(4, 8, 3, 1, padding=1, bias=False)
     assert type(dense(torch.randn(2, 4, 2, 2)).grad_fn).__name__ == "ConvolutionBackward0"
+    empty = layer(torch.randn(0, 4, 2, 2, requires_grad=True))  # an empty batch: torch's path, a zero gradient
+    empty.sum().backward()
+    assert empty.shape == (0, 4, 2, 2) and layer.weight.grad.abs().sum() == 0
 
 
 def test_lite0_training_gradients_match_timm_at_48px(monkeypatch):

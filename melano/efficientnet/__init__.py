@@ -147,8 +147,8 @@ class Conv2d(nn.Conv2d):
         k, s, p = self.kernel_size, self.stride, self.padding
         small = all((size + 2 * pp - kk) // ss + 1 < kk for size, kk, ss, pp in zip(x.shape[-2:], k, s, p))
         if (small and self.groups == self.in_channels == self.out_channels > 1 and self.bias is None
-                and self.dilation == (1, 1) and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu")):
+                and self.dilation == (1, 1) and x.device.type == "cpu" and x.shape[0] > 0
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
             return DepthwiseConv.apply(x, self.weight, s, p)
         return super().forward(x)
 
