@@ -1,6 +1,7 @@
 """EfficientNet B0-B7 and EfficientNet-Lite0-4, the model only, in one file: the config and the
 variant table, the layers (a depthwise conv with its own weight gradient, TF "SAME" conv,
-conv+BN+activation, squeeze-excitation, the MBConv block), then the model. `melano.pretrained` loads weights (offline, torchvision, timm, lukemelas).
+conv+BN+activation, squeeze-excitation, the MBConv block), then the model. `melano.pretrained`
+loads weights (offline, torchvision, timm, lukemelas).
 
 Names follow timm's (`MODEL_NAMES`): efficientnet_b0..b7 and efficientnet_lite0..4 pad
 symmetrically (k//2) with BN eps 1e-5 (b5-b7: 1e-3, as torchvision builds them for the TF-trained
@@ -144,13 +145,16 @@ class Conv2d(nn.Conv2d):
     gradient is slow: on the CPU, without autocast, at an output plane smaller than the kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s, p = self.kernel_size, self.stride, self.padding
-        small = all((size + 2 * pp - kk) // ss + 1 < kk for size, kk, ss, pp in zip(x.shape[-2:], k, s, p))
-        if (small and self.groups == self.in_channels == self.out_channels > 1 and self.bias is None
+        if (self.groups == self.in_channels == self.out_channels > 1 and self.bias is None
                 and self.dilation == (1, 1) and x.device.type == "cpu" and x.shape[0] > 0
-                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-            return DepthwiseConv.apply(x, self.weight, s, p)
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and self._small_output(x)):
+            return DepthwiseConv.apply(x, self.weight, self.stride, self.padding)
         return super().forward(x)
+
+    def _small_output(self, x: torch.Tensor) -> bool:
+        """Each side of the output shorter than the kernel's."""
+        return all((size + 2 * p - k) // s + 1 < k
+                   for size, k, s, p in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding))
 
 
 class Conv2dSame(Conv2d):
