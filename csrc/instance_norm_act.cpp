@@ -31,6 +31,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace melano {
 
 namespace {
@@ -653,6 +657,22 @@ Args<T> make_args(const Inputs& in, at::Tensor& out, at::Tensor& mean, at::Tenso
                  nullptr, nullptr, in.C, in.hw, eps, A(slope)};
 }
 
+// An output of 32 MiB or more gets a mapping of its own from glibc (whose mmap threshold stops at 32
+// MiB) on every call, and its first writes fault it in 4 KiB at a time: at 4x64x256^2 those faults took
+// longer than the kernels (bench/bench_ops_faults.py). Asking for 2 MiB pages on the buffer's aligned
+// inside makes them 512 times fewer. Below 32 MiB the buffer may share the heap, whose mapping madvise
+// would split, so it is left alone. Advisory: a kernel without transparent huge pages ignores it.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = t.numel() * t.element_size();
+  if (bytes < (uintptr_t(32) << 20)) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a failure only loses the gain
+#endif
+}
+
 // The NHWC chunking and its workspaces (returned: they must outlive the task loops).
 template <typename T>
 std::pair<at::Tensor, at::Tensor> nhwc_setup(Args<T>& args, const Inputs& in) {
@@ -703,6 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x,
   const Inputs in = forward_inputs(x, weight, bias, eps, act);
   at::Tensor y, mean, rstd;
   std::tie(y, mean, rstd) = forward_outputs(in);
+  advise_huge_pages(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "inorm_act_fwd_cpu", [&] {
     Args<scalar_t> args = make_args<scalar_t>(in, y, mean, rstd, eps, slope);
     dispatch_act(in.act, [&](auto a) { run_forward<scalar_t, decltype(a)::value>(args, in); });
@@ -733,6 +754,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     c10::string_view act, double slope) {
   Inputs in = backward_inputs(grad_y, x, weight, bias, mean, rstd, act);
   at::Tensor dx = at::empty_like(in.x, in.layout);
+  advise_huge_pages(dx);
   const auto acc = in.x.options().dtype(in.acc);
   at::Tensor dw = at::empty({in.C}, acc), db = at::empty({in.C}, acc);
   std::vector<double> sum_g(in.N * in.C), sum_gx(in.N * in.C);  // per plane

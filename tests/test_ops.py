@@ -118,6 +118,37 @@ def test_large_planes(ext, device, layout, affine, act):
     check_against_oracle(x, w, b, act)
 
 
+def vma_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(),
+                    reason="needs Linux with transparent huge pages")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_outputs_of_32_mib_ask_for_huge_pages(ext, layout):
+    """y and dx of 32 MiB are advised MADV_HUGEPAGE (their mapping shows 'hg') and still match the
+    oracle; a 16 MiB output, which may lie in glibc's shared heap, is left alone."""
+    gen = torch.Generator().manual_seed(31)
+    x = to_layout(torch.randn(4, 32, 256, 256, generator=gen), layout)
+    check_against_oracle(x, None, None, "leaky_relu")
+    inside = lambda t: (t.data_ptr() + (4 << 20)) & ~((2 << 20) - 1)  # in the aligned span  # noqa: E731
+    x = x.requires_grad_()
+    y = ops.instance_norm_act(x, act="leaky_relu", negative_slope=0.2)
+    y.backward(torch.randn(y.shape, generator=gen))
+    assert "hg" in vma_flags(inside(y)) and "hg" in vma_flags(inside(x.grad))
+    half = ops.instance_norm_act(to_layout(torch.randn(2, 32, 256, 256, generator=gen), layout))
+    assert "hg" not in vma_flags(inside(half))
+
+
 @pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
 def test_weight_without_bias_and_other_slope(ext, device, layout):
     gen = torch.Generator().manual_seed(6)
