@@ -20,6 +20,8 @@ read twice).
   with a kernel for the device, else the eager path with one logged warning; ext the compiled op
   or an error saying what is missing; eager the composed PyTorch ops (`eager_instance_norm_act`).
   This module never builds: melano.infra.kernels.load() builds and loads the library (csrc/).
+- Memory: on Linux the CPU op asks for 2 MiB pages for outputs (y, dx) of 32 MiB or more, which
+  glibc maps afresh on every call; MELANO_HUGE_PAGES=0 turns that off (see csrc/).
 """
 
 from __future__ import annotations
