@@ -134,9 +134,10 @@ def vma_flags(address: int) -> list[str]:
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(),
                     reason="needs Linux with transparent huge pages")
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_outputs_of_32_mib_ask_for_huge_pages(ext, layout):
+def test_outputs_of_32_mib_ask_for_huge_pages(ext, monkeypatch, layout):
     """y and dx of 32 MiB are advised MADV_HUGEPAGE (their mapping shows 'hg') and still match the
-    oracle; a 16 MiB output, which may lie in glibc's shared heap, is left alone."""
+    oracle; a 16 MiB output, which may lie in glibc's shared heap, is left alone, and so is every
+    output under MELANO_HUGE_PAGES=0."""
     gen = torch.Generator().manual_seed(31)
     x = to_layout(torch.randn(4, 32, 256, 256, generator=gen), layout)
     check_against_oracle(x, None, None, "leaky_relu")
@@ -147,6 +148,8 @@ def test_outputs_of_32_mib_ask_for_huge_pages(ext, layout):
     assert "hg" in vma_flags(inside(y)) and "hg" in vma_flags(inside(x.grad))
     half = ops.instance_norm_act(to_layout(torch.randn(2, 32, 256, 256, generator=gen), layout))
     assert "hg" not in vma_flags(inside(half))
+    monkeypatch.setenv("MELANO_HUGE_PAGES", "0")
+    assert "hg" not in vma_flags(inside(ops.instance_norm_act(x.detach())))
 
 
 @pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
