@@ -146,8 +146,10 @@ def test_outputs_of_32_mib_ask_for_huge_pages(ext, monkeypatch, layout):
     y = ops.instance_norm_act(x, act="leaky_relu", negative_slope=0.2)
     y.backward(torch.randn(y.shape, generator=gen))
     assert "hg" in vma_flags(inside(y)) and "hg" in vma_flags(inside(x.grad))
-    half = ops.instance_norm_act(to_layout(torch.randn(2, 32, 256, 256, generator=gen), layout))
-    assert "hg" not in vma_flags(inside(half))
+    if not os.environ.get("LD_PRELOAD") and not any(k.startswith("MALLOC_") for k in os.environ):
+        # With glibc's defaults the advised 32 MiB mappings are unmapped when freed, never reused.
+        half = ops.instance_norm_act(to_layout(torch.randn(2, 32, 256, 256, generator=gen), layout))
+        assert "hg" not in vma_flags(inside(half))
     monkeypatch.setenv("MELANO_HUGE_PAGES", "0")
     assert "hg" not in vma_flags(inside(ops.instance_norm_act(x.detach())))
 
