@@ -274,7 +274,7 @@ def timed_fns(n, c, h, act, device, dtype, slope, compile_ok):
     fns["kernel_nchw_bwd"] = lambda: torch.ops.melano.inorm_act_bwd(gy, x, None, None, mean, rstd, act, slope)
 
     def kernels_nchw_both():  # named so that neither of the first two loops picks it up
-        _, m, r = torch.ops.melano.inorm_act_fwd(x, None, None, 1e-5, act, slope)
+        _, m, r = fns["kernel_nchw_fwd"]()
         torch.ops.melano.inorm_act_bwd(gy, x, None, None, m, r, act, slope)
 
     fns["kernels_nchw_both"] = kernels_nchw_both

@@ -666,7 +666,7 @@ Args<T> make_args(const Inputs& in, at::Tensor& out, at::Tensor& mean, at::Tenso
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t bytes = t.numel() * t.element_size();
+  const uintptr_t bytes = t.nbytes();
   if (bytes < (uintptr_t(32) << 20)) return;
   const char* env = std::getenv("MELANO_HUGE_PAGES");
   if (env && std::strcmp(env, "0") == 0) return;

@@ -141,7 +141,10 @@ def test_outputs_of_32_mib_ask_for_huge_pages(ext, monkeypatch, layout):
     gen = torch.Generator().manual_seed(31)
     x = to_layout(torch.randn(4, 32, 256, 256, generator=gen), layout)
     check_against_oracle(x, None, None, "leaky_relu")
-    inside = lambda t: (t.data_ptr() + (4 << 20)) & ~((2 << 20) - 1)  # in the aligned span  # noqa: E731
+
+    def inside(t):  # an address within the buffer's 2 MiB-aligned span
+        return (t.data_ptr() + (4 << 20)) & ~((2 << 20) - 1)
+
     x = x.requires_grad_()
     y = ops.instance_norm_act(x, act="leaky_relu", negative_slope=0.2)
     y.backward(torch.randn(y.shape, generator=gen))
