@@ -662,13 +662,16 @@ Args<T> make_args(const Inputs& in, at::Tensor& out, at::Tensor& mean, at::Tenso
 // longer than the kernels (bench/bench_ops_faults.py). Asking for 2 MiB pages on the buffer's aligned
 // inside makes them 512 times fewer. Below 32 MiB the buffer may share the heap, whose mapping madvise
 // would split, so it is left alone. Advisory: a kernel without transparent huge pages ignores it.
-// MELANO_HUGE_PAGES=0, read at each such call, turns it off (bench/bench_ops_faults.py compares).
+// MELANO_HUGE_PAGES=0, read at each such call, turns it off (bench/bench_ops_faults.py compares); 1 or
+// unset leaves it on, and any other value is an error rather than a silent default.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t bytes = t.nbytes();
   if (bytes < (uintptr_t(32) << 20)) return;
   const char* env = std::getenv("MELANO_HUGE_PAGES");
+  TORCH_CHECK(!env || !std::strcmp(env, "0") || !std::strcmp(env, "1"),
+              "MELANO_HUGE_PAGES must be 0 (off) or 1 (on), got '", env, "'");
   if (env && std::strcmp(env, "0") == 0) return;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);

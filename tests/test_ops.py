@@ -137,7 +137,7 @@ def vma_flags(address: int) -> list[str]:
 def test_outputs_of_32_mib_ask_for_huge_pages(ext, monkeypatch, layout):
     """y and dx of 32 MiB are advised MADV_HUGEPAGE (their mapping shows 'hg') and still match the
     oracle; a 16 MiB output, which may lie in glibc's shared heap, is left alone, and so is every
-    output under MELANO_HUGE_PAGES=0."""
+    output under MELANO_HUGE_PAGES=0; another value of it is an error."""
     gen = torch.Generator().manual_seed(31)
     x = to_layout(torch.randn(4, 32, 256, 256, generator=gen), layout)
     check_against_oracle(x, None, None, "leaky_relu")
@@ -155,6 +155,9 @@ def test_outputs_of_32_mib_ask_for_huge_pages(ext, monkeypatch, layout):
         assert "hg" not in vma_flags(inside(half))
     monkeypatch.setenv("MELANO_HUGE_PAGES", "0")
     assert "hg" not in vma_flags(inside(ops.instance_norm_act(x.detach())))
+    monkeypatch.setenv("MELANO_HUGE_PAGES", "off")
+    with pytest.raises(RuntimeError, match="MELANO_HUGE_PAGES must be 0 \\(off\\) or 1 \\(on\\), got 'off'"):
+        ops.instance_norm_act(x.detach())
 
 
 @pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
